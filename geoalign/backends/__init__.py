@@ -1,0 +1,70 @@
+"""Backends behind :class:`geoalign.GeoAlignFusion`'s one interface.
+
+reference  paper eqs. 1-8 literally (dense bank); the oracle
+torch      exact sparse + streaming in plain PyTorch
+triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)
+
+A sparse backend provides ``route(fusion, q) -> Routing``, ``new_accumulator(fusion, q)``,
+``accumulate(fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> h_bar`` and
+``output(fusion, q, h_bar) -> q_hat``; :class:`geoalign.fusion.FusionStream` drives them.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .torch_sparse import TorchBackend
+
+SPARSE_BACKENDS = ("torch", "triton")
+ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports and can run here (a CUDA device, or the interpreter with TRITON_INTERPRET=1)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend_name(name: str | None, default: str, device: torch.device) -> str:
+    """Map None/'auto' to a concrete backend: triton on CUDA when Triton is available, else torch."""
+    name = default if name is None else name
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name not in ALL_BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {('auto',) + ALL_BACKENDS}")
+    return name
+
+
+def get_sparse_backend(name: str):
+    """The backend object for a sparse backend name."""
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before import); "
+                "use backend='torch' instead"
+            )
+        from geoalign_kernels.backend import TritonBackend
+
+        return TritonBackend()
+    raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backends that can run on `device` here."""
+    names = ["reference", "torch"]
+    if triton_available() and (device.type == "cuda" or device.type == "cpu"):
+        try:
+            import geoalign_kernels.backend  # noqa: F401
+        except ImportError:
+            return names
+        names.append("triton")
+    return names

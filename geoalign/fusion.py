@@ -1,0 +1,197 @@
+"""GeoAlignFusion: Top-K routed fusion of M geometry layers into the MLLM's visual tokens (paper eqs. 1-8).
+
+One module, three backends (``reference``, ``torch``, ``triton``) behind one interface:
+
+    fusion = GeoAlignFusion(GeoAlignConfig())
+    q_hat = fusion(q, layers, gather_index)                   # layers: a sequence or an iterator of M tensors
+    q_hat, routing = fusion(q, layers, gather_index, return_routing=True)
+
+    stream = fusion.begin(q, gather_index)                    # route first ...
+    for i, layer in enumerate(vggt_layers): stream.add(i, layer)   # ... then consume each layer as it is produced
+    q_hat = stream.finish()
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .backends import get_sparse_backend, resolve_backend_name
+from .backends.reference import ReferenceStream, reference_route
+from .config import GeoAlignConfig
+from .routing import Routing, bank_rows
+
+
+class _MLP(nn.Module):
+    """fc2(GELU(fc1(x))), exact (erf) GELU."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+class FusionStream:
+    """Streaming state of one fused forward: routes are computed at construction, then ``add(i, layer)`` consumes
+    bank layer i (bank position 0..M-1, any order, each once) and ``finish()`` returns Q_hat. With a sparse backend
+    no layer is referenced after ``add`` returns; autograd stays intact through all of it."""
+
+    def __init__(self, fusion: "GeoAlignFusion", q: torch.Tensor, gather_index: torch.Tensor, backend: str):
+        fusion.check_query(q)
+        fusion.check_gather_index(gather_index, q)
+        self.fusion, self.q, self.gather_index = fusion, q, gather_index
+        self.backend_name = backend
+        M = fusion.config.num_bank_layers
+        self._added = [False] * M
+        self._finished = False
+        self._max_row = int(gather_index.max())  # one device->host copy; checked against each layer's rows
+        if backend == "reference":
+            self._reference = ReferenceStream(fusion, q, gather_index)
+            return
+        self._backend = get_sparse_backend(backend)
+        self.routing = self._backend.route(fusion, q)
+        self._rows = bank_rows(self.routing.topk_idx, M)
+        self._h_bar = self._backend.new_accumulator(fusion, q)
+
+    def add(self, i: int, layer: torch.Tensor) -> None:
+        """Consume bank layer i: ``layer`` [N, D'] holds the raw VGGT patch rows that gather_index points into."""
+        if self._finished:
+            raise RuntimeError("this FusionStream has finished; call fusion.begin(...) for a new forward")
+        M = len(self._added)
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < M:
+            raise ValueError(f"bank position must be an int in [0, {M}), got {i!r}")
+        if self._added[i]:
+            raise ValueError(f"bank layer {i} was already added to this stream")
+        self.fusion.check_layer(i, layer, self.q, self._max_row)
+        self._added[i] = True
+        if self.backend_name == "reference":
+            self._reference.add(i, layer)
+            return
+        tokens, slots = self._rows.layer(i)
+        self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, self.routing.alpha, i, layer, tokens,
+                                               slots, self.gather_index)
+
+    def finish(self) -> tuple[torch.Tensor, Routing]:
+        """Q_hat [L, D] and the Routing. Every bank layer must have been added."""
+        if self._finished:
+            raise RuntimeError("this FusionStream has already finished")
+        missing = [i for i, done in enumerate(self._added) if not done]
+        if missing:
+            raise ValueError(f"expected {len(self._added)} bank layers, got {len(self._added) - len(missing)}; "
+                             f"missing bank positions {missing}")
+        self._finished = True
+        if self.backend_name == "reference":
+            return self._reference.finish()
+        q_hat = self._backend.output(self.fusion, self.q, self._h_bar)
+        self._h_bar = None
+        return q_hat, self.routing
+
+
+class GeoAlignFusion(nn.Module):
+    """GeoAlign's fusion module. Parameter names are a checkpoint contract:
+
+    layer_norms.{i}.{weight,bias}       per-layer LayerNorm_i over each D' patch row
+    projector.fc1 [H, G*D'], fc2 [D, H] shared projector f_phi (exact GELU between)
+    router.fc1 [R, D], fc2 [M, R]       router f_theta on Q (exact GELU between)
+    out_proj [D, D] (no bias)           W_out
+    """
+
+    def __init__(self, config: GeoAlignConfig | None = None):
+        super().__init__()
+        self.config = config = config if config is not None else GeoAlignConfig()
+        M, G = config.num_bank_layers, config.group_size
+        self.layer_norms = nn.ModuleList(nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps) for _ in range(M))
+        self.projector = _MLP(G * config.geo_dim, config.projector_hidden, config.hidden_size)
+        self.router = _MLP(config.hidden_size, config.router_hidden, M)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        #: check q for NaN/inf on every call (one reduction and one device sync); switch off when compiling
+        self.check_finite = True
+
+    # ----------------------------------------------------------------------------------------------- interface
+    def forward(self, q: torch.Tensor, layers: Iterable[torch.Tensor], gather_index: torch.Tensor,
+                backend: str | None = None, return_routing: bool = False):
+        """q [L, D] (parameter dtype); layers: M tensors [N, D'] in bank order (a sequence or an iterator, consumed
+        one at a time); gather_index [L, G] int64 rows into each layer. Flat over the batch.
+        Returns q_hat [L, D], or (q_hat, Routing) with return_routing=True."""
+        stream = self.begin(q, gather_index, backend=backend)
+        count = 0
+        for count, layer in enumerate(layers, start=1):
+            if count > self.config.num_bank_layers:
+                raise ValueError(f"expected {self.config.num_bank_layers} bank layers, got more")
+            stream.add(count - 1, layer)
+            del layer  # an iterator's layer can be freed now
+        q_hat, routing = stream.finish()
+        return (q_hat, routing) if return_routing else q_hat
+
+    def begin(self, q: torch.Tensor, gather_index: torch.Tensor, backend: str | None = None) -> FusionStream:
+        """Start a streaming forward: routes Q now; feed layers with ``add(i, layer)``, then ``finish()``."""
+        name = resolve_backend_name(backend, self.config.backend, q.device if isinstance(q, torch.Tensor)
+                                    else torch.device("cpu"))
+        return FusionStream(self, q, gather_index, name)
+
+    def route(self, q: torch.Tensor, backend: str | None = None) -> Routing:
+        """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""
+        self.check_query(q)
+        name = resolve_backend_name(backend, self.config.backend, q.device)
+        if name == "reference":
+            topk_idx, alpha = reference_route(self, q)
+            return Routing(topk_idx, alpha.gather(1, topk_idx))
+        return get_sparse_backend(name).route(self, q)
+
+    # ----------------------------------------------------------------------------------------------- checks
+    def check_query(self, q) -> None:
+        D = self.config.hidden_size
+        p = self.out_proj.weight
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor [L, {D}], got {_describe(q)}")
+        if q.dim() != 2 or q.shape[1] != D:
+            raise ValueError(f"q must have shape [L, {D}], got {tuple(q.shape)}")
+        if q.shape[0] == 0:
+            raise ValueError("q is empty (L=0): expected at least one visual token")
+        if q.dtype != p.dtype:
+            raise TypeError(f"q must have the fusion's parameter dtype {p.dtype}, got {q.dtype}")
+        if q.device != p.device:
+            raise ValueError(f"q must be on the fusion's device {p.device}, got {q.device}")
+        if self.check_finite and not bool(torch.isfinite(q).all()):
+            raise ValueError("q contains NaN or inf")
+
+    def check_gather_index(self, gather_index, q: torch.Tensor) -> None:
+        L, G = q.shape[0], self.config.group_size
+        if not isinstance(gather_index, torch.Tensor):
+            raise TypeError(f"gather_index must be a torch.Tensor [L, G]=[{L}, {G}], got {_describe(gather_index)}")
+        if gather_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"gather_index must be int64 (or int32), got {gather_index.dtype}")
+        if tuple(gather_index.shape) != (L, G):
+            raise ValueError(f"gather_index must have shape [L, G]=[{L}, {G}], got {tuple(gather_index.shape)}")
+        if gather_index.device != q.device:
+            raise ValueError(f"gather_index must be on q's device {q.device}, got {gather_index.device}")
+        low = int(gather_index.min())
+        if low < 0:
+            raise ValueError(f"gather_index out of range: expected rows >= 0, got {low}")
+
+    def check_layer(self, i: int, layer, q: torch.Tensor, max_row: int) -> None:
+        Dg = self.config.geo_dim
+        if not isinstance(layer, torch.Tensor):
+            raise TypeError(f"bank layer {i} must be a torch.Tensor [N, {Dg}], got {_describe(layer)}")
+        if layer.dim() != 2 or layer.shape[1] != Dg:
+            raise ValueError(f"bank layer {i} must have shape [N, {Dg}], got {tuple(layer.shape)}")
+        if not layer.is_floating_point():
+            raise TypeError(f"bank layer {i} must be a floating-point tensor, got {layer.dtype}")
+        if layer.device != q.device:
+            raise ValueError(f"bank layer {i} must be on q's device {q.device}, got {layer.device}")
+        if max_row >= layer.shape[0]:
+            raise ValueError(f"gather_index out of range: it points at row {max_row}, but bank layer {i} has "
+                             f"{layer.shape[0]} rows")
+        if layer.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"bank layer {i} requires grad, but the geometry encoder is frozen and the fusion "
+                             "computes no gradient into it; pass layer.detach()")

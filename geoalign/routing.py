@@ -1,0 +1,52 @@
+"""Top-K routing helpers shared by every backend (paper eqs. 3-6).
+
+The tie rule is part of the contract: among equal logits the lower layer index wins, in every backend.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Routing(NamedTuple):
+    """topk_idx [L, K] int64 bank positions (descending logit, ties -> lower index); alpha [L, K] routing weights."""
+
+    topk_idx: torch.Tensor
+    alpha: torch.Tensor
+
+
+class BankRows(NamedTuple):
+    """The (token, slot) pairs routed to each bank layer, grouped by layer.
+
+    tokens  [L*K] int64   token id of each pair, pairs of layer i at offsets[i]:offsets[i+1]
+    slots   [L*K] int64   which of the token's K slots the pair is
+    offsets list[int] of length M+1 (host ints; one device->host copy per forward)
+    """
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    offsets: list
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[lo:hi], self.slots[lo:hi]
+
+
+def topk_lower_index(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [L, K] int64 of the K largest logits per row, in descending order; ties go to the lower index.
+
+    A stable descending sort keeps equal values in index order, which is exactly the tie rule
+    (``torch.topk`` does not promise one).
+    """
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def bank_rows(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
+    """Group the L*K routed pairs by bank layer (a stable sort keeps tokens ascending within a layer)."""
+    L, K = topk_idx.shape
+    flat = topk_idx.reshape(-1).to(torch.int64)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_layers)
+    offsets = [0] + torch.cumsum(counts, 0).tolist()
+    return BankRows(tokens=order // K, slots=order % K, offsets=offsets)

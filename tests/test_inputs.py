@@ -1,0 +1,139 @@
+"""Bad inputs raise ValueError/TypeError naming what was expected and what was received, in every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geoalign import GeoAlignConfig
+from fusion_cases import Shape, fast_backends, make_fusion, make_inputs
+
+SHAPE = Shape(L=6, M=3, K=2, G=4)
+BACKENDS = ["reference"] + fast_backends()
+
+
+@pytest.fixture
+def case():
+    fusion = make_fusion(SHAPE, torch.float32)
+    q, layers, gather_index = make_inputs(SHAPE, torch.float32)
+    return fusion, q, layers, gather_index
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=5, bank_layers=range(3)), "top_k must be <= the number of bank layers M=3, got K=5"),
+    (dict(top_k=0), "top_k must be a positive int"),
+    (dict(hidden_size=-1), "hidden_size must be a positive int"),
+    (dict(group_size=2.5), "group_size must be a positive int"),
+    (dict(bank_layers=[]), "at least one layer"),
+    (dict(bank_layers=[3, 3]), "repeated"),
+    (dict(layer_norm_eps=0), "layer_norm_eps"),
+    (dict(backend="cuda-magic"), "backend must be one of"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GeoAlignConfig(**kwargs)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = GeoAlignConfig(bank_layers=[3, 7, 9], top_k=3, router_hidden=64)
+    cfg.save_pretrained(tmp_path)
+    assert GeoAlignConfig.from_pretrained(tmp_path) == cfg
+    with pytest.raises(ValueError, match="unknown GeoAlignConfig keys"):
+        GeoAlignConfig.from_dict({"hidden_size": 8, "nonsense": 1})
+    with pytest.raises(FileNotFoundError):
+        GeoAlignConfig.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_query(case, backend):
+    fusion, q, layers, gi = case
+    with pytest.raises(ValueError, match=r"q must have shape \[L, 24\], got \(6, 23\)"):
+        fusion(q[:, :23], layers, gi, backend=backend)
+    with pytest.raises(ValueError, match=r"q must have shape \[L, 24\], got \(6, 24, 1\)"):
+        fusion(q[..., None], layers, gi, backend=backend)
+    with pytest.raises(TypeError, match="q must have the fusion's parameter dtype torch.float32, got torch.float64"):
+        fusion(q.double(), layers, gi, backend=backend)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        fusion(q.tolist(), layers, gi, backend=backend)
+    with pytest.raises(ValueError, match="q is empty"):
+        fusion(q[:0], layers, gi[:0], backend=backend)
+    bad = q.detach().clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fusion(bad, layers, gi, backend=backend)
+    bad[2, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fusion.route(bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_gather_index(case, backend):
+    fusion, q, layers, gi = case
+    N = layers[0].shape[0]
+    with pytest.raises(TypeError, match="gather_index must be int64 .*got torch.float32"):
+        fusion(q, layers, gi.float(), backend=backend)
+    with pytest.raises(ValueError, match=r"gather_index must have shape \[L, G\]=\[6, 4\], got \(6, 8\)"):
+        fusion(q, layers, torch.cat([gi, gi], 1), backend=backend)
+    with pytest.raises(ValueError, match=r"gather_index must have shape \[L, G\]=\[6, 4\], got \(5, 4\)"):
+        fusion(q, layers, gi[:5], backend=backend)
+    high = gi.clone()
+    high[3, 1] = N
+    with pytest.raises(ValueError, match=f"points at row {N}, but bank layer 0 has {N} rows"):
+        fusion(q, layers, high, backend=backend)
+    low = gi.clone()
+    low[0, 0] = -1
+    with pytest.raises(ValueError, match="expected rows >= 0, got -1"):
+        fusion(q, layers, low, backend=backend)
+    # int32 indices are accepted
+    fusion(q, layers, gi.int(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_layers(case, backend):
+    fusion, q, layers, gi = case
+    with pytest.raises(ValueError, match="expected 3 bank layers, got 2; missing bank positions \\[2\\]"):
+        fusion(q, layers[:2], gi, backend=backend)
+    with pytest.raises(ValueError, match="expected 3 bank layers, got more"):
+        fusion(q, layers + layers[:1], gi, backend=backend)
+    with pytest.raises(ValueError, match=r"bank layer 1 must have shape \[N, 20\], got \(48, 19\)"):
+        fusion(q, [layers[0], layers[1][:, :19], layers[2]], gi, backend=backend)
+    with pytest.raises(TypeError, match="bank layer 2 must be a floating-point tensor, got torch.int64"):
+        fusion(q, [layers[0], layers[1], layers[2].long()], gi, backend=backend)
+    with pytest.raises(TypeError, match="bank layer 0 must be a torch.Tensor"):
+        fusion(q, [None, layers[1], layers[2]], gi, backend=backend)
+    with pytest.raises(ValueError, match="requires grad"):
+        fusion(q, [layers[0].requires_grad_(True), layers[1], layers[2]], gi, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_misuse(case, backend):
+    fusion, q, layers, gi = case
+    stream = fusion.begin(q, gi, backend=backend)
+    stream.add(0, layers[0])
+    with pytest.raises(ValueError, match="bank layer 0 was already added"):
+        stream.add(0, layers[0])
+    with pytest.raises(ValueError, match=r"bank position must be an int in \[0, 3\), got 3"):
+        stream.add(3, layers[0])
+    with pytest.raises(ValueError, match=r"missing bank positions \[1, 2\]"):
+        stream.finish()
+    stream.add(1, layers[1])
+    stream.add(2, layers[2])
+    stream.finish()
+    with pytest.raises(RuntimeError, match="finished"):
+        stream.add(0, layers[0])
+
+
+def test_unknown_backend(case):
+    fusion, q, layers, gi = case
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fusion(q, layers, gi, backend="fast")
+
+
+def test_wrong_device_is_clear(case):
+    fusion, q, layers, gi = case
+    meta_layer = torch.empty(layers[0].shape, device="meta")
+    with pytest.raises(ValueError, match="bank layer 0 must be on q's device cpu, got meta"):
+        fusion(q, [meta_layer, layers[1], layers[2]], gi, backend="torch")
+    with pytest.raises(ValueError, match="gather_index must be on q's device cpu, got meta"):
+        fusion(q, layers, gi.to("meta"), backend="torch")
+    with pytest.raises(ValueError, match="q must be on the fusion's device cpu, got meta"):
+        fusion(q.to("meta"), layers, gi, backend="torch")

@@ -1,0 +1,190 @@
+"""Parity of every fast backend against the reference (paper eqs. 1-8): outputs, routing, and the gradients of q
+and of every parameter, on fresh random inputs at several shapes, including the odd ones.
+
+Tolerances (max |fast - ref| divided by max |ref| over each tensor):
+  float64: 1e-12. Both paths do the same arithmetic in a different order and on different row subsets, so the
+           difference is a few ulps (eps 2.2e-16) times the depth of the sums (<= G*D' = 160 terms, 4 chained GEMMs).
+  float32: 5e-5. The same argument with eps 1.2e-7: ~sqrt(160) * 4 chained reductions ~ 1e-5 typical; 5e-5 leaves
+           headroom for the worst tensor (dW1 sums over every routed pair) without hiding a wrong row or a dropped
+           term, which shows up at O(1).
+The Top-K indices must match exactly: the inputs are spread so no logit tie is within rounding, and exact ties are
+tested separately.
+"""
+from __future__ import annotations
+
+import random
+import weakref
+
+import pytest
+import torch
+
+from fusion_cases import Shape, fast_backends, force_ties, make_fusion, make_inputs, run_backend
+
+TOL = {torch.float64: 1e-12, torch.float32: 5e-5}
+
+SHAPES = [
+    Shape(L=1, M=3, K=1, G=4),  # a single token
+    Shape(L=13, M=5, K=2, G=4),  # odd L
+    Shape(L=17, M=4, K=4, G=8),  # K = M, video grouping G = 8
+    Shape(L=9, M=1, K=1, G=4),  # a one-layer bank
+    Shape(L=37, M=12, K=2, G=4, D=28, Dg=18, H=44, R=10),  # paper's M and K, odd widths
+    Shape(L=70, M=6, K=3, G=8, D=16, Dg=8, H=24, R=8, N=75),  # few rows per layer: heavy row reuse
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    if scale == 0.0:
+        return diff  # the reference is exactly zero: the fast path must be (almost) exactly zero too
+    return diff / scale
+
+
+def assert_parity(fast, ref, tol, label):
+    q_hat, routing, dq, grads = fast
+    r_q_hat, r_routing, r_dq, r_grads = ref
+    assert torch.equal(routing.topk_idx, r_routing.topk_idx), f"{label}: Top-K indices differ"
+    assert routing.topk_idx.dtype == torch.int64
+    assert rel_err(routing.alpha, r_routing.alpha) <= tol, f"{label}: alpha"
+    assert torch.isfinite(q_hat).all()
+    assert rel_err(q_hat, r_q_hat) <= tol, f"{label}: q_hat err {rel_err(q_hat, r_q_hat):.3g}"
+    assert rel_err(dq, r_dq) <= tol, f"{label}: dq err {rel_err(dq, r_dq):.3g}"
+    assert grads.keys() == r_grads.keys()
+    for name, g in grads.items():
+        assert g is not None and r_grads[name] is not None, f"{label}: {name} has no gradient"
+        assert rel_err(g, r_grads[name]) <= tol, f"{label}: d{name} err {rel_err(g, r_grads[name]):.3g}"
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_with_reference(backend, dtype, shape):
+    fusion = make_fusion(shape, dtype)
+    q, layers, gather_index = make_inputs(shape, dtype)
+    grad_out = torch.randn(q.shape, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_backend(fusion, backend, q, layers, gather_index, grad_out)
+    assert_parity(fast, ref, TOL[dtype], f"{backend}/{dtype}/{shape}")
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_layers_as_iterator(backend):
+    shape = Shape(L=11, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_backend(fusion, backend, q, layers, gather_index, grad_out, as_iterator=True)
+    assert_parity(fast, ref, TOL[torch.float64], f"{backend}/iterator")
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_consumed_layers_are_released(backend):
+    """Neither the stream nor the autograd graph keeps a layer once it has been consumed."""
+    shape = Shape(L=10, M=5, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    refs = []
+
+    def produce():
+        for i in range(shape.M):
+            layer = layers[i].clone()
+            refs.append(weakref.ref(layer))
+            yield layer
+            if i > 0:  # the previous layer must already be gone while the encoder produces the next one
+                assert refs[i - 1]() is None, f"layer {i - 1} still referenced after it was consumed"
+
+    layers_copy = produce()
+    q_hat = fusion(q, layers_copy, gather_index, backend=backend)
+    assert all(r() is None for r in refs)
+    q_hat.sum().backward()  # the graph works without the layers
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+def test_streaming_api_equals_one_shot(backend):
+    shape = Shape(L=15, M=6, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    one_shot = run_backend(fusion, backend, q, layers, gather_index, grad_out)
+
+    fusion.zero_grad(set_to_none=True)
+    q.grad = None
+    stream = fusion.begin(q, gather_index, backend=backend)
+    order = list(range(shape.M))
+    random.Random(3).shuffle(order)  # layers may arrive in any order
+    for i in order:
+        stream.add(i, layers[i])
+    q_hat, routing = stream.finish()
+    q_hat.backward(grad_out)
+    streamed = (q_hat.detach(), routing, q.grad.clone(), {n: p.grad.clone() for n, p in fusion.named_parameters()})
+    assert_parity(streamed, one_shot, 1e-12, f"{backend}/stream")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_router_ties_go_to_lower_index(backend, K):
+    shape = Shape(L=9, M=6, K=K, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    tied = [1, 3, 4]
+    force_ties(fusion, tied)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    routing = fusion.route(q, backend=backend)
+    expected = torch.tensor(tied[:K]).expand(shape.L, K)
+    assert torch.equal(routing.topk_idx, expected)
+    assert torch.allclose(routing.alpha, torch.full((shape.L, K), 1.0 / K))
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+def test_ties_parity_with_reference(backend):
+    """With exact ties the selected set is fixed by the tie rule, so outputs and gradients still match."""
+    shape = Shape(L=12, M=5, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    force_ties(fusion, [0, 2, 3])
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_backend(fusion, backend, q, layers, gather_index, grad_out)
+    assert_parity(fast, ref, TOL[torch.float64], f"{backend}/ties")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+def test_route_matches_forward_routing(backend):
+    shape = Shape(L=21, M=7, K=3, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    routing = fusion.route(q, backend=backend)
+    _, routing_fwd = fusion(q, layers, gather_index, backend=backend, return_routing=True)
+    assert torch.equal(routing.topk_idx, routing_fwd.topk_idx)
+    assert torch.equal(routing.alpha, routing_fwd.alpha)
+    # the Top-K really are the K largest logits, in descending order
+    logits = fusion.router(q)
+    picked = logits.gather(1, routing.topk_idx)
+    assert (picked[:, :-1] >= picked[:, 1:]).all()
+    kth = picked[:, -1:]
+    others = logits.scatter(1, routing.topk_idx, float("-inf"))
+    assert (others <= kth).all()
+    torch.testing.assert_close(routing.alpha.sum(1), torch.ones(shape.L), rtol=0, atol=1e-6)
+
+
+def test_no_grad_inference_matches():
+    shape = Shape(L=8, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    with torch.no_grad():
+        outs = {b: fusion(q, layers, gather_index, backend=b) for b in ["reference"] + fast_backends()}
+    for b, out in outs.items():
+        assert rel_err(out, outs["reference"]) <= 1e-12, b
+
+
+def test_layer_dtype_differs_from_parameters():
+    """bf16 VGGT layers into an fp32 fusion: every backend casts the layer to the parameter dtype first."""
+    shape = Shape(L=10, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    layers = [x.to(torch.bfloat16) for x in layers]
+    ref = fusion(q, layers, gather_index, backend="reference")
+    for b in fast_backends():
+        assert rel_err(fusion(q, layers, gather_index, backend=b), ref) <= TOL[torch.float32], b

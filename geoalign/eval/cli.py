@@ -1,0 +1,158 @@
+"""``geoalign eval`` and ``geoalign score`` sub-commands.
+
+The package's top-level CLI registers them with :func:`add_eval_parser` and
+:func:`add_score_parser`; ``python -m geoalign.eval.cli`` runs them stand-alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .tasks import DEFAULT_SPLIT, TASKS
+
+_META_KEYS = ("task", "split", "num_frames", "max_new_tokens", "prompt_suffix", "model", "predictor")
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval TASK --data DIR --model DIR ...``."""
+    p = subparsers.add_parser(
+        "eval", help="run a model on VSI-Bench / ScanQA / SQA3D and score it",
+        description="Answer every question of a benchmark read from local files (greedy decoding), "
+                    "appending predictions to a JSONL as they come (reruns resume), then score them.")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--data", required=True, help="benchmark folder (annotation files; see docs)")
+    p.add_argument("--model", help="GeoAlign checkpoint folder (loaded by geoalign.eval.predictor.load_predictor)")
+    p.add_argument("--predictor", help="use 'package.module:factory' instead of the GeoAlign adapter; "
+                                        "the factory receives --model and keyword options")
+    p.add_argument("--media", help="video/frame root (default: --data for VSI-Bench; for ScanQA/SQA3D the "
+                                   "first of DATA/{scannet/posed_images,posed_images,scannet/videos,videos,"
+                                   "scannet/frames,frames,scannet,.} holding {scene_id}.mp4 or {scene_id}/)")
+    p.add_argument("--split", help="dataset split (default: vsibench test, scanqa val, sqa3d test)")
+    p.add_argument("--out", help="predictions JSONL (default: eval_results/TASK/predictions.jsonl)")
+    p.add_argument("--num-frames", type=int, default=32, help="frames uniformly sampled per question (32)")
+    p.add_argument("--batch-size", type=int, default=1, help="questions per predict() call (capped by the predictor)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: vsibench 16, others 32)")
+    p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
+    p.add_argument("--limit", type=int, help="only the first N questions (quick run)")
+    p.add_argument("--device", help="torch device for the model (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
+    p.add_argument("--no-score", action="store_true", help="only write predictions")
+    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_eval_command)
+    return p
+
+
+def add_score_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``score TASK predictions.jsonl``."""
+    p = subparsers.add_parser("score", help="metrics of a predictions JSONL, in the paper's layout")
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("predictions", help="JSONL written by `geoalign eval` (or in the same record format)")
+    p.add_argument("--json", dest="json_out", help="also write the scores as JSON to this path")
+    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    p.set_defaults(func=run_score_command)
+    return p
+
+
+def _meta_path(out: str) -> str:
+    return out + ".meta.json"
+
+
+def _scores_path(out: str) -> str:
+    return (out[:-6] if out.endswith(".jsonl") else out) + ".scores.json"
+
+
+def _print_scores(task: str, scores: dict) -> None:
+    from .tasks import format_scores
+    print(format_scores(task, scores))
+
+
+def run_eval_command(args) -> int:
+    """Body of ``geoalign eval``."""
+    from .predictor import load_predictor, load_predictor_from_spec
+    from .runner import run_eval, score_file
+    from .tasks import load_samples
+
+    if not args.model and not args.predictor:
+        print("error: give --model DIR (or --predictor module:factory)", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
+    meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
+            "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
+            "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
+            "predictor": args.predictor}
+    if args.restart:
+        for p in (out, _meta_path(out), _scores_path(out)):
+            if os.path.exists(p):
+                os.remove(p)
+    if os.path.exists(out) and os.path.exists(_meta_path(out)):
+        with open(_meta_path(out)) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), meta[k]) for k in _META_KEYS if old.get(k) != meta[k]}
+        if diff:
+            print(f"error: {out} was written with other settings {diff}; use --restart or another --out",
+                  file=sys.stderr)
+            return 2
+    try:
+        samples = load_samples(args.task, args.data, media_dir=args.media, split=args.split,
+                               num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
+                               prompt_suffix=args.prompt_suffix, limit=args.limit)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = {"device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+    try:
+        predictor = (load_predictor_from_spec(args.predictor, args.model, **opts) if args.predictor
+                     else load_predictor(args.model, **opts))
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(_meta_path(out), "w") as f:
+        json.dump(meta, f, indent=1)
+    info = run_eval(samples, predictor, out, batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"{info['written']} new predictions ({info['skipped']} already in {out}) in {info['seconds']:.1f}s")
+    if args.no_score:
+        return 0
+    scores = score_file(args.task, out, ids=[s.id for s in samples], use_java=False if args.no_java else None)
+    with open(_scores_path(out), "w") as f:
+        json.dump(scores, f, indent=1)
+    _print_scores(args.task, scores)
+    print(f"scores written to {_scores_path(out)}")
+    return 0
+
+
+def run_score_command(args) -> int:
+    """Body of ``geoalign score``."""
+    from .runner import score_file
+
+    if not os.path.isfile(args.predictions):
+        print(f"error: no such file {args.predictions}", file=sys.stderr)
+        return 2
+    try:
+        scores = score_file(args.task, args.predictions, use_java=False if args.no_java else None)
+    except (ValueError, KeyError) as e:
+        print(f"error: cannot score {args.predictions} as {args.task}: {e!r}", file=sys.stderr)
+        return 2
+    _print_scores(args.task, scores)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(scores, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Stand-alone entry point (``python -m geoalign.eval.cli eval|score ...``)."""
+    parser = argparse.ArgumentParser(prog="geoalign")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_score_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

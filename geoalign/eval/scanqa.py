@@ -1,0 +1,82 @@
+"""ScanQA: data loading and metrics.
+
+Data: ``ScanQA_v1.0_{split}.json`` (a list of ``{question_id, scene_id, question,
+answers, ...}``); the val split is the one with answers that papers report.
+
+Metrics (as the LEO / LLaVA-3D / Video-3D-LLM / VG-LLM evaluation code): prediction and
+every reference go through :func:`~geoalign.eval.textnorm.clean_answer`, then
+BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, after PTB tokenisation) against all
+references of the question, and EM@1 / refined EM@1 via ``answer_match``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+from .caption import caption_scores
+from .textnorm import answer_match, clean_answer, strip_special
+
+PROMPT_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def annotation_file(data_dir: str, split: str = "val") -> str:
+    """Path of the split's JSON (``data_dir`` may also be the JSON file itself)."""
+    if os.path.isfile(data_dir):
+        return data_dir
+    for cand in (os.path.join(data_dir, f"ScanQA_v1.0_{split}.json"),
+                 os.path.join(data_dir, "qa", f"ScanQA_v1.0_{split}.json")):
+        if os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError(f"ScanQA_v1.0_{split}.json not found in {data_dir!r} (or its qa/ folder)")
+
+
+def load_docs(data_dir: str, split: str = "val") -> list[dict]:
+    """Questions of a split, in file order."""
+    with open(annotation_file(data_dir, split), encoding="utf-8") as f:
+        docs = json.load(f)
+    for d in docs:
+        if "answers" not in d:
+            raise ValueError(f"{d.get('question_id')}: no 'answers' (use a split with answers, e.g. val)")
+    return docs
+
+
+def build_prompt(doc: dict, suffix: str = PROMPT_SUFFIX) -> str:
+    """Question followed by the short-answer instruction."""
+    q = doc["question"].strip()
+    return f"{q} {suffix}" if suffix else q
+
+
+def score(records: Iterable[dict], use_java: bool | None = None, meteor: bool = True) -> dict:
+    """ScanQA scores (0-100) from records with ``id``, ``prediction`` and ``answers``."""
+    refs, preds, em, refined = {}, {}, 0, 0
+    n = 0
+    for r in records:
+        key = str(r["id"])
+        p = clean_answer(strip_special(str(r.get("prediction", ""))))
+        gts = [clean_answer(a) for a in r["answers"]]
+        e, re_ = answer_match(p, gts)
+        em += e
+        refined += re_
+        refs[key], preds[key] = gts, p
+        n += 1
+    if n == 0:
+        raise ValueError("no ScanQA predictions to score")
+    out = {"EM@1": 100.0 * em / n, "EM@1-refined": 100.0 * refined / n, "num_samples": n}
+    out.update(caption_scores(refs, preds, use_java=use_java, meteor=meteor))
+    return out
+
+
+def format_table(scores: dict) -> str:
+    """Paper layout: BLEU-4, METEOR, ROUGE-L, CIDEr, EM@1 (+ BLEU-1, refined EM)."""
+    cols = ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM@1"]
+    cells = [f"{scores[c]:.1f}" if c in scores else "n/a" for c in cols]
+    w = [max(len(a), len(b)) for a, b in zip(cols, cells)]
+    lines = [f"ScanQA (n={scores.get('num_samples')}, tokenizer: {scores.get('tokenizer')})",
+             " | ".join(c.rjust(x) for c, x in zip(cols, w)),
+             "-+-".join("-" * x for x in w),
+             " | ".join(c.rjust(x) for c, x in zip(cells, w)),
+             f"EM@1-refined (reported separately): {scores['EM@1-refined']:.1f}"]
+    if "meteor_missing_reason" in scores:
+        lines.append("NOTE: " + scores["meteor_missing_reason"])
+    return "\n".join(lines)

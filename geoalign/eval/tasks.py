@@ -1,0 +1,115 @@
+"""Task registry: turn each benchmark's files into :class:`Sample` objects and score records.
+
+Every prediction record (one JSON line) carries what its metric needs, so scoring needs
+the predictions file alone:
+
+* vsibench: ``id, task, prediction, question_type, ground_truth, dataset, scene_name, options``
+* scanqa:   ``id, task, prediction, answers, scene_id, question``
+* sqa3d:    ``id, task, prediction, answers, question_type, scene_id, question``
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from . import scanqa, sqa3d, vsibench
+from .media import MediaRef, find_scene_media
+from .predictor import Sample
+
+TASKS = ("vsibench", "scanqa", "sqa3d")
+DEFAULT_SPLIT = {"vsibench": "test", "scanqa": "val", "sqa3d": "test"}
+DEFAULT_MAX_NEW_TOKENS = {"vsibench": 16, "scanqa": 32, "sqa3d": 32}
+
+
+def scene_media_roots(data_dir: str, media_dir: str | None) -> list[str]:
+    """Folders searched for ``{scene_id}.mp4`` / ``{scene_id}/`` frames (first hit wins)."""
+    if media_dir:
+        return [media_dir]
+    subs = ("scannet/posed_images", "posed_images", "scannet/videos", "videos",
+            "scannet/frames", "frames", "scannet", ".")
+    return [os.path.normpath(os.path.join(data_dir, s)) for s in subs]
+
+
+def _vsibench_samples(docs, data_dir, media_dir, num_frames, max_new_tokens):
+    out = []
+    for d in docs:
+        path = vsibench.video_path(media_dir or data_dir, d)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"VSI-Bench video missing for question {d['id']}: {path} "
+                                    "(expected {data}/{dataset}/{scene_name}.mp4; see --media)")
+        meta = {"question_type": d["question_type"], "ground_truth": d["ground_truth"],
+                "dataset": d["dataset"], "scene_name": d["scene_name"], "options": d.get("options")}
+        out.append(Sample(id=str(d["id"]), task="vsibench", prompt=vsibench.build_prompt(d),
+                          media=MediaRef(path, "video"), num_frames=num_frames,
+                          max_new_tokens=max_new_tokens, meta=meta))
+    return out
+
+
+def _scene_samples(task, docs, build_prompt, meta_keys, data_dir, media_dir, num_frames,
+                   max_new_tokens, prompt_suffix):
+    roots = scene_media_roots(data_dir, media_dir)
+    cache: dict[str, MediaRef] = {}
+    out = []
+    for d in docs:
+        sid = d["scene_id"]
+        if sid not in cache:
+            cache[sid] = find_scene_media(sid, roots)
+        prompt = build_prompt(d) if prompt_suffix is None else build_prompt(d, prompt_suffix)
+        out.append(Sample(id=str(d["question_id"]), task=task, prompt=prompt, media=cache[sid],
+                          num_frames=num_frames, max_new_tokens=max_new_tokens,
+                          meta={k: d[k] for k in meta_keys}))
+    return out
+
+
+def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: str | None = None,
+                 num_frames: int = 32, max_new_tokens: int | None = None,
+                 prompt_suffix: str | None = None, limit: int | None = None) -> list[Sample]:
+    """Samples of a task in dataset order (the first ``limit`` when given).
+
+    Media are located eagerly (a missing scene fails here, with the paths tried) but
+    frames are decoded only when a predictor calls ``Sample.load_frames()``.
+    """
+    split = split or DEFAULT_SPLIT[task]
+    mnt = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    if task == "vsibench":
+        docs = vsibench.load_docs(data_dir)
+        docs = docs[:limit] if limit else docs
+        return _vsibench_samples(docs, data_dir, media_dir, num_frames, mnt)
+    if task == "scanqa":
+        docs = scanqa.load_docs(data_dir, split)
+        docs = docs[:limit] if limit else docs
+        return _scene_samples("scanqa", docs, scanqa.build_prompt, ("answers", "scene_id", "question"),
+                              data_dir, media_dir, num_frames, mnt, prompt_suffix)
+    if task == "sqa3d":
+        docs = sqa3d.load_docs(data_dir, split)
+        docs = docs[:limit] if limit else docs
+        return _scene_samples("sqa3d", docs, sqa3d.build_prompt,
+                              ("answers", "question_type", "scene_id", "question"),
+                              data_dir, media_dir, num_frames, mnt, prompt_suffix)
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+def make_record(sample: Sample, prediction: str) -> dict:
+    """The JSON line stored for one answered sample."""
+    return {"id": sample.id, "task": sample.task, "prediction": prediction, **sample.meta}
+
+
+def score_records(task: str, records: list[dict], use_java: bool | None = None) -> dict:
+    """Metrics of ``task`` from prediction records."""
+    if task == "vsibench":
+        return vsibench.score(records)
+    if task == "scanqa":
+        return scanqa.score(records, use_java=use_java)
+    if task == "sqa3d":
+        return sqa3d.score(records)
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+FORMATTERS: dict[str, Callable[[dict], str]] = {
+    "vsibench": vsibench.format_table, "scanqa": scanqa.format_table, "sqa3d": sqa3d.format_table,
+}
+
+
+def format_scores(task: str, scores: dict) -> str:
+    """Human-readable table in the paper's layout."""
+    return FORMATTERS[task](scores)

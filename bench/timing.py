@@ -1,0 +1,94 @@
+"""Timers and memory probes: CUDA events / triton.testing.do_bench on GPU, a repeated wall-clock timer on CPU."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_reps: int = 5, max_reps: int = 50,
+            budget_s: float = 2.0, warmup: int = 1) -> dict[str, float]:
+    """Median, 20th and 80th percentile of fn's run time in ms, and the number of repetitions.
+
+    On CUDA each repetition is bracketed by CUDA events (after a synchronize); on CPU by perf_counter. Repeats
+    until `budget_s` is spent (at least `min_reps`, at most `max_reps`) after `warmup` untimed calls.
+    """
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_reps and (len(times) < min_reps or spent < budget_s):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        spent += ms / 1e3
+    return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8),
+            "reps": len(times)}
+
+
+def reset_peak_rss() -> bool:
+    """Return freed heap memory to the OS (glibc malloc_trim) and reset the process's peak RSS (VmHWM) on Linux,
+    so the next peak measures only what follows; False where that is not possible."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size since the last reset_peak_rss(), from /proc/self/status (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

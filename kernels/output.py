@@ -1,0 +1,99 @@
+"""Output stage on L rows: F_hat = W2 h_bar + b2 (projector.fc2), Q_hat = Q + W_out F_hat (out_proj + residual).
+
+Two launches of the shared GEMM kernel (gemm.py): the first has b2 in its epilogue, the second the residual Q.
+Forward saves F_hat [L, D] (parameter dtype) and reads h_bar [L, H] (fp32) for dW2. Backward (custom op, same GEMM
+kernel): dF = dQ_hat W_out, dW_out = dQ_hat^T F_hat, dW2 = dF^T h_bar, db2 = sum_l dF, dh_bar = dF W2, dQ = dQ_hat.
+
+Folded inference path (``output_folded``, no autograd, only valid without grad): W_f = W_out W2 [D, H] and
+b_f = W_out b2, then Q_hat = Q + h_bar W_f^T + b_f in one GEMM (fold costs one D x D x H GEMM; cache it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .gemm import matmul
+from .utils import acc_dtype
+
+
+def output_forward(q, h_bar, fc2_weight, fc2_bias, out_weight):
+    """q [L, D], h_bar [L, H] fp32/fp64, fc2_weight [D, H], fc2_bias [D], out_weight [D, D] -> (q_hat, f_hat) [L, D]."""
+    dtype = q.dtype
+    f_hat = matmul(h_bar, fc2_weight.t(), bias=fc2_bias.contiguous(), out_dtype=dtype, op_dtype=dtype)
+    q_hat = matmul(f_hat, out_weight.t(), residual=q, out_dtype=dtype, op_dtype=dtype)
+    return q_hat, f_hat
+
+
+def output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
+    """-> (d_h_bar [L, H] fp32/fp64, d_fc2_weight [D, H], d_fc2_bias [D], d_out_weight [D, D])."""
+    dtype = fc2_weight.dtype
+    d_f = matmul(d_q_hat, out_weight, residual=d_f_hat, out_dtype=dtype, op_dtype=dtype)  # [L, D]
+    d_out_weight = matmul(d_q_hat.t(), f_hat, out_dtype=dtype, op_dtype=dtype)
+    d_fc2_weight = matmul(d_f.t(), h_bar, out_dtype=dtype, op_dtype=dtype)
+    d_fc2_bias = d_f.to(acc_dtype(dtype)).sum(0).to(dtype)
+    d_h_bar = matmul(d_f, fc2_weight, out_dtype=acc_dtype(dtype), op_dtype=dtype)
+    return d_h_bar, d_fc2_weight, d_fc2_bias, d_out_weight
+
+
+def fold_output_weights(fc2_weight, fc2_bias, out_weight):
+    """(W_out W2 [D, H], W_out b2 [D]) in the parameter dtype, accumulated in fp32 (fp64)."""
+    dtype = fc2_weight.dtype
+    w_fold = matmul(out_weight, fc2_weight, out_dtype=dtype, op_dtype=dtype)
+    b_fold = matmul(out_weight, fc2_bias.reshape(-1, 1), out_dtype=dtype, op_dtype=dtype).reshape(-1)
+    return w_fold, b_fold
+
+
+# ------------------------------------------------------------------------------------------ torch.library custom ops
+@torch.library.custom_op("geoalign::triton_output", mutates_args=())
+def output_op(q: torch.Tensor, h_bar: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
+              out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_hat [L, D], f_hat [L, D])."""
+    return output_forward(q, h_bar, fc2_weight, fc2_bias, out_weight)
+
+
+@output_op.register_fake
+def _output_fake(q, h_bar, fc2_weight, fc2_bias, out_weight):
+    return torch.empty_like(q), torch.empty_like(q)
+
+
+@torch.library.custom_op("geoalign::triton_output_backward", mutates_args=())
+def output_backward_op(d_q_hat: torch.Tensor, d_f_hat: torch.Tensor | None, h_bar: torch.Tensor, f_hat: torch.Tensor,
+                       fc2_weight: torch.Tensor, out_weight: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_h_bar, d_fc2_weight, d_fc2_bias, d_out_weight)."""
+    return output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight)
+
+
+@output_backward_op.register_fake
+def _output_backward_fake(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
+    return (torch.empty_like(h_bar), torch.empty_like(fc2_weight), fc2_weight.new_empty((fc2_weight.shape[0],)),
+            torch.empty_like(out_weight))
+
+
+def _output_setup_context(ctx, inputs, output):
+    _q, h_bar, fc2_weight, _fc2_bias, out_weight = inputs
+    ctx.save_for_backward(h_bar, output[1], fc2_weight, out_weight)
+
+
+def _output_autograd(ctx, d_q_hat, d_f_hat):
+    h_bar, f_hat, fc2_weight, out_weight = ctx.saved_tensors
+    d_h_bar, d_w2, d_b2, d_w_out = output_backward_op(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight)
+    return d_q_hat, d_h_bar, d_w2, d_b2, d_w_out
+
+
+output_op.register_autograd(_output_autograd, setup_context=_output_setup_context)
+
+
+@torch.library.custom_op("geoalign::triton_output_folded", mutates_args=())
+def output_folded_op(q: torch.Tensor, h_bar: torch.Tensor, w_fold: torch.Tensor, b_fold: torch.Tensor) -> torch.Tensor:
+    """q_hat = q + h_bar W_fold^T + b_fold [L, D]; inference only (no autograd formula)."""
+    return matmul(h_bar, w_fold.t(), bias=b_fold.contiguous(), residual=q, out_dtype=q.dtype, op_dtype=q.dtype)
+
+
+@output_folded_op.register_fake
+def _output_folded_fake(q, h_bar, w_fold, b_fold):
+    return torch.empty_like(q)
+
+
+def output(q, h_bar, fc2_weight, fc2_bias, out_weight) -> torch.Tensor:
+    """Q_hat [L, D] = Q + W_out (W2 h_bar + b2), autograd-aware."""
+    return output_op(q, h_bar, fc2_weight, fc2_bias, out_weight)[0]

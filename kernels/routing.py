@@ -1,0 +1,167 @@
+"""Routing: the router's second GEMM with Top-K and the masked softmax in the epilogue (design.md section 5.1).
+
+Forward  (`route`): logits S = hid @ V2^T + c2 ([L, M], rounded to the parameter dtype as nn.Linear would), then per
+row the K largest logits in descending order (ties -> lower bank index, as geoalign.routing.topk_lower_index) and
+alpha = softmax over those K. Writes topk_idx [L, K] int32 and alpha [L, K] fp32 (fp64 for fp64 parameters).
+hid = GELU(V1 q + c1) [L, R] is the router's first layer, left to torch (and its autograd).
+
+Backward (`route_backward`): dS [L, M] = alpha * (d_alpha - sum_k alpha d_alpha) at the K kept columns, 0 elsewhere
+(one kernel), then d_hid = dS @ V2, dV2 = dS^T @ hid (shared GEMM kernel), dc2 = sum_l dS.
+Saved for backward: hid [L, R] (parameter dtype), topk_idx, alpha. The logits are not saved.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import get_config
+from .gemm import matmul
+from .utils import acc_dtype, alloc, dot_dtype, ieee, mma, tl_dtype
+
+
+@triton.jit
+def _route_kernel(hid_ptr, w2_ptr, b2_ptr, idx_ptr, alpha_ptr, L, R, M, s_hl, s_hr, s_wm, s_wr,
+                  K: tl.constexpr, K_P: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rl = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    ml = rl < L
+    cm = tl.arange(0, BLOCK_MB)
+    mcol = cm < M
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_L, BLOCK_MB), dtype=ACC)
+    for r0 in range(0, R, BLOCK_K):
+        kk = r0 + rk
+        mk = kk < R
+        a = tl.load(hid_ptr + rl[:, None] * s_hl + kk[None, :] * s_hr, mask=ml[:, None] & mk[None, :], other=0.0)
+        b = tl.load(w2_ptr + cm[None, :].to(tl.int64) * s_wm + kk[:, None] * s_wr, mask=mk[:, None] & mcol[None, :],
+                    other=0.0)
+        acc = mma(a.to(OP), b.to(OP), acc, IEEE)
+    s = acc + tl.load(b2_ptr + cm, mask=mcol, other=0.0).to(ACC)[None, :]
+    s = s.to(PARAM).to(ACC)  # the logits nn.Linear would produce in the parameter dtype (ties included)
+    s = tl.where(mcol[None, :], s, float("-inf"))
+    kc = tl.arange(0, K_P)
+    sel = tl.full((BLOCK_L, K_P), float("-inf"), ACC)
+    ids = tl.zeros((BLOCK_L, K_P), dtype=tl.int32)
+    for k in tl.static_range(K):  # K rounds of arg-max; among equal maxima the lowest column wins
+        mx = tl.max(s, axis=1)
+        j = tl.min(tl.where(s == mx[:, None], cm[None, :], BLOCK_MB), axis=1)
+        sel = tl.where(kc[None, :] == k, mx[:, None], sel)
+        ids = tl.where(kc[None, :] == k, j[:, None], ids)
+        s = tl.where(cm[None, :] == j[:, None], float("-inf"), s)
+    kept = kc[None, :] < K
+    e = tl.where(kept, tl.exp(sel - tl.max(sel, axis=1)[:, None]), 0.0)
+    alpha = e / tl.sum(e, axis=1)[:, None]
+    out = rl[:, None] * K + kc[None, :]
+    tl.store(idx_ptr + out, ids, mask=ml[:, None] & kept)
+    tl.store(alpha_ptr + out, alpha, mask=ml[:, None] & kept)
+
+
+@triton.jit
+def _route_bwd_kernel(d_alpha_ptr, alpha_ptr, idx_ptr, ds_ptr, L, M,
+                      K: tl.constexpr, K_P: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr):
+    pid = tl.program_id(0)
+    rl = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    ml = rl < L
+    kc = tl.arange(0, K_P)
+    mk = ml[:, None] & (kc[None, :] < K)
+    off = rl[:, None] * K + kc[None, :]
+    alpha = tl.load(alpha_ptr + off, mask=mk, other=0.0).to(ACC)
+    d_alpha = tl.load(d_alpha_ptr + off, mask=mk, other=0.0).to(ACC)
+    ids = tl.load(idx_ptr + off, mask=mk, other=-1)
+    d_kept = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None])  # softmax backward over the K kept
+    cm = tl.arange(0, BLOCK_MB)
+    ds = tl.zeros((BLOCK_L, BLOCK_MB), dtype=ACC)
+    for k in tl.static_range(K):
+        dk = tl.sum(tl.where(kc[None, :] == k, d_kept, 0.0), axis=1)
+        ik = tl.sum(tl.where(kc[None, :] == k, ids, 0), axis=1)
+        ds = tl.where(cm[None, :] == ik[:, None], dk[:, None], ds)
+    tl.store(ds_ptr + rl[:, None] * M + cm[None, :], ds.to(ds_ptr.dtype.element_ty),
+             mask=ml[:, None] & (cm[None, :] < M))
+
+
+def _block_mb(M: int) -> int:
+    return max(16, triton.next_power_of_2(M))
+
+
+def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int):
+    """hid [L, R], w2 [M, R], b2 [M] (parameter dtype) -> (topk_idx [L, K] int32, alpha [L, K] fp32/fp64)."""
+    L, R = hid.shape
+    M = w2.shape[0]
+    dtype = w2.dtype
+    idx = alloc((L, k), torch.int32, hid.device)
+    alpha = alloc((L, k), acc_dtype(dtype), hid.device)
+    if L == 0:
+        return idx, alpha
+    cfg = get_config("rows", L, hid.device)
+    block_l = max(16, min(cfg["BLOCK_M"], 64))
+    _route_kernel[(triton.cdiv(L, block_l),)](
+        hid, w2, b2, idx, alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
+        K=k, K_P=triton.next_power_of_2(k), PARAM=tl_dtype(dtype), OP=dot_dtype(dtype),
+        ACC=tl_dtype(acc_dtype(dtype)), IEEE=ieee(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
+        BLOCK_K=max(16, cfg["BLOCK_K"]), num_warps=cfg["num_warps"],
+    )
+    return idx, alpha
+
+
+def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.Tensor, hid: torch.Tensor,
+                   w2: torch.Tensor):
+    """-> (d_hid [L, R], d_w2 [M, R], d_b2 [M]) in the parameter dtype."""
+    L, K = alpha.shape
+    M = w2.shape[0]
+    dtype = w2.dtype
+    ds = alloc((L, M), dtype, hid.device)
+    if L > 0:
+        cfg = get_config("rows", L, hid.device)
+        block_l = max(16, min(cfg["BLOCK_M"], 64))
+        _route_bwd_kernel[(triton.cdiv(L, block_l),)](
+            d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), ds, L, M,
+            K=K, K_P=triton.next_power_of_2(K), ACC=tl_dtype(acc_dtype(dtype)),
+            BLOCK_L=block_l, BLOCK_MB=_block_mb(M), num_warps=cfg["num_warps"],
+        )
+    d_hid = matmul(ds, w2)  # [L, M] @ [M, R]
+    d_w2 = matmul(ds.t(), hid)  # [M, L] @ [L, R]
+    d_b2 = ds.to(acc_dtype(dtype)).sum(0).to(dtype)
+    return d_hid, d_w2, d_b2
+
+
+# ------------------------------------------------------------------------------------------ torch.library custom ops
+@torch.library.custom_op("geoalign::triton_route", mutates_args=())
+def route_op(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_idx [L, K] int32, alpha [L, K] fp32/fp64) from hid [L, R] and router fc2 (w2 [M, R], b2 [M])."""
+    return route_forward(hid, w2, b2.contiguous(), k)
+
+
+@route_op.register_fake
+def _route_fake(hid, w2, b2, k):
+    L = hid.shape[0]
+    return hid.new_empty((L, k), dtype=torch.int32), hid.new_empty((L, k), dtype=acc_dtype(w2.dtype))
+
+
+@torch.library.custom_op("geoalign::triton_route_backward", mutates_args=())
+def route_backward_op(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.Tensor, hid: torch.Tensor,
+                      w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hid [L, R], d_w2 [M, R], d_b2 [M])."""
+    return route_backward(d_alpha, alpha, topk_idx, hid, w2)
+
+
+@route_backward_op.register_fake
+def _route_backward_fake(d_alpha, alpha, topk_idx, hid, w2):
+    return torch.empty_like(hid), torch.empty_like(w2), w2.new_empty((w2.shape[0],))
+
+
+def _route_setup_context(ctx, inputs, output):
+    hid, w2, _b2, _k = inputs
+    topk_idx, alpha = output
+    ctx.save_for_backward(hid, w2, topk_idx, alpha)
+
+
+def _route_autograd(ctx, _d_topk_idx, d_alpha):
+    hid, w2, topk_idx, alpha = ctx.saved_tensors
+    d_hid, d_w2, d_b2 = route_backward_op(d_alpha, alpha, topk_idx, hid, w2)
+    return d_hid, d_w2, d_b2, None
+
+
+route_op.register_autograd(_route_autograd, setup_context=_route_setup_context)

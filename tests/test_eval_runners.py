@@ -225,6 +225,10 @@ def test_cli_eval_resume_and_score(vsi_dir, tmp_path, capsys):
     other = ["eval", "vsibench", "--data", vsi_dir, "--predictor", FAKE, "--model", "oracle",
              "--out", out, "--num-frames", "8", "--no-progress"]
     assert cli.main(other) == 2
+    assert cli.main(other + ["--restart", "--limit", "2"]) == 0  # --restart discards the old file
+    assert len(lines(out)) == 2
+    assert cli.main(base) == 2  # the file now belongs to the 8-frame settings
+    assert cli.main(base + ["--restart"]) == 0 and len(lines(out)) == len(VSI_DOCS)
     capsys.readouterr()
     js = str(tmp_path / "s.json")
     assert cli.main(["score", "vsibench", out, "--json", js]) == 0

@@ -73,30 +73,34 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
     raise FileNotFoundError(f"no video or frame folder for scene {scene_id!r}; tried: " + "; ".join(tried))
 
 
-def _video_frames(path: str, num_frames: int):
+def _count_frames(path: str) -> int:
     import av
-    from PIL import Image  # noqa: F401  (PyAV's to_image needs Pillow)
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        total = stream.frames
-        if not total:  # not in the header: count by decoding once
-            total = sum(1 for _ in container.decode(stream))
-            container.seek(0)
-        wanted = sample_indices(total, num_frames)
-        want = {}
-        for i in wanted:
-            want[i] = want.get(i, 0) + 1
-        frames = []
-        last = wanted[-1] if wanted else -1
+        return stream.frames or sum(1 for _ in container.decode(stream))
+
+
+def _video_frames(path: str, num_frames: int) -> list:
+    """Decode the sampled frames in one sequential pass (no seeking)."""
+    import av
+
+    wanted = sample_indices(_count_frames(path), num_frames)
+    if not wanted:
+        return []
+    repeats: dict[int, int] = {}
+    for i in wanted:
+        repeats[i] = repeats.get(i, 0) + 1
+    frames: list = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
         for i, frame in enumerate(container.decode(stream)):
-            if i in want:
-                img = frame.to_image().convert("RGB")
-                frames.extend([img] * want[i])
-            if i >= last:
+            if i in repeats:
+                frames.extend([frame.to_image().convert("RGB")] * repeats[i])
+            if i >= wanted[-1]:
                 break
-    if len(frames) < len(wanted) and frames:  # header over-counted frames
-        return [f for f in frames] + [frames[-1]] * (len(wanted) - len(frames))
+    if frames and len(frames) < len(wanted):  # the header over-counted: pad with the last frame
+        frames += [frames[-1]] * (len(wanted) - len(frames))
     return frames
 
 

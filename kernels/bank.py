@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .configs import get_config
-from .utils import acc_dtype, alloc, dot_dtype, gelu, gelu_grad, ieee, mma, rows_contiguous, tl_dtype
+from .utils import acc_dtype, alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contiguous, tl_dtype
 
 
 # --------------------------------------------------------------------------------------------------------- kernels
@@ -72,7 +72,7 @@ def _ln_stats_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, raw_p
 def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots_ptr, alpha_ptr, s_al,
                      mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, w1_ptr, s_wh, s_wk, b1_ptr, h_ptr, s_hl, z_ptr,
                      n, H, Dg, G, SAVE_Z: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rp = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # pair ids
@@ -96,7 +96,7 @@ def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots
             xn = tl.where(m, (x - mu[:, None]) * rs[:, None] * lw[None, :] + lb[None, :], 0.0)
             w = tl.load(w1_ptr + rn[None, :] * s_wh + (g * Dg + d)[:, None] * s_wk, mask=md[:, None] & mn[None, :],
                         other=0.0)
-            acc = mma(xn.to(PARAM).to(OP), w.to(OP), acc, IEEE)
+            acc = tl.dot(xn.to(PARAM).to(OP), w.to(OP), acc, input_precision=DOT_PREC)
     z = (acc + tl.load(b1_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]).to(PARAM)
     m2 = mp[:, None] & mn[None, :]
     if SAVE_Z:
@@ -133,7 +133,7 @@ def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr,
 
 @triton.jit
 def _bank_dw1_kernel(dz_ptr, raw_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dw1_ptr, n, H, Dg, G,
-                     PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                     PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW1[h, g*D' + d] = sum_p dz[p, h] * x[p, g, d], x = LN(raw) recomputed in the B-load. Grid (H/BM, G*D'/BN)."""
     pid_m = tl.program_id(0)
@@ -158,13 +158,13 @@ def _bank_dw1_kernel(dz_ptr, raw_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dw1_
         m = mpk[:, None] & md[None, :]
         x = tl.load(raw_ptr + row[:, None] * Dg + d[None, :], mask=m, other=0.0).to(PARAM).to(ACC)
         xn = tl.where(m, (x - mu[:, None]) * rs[:, None] * lw[None, :] + lb[None, :], 0.0)
-        acc = mma(a.to(OP), xn.to(PARAM).to(OP), acc, IEEE)
+        acc = tl.dot(a.to(OP), xn.to(PARAM).to(OP), acc, input_precision=DOT_PREC)
     tl.store(dw1_ptr + rh[:, None] * (G * Dg) + (g * Dg + d)[None, :], acc.to(PARAM), mask=mh[:, None] & md[None, :])
 
 
 @triton.jit
 def _bank_dx_kernel(dz_ptr, w1_ptr, s_wh, s_wk, raw_ptr, mean_ptr, rstd_ptr, dgamma_part_ptr, dbeta_part_ptr,
-                    n, H, Dg, G, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                    n, H, Dg, G, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[p, g, d] = sum_h dz[p, h] W1[h, g*D' + d]; writes partial dgamma/dbeta rows (pid_m*G + g) over the block's
     pairs. Grid (n/BM, G*D'/BN)."""
@@ -184,7 +184,7 @@ def _bank_dx_kernel(dz_ptr, w1_ptr, s_wh, s_wk, raw_ptr, mean_ptr, rstd_ptr, dga
         a = tl.load(dz_ptr + rp[:, None] * H + h[None, :], mask=mp[:, None] & mk[None, :], other=0.0)
         w = tl.load(w1_ptr + h[:, None] * s_wh + (g * Dg + d)[None, :] * s_wk, mask=mk[:, None] & md[None, :],
                     other=0.0)
-        acc = mma(a.to(OP), w.to(OP), acc, IEEE)
+        acc = tl.dot(a.to(OP), w.to(OP), acc, input_precision=DOT_PREC)
     dx = acc.to(PARAM).to(ACC)
     row = rp * G + g
     mu = tl.load(mean_ptr + row, mask=mp, other=0.0)
@@ -237,7 +237,7 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
         layer, layer.stride(0), gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
         alpha, alpha.stride(0), mean, rstd, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0),
         fc1_weight.stride(1), fc1_bias, h_bar, h_bar.stride(0), z, n, H, Dg, G,
-        SAVE_Z=save, PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), IEEE=ieee(dtype),
+        SAVE_Z=save, PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -274,7 +274,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
         num_warps=rcfg["num_warps"],
     )
     d_b1 = db1_part.sum(0).to(dtype)
-    common = dict(PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), IEEE=ieee(dtype))
+    common = dict(PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype))
     if need_w1:
         cfg = get_config("bank_dw1", H, dev)
         d_w1 = alloc((H, G * Dg), dtype, dev)

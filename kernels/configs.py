@@ -16,7 +16,7 @@ import torch
 #: True when kernels run under the Triton interpreter (set before import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_INTERPRETER = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 1, "num_stages": 1}
+_INTERPRETER = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1}
 
 # op names: "gemm" (shared GEMM: router, output stage), "bank_fwd" (gathered GEMM1), "bank_dx" (dz @ W1 + LN grads),
 # "bank_dw1" (dz^T @ LN(raw)), "rows" (row-wise kernels: LN stats, dz/dalpha, routing; BLOCK_N is the column chunk)

@@ -10,14 +10,14 @@ import triton
 import triton.language as tl
 
 from .configs import get_config
-from .utils import acc_dtype, alloc, dot_dtype, gelu, ieee, mma, tl_dtype
+from .utils import acc_dtype, alloc, dot_dtype, gelu, dot_precision, tl_dtype
 
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
                    s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_rm, s_rn,
                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT_GELU: tl.constexpr,
-                   OP: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
+                   OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -32,7 +32,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
         mk = kk < K
         a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=mm[:, None] & mk[None, :], other=0.0)
         b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=mk[:, None] & mn[None, :], other=0.0)
-        acc = mma(a.to(OP), b.to(OP), acc, IEEE)
+        acc = tl.dot(a.to(OP), b.to(OP), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
     if ACT_GELU:
@@ -67,7 +67,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         res_t.stride(0), res_t.stride(1),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT_GELU=gelu,
-        OP=dot_dtype(op_dtype), ACC=tl_dtype(acc_dtype(op_dtype)), IEEE=ieee(op_dtype),
+        OP=dot_dtype(op_dtype), ACC=tl_dtype(acc_dtype(op_dtype)), DOT_PREC=dot_precision(op_dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -17,13 +17,13 @@ import triton.language as tl
 
 from .configs import get_config
 from .gemm import matmul
-from .utils import acc_dtype, alloc, dot_dtype, ieee, mma, tl_dtype
+from .utils import acc_dtype, alloc, dot_dtype, dot_precision, tl_dtype
 
 
 @triton.jit
 def _route_kernel(hid_ptr, w2_ptr, b2_ptr, idx_ptr, alpha_ptr, L, R, M, s_hl, s_hr, s_wm, s_wr,
                   K: tl.constexpr, K_P: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
-                  IEEE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr, BLOCK_K: tl.constexpr):
+                  DOT_PREC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rl = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     ml = rl < L
@@ -37,7 +37,7 @@ def _route_kernel(hid_ptr, w2_ptr, b2_ptr, idx_ptr, alpha_ptr, L, R, M, s_hl, s_
         a = tl.load(hid_ptr + rl[:, None] * s_hl + kk[None, :] * s_hr, mask=ml[:, None] & mk[None, :], other=0.0)
         b = tl.load(w2_ptr + cm[None, :].to(tl.int64) * s_wm + kk[:, None] * s_wr, mask=mk[:, None] & mcol[None, :],
                     other=0.0)
-        acc = mma(a.to(OP), b.to(OP), acc, IEEE)
+        acc = tl.dot(a.to(OP), b.to(OP), acc, input_precision=DOT_PREC)
     s = acc + tl.load(b2_ptr + cm, mask=mcol, other=0.0).to(ACC)[None, :]
     s = s.to(PARAM).to(ACC)  # the logits nn.Linear would produce in the parameter dtype (ties included)
     s = tl.where(mcol[None, :], s, float("-inf"))
@@ -100,7 +100,7 @@ def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int)
     _route_kernel[(triton.cdiv(L, block_l),)](
         hid, w2, b2, idx, alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
         K=k, K_P=triton.next_power_of_2(k), PARAM=tl_dtype(dtype), OP=dot_dtype(dtype),
-        ACC=tl_dtype(acc_dtype(dtype)), IEEE=ieee(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
+        ACC=tl_dtype(acc_dtype(dtype)), DOT_PREC=dot_precision(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
         BLOCK_K=max(16, cfg["BLOCK_K"]), num_warps=cfg["num_warps"],
     )
     return idx, alpha

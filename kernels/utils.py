@@ -38,9 +38,10 @@ def dot_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
-def ieee(dtype: torch.dtype) -> bool:
-    """fp32/fp64 dots run in full precision (tl.dot would use TF32 for fp32 on a GPU, unlike torch's default)."""
-    return dtype in (torch.float32, torch.float64) or (INTERPRET and dtype == torch.bfloat16)
+def dot_precision(dtype: torch.dtype):
+    """tl.dot input_precision: "ieee" for fp32/fp64 operands (tl.dot would use TF32 for fp32 on a GPU, unlike torch's
+    default matmul), None (the default) for 16-bit operands."""
+    return "ieee" if dot_dtype(dtype) in (tl.float32, tl.float64) else None
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -58,13 +59,3 @@ def gelu(z):
 def gelu_grad(z):
     """d/dz GELU(z) = Phi(z) + z * phi(z)."""
     return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-
-
-@triton.jit
-def mma(a, b, acc, IEEE: tl.constexpr):
-    """acc += a @ b with fp32 (fp64) accumulation; full precision for fp32 operands."""
-    if IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc

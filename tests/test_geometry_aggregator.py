@@ -234,3 +234,18 @@ def test_vggt_1b_size_on_meta():
     n = count_parameters(m)
     assert n == 909_112_320
     assert math.isclose(n / 1e9, 0.909, rel_tol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_autocast_streaming_matches_full():
+    torch.manual_seed(0)
+    model = VGGTAggregator(VGGTAggregatorConfig.tiny()).cuda()
+    x = torch.rand(2, 3, 3, 28, 42, device="cuda")
+    full = model(x)                                  # bf16 autocast by default on CUDA
+    got = dict(model.iter_layers(x, [1, 3]))
+    for i in (1, 3):
+        torch.testing.assert_close(got[i], full[i][:, :, 5:], rtol=0, atol=0)
+    ref = model(x, autocast=False)[3][:, :, 5:]
+    assert (got[3].float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    torch.cuda.reset_peak_memory_stats()

@@ -89,7 +89,10 @@ def test_gather_rows_reads_the_right_patches():
 
 
 def test_qwen_merge_order_matches_qwen2vl_image_processor():
-    from transformers import Qwen2VLImageProcessorPil
+    try:
+        from transformers import Qwen2VLImageProcessorPil
+    except ImportError:  # pragma: no cover - older transformers
+        pytest.skip("transformers has no Qwen2VLImageProcessorPil")
 
     proc = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=False, do_normalize=False,
                                     patch_size=14, merge_size=2, temporal_patch_size=2)
@@ -116,7 +119,10 @@ def test_qwen_merge_order_matches_qwen2vl_image_processor():
 
 
 def test_check_qwen_size_agrees_with_smart_resize():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:  # pragma: no cover - older transformers
+        pytest.skip("transformers has no PIL Qwen2-VL image processor")
 
     for h, w in ((392, 504), (504, 504), (28, 504), (56, 56), (28, 28), (1120, 1120), (2240, 1120)):
         kept = smart_resize(h, w, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280) == (h, w)

@@ -82,3 +82,169 @@ def qwen_patchify(frames: torch.Tensor, group_size: int = 4, mean: Sequence[floa
         pv = x.reshape(T * gh * gw, C * TEMPORAL_PATCH * PATCH * PATCH).contiguous()
         return pv, torch.tensor([[T, gh, gw]], dtype=torch.int64)
     raise ValueError(f"group_size must be 4 (images) or 8 (video), got {group_size}")
+
+
+def _expand_placeholders(text: str, pad: str, counts: Sequence[int]) -> str:
+    parts = text.split(pad)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"the chat template produced {len(parts) - 1} {pad} placeholders, expected {len(counts)}")
+    out = parts[0]
+    for n, part in zip(counts, parts[1:]):
+        out += pad * int(n) + part
+    return out
+
+
+class GeoAlignProcessor:
+    """Turns frames + a question into the inputs of :class:`geoalign.GeoAlignForConditionalGeneration`.
+
+    ``processor(source, question)`` where ``source`` is a video path, an image folder, a list of PIL images / uint8
+    arrays, or a float tensor [S, 3, H, W] in [0, 1] (or a list of such sources, one per sample, with a list of
+    questions) returns a dict with: ``input_ids``, ``attention_mask`` (left-padded), ``pixel_values`` +
+    ``image_grid_thw`` (G=4) or ``pixel_values_videos`` + ``video_grid_thw`` (G=8), ``mm_token_type_ids`` (when the
+    installed transformers' Qwen2.5-VL takes it), ``vggt_pixel_values`` and ``gather_index`` (one per sample), and
+    ``labels`` when ``answer`` is given (only the answer tokens are supervised).
+    """
+
+    def __init__(self, tokenizer, image_processor=None, *, group_size: int = 4, num_frames: int | None = 32,
+                 chat_template: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
+        if group_size not in (4, 8):
+            raise ValueError(f"group_size must be 4 (frames as images) or 8 (video), got {group_size}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.group_size = group_size
+        self.num_frames = num_frames
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None) or QWEN2_5_VL_CHAT_TEMPLATE
+        from .geometry.frames import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
+
+        size = getattr(image_processor, "size", None) or {}
+        get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+        self.min_pixels = min_pixels or get("shortest_edge", None) or QWEN_MIN_PIXELS
+        self.max_pixels = max_pixels or get("longest_edge", None) or QWEN_MAX_PIXELS
+        self.image_mean = tuple(getattr(image_processor, "image_mean", None) or QWEN_IMAGE_MEAN)
+        self.image_std = tuple(getattr(image_processor, "image_std", None) or QWEN_IMAGE_STD)
+        for tok in (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
+                raise ValueError(f"the tokenizer lacks Qwen2.5-VL's special token {tok}")
+
+    # ------------------------------------------------------------------ loading / saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, group_size: int = 4, num_frames: int | None = 32,
+                        **kwargs: Any) -> "GeoAlignProcessor":
+        """Tokenizer (and Qwen2VLImageProcessorPil config when present) from a local Qwen2.5-VL directory, or from a
+        saved GeoAlign directory (its ``qwen/`` sub-directory). Nothing is downloaded."""
+        p = os.fspath(path)
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"processor directory not found: {p!r}")
+        candidates = [p, os.path.join(p, "qwen")]
+        tok_files = ("tokenizer.json", "tokenizer_config.json")
+        src = next((c for c in candidates if any(os.path.isfile(os.path.join(c, f)) for f in tok_files)), None)
+        if src is None:
+            raise FileNotFoundError(f"no tokenizer in {p!r} (looked for {list(tok_files)} in {candidates})")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        image_processor = None
+        if os.path.isfile(os.path.join(src, "preprocessor_config.json")):
+            from transformers import Qwen2VLImageProcessorPil
+
+            image_processor = Qwen2VLImageProcessorPil.from_pretrained(src, local_files_only=True)
+        template = None
+        tfile = os.path.join(src, "chat_template.json")
+        if not getattr(tokenizer, "chat_template", None) and os.path.isfile(tfile):
+            import json
+
+            with open(tfile) as f:
+                template = json.load(f).get("chat_template")
+        return cls(tokenizer, image_processor, group_size=group_size, num_frames=num_frames,
+                   chat_template=template, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Tokenizer (with the chat template) and, when present, the image processor config."""
+        os.makedirs(directory, exist_ok=True)
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.save_pretrained(directory)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(directory)
+
+    # ------------------------------------------------------------------ processing
+    def prepare(self, source, num_frames: int | None = None):
+        """Frames for both encoders and the VGGT -> Qwen map (:class:`geoalign.geometry.AlignedFrames`)."""
+        from .geometry.frames import prepare_frames
+
+        return prepare_frames(source, num_frames if num_frames is not None else self.num_frames,
+                              group_size=self.group_size, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def _pixels(self, qwen_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.group_size == 4 and self.image_processor is not None:
+            out = self.image_processor(images=list(qwen_images), do_resize=False, do_rescale=False,
+                                       return_tensors="pt")
+            return out["pixel_values"], out["image_grid_thw"].to(torch.int64)
+        return qwen_patchify(qwen_images, self.group_size, self.image_mean, self.image_std)
+
+    def prompt(self, num_items: int, question: str) -> str:
+        """The chat-templated prompt with one (unexpanded) placeholder per image, or one for the video."""
+        kind = "image" if self.group_size == 4 else "video"
+        content = [{"type": kind}] * num_items + [{"type": "text", "text": question}]
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True, chat_template=self.chat_template)
+
+    def __call__(self, source, question, answer=None, *, num_frames: int | None = None) -> dict[str, Any]:
+        from .geometry.alignment import check_grid_thw
+
+        batched = isinstance(question, (list, tuple))
+        sources = list(source) if batched else [source]
+        questions = list(question) if batched else [question]
+        answers = (list(answer) if batched else [answer]) if answer is not None else [None] * len(questions)
+        if len(sources) != len(questions) or len(answers) != len(questions):
+            raise ValueError(f"got {len(sources)} frame sources, {len(questions)} questions, {len(answers)} answers")
+        G = self.group_size
+        pad = IMAGE_PAD if G == 4 else VIDEO_PAD
+        texts, prompts_len, pvs, grids, vggt, gis = [], [], [], [], [], []
+        for src, q, a in zip(sources, questions, answers):
+            af = self.prepare(src, num_frames)
+            pv, grid = self._pixels(af.qwen_images)
+            check_grid_thw(grid, af.num_frames, af.qwen_grid, G)     # Qwen's tokens == VGGT-aligned tokens
+            counts = [int(g.prod()) // (MERGE * MERGE) for g in grid]
+            text = _expand_placeholders(self.prompt(af.num_frames if G == 4 else 1, q), pad, counts)
+            prompts_len.append(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+            if a is not None:
+                text = text + a + "<|im_end|>"
+            texts.append(text)
+            pvs.append(pv)
+            grids.append(grid)
+            vggt.append(af.vggt_images)
+            gis.append(af.gather_index)
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = old_side
+        out: dict[str, Any] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if G == 4:
+            out["pixel_values"], out["image_grid_thw"] = torch.cat(pvs), torch.cat(grids)
+        else:
+            out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(pvs), torch.cat(grids)
+        from .modeling import forward_accepts
+
+        if forward_accepts("mm_token_type_ids"):
+            tid = tok.convert_tokens_to_ids(pad)
+            out["mm_token_type_ids"] = (enc["input_ids"] == tid).to(torch.int64) * (1 if G == 4 else 2)
+        out["vggt_pixel_values"] = vggt
+        out["gather_index"] = gis
+        if answer is not None:
+            labels = torch.full_like(enc["input_ids"], -100)
+            T = enc["input_ids"].shape[1]
+            for b, plen in enumerate(prompts_len):
+                n = int(enc["attention_mask"][b].sum())
+                start = T - n + plen                                   # left padding
+                labels[b, start:] = enc["input_ids"][b, start:]
+            out["labels"] = labels
+        return out
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.batch_decode(ids, **kwargs)

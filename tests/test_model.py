@@ -40,6 +40,10 @@ def _batch(tok, group_size):
     return build_inputs(tok, samples, group_size, answer="ok")
 
 
+def _small(tok, group_size=4):
+    return build_inputs(tok, [random_frames(2, 56, 56, seed=5)], group_size)
+
+
 def _capture_llm_input(m):
     seen = {}
 
@@ -145,7 +149,7 @@ def test_generate_runs_vggt_once_per_sample_and_matches_greedy(model4):
 
     m.vggt.iter_layers = counting
     try:
-        gen = m.generate(**inputs, max_new_tokens=4, do_sample=False)
+        gen = m.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:
         del m.vggt.iter_layers
     assert len(calls) == 1
@@ -167,6 +171,7 @@ def test_generate_runs_vggt_once_per_sample_and_matches_greedy(model4):
         att = torch.cat([att, torch.ones_like(nxt)], dim=1)
 
 
+@pytest.mark.slow
 def test_generate_batch_counts_vggt_per_sample(model4):
     m, tok = model4
     inputs = _batch(tok, 4)
@@ -178,7 +183,7 @@ def test_generate_batch_counts_vggt_per_sample(model4):
 
 def test_save_pretrained_round_trip(model4, tmp_path):
     m, tok = model4
-    inputs = _batch(tok, 4)
+    inputs = _small(tok)
     with torch.no_grad():
         ref = m(**inputs).logits
     m.save_pretrained(tmp_path / "full")
@@ -201,7 +206,7 @@ def test_fusion_only_save_and_load(model4, tmp_path):
         assert k == k2 and torch.equal(a, b)
     # a fresh model with another random fusion, then the trained fusion loaded: same logits
     m2, _ = tiny_model(4, seed=0)
-    inputs = _batch(tok, 4)
+    inputs = _small(tok)
     with torch.no_grad():
         before = m2(**inputs).logits
         m2.load_fusion(tmp_path / "fusion")
@@ -256,7 +261,7 @@ def test_grid_mismatch_and_bad_inputs_raise(model4, model8):
 
 def test_without_fusion_is_plain_qwen(model4):
     m, tok = model4
-    inputs = build_inputs(tok, [random_frames(2, 70, 84)], 4)
+    inputs = _small(tok)
     qwen_inputs = {k: v for k, v in inputs.items() if k != "vggt_pixel_values"}
     with torch.no_grad():
         fused = m(**inputs).logits

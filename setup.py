@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib"],
+        "eval": ["pycocoevalcap", "pyarrow"],
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow"],
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},

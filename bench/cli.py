@@ -1,4 +1,9 @@
-"""`geoalign bench` / `python -m bench`: time and memory of each backend against `reference`, in one run."""
+"""`geoalign bench` / `python -m bench`: time, throughput and memory of each backend against its baseline,
+measured in one run on one device.
+
+Cases: `fusion` (the GeoAlign op, every backend vs `reference`) and `encoder` (VGGT aggregator + fusion, streaming
+the bank layers vs keeping VGGT's layer list). The device's matmul and copy ceilings are measured first.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,24 +12,24 @@ import sys
 
 import torch
 
-from .fusion_case import SHAPES, run_fusion_case, shape_dict
+from .encoder_case import run_encoder_case
+from .fusion_case import MODES, SHAPES, run_fusion_case, shape_dict
+from .peak import measure_ceilings
 from .report import environment, format_table, write_json, write_plots
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-CASES = ("fusion",)
+CASES = ("fusion", "encoder")
 
 
 def default_backends(device: torch.device) -> list[str]:
     """Every backend that runs natively here. Triton under the CPU interpreter is a correctness tool, not a fast
-    path, so it is left out on CPU unless named with --backends."""
+    path, so it is left out on CPU unless named with --backends; torch.compile(reference) is on GPU by default."""
     from geoalign.backends import available_backends
 
     names = available_backends(device)
     if device.type != "cuda":
-        names = [n for n in names if n != "triton"]
-    else:
-        names.insert(1, "compiled-reference")
-    return names
+        return [n for n in names if n != "triton"]
+    return names[:1] + ["compiled-reference"] + names[1:]
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -32,12 +37,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--case", choices=CASES, action="append", help="case(s) to run (default: all)")
     p.add_argument("--frames", type=int, nargs="+", help="frame counts to sweep (252 visual tokens per frame)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="fusion widths: 'paper' (D=D'=2048, H=4096; GPU default) or 'cpu' (1/4 width; CPU default)")
     p.add_argument("--backends", nargs="+", default=None,
-                   help="backends to compare (reference is always added); also 'compiled-reference'")
+                   help="fusion backends (reference is always added): reference, compiled-reference, torch, triton")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="fusion modes (default: all)")
     p.add_argument("--quick", action="store_true", help="one small frame count, short timing budget")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
     p.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
@@ -53,40 +58,80 @@ def run(args: argparse.Namespace) -> int:
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
     shape = SHAPES[args.shape or ("paper" if gpu else "cpu")]
-    frames = args.frames or (([8] if args.quick else [8, 16, 32]) if gpu else ([1] if args.quick else [1, 2, 4]))
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else (1.0 if gpu else 2.0))
+    if args.frames:
+        frames = args.frames
+    elif gpu:
+        frames = [8] if args.quick else [8, 16, 32]
+    else:
+        frames = [1] if args.quick else [1, 2, 4]
+    budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
     backends = args.backends or default_backends(device)
     if "reference" not in backends:
         backends = ["reference"] + backends
+    modes = tuple(args.modes or MODES)
     cases = args.case or list(CASES)
+    encoder_backend = [b for b in backends if b not in ("reference", "compiled-reference")][-1:] or ["reference"]
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    jobs = [(case, f) for case in cases for f in frames]
-    bar = tqdm(jobs, desc="bench", file=sys.stderr, disable=tqdm is None or not sys.stderr.isatty()) if tqdm else jobs
+    steps = [(c, f) for c in cases for f in frames]
+    total = len(steps)
+    bar = _progress(total)
+    ceilings = measure_ceilings(device, dtype, quick=args.quick)
     rows: list[dict] = []
-    for case, f in bar:
-        if tqdm and hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{case} frames={f}")
-        rows += run_fusion_case(shape, f, backends, dtype, device, budget)
+    for c, f in steps:
+        note = bar.describe if bar else None
+        if c == "fusion":
+            rows += run_fusion_case(shape, f, backends, dtype, device, budget, modes=modes,
+                                    peak_tflops=ceilings["matmul_tflops"], progress=note)
+        else:
+            rows += run_encoder_case(f, encoder_backend[0], dtype, device, budget, progress=note)
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
 
     env = environment(device)
-    title = f"{env['device']} | {shape.name} widths, {str(dtype).replace('torch.', '')} | torch {env['torch']}"
+    title = f"{env['device']} | fusion widths '{shape.name}', {str(dtype).replace('torch.', '')} | torch {env['torch']}"
     print(title)
-    print(f"shape: {shape_dict(shape)}; 252 visual tokens per frame; times are medians (p20-p80 shown); "
-          "x vs ref = reference time / backend time; memory: "
-          + ("peak allocated above the inputs" if gpu else
-             "saved-for-backward bytes, and peak RSS above the RSS before the call"))
+    print(f"ceilings: matmul {ceilings['matmul_tflops']:.3f} TFLOP/s ({ceilings['matmul_dtype']}, "
+          f"n={ceilings['matmul_n']}), copy {ceilings['copy_gbs']:.1f} GB/s")
+    print(f"fusion shape: {shape_dict(shape)}")
+    print("times: median (p20-p80) ms; TFLOP/s by the sparse FLOP formula; x vs ref = baseline time / time "
+          "(baseline: reference for fusion, vggt-list for encoder); memory: "
+          + ("peak allocated above the inputs" if gpu else "peak RSS above the RSS before the call")
+          + "; saved = bytes autograd saves for backward")
     print(format_table(rows))
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "results.json"),
-               {"environment": env, "shape": shape_dict(shape), "dtype": str(dtype), "frames": frames, "rows": rows})
-    plotted = write_plots(os.path.join(args.out, "fusion.png"), [r for r in rows if r["case"] == "fusion"], title)
-    print(f"wrote {os.path.join(args.out, 'results.json')}" + (" and fusion.png" if plotted else
-                                                              " (install matplotlib for the PNG plots)"))
+               {"environment": env, "ceilings": ceilings, "fusion_shape": shape_dict(shape),
+                "dtype": str(dtype).replace("torch.", ""), "frames": frames, "rows": rows})
+    written = ["results.json"]
+    for c in cases:
+        if write_plots(os.path.join(args.out, f"{c}.png"), [r for r in rows if r["case"] == c], f"{c} | {title}"):
+            written.append(f"{c}.png")
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
+
+
+class _progress:
+    """A tqdm progress bar on stderr when it is a terminal (no-op otherwise)."""
+
+    def __new__(cls, total):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return None
+        self = super().__new__(cls)
+        self.bar = tqdm(total=total, desc="bench", file=sys.stderr, disable=not sys.stderr.isatty())
+        return self
+
+    def describe(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def update(self) -> None:
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:

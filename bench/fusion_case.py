@@ -1,4 +1,10 @@
-"""The fusion-op case: forward and forward+backward of each backend, against `reference` in the same run."""
+"""The fusion-op case: each backend against `reference` in the same run, in four modes.
+
+  fwd     forward with autograd recording (what training runs)
+  bwd     backward alone (its forward runs untimed before each repetition)
+  fwdbwd  forward + backward
+  infer   forward under no_grad (what generation runs)
+"""
 from __future__ import annotations
 
 import gc
@@ -7,11 +13,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
+from geoalign.geometry import build_gather_index
 from geoalign.memory import SavedTensorMeter
 
 from .timing import peak_rss_bytes, reset_peak_rss, time_fn
 
-TOKENS_GRID = (14, 18)  # merged tokens per frame (rows, cols): a 640x480 frame -> 518x392 -> 28x36 patches -> 252
+# A 640x480 frame -> 518x392 for VGGT -> 28x37 patches; Qwen's even crop 28x36 -> 14x18 = 252 visual tokens.
+VGGT_GRID = (28, 37)
+TOKENS_PER_FRAME = 252
+MODES = ("fwd", "bwd", "fwdbwd", "infer")
+FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwdbwd": 3, "infer": 1}  # backward = 2 forwards (dX and dW GEMMs)
 
 
 @dataclass(frozen=True)
@@ -33,13 +44,16 @@ class FusionShape:
                               group_size=self.group_size, projector_hidden=self.projector_hidden,
                               router_hidden=self.router_hidden)
 
-    def tokens(self, frames: int) -> int:
-        return frames * TOKENS_GRID[0] * TOKENS_GRID[1]
-
     def sparse_macs_per_token(self) -> int:
         """Multiply-adds per visual token of the sparse path (design.md section 2), router included."""
         c = self
         return (c.top_k * c.group_size * c.geo_dim * c.projector_hidden + c.projector_hidden * c.hidden_size
+                + c.hidden_size * c.hidden_size + c.hidden_size * c.router_hidden + c.router_hidden * c.num_layers)
+
+    def dense_macs_per_token(self) -> int:
+        """Multiply-adds per visual token of the dense bank as the paper writes it."""
+        c = self
+        return (c.num_layers * (c.group_size * c.geo_dim * c.projector_hidden + c.projector_hidden * c.hidden_size)
                 + c.hidden_size * c.hidden_size + c.hidden_size * c.router_hidden + c.router_hidden * c.num_layers)
 
 
@@ -49,106 +63,119 @@ SHAPES = {
 }
 
 
-def frame_gather_index(frames: int, device) -> torch.Tensor:
-    """[L, 4] int64: token (f, r, c) owns patches (2r+dy, 2c+dx) of frame f, in Qwen's merge order."""
-    th, tw = TOKENS_GRID
-    f, r, c = torch.meshgrid(torch.arange(frames), torch.arange(th), torch.arange(tw), indexing="ij")
-    dy = torch.tensor([0, 0, 1, 1])
-    dx = torch.tensor([0, 1, 0, 1])
-    rows = (2 * r.reshape(-1, 1) + dy) * (2 * tw) + (2 * c.reshape(-1, 1) + dx)
-    return (f.reshape(-1, 1) * (4 * th * tw) + rows).to(device)
-
-
 def make_case(shape: FusionShape, frames: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A random fusion module and inputs for `frames` frames: q [252*frames, D], M layers [frames*28*37, D'],
+    gather_index from the real VGGT/Qwen alignment."""
+    if shape.group_size != 4:
+        raise ValueError("the benchmark builds frame-wise G=4 gather indices only")
     torch.manual_seed(seed)
     fusion = GeoAlignFusion(shape.config()).to(device=device, dtype=dtype)
     fusion.check_finite = False
-    L = shape.tokens(frames)
-    N = 4 * L
+    gather_index = build_gather_index(frames, VGGT_GRID).to(device)
+    L, N = gather_index.shape[0], frames * VGGT_GRID[0] * VGGT_GRID[1]
     q = torch.randn(L, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
     layers = [torch.randn(N, shape.geo_dim, device=device, dtype=dtype) for _ in range(shape.num_layers)]
-    gather_index = frame_gather_index(frames, device)
-    if shape.group_size != 4:
-        raise ValueError("the benchmark builds frame-wise G=4 gather indices only")
     return fusion, q, layers, gather_index
 
 
+def _mode_fns(model, fusion, q, layers, gather_index, backend, grad_out):
+    def clear():
+        q.grad = None
+        for p in fusion.parameters():
+            p.grad = None
+
+    def fwd(_=None):
+        return model(q, layers, gather_index, backend=backend)
+
+    def infer(_=None):
+        with torch.no_grad():
+            return model(q, layers, gather_index, backend=backend)
+
+    def fwdbwd(_=None):
+        clear()
+        model(q, layers, gather_index, backend=backend).backward(grad_out)
+
+    def bwd_setup():
+        clear()
+        return model(q, layers, gather_index, backend=backend)
+
+    def bwd(out):
+        out.backward(grad_out)
+
+    return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwdbwd": (fwdbwd, None), "infer": (infer, None)}
+
+
 def run_fusion_case(shape: FusionShape, frames: int, backends: list[str], dtype: torch.dtype,
-                    device: torch.device, budget_s: float, modes=("fwd", "fwdbwd")) -> list[dict]:
-    """One row per (backend, mode): time percentiles, TFLOP/s of the sparse formula, memory, ratio to reference."""
+                    device: torch.device, budget_s: float, modes=MODES, peak_tflops: float | None = None,
+                    progress=None) -> list[dict]:
+    """One row per (backend, mode): time percentiles, TFLOP/s of the sparse formula and % of the measured matmul
+    peak, memory, and ratios to `reference` measured in this same call."""
     fusion, q, layers, gather_index = make_case(shape, frames, dtype, device)
     L = q.shape[0]
     grad_out = torch.randn_like(q)
     macs = shape.sparse_macs_per_token() * L
     rows = []
     for backend in backends:
-        model = fusion
-        if backend == "compiled-reference":
-            fn_backend = "reference"
-            model = torch.compile(fusion)
-        else:
-            fn_backend = backend
-
-        def fwd():
-            with torch.no_grad():
-                return model(q, layers, gather_index, backend=fn_backend)
-
-        def fwdbwd():
-            q.grad = None
-            for p in fusion.parameters():
-                p.grad = None
-            model(q, layers, gather_index, backend=fn_backend).backward(grad_out)
-
+        fn_backend = "reference" if backend == "compiled-reference" else backend
+        model = torch.compile(fusion) if backend == "compiled-reference" else fusion
+        fns = _mode_fns(model, fusion, q, layers, gather_index, fn_backend, grad_out)
         for mode in modes:
-            fn = fwd if mode == "fwd" else fwdbwd
-            row = {"case": "fusion", "shape": shape.name, "backend": backend, "mode": mode, "frames": frames, "L": L,
-                   "dtype": str(dtype).replace("torch.", "")}
+            if progress is not None:
+                progress(f"fusion frames={frames} {backend} {mode}")
+            fn, setup = fns[mode]
+            row = {"case": "fusion", "shape": shape.name, "backend": backend, "mode": mode, "frames": frames,
+                   "L": L, "dtype": str(dtype).replace("torch.", "")}
             try:
-                row.update(time_fn(fn, device, budget_s=budget_s))
-                flops = 2 * macs * (3 if mode == "fwdbwd" else 1)
-                row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
-                row.update(measure_memory(fn, fusion, q, layers, gather_index, fn_backend, device, mode))
+                row.update(time_fn(fn, device, setup=setup, budget_s=budget_s))
+                row["tflops"] = 2 * macs * FLOP_FACTOR[mode] / (row["median_ms"] * 1e-3) / 1e12
+                if peak_tflops:
+                    row["pct_of_matmul_peak"] = 100.0 * row["tflops"] / peak_tflops
+                row.update(measure_memory(fn, setup, mode, fusion, q, layers, gather_index, fn_backend, device))
             except torch.cuda.OutOfMemoryError:
-                row["status"] = "out of memory"
-            except RuntimeError as e:  # CPU allocation failure
-                if "alloc" not in str(e).lower():
-                    raise
-                row["status"] = f"out of memory ({e})"
+                row = {**{k: row[k] for k in ("case", "shape", "backend", "mode", "frames", "L", "dtype")},
+                       "status": "out of memory"}
             rows.append(row)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    ref = {(r["mode"]): r for r in rows if r["backend"] == "reference" and "median_ms" in r}
-    for r in rows:
-        base = ref.get(r["mode"])
-        if base and "median_ms" in r:
-            r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
-            for key in ("saved_bytes", "peak_bytes"):
-                if r.get(key) and base.get(key):
-                    r[f"{key}_ratio_vs_reference"] = r[key] / base[key]
+    add_ratios(rows)
     return rows
 
 
-def measure_memory(fn, fusion, q, layers, gather_index, backend, device, mode) -> dict:
-    """GPU: peak allocated during fn above what was allocated before. CPU: peak RSS above the RSS before, and the
-    bytes saved for backward by one forward (fwdbwd only)."""
+def add_ratios(rows: list[dict], baseline=lambda r: r["backend"] == "reference") -> None:
+    """speedup_vs_reference and memory ratios, against the baseline row of the same case/mode/frames."""
+    ref = {(r["case"], r["mode"], r["frames"]): r for r in rows if baseline(r) and "median_ms" in r}
+    for r in rows:
+        base = ref.get((r["case"], r["mode"], r["frames"]))
+        if base is None or "median_ms" not in r:
+            continue
+        r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]
+        for key in ("saved_bytes", "peak_bytes"):
+            if r.get(key) and base.get(key):
+                r[f"{key}_ratio_vs_reference"] = r[key] / base[key]
+
+
+def measure_memory(fn, setup, mode, fusion, q, layers, gather_index, backend, device) -> dict:
+    """GPU: peak allocated during one call above what was allocated before it (inputs, weights). CPU: peak RSS
+    above the RSS before the call. For fwd/fwdbwd also the bytes autograd saves for backward in one forward."""
     out: dict = {}
-    if mode == "fwdbwd":
+    if mode in ("fwd", "fwdbwd"):
         with SavedTensorMeter() as meter:
             y = fusion(q, layers, gather_index, backend=backend)
         out["saved_bytes"] = meter.bytes
         del y
+    arg = setup() if setup is not None else None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        fn(arg)
         torch.cuda.synchronize()
         out["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
     elif reset_peak_rss():
         base = peak_rss_bytes()
-        fn()
+        fn(arg)
         peak = peak_rss_bytes()
         if base is not None and peak is not None:
             out["peak_bytes"] = peak - base
@@ -156,4 +183,6 @@ def measure_memory(fn, fusion, q, layers, gather_index, backend, device, mode) -
 
 
 def shape_dict(shape: FusionShape) -> dict:
-    return asdict(shape)
+    return asdict(shape) | {"vggt_grid": VGGT_GRID, "tokens_per_frame": TOKENS_PER_FRAME,
+                            "sparse_macs_per_token": shape.sparse_macs_per_token(),
+                            "dense_macs_per_token": shape.dense_macs_per_token()}

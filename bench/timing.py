@@ -17,31 +17,39 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_reps: int = 5, max_reps: int = 50,
-            budget_s: float = 2.0, warmup: int = 1) -> dict[str, float]:
+def time_fn(fn: Callable, device: torch.device, setup: Callable | None = None, min_reps: int = 3,
+            max_reps: int = 50, budget_s: float = 2.0, warmup: int = 1) -> dict[str, float]:
     """Median, 20th and 80th percentile of fn's run time in ms, and the number of repetitions.
 
-    On CUDA each repetition is bracketed by CUDA events (after a synchronize); on CPU by perf_counter. Repeats
-    until `budget_s` is spent (at least `min_reps`, at most `max_reps`) after `warmup` untimed calls.
+    ``setup()`` (untimed) runs before every call and its result is passed to ``fn`` (e.g. the forward whose
+    backward is timed). On CUDA each repetition is bracketed by CUDA events (after a synchronize); on CPU by
+    perf_counter. Repeats until `budget_s` is spent (at least `min_reps`, at most `max_reps`) after `warmup`
+    untimed calls.
     """
     for _ in range(warmup):
-        fn()
+        if setup is not None:
+            fn(setup())
+        else:
+            fn()
     cuda = device.type == "cuda"
     times: list[float] = []
     spent = 0.0
     while len(times) < max_reps and (len(times) < min_reps or spent < budget_s):
+        arg = setup() if setup is not None else None
+        run = (lambda: fn(arg)) if setup is not None else fn  # noqa: E731
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            fn()
+            run()
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
-            fn()
+            run()
             ms = (time.perf_counter() - t0) * 1e3
+        del arg, run
         times.append(ms)
         spent += ms / 1e3
     return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8),

@@ -11,6 +11,10 @@ def build_parser() -> argparse.ArgumentParser:
     from geoalign_bench.cli import build_parser as build_bench
 
     build_bench(sub.add_parser("bench", help="kernel benchmark: time and memory of each backend vs reference"))
+    from geoalign.eval.cli import add_eval_parser, add_score_parser
+
+    add_eval_parser(sub)
+    add_score_parser(sub)
     return parser
 
 

@@ -1,0 +1,360 @@
+"""Parity of the Triton backend (package geoalign_kernels) with the torch sparse backend and the dense reference.
+
+Runs under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), so shapes are tiny
+(D' <= 40, H <= 48, D <= 40, L <= 40) but chosen to cross the interpreter's 32-wide blocks and exercise masking.
+
+Error metric: max|triton - torch| / max|torch| per tensor (a relative error w.r.t. the tensor's scale, so gradients of
+very different magnitudes share one tolerance). Tolerances:
+  fp64  1e-10  same maths, only the summation order differs (unit roundoff 1.1e-16, sums of <= 320 terms)
+  fp32  2e-5   unit roundoff 6e-8; sums of <= 320 terms in different orders and a handful of chained ops stay < 1e-5
+  fp16  5e-3   unit roundoff 4.9e-4: both backends round z, GEMM outputs, dz, dx and F_hat to fp16 but accumulate in
+               fp32 in a different order, so single values can differ by 1-2 fp16 ulps (~1e-3 relative), and a
+               1-ulp flip of z propagates through GELU/W2/W_out; observed <= 1e-3
+Routing indices must match exactly (the kernel rounds logits to the parameter dtype as nn.Linear does).
+Every buffer a kernel must fully write is allocated NaN-filled (ints -7) here (geoalign_kernels.utils.POISON), so a
+row or column a kernel forgets to write fails the comparison.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+import geoalign_kernels.utils as kutils  # noqa: E402
+from geoalign import GeoAlignConfig, GeoAlignFusion  # noqa: E402
+from geoalign.backends.torch_sparse import BankAccumulate as TorchBankAccumulate  # noqa: E402
+from geoalign.routing import bank_rows, topk_lower_index  # noqa: E402
+from geoalign_kernels import configs  # noqa: E402
+from geoalign_kernels.backend import TritonBackend  # noqa: E402
+from geoalign_kernels.bank import bank_accumulate  # noqa: E402
+from geoalign_kernels.output import fold_output_weights, output as triton_output, output_folded_op  # noqa: E402
+from geoalign_kernels.routing import route_op  # noqa: E402
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3}
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(kutils, "POISON", True)
+    yield
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / max(scale, 1e-30)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten / poisoned entries?)"
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def make_fusion(dtype, L=37, D=40, Dg=37, H=48, M=4, K=2, G=4, R=24, seed=0, n_rows_extra=5):
+    """A fusion with every parameter randomised (LayerNorm weights/biases included), q, M layers, gather_index."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = GeoAlignConfig(hidden_size=D, geo_dim=Dg, bank_layers=list(range(M)), top_k=K, group_size=G,
+                         projector_hidden=H, router_hidden=R)
+    fusion = GeoAlignFusion(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in fusion.named_parameters():
+            scale = 1.0 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.3
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) * scale)
+        for ln in fusion.layer_norms:
+            ln.weight.add_(1.0)
+    N = L * G + n_rows_extra
+    q = torch.randn(L, D, generator=gen, dtype=torch.float64).to(dtype)
+    layers = [(torch.randn(N, Dg, generator=gen, dtype=torch.float64) * 1.5 + 0.7).to(dtype) for _ in range(M)]
+    gather_index = torch.randint(0, N, (L, G), generator=gen)
+    return fusion, q, layers, gather_index
+
+
+def run_fusion(fusion, q, layers, gather_index, backend, seed=1):
+    """Forward + backward of (Q_hat * g).sum(); returns (q_hat, routing, dq, {param: grad})."""
+    fusion.zero_grad(set_to_none=True)
+    q = q.clone().requires_grad_()
+    q_hat, routing = fusion(q, layers, gather_index, backend=backend, return_routing=True)
+    g = torch.randn(q_hat.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.dtype)
+    (q_hat * g).sum().backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in fusion.named_parameters()}
+    return q_hat.detach(), routing, q.grad, grads
+
+
+def check_fusion_parity(fusion, q, layers, gather_index, dtype, zero_grads=()):
+    """zero_grads: parameter names whose gradient is mathematically 0 here (both sides are rounding noise: checked
+    against an absolute bound relative to the scale of dq)."""
+    ref = run_fusion(fusion, q, layers, gather_index, "torch")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert out[1].topk_idx.dtype == torch.int64
+    assert torch.equal(out[1].topk_idx, ref[1].topk_idx)
+    assert out[1].alpha.dtype == ref[1].alpha.dtype
+    assert_close(out[1].alpha, ref[1].alpha, dtype, "alpha")
+    assert_close(out[0], ref[0], dtype, "q_hat")
+    assert_close(out[2], ref[2], dtype, "dq")
+    scale = ref[2].abs().max().item()
+    for name in ref[3]:
+        if name in zero_grads:
+            for grads in (out[3], ref[3]):
+                assert grads[name].abs().max().item() <= TOL[dtype] * scale, name
+        else:
+            assert_close(out[3][name], ref[3][name], dtype, f"grad {name}")
+    return ref, out
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+SHAPES = {
+    # odd L and D' crossing the 32-wide blocks, H=48 crosses too
+    "odd": dict(L=37, D=40, Dg=37, H=48, M=4, K=2, G=4),
+    # L=1, K=1, G=8 (video path)
+    "L1_K1_G8": dict(L=1, D=24, Dg=20, H=40, M=3, K=1, G=8),
+    # K = M: every token uses every layer; 39 pairs per layer cross the 32-row pair block
+    "K_eq_M": dict(L=39, D=24, Dg=33, H=24, M=2, K=2, G=4),
+    # a single bank layer
+    "M1": dict(L=5, D=16, Dg=16, H=16, M=1, K=1, G=4),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fusion_parity(shape, dtype):
+    fusion, q, layers, gather_index = make_fusion(dtype, **SHAPES[shape], seed=list(SHAPES).index(shape))
+    check_fusion_parity(fusion, q, layers, gather_index, dtype)
+
+
+def test_fusion_parity_fp64_matches_reference():
+    """fp64 against the dense reference (the oracle), forward and every gradient."""
+    dtype = torch.float64
+    fusion, q, layers, gather_index = make_fusion(dtype, L=11, D=24, Dg=19, H=24, M=3, K=2, G=4, seed=3)
+    ref = run_fusion(fusion, q, layers, gather_index, "reference")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert torch.equal(out[1].topk_idx, ref[1].topk_idx)
+    assert_close(out[1].alpha, ref[1].alpha, dtype, "alpha")
+    assert_close(out[0], ref[0], dtype, "q_hat")
+    assert_close(out[2], ref[2], dtype, "dq")
+    for name in ref[3]:
+        assert_close(out[3][name], ref[3][name], dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fusion_forced_ties_and_empty_layers(dtype):
+    """All router logits equal: lower index wins, so layers >= K get no routed pairs (their LN grads are zero)."""
+    fusion, q, layers, gather_index = make_fusion(dtype, L=12, D=24, Dg=20, H=24, M=4, K=2, G=4, seed=5)
+    with torch.no_grad():
+        fusion.router.fc2.weight.copy_(fusion.router.fc2.weight[:1].expand_as(fusion.router.fc2.weight))
+        fusion.router.fc2.bias.fill_(0.25)
+    # identical router rows: d_hid = (sum_m dS_m) * V2[0] = 0, so router.fc1's gradient is exactly 0
+    ref, out = check_fusion_parity(fusion, q, layers, gather_index, dtype,
+                                   zero_grads=("router.fc1.weight", "router.fc1.bias"))
+    assert torch.equal(out[1].topk_idx, torch.arange(2).expand(12, 2))
+    for i in (2, 3):
+        assert torch.count_nonzero(out[3][f"layer_norms.{i}.weight"]) == 0
+        assert torch.count_nonzero(out[3][f"layer_norms.{i}.bias"]) == 0
+
+
+def test_small_blocks_cross_pair_boundary():
+    """Force 16-wide blocks everywhere (pairs, H, D', router rows) at the 'odd' shape."""
+    configs.OVERRIDE.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    try:
+        fusion, q, layers, gather_index = make_fusion(torch.float32, **SHAPES["odd"], seed=11)
+        check_fusion_parity(fusion, q, layers, gather_index, torch.float32)
+    finally:
+        configs.OVERRIDE.clear()
+
+
+def test_streaming_any_order_no_grad():
+    """Streaming under no_grad (nothing saved), layers added in reverse order: same Q_hat as the torch backend."""
+    dtype = torch.float32
+    fusion, q, layers, gather_index = make_fusion(dtype, L=21, D=24, Dg=20, H=40, M=3, K=2, G=4, seed=7)
+    with torch.no_grad():
+        expected = fusion(q, layers, gather_index, backend="torch")
+        stream = fusion.begin(q, gather_index, backend="triton")
+        for i in reversed(range(3)):
+            stream.add(i, layers[i])
+        q_hat, _ = stream.finish()
+    assert_close(q_hat, expected, dtype, "q_hat")
+
+
+# ------------------------------------------------------------------------------------------------ routing kernel
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("L,M,K", [(37, 5, 2), (1, 3, 1), (20, 4, 4), (7, 1, 1), (40, 12, 3)])
+def test_route_kernel(L, M, K, dtype):
+    gen = torch.Generator().manual_seed(L * 100 + M * 10 + K)
+    R = 24
+    hid = torch.randn(L, R, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    w2 = (torch.randn(M, R, generator=gen, dtype=torch.float64) * 0.3).to(dtype).requires_grad_()
+    b2 = (torch.randn(M, generator=gen, dtype=torch.float64) * 0.3).to(dtype).requires_grad_()
+    idx, alpha = route_op(hid, w2, b2, K)
+    logits = F.linear(hid, w2, b2)
+    ref_idx = topk_lower_index(logits, K)
+    ref_alpha = torch.softmax(logits.gather(1, ref_idx).to(alpha.dtype), dim=-1)
+    assert idx.dtype == torch.int32 and idx.shape == (L, K)
+    assert torch.equal(idx.long(), ref_idx)
+    assert_close(alpha, ref_alpha, dtype, "alpha")
+    d_alpha = torch.randn(alpha.shape, generator=gen, dtype=torch.float64).to(alpha.dtype)
+    got = torch.autograd.grad((alpha * d_alpha).sum(), (hid, w2, b2))
+    exp = torch.autograd.grad((ref_alpha * d_alpha).sum(), (hid, w2, b2))
+    for name, a, e in zip(("d_hid", "d_w2", "d_b2"), got, exp):
+        if K == M == 1:  # softmax over one logit: alpha == 1, every gradient is exactly 0
+            assert torch.count_nonzero(a) == 0 and torch.count_nonzero(e) == 0
+        else:
+            assert_close(a, e, dtype, name)
+
+
+def test_route_kernel_partial_ties():
+    """Columns 1 and 3 tie for the max and 0, 2 tie below: order must be 1, 3, 0, 2 (lower index first)."""
+    L, R, M = 9, 16, 5
+    hid = torch.randn(L, R)
+    w2 = torch.randn(M, R)
+    w2[3] = w2[1]
+    w2[2] = w2[0]
+    b2 = torch.tensor([0.0, 50.0, 0.0, 50.0, -50.0])
+    idx, alpha = route_op(hid, w2, b2, 4)
+    assert torch.equal(idx.long(), topk_lower_index(F.linear(hid, w2, b2), 4))
+    assert torch.equal(idx[:, :2].long(), torch.tensor([1, 3]).expand(L, 2))
+    torch.testing.assert_close(alpha[:, 0], alpha[:, 1], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ bank kernel
+def _bank_case(dtype, G, L=23, Dg=37, H=48, K=2, M=3, seed=0, layer_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    N = L * G + 3
+    layer = (torch.randn(N, Dg, generator=gen, dtype=torch.float64) * 2 + 0.5).to(layer_dtype or dtype)
+    gather_index = torch.randint(0, N, (L, G), generator=gen)
+    logits = torch.randn(L, M, generator=gen)
+    topk = topk_lower_index(logits, K)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    alpha = torch.softmax(torch.randn(L, K, generator=gen, dtype=acc), -1).requires_grad_()
+    ln_w = (1 + 0.3 * torch.randn(Dg, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    ln_b = (0.3 * torch.randn(Dg, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    w1 = (torch.randn(H, G * Dg, generator=gen, dtype=torch.float64) / (G * Dg) ** 0.5).to(dtype).requires_grad_()
+    b1 = (0.3 * torch.randn(H, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    h0 = torch.randn(L, H, generator=gen, dtype=acc)  # not zeros: the kernel must read-add-write
+    return layer, gather_index, bank_rows(topk, M), alpha, ln_w, ln_b, w1, b1, h0
+
+
+def _run_bank(fn, case, i, eps=1e-5, seed=2):
+    layer, gather_index, rows, alpha, ln_w, ln_b, w1, b1, h0 = case
+    tokens, slots = rows.layer(i)
+    params = (alpha, ln_w, ln_b, w1, b1)
+    h = h0.clone()
+    h = fn(h, alpha, ln_w, ln_b, w1, b1, layer, tokens, slots, gather_index, eps)
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=h.dtype)
+    grads = torch.autograd.grad((h * g).sum(), params, allow_unused=True)
+    grads = [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
+    return h.detach(), grads, tokens
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G", [4, 8])
+def test_bank_layer_parity(G, dtype):
+    case = _bank_case(dtype, G, Dg=37 if G == 4 else 19, seed=G)
+    exp_h, exp_g, tokens = _run_bank(TorchBankAccumulate.apply, case, 1)
+    got_h, got_g, _ = _run_bank(bank_accumulate, case, 1)
+    assert tokens.numel() > 0
+    untouched = torch.ones(got_h.shape[0], dtype=torch.bool)
+    untouched[tokens] = False
+    assert torch.equal(got_h[untouched], case[-1][untouched]), "rows without a routed pair must be left as they are"
+    assert_close(got_h, exp_h, dtype, "h_bar")
+    for name, a, e in zip(("d_alpha", "d_ln_w", "d_ln_b", "d_w1", "d_b1"), got_g, exp_g):
+        assert_close(a, e, dtype, name)
+
+
+def test_bank_layer_noncontiguous_and_mixed_dtype():
+    """A strided layer view (copied once in the launcher), int32 gather_index, fp32 layer with fp16 parameters."""
+    dtype = torch.float16
+    case = list(_bank_case(dtype, 4, L=17, Dg=21, H=40, seed=9, layer_dtype=torch.float32))
+    wide = torch.randn(case[0].shape[0], 2 * case[0].shape[1])
+    wide[:, ::2] = case[0]
+    case[0] = wide[:, ::2]
+    assert not case[0].is_contiguous()
+    exp_h, exp_g, _ = _run_bank(TorchBankAccumulate.apply, case, 0)
+    case[1] = case[1].to(torch.int32)
+    got_h, got_g, _ = _run_bank(bank_accumulate, case, 0)
+    assert_close(got_h, exp_h, dtype, "h_bar")
+    for name, a, e in zip(("d_alpha", "d_ln_w", "d_ln_b", "d_w1", "d_b1"), got_g, exp_g):
+        assert_close(a, e, dtype, name)
+
+
+def test_bank_layer_without_pairs():
+    """No pair routed to the layer: h_bar unchanged, zero LayerNorm grads, zero alpha grad."""
+    case = list(_bank_case(torch.float32, 4, L=9, Dg=16, H=16, M=3, K=1, seed=4))
+    case[2] = bank_rows(torch.zeros(9, 1, dtype=torch.int64), 3)  # everything on layer 0
+    got_h, got_g, tokens = _run_bank(bank_accumulate, case, 2)
+    assert tokens.numel() == 0
+    assert torch.equal(got_h, case[-1])
+    for g in got_g[:3]:
+        assert torch.count_nonzero(g) == 0
+
+
+# ------------------------------------------------------------------------------------------------ output stage
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_output_parity_and_folded(dtype):
+    gen = torch.Generator().manual_seed(13)
+    L, D, H = 37, 40, 48
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    q = rnd(L, D).requires_grad_()
+    h_bar = torch.randn(L, H, generator=gen).requires_grad_()
+    w2, b2, w_out = rnd(D, H, scale=H ** -0.5), rnd(D, scale=0.3), rnd(D, D, scale=D ** -0.5)
+    for p in (w2, b2, w_out):
+        p.requires_grad_()
+    inputs = (q, h_bar, w2, b2, w_out)
+    g = rnd(L, D)
+    exp = q + F.linear(F.linear(h_bar.to(dtype), w2, b2), w_out)
+    got = triton_output(q, h_bar, w2, b2, w_out)
+    assert_close(got, exp, dtype, "q_hat")
+    exp_g = torch.autograd.grad((exp * g).sum(), inputs)
+    got_g = torch.autograd.grad((got * g).sum(), inputs)
+    for name, a, e in zip(("dq", "d_h_bar", "d_w2", "d_b2", "d_w_out"), got_g, exp_g):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, dtype, name)
+    with torch.no_grad():  # folded W_out.W2 (inference only): one more rounding of W_f to the parameter dtype
+        folded = output_folded_op(q, h_bar, *fold_output_weights(w2, b2, w_out))
+    assert_close(folded, exp.detach(), dtype, "q_hat folded")
+
+
+def test_backend_fold_output_flag():
+    dtype = torch.float32
+    fusion, q, layers, gather_index = make_fusion(dtype, L=10, D=24, Dg=16, H=24, M=2, K=1, G=4, seed=17)
+    backend = TritonBackend(fold_output=True)
+    with torch.no_grad():
+        routing = backend.route(fusion, q)
+        rows = bank_rows(routing.topk_idx, 2)
+        h_bar = backend.new_accumulator(fusion, q)
+        for i in range(2):
+            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], *rows.layer(i), gather_index)
+        folded = backend.output(fusion, q, h_bar)
+        assert backend._fold is not None
+        expected = fusion(q, layers, gather_index, backend="torch")
+    assert_close(folded, expected, dtype, "q_hat folded")
+    # with grad enabled the unfolded (differentiable) path is used
+    out = backend.output(fusion, q, h_bar)
+    assert out.requires_grad
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_parity_gpu():
+    """bf16 on a real GPU at a moderate shape. bf16 unit roundoff is 3.9e-3; tolerance 3e-2 (a few ulps through the
+    chained roundings, as for fp16 above)."""
+    dtype = torch.bfloat16
+    fusion, q, layers, gather_index = make_fusion(dtype, L=515, D=256, Dg=264, H=384, M=6, K=2, G=4, R=64, seed=21)
+    fusion, q = fusion.cuda(), q.cuda()
+    layers, gather_index = [x.cuda() for x in layers], gather_index.cuda()
+    ref = run_fusion(fusion, q, layers, gather_index, "torch")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    agree = (out[1].topk_idx == ref[1].topk_idx).all(1)
+    assert agree.float().mean() > 0.99  # bf16 logits may round differently in near-ties
+    tol = 3e-2
+    assert rel_err(out[0], ref[0]) < tol
+    assert rel_err(out[2], ref[2]) < tol
+    for name in ref[3]:
+        assert rel_err(out[3][name], ref[3][name]) < tol, name

@@ -316,10 +316,12 @@ class GeoAlignForConditionalGeneration(nn.Module):
             fusion = GeoAlignFusion(geoalign_config or _default_fusion_config(qwen_model.config, vggt_model.config))
         return cls(qwen_model, vggt_model, fusion, freeze_vision=freeze_vision)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, processor=None) -> None:
         """Write a self-describing directory: ``geoalign_model.json``, ``qwen/`` (Qwen's own save_pretrained,
         safetensors), ``vggt/`` (``model.safetensors`` with official ``aggregator.*`` names + ``vggt_config.json``),
-        and the fusion (``geoalign_config.json`` + ``fusion.safetensors``). Loads back with ``from_pretrained(dir)``."""
+        and the fusion (``geoalign_config.json`` + ``fusion.safetensors``). Loads back with ``from_pretrained(dir)``.
+        With ``processor`` (a GeoAlignProcessor), its tokenizer and image processor go into ``qwen/`` too, so
+        ``GeoAlignProcessor.from_pretrained(dir)`` and ``geoalign answer --model dir`` work."""
         from safetensors.torch import save_file
 
         d = os.fspath(directory)
@@ -332,6 +334,8 @@ class GeoAlignForConditionalGeneration(nn.Module):
         with open(os.path.join(vdir, VGGT_CONFIG), "w") as f:
             json.dump(self.vggt.config.to_dict(), f, indent=2, sort_keys=True)
         self.save_fusion(d)
+        if processor is not None:
+            processor.save_pretrained(os.path.join(d, QWEN_SUBDIR))
         manifest = {"format": "geoalign", "format_version": FORMAT_VERSION, "qwen": QWEN_SUBDIR,
                     "vggt": VGGT_SUBDIR, "fusion": "."}
         with open(os.path.join(d, MODEL_MANIFEST), "w") as f:

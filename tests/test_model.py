@@ -268,3 +268,24 @@ def test_without_fusion_is_plain_qwen(model4):
         with m.without_fusion():
             plain = m.qwen(**qwen_inputs).logits
     assert not torch.allclose(fused, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_cuda_bf16_generate(attn):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    m, tok = tiny_model(4, seed=0, backend="auto", attn_implementation=attn)
+    m.to("cuda", torch.bfloat16)
+    inputs = build_inputs(tok, [random_frames(2, 70, 84), random_frames(3, 56, 98, seed=1)], 4)
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else [x.cuda() for x in v]) for k, v in inputs.items()}
+    m.vggt_calls = 0
+    gen = m.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert gen.shape[0] == 2 and m.vggt_calls == 2
+    with torch.no_grad():
+        a = m(**inputs).logits.float()
+        b = m(**inputs, fusion_backend="reference").logits.float()
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

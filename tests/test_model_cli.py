@@ -38,8 +38,7 @@ def test_answer_runs_on_a_saved_tiny_model(tmp_path, capsys):
     from geoalign.processing import GeoAlignProcessor
 
     m, tok = tiny_model(4, seed=0)
-    m.save_pretrained(tmp_path / "model")
-    GeoAlignProcessor(tok, None).save_pretrained(tmp_path / "model" / "qwen")
+    m.save_pretrained(tmp_path / "model", processor=GeoAlignProcessor(tok, None))
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(3):

@@ -42,5 +42,6 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow"],
         "plots": ["matplotlib"],
     },
+    package_data={"geoalign.geometry": ["*.json"]},
     entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},
 )

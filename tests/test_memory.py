@@ -9,7 +9,7 @@ from fusion_cases import Shape, fast_backends, make_fusion, make_inputs
 
 
 def saved_bytes(fusion, backend, q, layers, gather_index) -> int:
-    with SavedTensorMeter() as meter:
+    with SavedTensorMeter(exclude=fusion.parameters()) as meter:
         fusion(q, layers, gather_index, backend=backend)
     return meter.bytes
 
@@ -35,3 +35,12 @@ def test_saved_for_backward_shrinks_by_k_over_m(backend):
     # small overhead: q, the router's activations, h_bar and F_hat on L rows, and the per-pair index lists
     assert ratio <= K_over_M + 0.03, f"{backend} saves {fast} B vs reference {ref} B: ratio {ratio:.3f}"
     assert fast > 0
+
+
+def test_meter_excludes_parameters():
+    lin = torch.nn.Linear(10, 20)
+    x = torch.randn(5, 10, requires_grad=True)
+    with SavedTensorMeter(exclude=lin.parameters()) as meter:
+        y = lin(x)  # saves x and the weight
+    assert meter.bytes == x.untyped_storage().nbytes()
+    del y

@@ -3,7 +3,7 @@
 Modules (one per op, each with its kernels, launcher and autograd wiring / torch.library custom ops):
   routing  router fc2 + Top-K + masked softmax; backward dS -> router fc2 grads    (geoalign::triton_route*)
   bank     gathered GEMM1 with on-the-fly LayerNorm, GELU, alpha-weighted accumulation into h_bar; backward
-                                                                                  (geoalign::triton_bank_*)
+                                                                                  (geoalign::triton_bank_*; h_bar mutated in place)
   output   projector.fc2 + out_proj + residual (and the folded W_out.W2 inference path)  (geoalign::triton_output*)
   gemm     shared strided GEMM kernel;  configs: per-device tile configs;  backend: TritonBackend
 Set TRITON_INTERPRET=1 before importing to run on CPU.

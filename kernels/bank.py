@@ -301,7 +301,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
 
 
 # ------------------------------------------------------------------------------------------ torch.library custom ops
-@torch.library.custom_op("geoalign::triton_bank_accumulate_", mutates_args=("h_bar",))
+@torch.library.custom_op("geoalign::triton_bank_accumulate", mutates_args=("h_bar",))
 def bank_accumulate_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
                        slots: torch.Tensor, gather_index: torch.Tensor, eps: float,

@@ -10,6 +10,8 @@ very different magnitudes share one tolerance). Tolerances:
   fp16  5e-3   unit roundoff 4.9e-4: both backends round z, GEMM outputs, dz, dx and F_hat to fp16 but accumulate in
                fp32 in a different order, so single values can differ by 1-2 fp16 ulps (~1e-3 relative), and a
                1-ulp flip of z propagates through GELU/W2/W_out; observed <= 1e-3
+  bf16  5e-2   unit roundoff 3.9e-3, same argument (a few ulps); observed 2.2e-2 on the interpreter, where bf16
+               operands are upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
 Routing indices must match exactly (the kernel rounds logits to the parameter dtype as nn.Linear does).
 Every buffer a kernel must fully write is allocated NaN-filled (ints -7) here (geoalign_kernels.utils.POISON), so a
 row or column a kernel forgets to write fails the comparison.
@@ -32,7 +34,7 @@ from geoalign_kernels.bank import bank_accumulate  # noqa: E402
 from geoalign_kernels.output import fold_output_weights, output as triton_output, output_folded_op  # noqa: E402
 from geoalign_kernels.routing import route_op  # noqa: E402
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -154,6 +156,13 @@ def test_fusion_forced_ties_and_empty_layers(dtype):
     for i in (2, 3):
         assert torch.count_nonzero(out[3][f"layer_norms.{i}.weight"]) == 0
         assert torch.count_nonzero(out[3][f"layer_norms.{i}.bias"]) == 0
+
+
+def test_fusion_parity_bf16_interpreter():
+    """bf16 parameters and layers (on CPU the kernels upcast bf16 dot operands to fp32; see utils.dot_dtype)."""
+    dtype = torch.bfloat16
+    fusion, q, layers, gather_index = make_fusion(dtype, L=21, D=24, Dg=20, H=40, M=3, K=2, G=4, seed=7)
+    check_fusion_parity(fusion, q, layers, gather_index, dtype)
 
 
 def test_small_blocks_cross_pair_boundary():
@@ -358,3 +367,23 @@ def test_bf16_parity_gpu():
     assert rel_err(out[2], ref[2]) < tol
     for name in ref[3]:
         assert rel_err(out[3][name], ref[3][name]) < tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_int64_offsets_gpu():
+    """Layers with more than 2^31 elements (N * D' > 2^31, 4.3 GB each in fp16); gather_index points past element
+    2^31, so an int32 row * stride product would wrap. Compared with the torch backend."""
+    dtype, Dg = torch.float16, 2048
+    N = (1 << 31) // Dg + 257
+    fusion, q, _, _ = make_fusion(dtype, L=64, D=64, Dg=Dg, H=64, M=2, K=1, G=4, R=32, seed=23, n_rows_extra=0)
+    fusion, q = fusion.cuda(), q.cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = [torch.randn(N, Dg, device="cuda", dtype=dtype, generator=gen) for _ in range(2)]
+    gather_index = torch.randint(N - 4096, N, (64, 4), device="cuda", generator=gen)
+    ref = run_fusion(fusion, q, layers, gather_index, "torch")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert torch.equal(out[1].topk_idx, ref[1].topk_idx)
+    assert rel_err(out[0], ref[0]) < TOL[dtype]
+    for name in ("projector.fc1.weight", "layer_norms.0.weight", "layer_norms.1.bias"):
+        assert rel_err(out[3][name], ref[3][name]) < TOL[dtype], name

@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_score_parser(sub)
+    from geoalign.model_cli import add_answer_parser
+
+    add_answer_parser(sub)
     return parser
 
 

@@ -6,21 +6,14 @@ Installs three import packages:
                     would shadow Hugging Face's `kernels` package that transformers probes)
   geoalign_bench    the benchmark suite (from ./bench; `python -m bench` from the repo root also works)
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="geoalign",
     version="0.1.0",
     description="GeoAlign: Top-K routed multi-layer geometry fusion for MLLMs, with exact sparse streaming kernels",
     python_requires=">=3.10",
-    packages=[
-        "geoalign",
-        "geoalign.backends",
-        "geoalign.geometry",
-        "geoalign.eval",
-        "geoalign_kernels",
-        "geoalign_bench",
-    ],
+    packages=find_packages(include=["geoalign", "geoalign.*"]) + ["geoalign_kernels", "geoalign_bench"],
     package_dir={
         "geoalign": "geoalign",
         "geoalign_kernels": "kernels",

@@ -109,8 +109,8 @@ def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots
 
 
 @triton.jit
-def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr, dz_ptr, d_alpha_ptr, db1_part_ptr,
-                    n, H, PARAM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr, dz_ptr, d_alpha_ptr, s_dal,
+                    db1_part_ptr, n, H, PARAM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     rp = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mp = rp < n
@@ -128,7 +128,7 @@ def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr,
         dz = (a[:, None] * dh * gelu_grad(z)).to(PARAM)
         tl.store(dz_ptr + rp[:, None] * H + rn[None, :], dz, mask=m)
         tl.store(db1_part_ptr + pid.to(tl.int64) * H + rn, tl.sum(tl.where(m, dz.to(ACC), 0.0), axis=0), mask=rn < H)
-    tl.store(d_alpha_ptr + t * s_al + s, d_alpha, mask=mp)
+    tl.store(d_alpha_ptr + t * s_dal + s, d_alpha, mask=mp)
 
 
 @triton.jit
@@ -255,13 +255,14 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     dtype = fc1_weight.dtype
     acc = acc_dtype(dtype)
     dev = d_h_bar.device
-    d_alpha = torch.zeros_like(alpha)  # only this layer's (token, slot) entries are non-zero
+    d_alpha = torch.zeros(alpha.shape, dtype=alpha.dtype, device=dev)  # non-zero only at this layer's pairs
     if n == 0:
         return (d_alpha, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias), torch.zeros_like(fc1_weight),
                 fc1_weight.new_zeros((H,)))
     d_h_bar = rows_contiguous(d_h_bar)
     alpha = rows_contiguous(alpha)
-    raw, z = raw.contiguous(), z.contiguous()
+    tokens, slots = tokens.contiguous(), slots.contiguous()
+    raw, z, mean, rstd = raw.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous()
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
     rcfg = get_config("rows", n, dev)
     block_m = rcfg["BLOCK_M"]
@@ -269,7 +270,8 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     dz = alloc((n, H), dtype, dev)
     db1_part = alloc((n_blocks, H), acc, dev)
     _bank_dz_kernel[(n_blocks,)](
-        d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, dz, d_alpha, db1_part, n, H,
+        d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, dz, d_alpha, d_alpha.stride(0), db1_part,
+        n, H,
         PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=rcfg["BLOCK_N"],
         num_warps=rcfg["num_warps"],
     )

@@ -13,29 +13,31 @@ FAKE = "geoalign.eval.fake:FakePredictor"
 
 
 # ----------------------------------------------------------------------------- fixtures
-def write_video(path, n=12, size=32):
-    """Frame i is a solid grey of value 20*i (so sampled indices can be checked)."""
+def write_video(path, n=12, size=32, width=None):
+    """Frame i is a solid grey of value 20*i (so sampled indices can be checked); size x width px."""
     import av
+    width = width or size
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with av.open(path, "w") as c:
         s = c.add_stream("mpeg4", rate=10)
-        s.width = s.height = size
+        s.width, s.height = width, size
         s.pix_fmt = "yuv420p"
         for i in range(n):
-            f = av.VideoFrame.from_ndarray(np.full((size, size, 3), 20 * i, np.uint8), format="rgb24")
+            f = av.VideoFrame.from_ndarray(np.full((size, width, 3), 20 * i, np.uint8), format="rgb24")
             for p in s.encode(f):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
 
 
-def write_frames(folder, n=10):
+def write_frames(folder, n=10, size=16, width=None):
     """ScanNet posed_images layout: 00000.jpg colour + 00000.png depth + 00000.txt pose."""
     from PIL import Image
+    width = width or size
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"))
-        Image.fromarray(np.full((16, 16), 255, np.uint8)).save(os.path.join(folder, f"{i:05d}.png"))
+        Image.fromarray(np.full((size, width, 3), 20 * i, np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"))
+        Image.fromarray(np.full((size, width), 255, np.uint8)).save(os.path.join(folder, f"{i:05d}.png"))
         open(os.path.join(folder, f"{i:05d}.txt"), "w").write("1 0 0 0\n")
 
 
@@ -56,24 +58,29 @@ VSI_DOCS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def vsi_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vsibench")
+def make_vsibench(d, size=32, width=None, frames_per_dataset=None):
+    """A VSI-Bench folder: test.jsonl + {dataset}/{scene}.mp4 (``frames_per_dataset``: video length per
+    dataset, default 12)."""
     rows = []
     for i, (qt, opts, gt, ds, scene) in enumerate(VSI_DOCS):
         rows.append({"id": i, "dataset": ds, "scene_name": scene, "question_type": qt,
                      "question": f"Question {i} about {qt}?", "options": opts, "ground_truth": gt})
         p = d / ds / f"{scene}.mp4"
         if not p.exists():
-            write_video(str(p))
+            write_video(str(p), n=(frames_per_dataset or {}).get(ds, 12), size=size, width=width)
     with open(d / "test.jsonl", "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     return str(d)
 
 
 @pytest.fixture(scope="module")
-def scanqa_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("scanqa")
+def vsi_dir(tmp_path_factory):
+    return make_vsibench(tmp_path_factory.mktemp("vsibench"))
+
+
+def make_scanqa(d, size=None, width=None):
+    """A ScanQA folder: ScanQA_v1.0_val.json, scene0011_00 as a posed_images frame folder (10 frames),
+    scene0015_00 as a 12-frame video. Frames 16x16 (folder) / 32x32 (video) unless ``size``/``width``."""
     docs = [
         {"question_id": "val-scene0011_00-0", "scene_id": "scene0011_00", "question": "What color is the chair?",
          "answers": ["brown", "brown wooden"], "object_ids": [1], "object_names": ["chair"]},
@@ -83,14 +90,19 @@ def scanqa_dir(tmp_path_factory):
          "answers": ["2", "two tables"], "object_ids": [3], "object_names": ["table"]},
     ]
     (d / "ScanQA_v1.0_val.json").write_text(json.dumps(docs))
-    write_frames(str(d / "scannet" / "posed_images" / "scene0011_00"))
-    write_video(str(d / "scannet" / "posed_images" / "scene0015_00.mp4"))
+    write_frames(str(d / "scannet" / "posed_images" / "scene0011_00"), size=size or 16, width=width)
+    write_video(str(d / "scannet" / "posed_images" / "scene0015_00.mp4"), size=size or 32, width=width)
     return str(d)
 
 
 @pytest.fixture(scope="module")
-def sqa3d_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sqa3d")
+def scanqa_dir(tmp_path_factory):
+    return make_scanqa(tmp_path_factory.mktemp("scanqa"))
+
+
+def make_sqa3d(d, size=None, width=None, folder_frames=5):
+    """An SQA3D folder: balanced/ question + annotation files, scene0050_00 as a 12-frame video,
+    scene0060_00 as a frame folder of ``folder_frames`` frames."""
     b = d / "balanced"
     b.mkdir()
     qs = [{"question_id": 220602000000 + i, "scene_id": s, "situation": sit, "question": q,
@@ -104,9 +116,14 @@ def sqa3d_dir(tmp_path_factory):
              "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": 1}]} for q, a in zip(qs, ans)]
     (b / "v1_balanced_questions_test_scannetv2.json").write_text(json.dumps({"questions": qs}))
     (b / "v1_balanced_sqa_annotations_test_scannetv2.json").write_text(json.dumps({"annotations": anns}))
-    write_video(str(d / "videos" / "scene0050_00.mp4"))
-    write_frames(str(d / "videos" / "scene0060_00"), n=5)
+    write_video(str(d / "videos" / "scene0050_00.mp4"), size=size or 32, width=width)
+    write_frames(str(d / "videos" / "scene0060_00"), n=folder_frames, size=size or 16, width=width)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def sqa3d_dir(tmp_path_factory):
+    return make_sqa3d(tmp_path_factory.mktemp("sqa3d"))
 
 
 def lines(path):
@@ -115,17 +132,16 @@ def lines(path):
 
 
 # ----------------------------------------------------------------------------- media
-def test_sample_indices_uniform():
-    assert media.sample_indices(12, 4) == [0, 3, 7, 11]
-    assert media.sample_indices(5, 32) == [0, 1, 2, 3, 4]
-    assert media.sample_indices(0, 32) == []
-
-
-def test_video_frames_follow_indices(vsi_dir):
+def test_video_frames_follow_geometry_sampling(vsi_dir):
+    # decoding and sampling are geoalign.geometry's: round(linspace(0, 11, 4)) = [0, 4, 7, 11]
+    from geoalign.geometry.frames import sample_frame_indices
+    assert sample_frame_indices(12, 4) == [0, 4, 7, 11]
     frames = media.load_frames(media.MediaRef(os.path.join(vsi_dir, "scannet", "scene0000_00.mp4"), "video"), 4)
     means = [float(np.asarray(f).mean()) for f in frames]
-    assert means == pytest.approx([0, 60, 140, 220], abs=6)
-    assert frames[0].mode == "RGB"
+    assert means == pytest.approx([0, 80, 140, 220], abs=6)
+    assert frames[0].dtype == np.uint8 and frames[0].shape == (32, 32, 3)
+    assert len(media.load_frames(media.MediaRef(os.path.join(vsi_dir, "scannet", "scene0000_00.mp4"), "video"),
+                                 32)) == 12  # shorter clip: all frames
 
 
 def test_frame_folder_prefers_jpg_colour(scanqa_dir):
@@ -134,6 +150,7 @@ def test_frame_folder_prefers_jpg_colour(scanqa_dir):
     assert len(files) == 10 and all(f.endswith(".jpg") for f in files)
     frames = media.load_frames(media.MediaRef(folder, "frames"), 3)
     assert [float(np.asarray(f).mean()) for f in frames] == pytest.approx([0, 80, 180], abs=6)
+    assert all(f.mode == "RGB" for f in frames)
 
 
 def test_missing_scene_media_is_clear(tmp_path):
@@ -249,15 +266,13 @@ def test_cli_parsers_register_func():
     assert p.parse_args(["score", "scanqa", "x.jsonl"]).func is cli.run_score_command
 
 
-def test_model_adapter_reports_missing_geoalign_model(vsi_dir, tmp_path, capsys):
-    import geoalign
-    if hasattr(geoalign, "GeoAlignForConditionalGeneration"):
-        pytest.skip("the GeoAlign model exists now; this test covers its absence")
-    with pytest.raises(ImportError, match="GeoAlignForConditionalGeneration"):
-        load_predictor(str(tmp_path))
-    rc = cli.main(["eval", "vsibench", "--data", vsi_dir, "--model", str(tmp_path),
-                   "--out", str(tmp_path / "p.jsonl"), "--no-progress"])
-    assert rc == 3 and "GeoAlignForConditionalGeneration" in capsys.readouterr().err
+def test_model_adapter_reports_missing_model_dir(vsi_dir, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_predictor(str(tmp_path / "nowhere"), device="cpu")
+    rc = cli.main(["eval", "vsibench", "--data", vsi_dir, "--model", str(tmp_path / "nowhere"),
+                   "--out", str(tmp_path / "p.jsonl"), "--no-progress", "--device", "cpu"])
+    assert rc == 2 and "nowhere" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p.jsonl")
 
 
 def test_fake_predictor_satisfies_protocol():

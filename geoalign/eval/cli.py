@@ -37,7 +37,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
     p.add_argument("--limit", type=int, help="only the first N questions (quick run)")
     p.add_argument("--device", help="torch device for the model (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
+    p.add_argument("--fusion-backend", choices=["reference", "torch", "triton"],
+                   help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
     p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
     p.add_argument("--no-score", action="store_true", help="only write predictions")
     p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
@@ -83,7 +87,8 @@ def run_eval_command(args) -> int:
     meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
             "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
             "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
-            "predictor": args.predictor}
+            "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
+            "fusion_backend": args.fusion_backend}
     if args.restart:
         for p in (out, _meta_path(out), _scores_path(out)):
             if os.path.exists(p):
@@ -104,12 +109,18 @@ def run_eval_command(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = {"device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+    # newer options go to --predictor factories only when given (older factories may not take them)
+    opts.update({k: v for k, v in (("attn_implementation", args.attn), ("fusion_backend", args.fusion_backend))
+                 if v is not None})
     try:
         predictor = (load_predictor_from_spec(args.predictor, args.model, **opts) if args.predictor
                      else load_predictor(args.model, **opts))
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(_meta_path(out), "w") as f:
         json.dump(meta, f, indent=1)

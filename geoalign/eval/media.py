@@ -1,11 +1,13 @@
-"""Where a question's video/frames are on disk, and lazy frame loading.
+"""Where a question's video/frames are on disk, and lazy frame loading through ``geoalign.geometry``.
 
-Kept self-contained on purpose (``geoalign.geometry`` frame loading is being written
-in parallel); the model adapter only calls :func:`load_frames`.
+Decoding and sampling are :mod:`geoalign.geometry.frames`' (the code ``GeoAlignProcessor`` and
+``geoalign answer`` use): ``num_frames`` indices ``round(linspace(0, n - 1, num_frames))`` over the
+whole clip (first and last frame included), all frames when the clip is shorter; videos are decoded
+in one sequential pass with PyAV.
 
-Sampling: ``num_frames`` indices ``numpy.linspace(0, n - 1, num_frames)`` truncated to
-int (uniform over the whole clip, first and last frame included, as lmms-eval's
-uniform sampling); all frames when the clip is shorter.
+The one thing added here is the benchmarks' folder layout: which files of a ScanNet scene folder are
+its colour frames (:func:`list_frame_files`; ``posed_images`` keeps depth ``.png`` next to the colour
+``.jpg``, which a plain image-folder loader would mix in).
 """
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Sequence
-
-import numpy as np
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
@@ -26,15 +26,6 @@ class MediaRef:
 
     path: str
     kind: str  # "video" | "frames"
-
-
-def sample_indices(total: int, num_frames: int) -> list[int]:
-    """Uniform frame indices (see module docstring)."""
-    if total <= 0:
-        return []
-    if num_frames <= 0 or total <= num_frames:
-        return list(range(total))
-    return np.linspace(0, total - 1, num_frames).astype(int).tolist()
 
 
 def _natural_key(name: str):
@@ -73,48 +64,27 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
     raise FileNotFoundError(f"no video or frame folder for scene {scene_id!r}; tried: " + "; ".join(tried))
 
 
-def _count_frames(path: str) -> int:
-    import av
+def _open_rgb(path: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        return stream.frames or sum(1 for _ in container.decode(stream))
-
-
-def _video_frames(path: str, num_frames: int) -> list:
-    """Decode the sampled frames in one sequential pass (no seeking)."""
-    import av
-
-    wanted = sample_indices(_count_frames(path), num_frames)
-    if not wanted:
-        return []
-    repeats: dict[int, int] = {}
-    for i in wanted:
-        repeats[i] = repeats.get(i, 0) + 1
-    frames: list = []
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        for i, frame in enumerate(container.decode(stream)):
-            if i in repeats:
-                frames.extend([frame.to_image().convert("RGB")] * repeats[i])
-            if i >= wanted[-1]:
-                break
-    if frames and len(frames) < len(wanted):  # the header over-counted: pad with the last frame
-        frames += [frames[-1]] * (len(wanted) - len(frames))
-    return frames
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path!r} (unreadable or corrupt): {e}") from e
 
 
-def load_frames(media: MediaRef, num_frames: int = 32) -> list:
-    """Decode ``num_frames`` uniformly sampled RGB frames as ``PIL.Image`` objects."""
-    from PIL import Image
+def load_frames(media: MediaRef, num_frames: int | None = 32) -> list:
+    """``num_frames`` uniformly sampled RGB frames (uint8 ``[H, W, 3]`` arrays for videos, ``PIL``
+    images for frame folders), ready for ``GeoAlignProcessor``; None: all frames."""
+    from geoalign.geometry.frames import load_video_frames, sample_frame_indices
 
     if media.kind == "video":
-        frames = _video_frames(media.path, num_frames)
-    elif media.kind == "frames":
+        frames, _ = load_video_frames(media.path, num_frames)
+        return frames
+    if media.kind == "frames":
         files = list_frame_files(media.path)
-        frames = [Image.open(files[i]).convert("RGB") for i in sample_indices(len(files), num_frames)]
-    else:
-        raise ValueError(f"unknown media kind {media.kind!r}")
-    if not frames:
-        raise RuntimeError(f"no frames could be read from {media.path}")
-    return frames
+        if not files:
+            raise ValueError(f"frame folder {media.path!r} holds no .jpg/.png colour frames")
+        return [_open_rgb(files[i]) for i in sample_frame_indices(len(files), num_frames)]
+    raise ValueError(f"unknown media kind {media.kind!r}")

@@ -1,9 +1,10 @@
-"""The predictor protocol the runners drive, and the GeoAlign model adapter seam.
+"""The predictor protocol the runners drive, and the GeoAlign model adapter.
 
 A predictor is any object with ``predict(samples) -> list[str]`` (one greedy answer per
 sample, same order) and optionally ``max_batch_size: int``.  The runners know nothing
 about models; ``geoalign eval --model DIR`` builds its predictor with
-:func:`load_predictor`, the single place where the GeoAlign model is touched.
+:func:`load_predictor` (a :class:`GeoAlignPredictor`), the single place where the GeoAlign
+model and processor are touched.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)  # ground truth etc., for the record
 
     def load_frames(self) -> list:
-        """Uniformly sampled RGB ``PIL.Image`` frames for this question (lazy)."""
+        """This question's ``num_frames`` uniformly sampled RGB frames (lazy; see :mod:`.media`)."""
         if self.media is None:
             raise RuntimeError(f"sample {self.id} has no media")
         return load_frames(self.media, self.num_frames)
@@ -42,65 +43,124 @@ class Predictor(Protocol):
 
 
 # ============================================================================ MODEL SEAM
-# Everything model-specific lives below.  GeoAlignForConditionalGeneration is being
-# written by others; until it exists, load_predictor raises ImportError with a clear
-# message.  Nothing here has run against the real model yet.
+# Everything model-specific lives below: GeoAlignForConditionalGeneration + GeoAlignProcessor.
+
+#: ``--dtype`` names -> torch dtype names ("auto": bfloat16 on CUDA, float32 on CPU)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+FUSION_BACKENDS = ("reference", "torch", "triton")
+
+
+def _to_device(v: Any, device):
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, (list, tuple)):
+        return [_to_device(x, device) for x in v]
+    return v
+
 
 class GeoAlignPredictor:
-    """Greedy decoding with a GeoAlign checkpoint (Qwen2.5-VL chat template + video frames).
+    """Greedy answers of a GeoAlign model (:class:`geoalign.GeoAlignForConditionalGeneration`).
 
-    UNTESTED SEAM: written against the Qwen2.5-VL processor API of transformers; adjust
-    when GeoAlignForConditionalGeneration lands (e.g. if VGGT needs its own inputs).
+    Per batch: every sample's frames are loaded (``Sample.load_frames``: ``num_frames`` sampled
+    uniformly by ``geoalign.geometry``), ``GeoAlignProcessor`` turns frames + benchmark prompt into
+    the model inputs (chat template, VGGT/Qwen frames, ``gather_index``; left-padded, samples may
+    have different frame counts and resolutions), ``model.generate`` decodes greedily
+    (``do_sample=False``, one beam, up to the largest ``max_new_tokens`` of the batch) and the new
+    tokens are decoded without the prompt and special tokens.
     """
 
-    def __init__(self, model, processor, device: str = "cpu", max_batch_size: int = 1):
+    def __init__(self, model, processor, *, device=None, max_batch_size: int = 1,
+                 fusion_backend: str | None = None):
         self.model = model
         self.processor = processor
-        self.device = device
-        self.max_batch_size = max_batch_size
+        self.device = device if device is not None else model.device
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.fusion_backend = fusion_backend
+
+    def _frames(self, s: Sample) -> list:
+        try:
+            return s.load_frames()
+        except (OSError, ValueError, RuntimeError) as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                where = s.media.path if s.media is not None else "no media"
+                e.add_note(f"while loading the frames of sample {s.id} ({where})")
+            raise
+
+    def generation_kwargs(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """Greedy decoding settings for a batch (the checkpoint's other generation settings, e.g.
+        ``repetition_penalty``, stay as in its ``generation_config.json``, as lmms-eval does)."""
+        kw: dict[str, Any] = {"do_sample": False, "num_beams": 1,
+                              "max_new_tokens": max(s.max_new_tokens for s in samples)}
+        gc = getattr(getattr(self.model, "qwen", None), "generation_config", None)
+        if gc is not None:
+            # unset sampling-only knobs so greedy decoding does not warn about them
+            for k in ("temperature", "top_p", "top_k"):
+                if getattr(gc, k, None) is not None:
+                    kw[k] = None
+        tok = getattr(self.processor, "tokenizer", None)
+        if (gc is None or getattr(gc, "pad_token_id", None) is None) and getattr(tok, "pad_token_id", None) is not None:
+            kw["pad_token_id"] = tok.pad_token_id
+        if self.fusion_backend is not None:
+            kw["fusion_backend"] = self.fusion_backend
+        return kw
 
     def predict(self, samples: Sequence[Sample]) -> list[str]:
         import torch
 
-        texts, videos = [], []
-        for s in samples:
-            messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": s.prompt}]}]
-            texts.append(self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-            videos.append(s.load_frames())
-        tok = getattr(self.processor, "tokenizer", None)
-        if tok is not None and len(samples) > 1:
-            tok.padding_side = "left"  # batched generation needs left padding
-        inputs = self.processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(self.device)
-        max_new = max(s.max_new_tokens for s in samples)
+        if not samples:
+            return []
+        frames = [self._frames(s) for s in samples]
+        inputs = self.processor(frames, [s.prompt for s in samples])
+        inputs = {k: _to_device(v, self.device) for k, v in inputs.items()}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new)
+            out = self.model.generate(**inputs, **self.generation_kwargs(samples))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        return [t.strip() for t in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        # each sample keeps only its own budget, so batching never changes an answer's length limit
+        texts = [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
+                 for i, s in enumerate(samples)]
+        return [t.strip() for t in texts]
 
 
-def load_predictor(model_dir: str, *, device: str | None = None, dtype: str = "auto",
-                   max_batch_size: int = 1, **_: Any) -> Predictor:
-    """Load ``geoalign.GeoAlignForConditionalGeneration`` from ``model_dir`` as a predictor.
-
-    Raises ImportError while the model class does not exist in ``geoalign``.
-    """
-    try:
-        geoalign = importlib.import_module("geoalign")
-        model_cls = getattr(geoalign, "GeoAlignForConditionalGeneration")
-    except (ImportError, AttributeError) as e:
-        raise ImportError(
-            "geoalign.GeoAlignForConditionalGeneration is not available in this installation "
-            "(the GeoAlign model is not implemented yet), so `--model DIR` cannot be loaded. "
-            "Use `--predictor module:factory` to evaluate another predictor, or score an "
-            "existing predictions file with `geoalign score`.") from e
+def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
+    """(device, torch dtype): device default cuda when available; dtype "auto" = bf16 on CUDA, fp32 else."""
     import torch
-    from transformers import AutoProcessor
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = model_cls.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    return GeoAlignPredictor(model, processor, device=device, max_batch_size=max_batch_size)
+    if dtype in (None, "auto"):
+        name = "bfloat16" if str(device).startswith("cuda") else "float32"
+    elif dtype in DTYPES:
+        name = DTYPES[dtype]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    return device, getattr(torch, name)
+
+
+def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | None = "auto",
+                   attn_implementation: str | None = None, fusion_backend: str | None = None,
+                   max_batch_size: int = 1, **_: Any) -> GeoAlignPredictor:
+    """A :class:`GeoAlignPredictor` for a directory written by
+    ``GeoAlignForConditionalGeneration.save_pretrained(dir, processor=...)`` (local files only).
+
+    ``device``: default cuda when available; ``dtype``: auto (bf16 on CUDA, fp32 on CPU), bf16,
+    fp16, fp32; ``attn_implementation``: Qwen's (e.g. sdpa, flash_attention_2, eager);
+    ``fusion_backend``: reference, torch or triton (default: the fusion config's).
+    Raises FileNotFoundError / ValueError for a missing or malformed directory.
+    """
+    from geoalign.modeling import GeoAlignForConditionalGeneration
+    from geoalign.processing import GeoAlignProcessor
+
+    if fusion_backend is not None and fusion_backend not in FUSION_BACKENDS:
+        raise ValueError(f"unknown fusion backend {fusion_backend!r}; choose from {FUSION_BACKENDS}")
+    device, torch_dtype = resolve_device_dtype(device, dtype)
+    model = GeoAlignForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)
+    model.eval()
+    processor = GeoAlignProcessor.from_pretrained(model_dir, group_size=model.group_size)
+    return GeoAlignPredictor(model, processor, device=device, max_batch_size=max_batch_size,
+                             fusion_backend=fusion_backend)
 # ========================================================================= END MODEL SEAM
 
 

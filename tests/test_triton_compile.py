@@ -54,6 +54,7 @@ def test_compiled_matches_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # ~90 s on 2 cores with a cold Triton cache (a few seconds warm)
 def test_kernels_compile_for_sm90():
     """Every kernel builds for sm_90 (H100/H200) at the Hopper tile configs, bf16/fp16/fp32, without a GPU:
     catches GPU-only compile errors (tl.dot shapes/dtypes, layouts, shared memory) the interpreter cannot see."""

@@ -231,7 +231,7 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
         n * G, G, Dg, eps, SAVE_RAW=save, PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_R=block_r,
         BLOCK_D=rcfg["BLOCK_N"], num_warps=rcfg["num_warps"],
     )
-    cfg = get_config("bank_fwd", n, dev)
+    cfg = get_config("bank_fwd", n, dev, dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
     _bank_fwd_kernel[grid](
         layer, layer.stride(0), gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
@@ -278,7 +278,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     d_b1 = db1_part.sum(0).to(dtype)
     common = dict(PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype))
     if need_w1:
-        cfg = get_config("bank_dw1", H, dev)
+        cfg = get_config("bank_dw1", H, dev, dtype)
         d_w1 = alloc((H, G * Dg), dtype, dev)
         grid = (triton.cdiv(H, cfg["BLOCK_M"]), G * triton.cdiv(Dg, cfg["BLOCK_N"]))
         _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, d_w1, n, H, Dg, G, **common,
@@ -287,7 +287,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     else:
         d_w1 = torch.zeros_like(fc1_weight)
     if need_ln:
-        cfg = get_config("bank_dx", n, dev)
+        cfg = get_config("bank_dx", n, dev, dtype)
         n_mb = triton.cdiv(n, cfg["BLOCK_M"])
         dgamma_part = alloc((n_mb * G, Dg), acc, dev)
         dbeta_part = alloc((n_mb * G, Dg), acc, dev)

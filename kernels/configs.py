@@ -59,12 +59,16 @@ def device_class(index: int = 0) -> str:
     return "default"
 
 
-def get_config(op: str, rows: int, device: torch.device) -> dict:
-    """{BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} for `op` with `rows` GEMM rows on `device`."""
+def get_config(op: str, rows: int, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """{BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages} for `op` with `rows` GEMM rows on `device`; `dtype` is the
+    operand dtype (fp64 tiles are halved in K and get 2 stages so they fit shared memory)."""
     if INTERPRET or device.type != "cuda":
         cfg = dict(_INTERPRETER)
     else:
         shape = "small" if rows < 1024 else "large"
         cfg = dict(CONFIGS[device_class(device.index or 0)][(op, shape)])
+        if dtype == torch.float64:
+            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+            cfg["num_stages"] = min(cfg["num_stages"], 2)
     cfg.update(OVERRIDE)
     return cfg

@@ -58,7 +58,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         out = alloc((M, N), out_dtype, a.device)
     if M == 0 or N == 0:
         return out
-    cfg = get_config("gemm", M, a.device)
+    cfg = get_config("gemm", M, a.device, op_dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     bias_t = bias if bias is not None else out
     res_t = residual if residual is not None else out

@@ -95,7 +95,7 @@ def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int)
     alpha = alloc((L, k), acc_dtype(dtype), hid.device)
     if L == 0:
         return idx, alpha
-    cfg = get_config("rows", L, hid.device)
+    cfg = get_config("rows", L, hid.device, dtype)
     block_l = max(16, min(cfg["BLOCK_M"], 64))
     _route_kernel[(triton.cdiv(L, block_l),)](
         hid, w2, b2, idx, alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
@@ -114,7 +114,7 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
     dtype = w2.dtype
     ds = alloc((L, M), dtype, hid.device)
     if L > 0:
-        cfg = get_config("rows", L, hid.device)
+        cfg = get_config("rows", L, hid.device, dtype)
         block_l = max(16, min(cfg["BLOCK_M"], 64))
         _route_bwd_kernel[(triton.cdiv(L, block_l),)](
             d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), ds, L, M,

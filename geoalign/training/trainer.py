@@ -339,7 +339,11 @@ class GeoAlignTrainer:
             model.fusion.config.backend = cfg.fusion_backend
         if cfg.gradient_checkpointing:
             # non-reentrant checkpointing: correct with frozen embeddings / frozen LLM (no input-grad hooks needed)
-            model.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model.qwen, "activation_checkpointing_enable"):      # newer transformers 5.x
+                model.qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:                                                           # e.g. transformers 5.17
+                model.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.qwen.config.use_cache = False
         if self.train_dataset is None:
             self.train_dataset = GeoAlignSFTDataset.from_files(

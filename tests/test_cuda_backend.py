@@ -1,0 +1,232 @@
+"""The `cuda` backend's Python side (geoalign.backends.cuda_backend) on CPU: custom ops, autograd wiring, what is
+saved and recomputed, and torch.compile, with the compiled kernels replaced by a torch emulation of the binding's
+5 functions (same signatures and output contracts as csrc/binding.cpp). The kernels themselves are tested on a GPU
+in test_cuda_kernels.py; their compile check is test_cuda_csrc.py.
+
+Parity is against the reference backend (paper eqs. 1-8) at the parity suite's shapes and tolerances."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import geoalign.backends.cuda_backend as cb
+from geoalign.routing import bank_rows, topk_lower_index
+
+from fusion_cases import Shape, force_ties, make_fusion, make_inputs, run_backend
+from test_parity import SHAPES, TOL, assert_parity, rel_err
+
+
+class EmulatedExt:
+    """A torch stand-in for the compiled module: writes the outputs the kernels write, into the given tensors."""
+
+    requires_cuda = False
+    max_bank_layers = 32
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def route(self, logits, k, topk_idx, alpha, stream):
+        self.calls.append("route")
+        idx = topk_lower_index(logits, k)
+        topk_idx.copy_(idx)
+        alpha.copy_(torch.softmax(logits.gather(1, idx).to(alpha.dtype), dim=-1))
+
+    def route_backward(self, d_alpha, alpha, topk_idx, d_logits, stream):
+        self.calls.append("route_backward")
+        g = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
+        d_logits.zero_()
+        d_logits.scatter_(1, topk_idx, g.to(d_logits.dtype))
+
+    def bank_rows(self, topk_idx, num_layers, tokens, slots, counts, offsets, stream):
+        self.calls.append("bank_rows")
+        flat = topk_idx.reshape(-1)
+        keep = (flat >= 0) & (flat < num_layers)
+        rows = bank_rows(topk_idx.clamp(0, num_layers - 1), num_layers)  # only used when every id is in range
+        assert bool(keep.all()), "emulation: out-of-range ids are not emulated"
+        tokens.copy_(rows.tokens)
+        slots.copy_(rows.slots)
+        counts.copy_(torch.bincount(flat, minlength=num_layers))
+        offsets.copy_(torch.tensor(rows.offsets))
+
+    def gather_layer_norm(self, layer, gather_index, tokens, weight, bias, eps, use_saved_stats, group_size, x,
+                          mean, rstd, raw_out, stream):
+        self.calls.append("gather_layer_norm_saved" if use_saved_stats else "gather_layer_norm")
+        rows = layer if gather_index is None else layer[gather_index[tokens].reshape(-1)]
+        acc = mean.dtype
+        v = rows.to(weight.dtype).to(acc)
+        if not use_saved_stats:
+            var, mu = torch.var_mean(v, dim=-1, unbiased=False)
+            mean.copy_(mu)
+            rstd.copy_(1.0 / torch.sqrt(var + eps))
+        x_hat = (v - mean[:, None]) * rstd[:, None]
+        x.copy_((x_hat * weight.to(acc) + bias.to(acc)).to(x.dtype))
+        if raw_out is not None:
+            raw_out.copy_(rows)
+
+    def layer_norm_backward_partials(self, dx, raw, mean, rstd, rows_per_block, dgamma_part, dbeta_part, stream):
+        self.calls.append("layer_norm_backward_partials")
+        acc = mean.dtype
+        x_hat = (raw.to(dx.dtype).to(acc) - mean[:, None]) * rstd[:, None]
+        d = dx.to(acc)
+        for b in range(dgamma_part.shape[0]):
+            sl = slice(b * rows_per_block, (b + 1) * rows_per_block)
+            dgamma_part[b] = (d[sl] * x_hat[sl]).sum(0)
+            dbeta_part[b] = d[sl].sum(0)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    ext = EmulatedExt()
+    monkeypatch.setattr(cb, "_EXT_OVERRIDE", ext)
+    return ext
+
+
+def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
+    """FusionStream's protocol with CudaBackend (incl. its bank_rows); returns what fusion_cases.run_backend does."""
+    fusion.zero_grad(set_to_none=True)
+    q.grad = None
+    backend = cb.CudaBackend()
+    M = fusion.config.num_bank_layers
+    routing = backend.route(fusion, q)
+    rows = backend.bank_rows(routing.topk_idx, M)
+    h_bar = backend.new_accumulator(fusion, q)
+    for i in (order if order is not None else range(M)):
+        tokens, slots = rows.layer(i)
+        h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
+    q_hat = backend.output(fusion, q, h_bar)
+    q_hat.backward(grad_out)
+    grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in fusion.named_parameters()}
+    return q_hat.detach(), routing, q.grad.detach().clone(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_parity_with_reference_emulated(emulated, dtype, shape):
+    fusion = make_fusion(shape, dtype)
+    q, layers, gather_index = make_inputs(shape, dtype)
+    grad_out = torch.randn(q.shape, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_cuda_backend(fusion, q, layers, gather_index, grad_out)
+    assert_parity(fast, ref, TOL[dtype], f"cuda-emulated/{dtype}/{shape}")
+    # the CUDA pieces were used for routing, row lists, gather+LN, its recompute, and dgamma/dbeta
+    for call in ("route", "route_backward", "bank_rows", "gather_layer_norm", "gather_layer_norm_saved",
+                 "layer_norm_backward_partials"):
+        assert call in emulated.calls, call
+
+
+def test_routing_matches_torch_backend_with_ties(emulated):
+    shape = Shape(L=9, M=5, K=3, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    force_ties(fusion, [1, 3, 4])
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    routing = cb.CudaBackend().route(fusion, q)
+    assert routing.topk_idx.tolist() == [[1, 3, 4]] * shape.L
+    ref = run_backend(fusion, "reference", q, layers, gather_index, torch.ones_like(q))
+    fast = run_cuda_backend(fusion, q, layers, gather_index, torch.ones_like(q))
+    assert_parity(fast, ref, TOL[torch.float64], "cuda-emulated/ties")
+
+
+def test_layers_in_any_order_and_int32_gather(emulated):
+    shape = Shape(L=15, M=6, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_cuda_backend(fusion, q, layers, gather_index.to(torch.int32), grad_out, order=[3, 0, 5, 1, 4, 2])
+    assert_parity(fast, ref, TOL[torch.float64], "cuda-emulated/order")
+
+
+def test_only_q_requires_grad_saves_nothing(emulated):
+    shape = Shape(L=7, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    fusion.requires_grad_(False)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    backend = cb.CudaBackend()
+    routing = backend.route(fusion, q)
+    rows = backend.bank_rows(routing.topk_idx, shape.M)
+    h_bar = backend.new_accumulator(fusion, q)
+    for i in range(shape.M):
+        h_bar = backend.accumulate(fusion, h_bar, routing.alpha.detach(), i, layers[i], *rows.layer(i), gather_index)
+    assert not h_bar.requires_grad  # no parameter and no alpha needs a gradient: the bank is a constant
+    backend.output(fusion, q, h_bar).sum().backward()
+    assert q.grad is not None and "gather_layer_norm_saved" not in emulated.calls
+
+
+def test_compiled_matches_eager(emulated):
+    """The custom ops' fake impls and autograd trace under torch.compile (aot_eager) in one graph, and agree."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    shape = Shape(L=12, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    backend = cb.CudaBackend()
+    per_layer = [bank_rows(backend.route(fusion, q).topk_idx, shape.M).layer(i) for i in range(shape.M)]
+
+    def fused(q, layers, gather_index):
+        routing = backend.route(fusion, q)
+        h_bar = backend.new_accumulator(fusion, q)
+        for i in range(shape.M):
+            tokens, slots = per_layer[i]
+            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
+        return backend.output(fusion, q, h_bar), routing.alpha
+
+    def run(fn):
+        fusion.zero_grad(set_to_none=True)
+        q_leaf = q.detach().clone().requires_grad_()
+        q_hat, alpha = fn(q_leaf, layers, gather_index)
+        (q_hat.sum() + alpha[:, 0].sum()).backward()
+        return [q_hat.detach(), alpha.detach(), q_leaf.grad] + [p.grad for p in fusion.parameters()]
+
+    eager = run(fused)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = run(torch.compile(fused, backend=counter, fullgraph=True))
+    assert counter.frame_count == 1
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ops_registered():
+    for name in ("cuda_route", "cuda_route_backward", "cuda_bank_rows", "cuda_gather_layer_norm",
+                 "cuda_layer_norm_apply", "cuda_layer_norm_backward"):
+        assert hasattr(torch.ops.geoalign, name), name
+
+
+def test_input_validation(emulated):
+    with pytest.raises(ValueError, match="1..32 bank layers"):
+        cb.cuda_route(torch.randn(3, 33), 2)
+    with pytest.raises(ValueError, match="1 <= K <= M"):
+        cb.cuda_route(torch.randn(3, 4), 5)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        cb.cuda_route(torch.randint(0, 3, (3, 4)), 2)
+    with pytest.raises(ValueError, match="LayerNorm weight/bias"):
+        cb.cuda_gather_layer_norm(torch.randn(8, 6), torch.zeros(2, 4, dtype=torch.int64),
+                                  torch.zeros(1, dtype=torch.int64), torch.ones(5), torch.zeros(5), 1e-5, False)
+
+
+def test_unavailable_extension_is_a_clear_error(monkeypatch):
+    if cb.load_extension() is not None:
+        pytest.skip("the CUDA extension is available here")
+    assert not cb.cuda_backend_available()
+    assert cb.extension_error()
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        cb.CudaBackend()
+
+
+def test_cpu_tensors_rejected_by_real_extension_path(monkeypatch):
+    class Compiled(EmulatedExt):
+        requires_cuda = True
+
+    monkeypatch.setattr(cb, "_EXT_OVERRIDE", Compiled())
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        cb.cuda_route(torch.randn(3, 4), 2)
+
+
+def test_bank_rows_emulated_matches(emulated):
+    topk = torch.tensor([[2, 0], [0, 1], [2, 1], [1, 2]])
+    got = cb.bank_rows_cuda(topk, 4)
+    want = bank_rows(topk, 4)
+    assert got.offsets == want.offsets
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.slots, want.slots)
+    assert rel_err(got.tokens.double(), want.tokens.double()) == 0

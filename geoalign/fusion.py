@@ -46,7 +46,8 @@ class FusionStream:
     bank layer i (bank position 0..M-1, any order, each once) and ``finish()`` returns Q_hat. With a sparse backend
     no layer is referenced after ``add`` returns; autograd stays intact through all of it."""
 
-    def __init__(self, fusion: "GeoAlignFusion", q: torch.Tensor, gather_index: torch.Tensor, backend: str):
+    def __init__(self, fusion: "GeoAlignFusion", q: torch.Tensor, gather_index: torch.Tensor, backend: str,
+                 fold_output: bool = False):
         fusion.check_query(q)
         fusion.check_gather_index(gather_index, q)
         self.fusion, self.q, self.gather_index = fusion, q, gather_index
@@ -56,9 +57,12 @@ class FusionStream:
         self._finished = False
         self._max_row = int(gather_index.max())  # one device->host copy; checked against each layer's rows
         if backend == "reference":
+            if fold_output:
+                raise ValueError("fold_output is a fast-path option (torch, triton); the reference backend computes "
+                                 "eqs. 1-8 literally")
             self._reference = ReferenceStream(fusion, q, gather_index)
             return
-        self._backend = get_sparse_backend(backend)
+        self._backend = get_sparse_backend(backend, bool(fold_output))
         self.routing = self._backend.route(fusion, q)
         self._rows = bank_rows(self.routing.topk_idx, M)
         self._h_bar = self._backend.new_accumulator(fusion, q)
@@ -119,11 +123,12 @@ class GeoAlignFusion(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- interface
     def forward(self, q: torch.Tensor, layers: Iterable[torch.Tensor], gather_index: torch.Tensor,
-                backend: str | None = None, return_routing: bool = False):
+                backend: str | None = None, return_routing: bool = False, fold_output: bool = False):
         """q [L, D] (parameter dtype); layers: M tensors [N, D'] in bank order (a sequence or an iterator, consumed
         one at a time); gather_index [L, G] int64 rows into each layer. Flat over the batch.
-        Returns q_hat [L, D], or (q_hat, Routing) with return_routing=True."""
-        stream = self.begin(q, gather_index, backend=backend)
+        Returns q_hat [L, D], or (q_hat, Routing) with return_routing=True.
+        fold_output: inference only (used when no gradient is needed): W_out.W2 folded into one [D, H] GEMM."""
+        stream = self.begin(q, gather_index, backend=backend, fold_output=fold_output)
         count = 0
         for count, layer in enumerate(layers, start=1):
             if count > self.config.num_bank_layers:
@@ -133,11 +138,12 @@ class GeoAlignFusion(nn.Module):
         q_hat, routing = stream.finish()
         return (q_hat, routing) if return_routing else q_hat
 
-    def begin(self, q: torch.Tensor, gather_index: torch.Tensor, backend: str | None = None) -> FusionStream:
+    def begin(self, q: torch.Tensor, gather_index: torch.Tensor, backend: str | None = None,
+              fold_output: bool = False) -> FusionStream:
         """Start a streaming forward: routes Q now; feed layers with ``add(i, layer)``, then ``finish()``."""
         name = resolve_backend_name(backend, self.config.backend, q.device if isinstance(q, torch.Tensor)
                                     else torch.device("cpu"))
-        return FusionStream(self, q, gather_index, name)
+        return FusionStream(self, q, gather_index, name, fold_output)
 
     def route(self, q: torch.Tensor, backend: str | None = None) -> Routing:
         """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""

@@ -2,6 +2,8 @@
 geoalign.backends.torch_sparse.TorchBackend), built from the fused kernels in this package."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -48,8 +50,15 @@ class TritonBackend:
         params = (fc2.weight, fc2.bias, w_out)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, h_bar) + params)
         if self.fold_output and not needs_grad:
-            key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
-            if key != self._fold_key:
-                self._fold, self._fold_key = fold_output_weights(*params), key
+            if not self._fold_is_current(params):
+                self._fold = fold_output_weights(*params)
+                self._fold_key = tuple((weakref.ref(t), t._version) for t in params)
             return output_folded_op(q, h_bar, *self._fold)
         return output(q, h_bar, *params)
+
+    def _fold_is_current(self, params) -> bool:
+        """The cached fold was made from these very tensors (weak references, so a freed weight whose memory is
+        reused never matches) at their current versions (so in-place updates refold)."""
+        if self._fold_key is None:
+            return False
+        return all(ref() is t and version == t._version for (ref, version), t in zip(self._fold_key, params))

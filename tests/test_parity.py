@@ -188,3 +188,32 @@ def test_layer_dtype_differs_from_parameters():
     ref = fusion(q, layers, gather_index, backend="reference")
     for b in fast_backends():
         assert rel_err(fusion(q, layers, gather_index, backend=b), ref) <= TOL[torch.float32], b
+
+
+@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_folded_output_at_inference(backend, dtype):
+    """W_out.W2 folded into one GEMM equals the unfolded output (same maths, one rounding order changed)."""
+    shape = Shape(L=19, M=5, K=2, G=4)
+    fusion = make_fusion(shape, dtype)
+    q, layers, gather_index = make_inputs(shape, dtype)
+    with torch.no_grad():
+        ref = fusion(q, layers, gather_index, backend="reference")
+        folded = fusion(q, layers, gather_index, backend=backend, fold_output=True)
+        fusion.out_proj.weight.mul_(0.5)  # the fold must follow weight updates
+        ref2 = fusion(q, layers, gather_index, backend="reference")
+        folded2 = fusion(q, layers, gather_index, backend=backend, fold_output=True)
+    assert rel_err(folded, ref) <= TOL[dtype]
+    assert rel_err(folded2, ref2) <= TOL[dtype]
+    # with a gradient needed the unfolded path runs, so training is unaffected by the flag
+    out = fusion(q, layers, gather_index, backend=backend, fold_output=True)
+    out.sum().backward()
+    assert fusion.projector.fc2.weight.grad is not None
+
+
+def test_fold_output_refused_by_reference():
+    shape = Shape(L=4, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    with pytest.raises(ValueError, match="fold_output is a fast-path option"):
+        fusion(q, layers, gather_index, backend="reference", fold_output=True)

@@ -42,10 +42,14 @@ def resolve_backend_name(name: str | None, default: str, device: torch.device) -
     return name
 
 
-def get_sparse_backend(name: str):
-    """The backend object for a sparse backend name."""
+@functools.lru_cache(maxsize=None)
+def get_sparse_backend(name: str, fold_output: bool = False):
+    """The (cached, stateless apart from the fold cache) backend object for a sparse backend name.
+
+    fold_output: at inference (no grad needed) use one [D, H] GEMM with W_out.W2 folded instead of two GEMMs.
+    """
     if name == "torch":
-        return TorchBackend()
+        return TorchBackend(fold_output=fold_output)
     if name == "triton":
         if not triton_available():
             raise RuntimeError(
@@ -54,14 +58,17 @@ def get_sparse_backend(name: str):
             )
         from geoalign_kernels.backend import TritonBackend
 
-        return TritonBackend()
+        return TritonBackend(fold_output=fold_output)
     raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """Backends that can run on `device` here."""
+    """Backends that can run on `device` here: triton on CUDA devices, and on CPU only under the interpreter."""
+    import os
+
     names = ["reference", "torch"]
-    if triton_available() and (device.type == "cuda" or device.type == "cpu"):
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreted)):
         try:
             import geoalign_kernels.backend  # noqa: F401
         except ImportError:

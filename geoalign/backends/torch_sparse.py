@@ -99,6 +99,9 @@ class TorchBackend:
 
     name = "torch"
 
+    def __init__(self, fold_output: bool = False):
+        self.fold_output = fold_output
+
     def route(self, fusion, q: torch.Tensor) -> Routing:
         """Router MLP + Top-K (ties -> lower index) + softmax over the K kept logits (== eqs. 5-6)."""
         logits = fusion.router.fc2(F.gelu(fusion.router.fc1(q)))
@@ -117,6 +120,13 @@ class TorchBackend:
                                     tokens, slots, gather_index, fusion.config.layer_norm_eps)
 
     def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
-        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows (sum_k alpha = 1 lets b2 and W2 move after the sum)."""
-        f_hat = fusion.projector.fc2(h_bar.to(q.dtype))
-        return q + fusion.out_proj(f_hat)
+        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows (sum_k alpha = 1 lets b2 and W2 move after the sum).
+        With fold_output and no gradient needed: Q + (W_out W2) h_bar + W_out b2, one [D, H] GEMM."""
+        fc2, w_out = fusion.projector.fc2, fusion.out_proj.weight
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, h_bar, fc2.weight, w_out))
+        if self.fold_output and not needs_grad:
+            acc = accumulator_dtype(q.dtype)
+            w = (w_out.to(acc) @ fc2.weight.to(acc)).to(q.dtype)
+            b = (w_out.to(acc) @ fc2.bias.to(acc)).to(q.dtype)
+            return q + F.linear(h_bar.to(q.dtype), w, b)
+        return q + fusion.out_proj(fc2(h_bar.to(q.dtype)))

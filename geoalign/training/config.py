@@ -16,6 +16,8 @@ from typing import Any
 PRECISIONS = ("bf16", "fp16", "no")
 DISTRIBUTED = ("ddp", "deepspeed", "fsdp")
 TRAIN_MODES = ("full", "frozen_llm", "lora")
+FLOAT_KEYS = ("lora_dropout", "num_train_epochs", "learning_rate", "fusion_learning_rate", "weight_decay",
+              "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "warmup_ratio")
 
 
 @dataclass
@@ -105,6 +107,14 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        # YAML 1.1 (PyYAML) reads "1e-5" (no dot) as a string: accept numeric strings for numeric keys
+        for key in FLOAT_KEYS:
+            v = getattr(self, key)
+            if isinstance(v, str):
+                try:
+                    setattr(self, key, float(v))
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{key}: expected a number, got {v!r}") from None
         if isinstance(self.train_data, (str, os.PathLike)):
             self.train_data = [os.fspath(self.train_data)]
         self.train_data = [os.fspath(p) for p in self.train_data]

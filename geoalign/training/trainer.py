@@ -275,6 +275,8 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
                               step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=cfg.ddp_find_unused_parameters)])
+    if not torch.cuda.is_available():
+        kw["cpu"] = True            # accelerate only sets up multi-process CPU (gloo) runs when told cpu=True
     if cfg.distributed == "deepspeed" and _world_size() > 1:
         try:
             import deepspeed  # noqa: F401

@@ -170,7 +170,25 @@ def test_runner_scanqa_interrupted_then_resumed(scanqa_small, predictor, tmp_pat
     assert s["num_samples"] == 3 and {"BLEU-4", "ROUGE-L", "CIDEr", "EM@1"} <= set(s)
 
 
-# ----------------------------------------------------------------------------- every format via the CLI
+def test_cli_vsibench_with_the_model(vsi_small, model_dir, tmp_path, capsys):
+    out = str(tmp_path / "vsi.jsonl")
+    args = ["eval", "vsibench", "--data", vsi_small, "--model", model_dir, "--out", out, "--device", "cpu",
+            "--num-frames", "2", "--batch-size", "2", "--max-new-tokens", "2", "--limit", "4", "--no-progress",
+            "--fusion-backend", "reference"]
+    assert cli.main(args) == 0
+    recs = lines(out)
+    assert [r["id"] for r in recs] == ["0", "1", "2", "3"]
+    assert {"question_type", "ground_truth", "dataset", "scene_name", "options", "prediction"} <= set(recs[0])
+    assert "Obj. Count" in capsys.readouterr().out
+    scores = json.load(open(str(tmp_path / "vsi.scores.json")))
+    assert scores["num_samples"] == 4 and set(scores["missing_tasks"]) == {
+        "object_rel_distance", "object_rel_direction", "route_planning", "obj_appearance_order"}
+    assert json.load(open(out + ".meta.json"))["fusion_backend"] == "reference"
+    assert cli.main(args) == 0 and "0 new predictions (4 already" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- slower: every question of each format
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["vsibench", "scanqa", "sqa3d"])
 def test_cli_every_format_with_the_model(task, vsi_small, scanqa_small, sqa3d_small, model_dir, tmp_path, capsys):
     data = {"vsibench": vsi_small, "scanqa": scanqa_small, "sqa3d": sqa3d_small}[task]
@@ -185,6 +203,7 @@ def test_cli_every_format_with_the_model(task, vsi_small, scanqa_small, sqa3d_sm
     assert cli.main(args) == 0 and f"0 new predictions ({n} already" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_video_path_model_g8_batch(vsi_small, tmp_path):
     """G=8 (Qwen's video path): odd and even frame counts in one batch."""
     pred = load_predictor(save_tiny(tmp_path / "g8", group_size=8), device="cpu", max_batch_size=2)
@@ -240,3 +259,15 @@ def test_frame_loading_errors_name_the_sample(tmp_path):
         pred.predict([bad])
     if hasattr(e.value, "__notes__"):
         assert "q7" in e.value.__notes__[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_batch(vsi_small, model_dir):
+    """CUDA, dtype auto (bf16), both fusion backends that run there (unverified on the CPU-only dev machine)."""
+    samples = tasks.load_samples("vsibench", vsi_small, num_frames=2, max_new_tokens=3)
+    for backend in ("torch", "triton"):
+        pred = load_predictor(model_dir, device="cuda", fusion_backend=backend, max_batch_size=2)
+        assert pred.model.dtype == torch.bfloat16
+        out = pred.predict([samples[4], samples[5]])
+        assert len(out) == 2 and all(isinstance(x, str) for x in out)

@@ -263,6 +263,10 @@ def test_cli_parsers_register_func():
     cli.add_score_parser(sub)
     a = p.parse_args(["eval", "sqa3d", "--data", "d", "--model", "m"])
     assert a.func is cli.run_eval_command and a.num_frames == 32 and a.batch_size == 1
+    assert a.dtype == "auto" and a.attn is None and a.fusion_backend is None
+    a = p.parse_args(["eval", "vsibench", "--data", "d", "--model", "m", "--attn", "eager", "--fusion-backend",
+                      "triton", "--dtype", "bf16"])
+    assert (a.attn, a.fusion_backend, a.dtype) == ("eager", "triton", "bf16")
     assert p.parse_args(["score", "scanqa", "x.jsonl"]).func is cli.run_score_command
 
 

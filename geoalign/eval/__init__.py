@@ -1,7 +1,8 @@
 """Benchmark evaluation: VSI-Bench, ScanQA and SQA3D with their published metrics.
 
 Modules: ``vsibench`` / ``scanqa`` / ``sqa3d`` (data + metrics), ``textnorm`` (answer
-normalisation, EM), ``caption`` (COCO caption metrics), ``media`` (frame loading),
-``predictor`` (predictor protocol + GeoAlign adapter seam), ``runner`` (resumable
+normalisation, EM), ``caption`` (COCO caption metrics), ``media`` (where a question's
+frames are; decoding and sampling by ``geoalign.geometry``), ``predictor`` (predictor
+protocol + the GeoAlign model/processor adapter), ``runner`` (resumable
 JSONL runs), ``tasks`` (registry), ``cli`` (``geoalign eval`` / ``geoalign score``).
 """

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)

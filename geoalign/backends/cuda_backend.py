@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing import BankRows, Routing, topk_lower_index
-from .torch_sparse import accumulator_dtype, gelu_grad
+from .torch_sparse import TorchBackend, accumulator_dtype, gelu_grad
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "routing.cu", "gather_ln.cu", "ln_backward.cu")
@@ -419,12 +419,16 @@ class CudaBackend:
     the GEMMs. Stateless: the fusion module holds the parameters.
 
     bank_rows(topk_idx, M) is the CUDA counterpart of geoalign.routing.bank_rows (same BankRows), for a
-    FusionStream that asks its backend for the row lists."""
+    FusionStream that asks its backend for the row lists.
+
+    fold_output: as TorchBackend's (the output GEMMs are torch's, so they are delegated to a TorchBackend)."""
 
     name = "cuda"
 
-    def __init__(self):
+    def __init__(self, fold_output: bool = False):
         _ext()  # a clear error now rather than at the first launch
+        self.fold_output = fold_output
+        self._torch = TorchBackend(fold_output=fold_output)
 
     def route(self, fusion, q: torch.Tensor) -> Routing:
         """Router MLP in torch, then the CUDA Top-K + softmax (banks of more than 32 layers route in torch)."""
@@ -456,6 +460,6 @@ class CudaBackend:
                                         tokens, slots, gather_index, fusion.config.layer_norm_eps)
 
     def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
-        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows, torch matmuls."""
-        f_hat = fusion.projector.fc2(h_bar.to(q.dtype))
-        return q + fusion.out_proj(f_hat)
+        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows, torch matmuls (folded W_out.W2 at inference with
+        fold_output)."""
+        return self._torch.output(fusion, q, h_bar)

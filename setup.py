@@ -6,7 +6,29 @@ Installs three import packages:
                     would shadow Hugging Face's `kernels` package that transformers probes)
   geoalign_bench    the benchmark suite (from ./bench; `python -m bench` from the repo root also works)
 """
+import os
+
 from setuptools import find_packages, setup
+
+# Optional CUDA extension (csrc/): built when a CUDA build of torch and a CUDA toolkit are present at build time
+# (e.g. `TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .`); otherwise skipped, and
+# geoalign.backends.cuda_backend JIT-builds it on first use (or the torch/triton backends are used).
+ext_modules, cmdclass = [], {}
+if os.environ.get("GEOALIGN_BUILD_CUDA", "1") != "0":
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+        if torch.version.cuda is not None and CUDA_HOME is not None:
+            ext_modules.append(CUDAExtension(
+                name="geoalign._cuda_ops",
+                sources=["csrc/binding.cpp", "csrc/routing.cu", "csrc/gather_ln.cu", "csrc/ln_backward.cu"],
+                include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            ))
+            cmdclass["build_ext"] = BuildExtension
+    except ImportError:
+        pass
 
 setup(
     name="geoalign",
@@ -37,4 +59,6 @@ setup(
     },
     package_data={"geoalign.geometry": ["*.json"]},
     entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

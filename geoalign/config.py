@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 
 
 @dataclass
@@ -22,7 +22,8 @@ class GeoAlignConfig:
     projector_hidden  H, hidden width of the shared projector f_phi (VG-LLM's merger uses 4096)
     router_hidden     hidden width of the router f_theta
     layer_norm_eps    eps of the per-layer LayerNorms
-    backend           default backend: "auto" (triton on CUDA when available, else torch), "reference", "torch", "triton"
+    backend           default backend: "auto" (triton on CUDA when available, else torch), "reference", "torch",
+                      "triton", "cuda"
     """
 
     hidden_size: int = 2048

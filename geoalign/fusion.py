@@ -64,7 +64,8 @@ class FusionStream:
             return
         self._backend = get_sparse_backend(backend, bool(fold_output))
         self.routing = self._backend.route(fusion, q)
-        self._rows = bank_rows(self.routing.topk_idx, M)
+        rows_fn = getattr(self._backend, "bank_rows", None)  # the cuda backend builds the row lists on device
+        self._rows = rows_fn(self.routing.topk_idx, M) if rows_fn else bank_rows(self.routing.topk_idx, M)
         self._h_bar = self._backend.new_accumulator(fusion, q)
 
     def add(self, i: int, layer: torch.Tensor) -> None:

@@ -3,6 +3,7 @@
 reference  paper eqs. 1-8 literally (dense bank); the oracle
 torch      exact sparse + streaming in plain PyTorch
 triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)
+cuda       CUDA kernels from csrc/ for routing, row lists and gather + LayerNorm; torch GEMMs for the rest
 
 A sparse backend provides ``route(fusion, q) -> Routing``, ``new_accumulator(fusion, q)``,
 ``accumulate(fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> h_bar`` and
@@ -16,7 +17,7 @@ import torch
 
 from .torch_sparse import TorchBackend
 
-SPARSE_BACKENDS = ("torch", "triton")
+SPARSE_BACKENDS = ("torch", "triton", "cuda")
 ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
 
 
@@ -59,6 +60,12 @@ def get_sparse_backend(name: str, fold_output: bool = False):
         from geoalign_kernels.backend import TritonBackend
 
         return TritonBackend(fold_output=fold_output)
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend='cuda' needs a CUDA device; use backend='torch' instead")
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend(fold_output=fold_output)  # raises with the reason if the extension cannot load
     raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
 
 
@@ -71,7 +78,13 @@ def available_backends(device: torch.device) -> list[str]:
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreted)):
         try:
             import geoalign_kernels.backend  # noqa: F401
+
+            names.append("triton")
         except ImportError:
-            return names
-        names.append("triton")
+            pass
+    if device.type == "cuda":
+        from .cuda_backend import cuda_backend_available
+
+        if cuda_backend_available():  # the first call may JIT-build csrc/ (cached afterwards)
+            names.append("cuda")
     return names

@@ -165,3 +165,38 @@ def test_step_sampler_partitions_global_batches():
     assert set(first_epoch) == set(range(13))
     resumed = list(StepSampler(13, world=1, rank=0, **dict(kw, start_step=3)))
     assert resumed == one[12:]
+
+
+def test_bf16_autocast_with_bf16_frozen_encoders(data, tmp_path):
+    t = _trainer(_cfg(data, tmp_path, max_steps=2, precision="bf16"))
+    res = t.train()
+    m = t.accelerator.unwrap_model(t.model_ddp)
+    assert m.vggt.camera_token.dtype == torch.bfloat16                 # frozen: stored in bf16
+    assert m.fusion.out_proj.weight.dtype == torch.float32             # trainable: fp32 master weights
+    assert all(torch.isfinite(torch.tensor(v)) for v in res.losses.values())
+
+
+def test_deepspeed_config_is_filled_from_the_train_config():
+    from geoalign.training.trainer import DEFAULT_DEEPSPEED_CONFIG, deepspeed_config_dict
+
+    assert os.path.isfile(DEFAULT_DEEPSPEED_CONFIG)
+    cfg = TrainConfig(global_batch_size=64, per_device_batch_size=2, max_grad_norm=0.5)
+    ds = deepspeed_config_dict(cfg, grad_accum=4)                       # 64 = 2 x 8 GPUs x 4
+    assert ds["zero_optimization"]["stage"] == 2
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (64, 2, 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_paper_config_file_holds_the_defaults():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = TrainConfig.from_yaml(os.path.join(root, "configs", "train_paper.yaml"))
+    d = TrainConfig()
+    for key in ("num_train_epochs", "global_batch_size", "learning_rate", "lr_scheduler", "warmup_ratio",
+                "precision", "distributed", "train_mode", "group_size"):
+        assert getattr(c, key) == getattr(d, key), key
+    assert (d.num_train_epochs, d.global_batch_size, d.learning_rate, d.lr_scheduler, d.warmup_ratio, d.precision,
+            d.distributed) == (1.0, 64, 1e-5, "cosine", 0.03, "bf16", "deepspeed")
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict({"lr": 1})

@@ -313,6 +313,7 @@ class GeoAlignTrainer:
         self.train_dataset = train_dataset
         self.log_fn = log_fn
         self.accelerator = None
+        self.log_history: list[dict] = []
 
     # ------------------------------------------------------------------ set-up
     def _setup(self):
@@ -458,8 +459,8 @@ class GeoAlignTrainer:
 
     def train(self, stop_after: int | None = None) -> TrainResult:
         """Run to ``total_steps`` (or stop, with a checkpoint, after ``stop_after`` more optimizer steps)."""
-        self.log_history: list[dict] = []
-        self._setup()
+        if self.accelerator is None:          # _setup() may have been called already (benchmarks, inspection)
+            self._setup()
         acc, cfg = self.accelerator, self.cfg
         model = self.model_ddp
         world, rank = acc.num_processes, acc.process_index

@@ -1,0 +1,203 @@
+"""Peak memory of one GeoAlign training step: streaming VGGT + sparse fusion vs the dense reference bank with all
+VGGT layers kept (and the two mixed cases), at the same settings, on CPU at a small size.
+
+    python -m bench.train_step --out bench/results/cpu/train_step.json [--frames 4 --height 280 ...]
+
+Each variant runs in a fresh subprocess: it builds a small random GeoAlign model (tiny Qwen2.5-VL, a VGGT aggregator
+with the paper's 24 layers and bank 12..23 at a reduced width, the fusion with M=12, K=2), a synthetic video
+dataset, and a GeoAlignTrainer (accelerate, AdamW, gradient checkpointing, the same config for every variant).
+After set-up it resets the process's peak RSS (``/proc/self/clear_refs`` <- 5) and runs one optimizer step; the
+figure is VmHWM (peak resident set) during that step, read from /proc/self/status, minus the RSS before it.
+
+Variants (VGGT layers x fusion bank):
+  streaming_sparse   iter_layers: one bank layer alive at a time; sparse torch backend (K of M layers per token)
+  streaming_dense    iter_layers; reference backend (the paper's dense L x M x D bank, eq. 2)
+  all_layers_sparse  VGGT's forward: the list of all 24 layers is kept; sparse backend
+  all_layers_dense   all 24 layers kept + dense reference bank (the baseline)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+VARIANTS = {
+    "streaming_sparse": ("stream", "torch"),
+    "streaming_dense": ("stream", "reference"),
+    "all_layers_sparse": ("all", "torch"),
+    "all_layers_dense": ("all", "reference"),
+}
+BASELINE = "all_layers_dense"
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _fuse_all_layers(self, q, images, gather_index, backend):
+    """GeoAlignForConditionalGeneration._fuse_sample, but VGGT returns (and keeps) all of its layers first."""
+    cfg = self.fusion.config
+    q = q.to(self.fusion.out_proj.weight.dtype)
+    vp = next(self.vggt.parameters())
+    layers = self.vggt(images[None].to(device=vp.device, dtype=vp.dtype))      # all `depth` layers, kept
+    ps = self.vggt.patch_start_idx
+    bank = [layers[i][:, :, ps:].reshape(-1, layers[i].shape[-1]).to(q.dtype) for i in cfg.bank_layers]
+    self.vggt_calls += 1
+    out = self.fusion(q, bank, gather_index.to(device=q.device, dtype=torch_int64()), backend=backend)
+    del layers, bank
+    return out
+
+
+def torch_int64():
+    import torch
+
+    return torch.int64
+
+
+def run_child(args) -> dict:
+    import types
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(repo, "tests"))
+    from model_fixtures import make_tokenizer, tiny_qwen_config
+
+    from geoalign.config import GeoAlignConfig
+    from geoalign.geometry.config import VGGTAggregatorConfig
+    from geoalign.modeling import GeoAlignForConditionalGeneration
+    from geoalign.processing import GeoAlignProcessor
+    from geoalign.training.config import TrainConfig
+    from geoalign.training.synthetic import make_colour_dataset
+    from geoalign.training.trainer import GeoAlignTrainer
+
+    layers_mode, backend = VARIANTS[args.variant]
+    torch.manual_seed(0)
+    tok = make_tokenizer()
+    vcfg = VGGTAggregatorConfig.tiny(embed_dim=args.embed_dim, patch_embed_dim=args.embed_dim, depth=24,
+                                     num_heads=4, patch_embed_heads=4)
+    fcfg = GeoAlignConfig(hidden_size=64, geo_dim=2 * args.embed_dim, bank_layers=tuple(range(12, 24)), top_k=2,
+                          group_size=4, projector_hidden=args.projector_hidden, router_hidden=64, backend=backend)
+    model = GeoAlignForConditionalGeneration.from_config(tiny_qwen_config(tok), vcfg, fcfg)
+    if layers_mode == "all":
+        model._fuse_sample = types.MethodType(_fuse_all_layers, model)
+    width = 518
+    src_h = max(1, round(args.height * 148 / width))        # source frames 148 px wide -> VGGT height args.height
+    data = make_colour_dataset(args.workdir, 1, kinds=("video",), frame_counts=(args.frames,),
+                               height=src_h + src_h % 2, width=148, multi_turn_every=0)
+    proc = GeoAlignProcessor(tok, None, group_size=4, num_frames=args.frames)
+    cfg = TrainConfig(train_data=[data], media_root=args.workdir, output_dir=os.path.join(args.workdir, "out"),
+                      precision="no", distributed="ddp", global_batch_size=1, per_device_batch_size=1,
+                      learning_rate=1e-5, max_steps=1, num_workers=0, logging_steps=1, save_steps=0,
+                      progress_bar=False, save_final_model=False, fusion_backend=backend,
+                      gradient_checkpointing=True, num_frames=args.frames)
+    records = []
+    trainer = GeoAlignTrainer(cfg, model=model, processor=proc, log_fn=lambda r: records.append(
+        (r, _status("VmHWM"), time.perf_counter())))
+    trainer._setup()
+    sample = trainer.train_dataset[0]
+    import gc
+
+    gc.collect()
+    rss_before = _status("VmRSS")
+    reset_ok = _reset_peak()
+    t0 = time.perf_counter()
+    res = trainer.train()
+    rec, hwm, t1 = records[0]
+    return {"variant": args.variant, "vggt_layers": layers_mode, "fusion_backend": backend,
+            "rss_before_step_bytes": rss_before, "peak_rss_step_bytes": hwm,
+            "step_peak_over_before_bytes": hwm - rss_before, "peak_reset": reset_ok,
+            "step_time_s": t1 - t0, "loss": res.losses[1],
+            "shapes": {"frames": args.frames, "vggt_image": list(sample["vggt_pixel_values"].shape[-2:]),
+                       "visual_tokens_L": int(sample["gather_index"].shape[0]),
+                       "seq_len": int(sample["input_ids"].numel()), "vggt_depth": 24,
+                       "vggt_layer_width_Dprime": 2 * args.embed_dim, "bank_layers": list(fcfg.bank_layers),
+                       "top_k": fcfg.top_k, "group_size": 4, "projector_hidden": args.projector_hidden,
+                       "hidden_D": 64}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--height", type=int, default=280, help="VGGT frame height (width is 518)")
+    p.add_argument("--embed-dim", type=int, default=128, help="VGGT width (layer rows are 2x this)")
+    p.add_argument("--projector-hidden", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        args.variant = args.child
+        print("RESULT " + json.dumps(run_child(args)))
+        return 0
+    import tempfile
+
+    import torch
+
+    results = []
+    for v in args.variants.split(","):
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
+        with tempfile.TemporaryDirectory() as wd:
+            cmd = [sys.executable, "-m", "bench.train_step", "--child", v, "--workdir", wd, "--frames",
+                   str(args.frames), "--height", str(args.height), "--embed-dim", str(args.embed_dim),
+                   "--projector-hidden", str(args.projector_hidden), "--threads", str(args.threads)]
+            env = dict(os.environ)
+            env.pop("TRITON_INTERPRET", None)
+            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env)
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if r.returncode != 0 or line is None:
+                print(r.stdout[-2000:], r.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"variant {v} failed (exit {r.returncode})")
+            results.append(json.loads(line[len("RESULT "):]))
+    base = next((r for r in results if r["variant"] == BASELINE), None)
+    mb = 2 ** 20
+    print(f"{'variant':<20} {'RSS before':>11} {'peak (step)':>12} {'step delta':>11} {'vs baseline':>12} "
+          f"{'time':>7} {'loss':>8}")
+    for r in results:
+        ratio = (r["step_peak_over_before_bytes"] / base["step_peak_over_before_bytes"]) if base else float("nan")
+        r["delta_vs_baseline"] = ratio
+        print(f"{r['variant']:<20} {r['rss_before_step_bytes'] / mb:>9.0f}MB {r['peak_rss_step_bytes'] / mb:>10.0f}MB "
+              f"{r['step_peak_over_before_bytes'] / mb:>9.0f}MB {ratio:>11.2f}x {r['step_time_s']:>6.1f}s "
+              f"{r['loss']:>8.4f}")
+    if results:
+        print("shapes:", json.dumps(results[0]["shapes"]))
+    if args.out:
+        import platform
+
+        import transformers
+
+        out = {"benchmark": "train_step_peak_rss", "device": "cpu", "platform": platform.platform(),
+               "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
+               "python": sys.version.split()[0], "baseline": BASELINE, "settings": vars(args) | {"child": None},
+               "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+        print("wrote", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -293,6 +293,14 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
             sharding_strategy=cfg.fsdp_sharding, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=["Qwen2_5_VLDecoderLayer"], use_orig_params=True,
             state_dict_type="SHARDED_STATE_DICT", activation_checkpointing=False)
+    if _world_size() == 1:
+        # accelerate keeps one process-wide state; a second trainer in the same process (notebooks, tests) with
+        # another precision would be refused. Single process only: nothing distributed to tear down.
+        from accelerate.state import AcceleratorState
+
+        reset = getattr(AcceleratorState, "_reset_state", None)
+        if reset is not None and AcceleratorState._shared_state:
+            reset(True)
     return Accelerator(**kw)
 
 
@@ -397,7 +405,10 @@ class GeoAlignTrainer:
             if missing:
                 raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:5]} (different train_mode "
                                  "or model?)")
-        acc.load_state(path, strict=strict)
+        if acc.distributed_type.value in ("DEEPSPEED", "FSDP"):
+            acc.load_state(path)            # their own checkpoint formats (full module states)
+        else:
+            acc.load_state(path, strict=strict)
         self.start_step = int(state["global_step"])
         self.log_history = state.get("log_history", [])
         logger.info("resumed from %s at step %d", path, self.start_step)
@@ -413,7 +424,8 @@ class GeoAlignTrainer:
         if acc.is_main_process:
             state = {"global_step": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                      "global_batch_size": cfg.global_batch_size, "seed": cfg.seed, "world_size": acc.num_processes,
-                     "saved_frozen_weights": cfg.save_frozen_weights, "config": cfg.to_dict(),
+                     "saved_frozen_weights": cfg.save_frozen_weights or
+                     acc.distributed_type.value in ("DEEPSPEED", "FSDP"), "config": cfg.to_dict(),
                      "log_history": self.log_history[-1000:]}
             state.update(extra or {})
             path = ckpt.commit(cfg.output_dir, step, state, cfg.save_total_limit)

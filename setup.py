@@ -54,7 +54,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "eval": ["pycocoevalcap", "pyarrow"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow"],
+        "train": ["accelerate>=1.0", "peft"],
+        "deepspeed": ["deepspeed"],
+        "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
+                "accelerate>=1.0", "peft"],
         "plots": ["matplotlib"],
     },
     package_data={"geoalign.geometry": ["*.json"]},

@@ -76,14 +76,11 @@ def run_child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(repo, "tests"))
-    from model_fixtures import make_tokenizer, tiny_qwen_config
-
     from geoalign.config import GeoAlignConfig
     from geoalign.geometry.config import VGGTAggregatorConfig
     from geoalign.modeling import GeoAlignForConditionalGeneration
     from geoalign.processing import GeoAlignProcessor
+    from geoalign.tiny import make_tokenizer, tiny_qwen_config
     from geoalign.training.config import TrainConfig
     from geoalign.training.synthetic import make_colour_dataset
     from geoalign.training.trainer import GeoAlignTrainer

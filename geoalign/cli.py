@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     from geoalign.model_cli import add_answer_parser
 
     add_answer_parser(sub)
+    from geoalign.training.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from model_fixtures import build_inputs, random_frames, tiny_model  # noqa: E402
+from geoalign.tiny import build_inputs, random_frames, tiny_model  # noqa: E402
 
 from geoalign.geometry.alignment import build_gather_index  # noqa: E402
 from geoalign.modeling import GeoAlignForConditionalGeneration, load_fusion  # noqa: E402

@@ -33,7 +33,7 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_answer_runs_on_a_saved_tiny_model(tmp_path, capsys):
     from PIL import Image
-    from model_fixtures import tiny_model
+    from geoalign.tiny import tiny_model
 
     from geoalign.processing import GeoAlignProcessor
 

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from model_fixtures import make_tokenizer  # noqa: E402
+from geoalign.tiny import make_tokenizer  # noqa: E402
 
 from geoalign.processing import GeoAlignProcessor, qwen_patchify  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_processor_errors(tok):
 
 @pytest.mark.slow
 def test_processor_to_model_generate(tok):
-    from model_fixtures import tiny_fusion_config, tiny_qwen_config, tiny_vggt_config
+    from geoalign.tiny import tiny_fusion_config, tiny_qwen_config, tiny_vggt_config
 
     from geoalign.modeling import GeoAlignForConditionalGeneration
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from model_fixtures import make_tokenizer  # noqa: E402
+from geoalign.tiny import make_tokenizer  # noqa: E402
 
 from geoalign.processing import GeoAlignProcessor  # noqa: E402
 from geoalign.training.data import (GeoAlignCollator, GeoAlignSFTDataset, MissingMediaError,  # noqa: E402

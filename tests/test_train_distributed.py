@@ -12,8 +12,7 @@ import textwrap
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from model_fixtures import tiny_model  # noqa: E402
+from geoalign.tiny import tiny_model  # noqa: E402
 
 pytest.importorskip("accelerate")
 

@@ -1,11 +1,12 @@
-"""Tiny, offline builders for the GeoAlign model tests: tokenizer, Qwen2.5-VL config, VGGT and fusion configs."""
+"""Tiny, offline builders of a random GeoAlign model (tokenizer, Qwen2.5-VL, VGGT and fusion configs) for tests,
+benchmarks and smoke runs: nothing is downloaded."""
 from __future__ import annotations
 
 import torch
 
-from geoalign.config import GeoAlignConfig
-from geoalign.geometry.config import VGGTAggregatorConfig
-from geoalign.processing import QWEN2_5_VL_CHAT_TEMPLATE, qwen_patchify
+from .config import GeoAlignConfig
+from .geometry.config import VGGTAggregatorConfig
+from .processing import QWEN2_5_VL_CHAT_TEMPLATE, qwen_patchify
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]

@@ -18,7 +18,8 @@ from .peak import measure_ceilings
 from .report import environment, format_table, write_json, write_plots
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-CASES = ("fusion", "encoder")
+CASES = ("fusion", "encoder", "train")
+DEFAULT_CASES = ("fusion", "encoder")  # `train` spawns a process per variant: ask for it with --case train
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -35,7 +36,9 @@ def default_backends(device: torch.device) -> list[str]:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="geoalign bench", description=__doc__)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--case", choices=CASES, action="append", help="case(s) to run (default: all)")
+    p.add_argument("--case", choices=CASES, action="append",
+                   help="case(s) to run (default: fusion and encoder; 'train' = one training step of a small model, "
+                        "streaming+sparse vs all layers+dense, each in a fresh process)")
     p.add_argument("--frames", type=int, nargs="+", help="frame counts to sweep (252 visual tokens per frame)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
@@ -63,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
     elif gpu:
         frames = [8] if args.quick else [8, 16, 32]
     else:
-        frames = [1] if args.quick else [1, 2, 4]
-    budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.0)
+        frames = [1] if args.quick else [1, 2, 3]
+    budget = args.budget if args.budget is not None else (0.3 if args.quick else (1.0 if gpu else 0.5))
     backends = args.backends or default_backends(device)
     if "reference" not in backends:
         backends = ["reference"] + backends
     modes = tuple(args.modes or MODES)
-    cases = args.case or list(CASES)
+    cases = args.case or list(DEFAULT_CASES)
     encoder_backend = [b for b in backends if b not in ("reference", "compiled-reference")][-1:] or ["reference"]
 
     steps = [(c, f) for c in cases for f in frames]
@@ -82,8 +85,12 @@ def run(args: argparse.Namespace) -> int:
         if c == "fusion":
             rows += run_fusion_case(shape, f, backends, dtype, device, budget, modes=modes,
                                     peak_tflops=ceilings["matmul_tflops"], progress=note)
-        else:
+        elif c == "encoder":
             rows += run_encoder_case(f, encoder_backend[0], dtype, device, budget, progress=note)
+        else:
+            from .train_step import run_train_case
+
+            rows += run_train_case(f, progress=note)
         if bar:
             bar.update()
     if bar:
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
           f"n={ceilings['matmul_n']}), copy {ceilings['copy_gbs']:.1f} GB/s")
     print(f"fusion shape: {shape_dict(shape)}")
     print("times: median (p20-p80) ms; TFLOP/s by the sparse FLOP formula; x vs ref = baseline time / time "
-          "(baseline: reference for fusion, vggt-list for encoder); memory: "
+          "(baseline: reference for fusion, vggt-list for encoder, all_layers_dense for train); memory: "
           + ("peak allocated above the inputs" if gpu else "peak RSS above the RSS before the call")
           + "; saved = bytes autograd saves for backward")
     print(format_table(rows))

@@ -4,6 +4,7 @@
   bwd     backward alone (its forward runs untimed before each repetition)
   fwdbwd  forward + backward
   infer   forward under no_grad (what generation runs)
+  infer-fold  infer with W_out.W2 folded into one GEMM (fast backends only; compared with reference's infer)
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from .timing import peak_rss_bytes, reset_peak_rss, time_fn
 # A 640x480 frame -> 518x392 for VGGT -> 28x37 patches; Qwen's even crop 28x36 -> 14x18 = 252 visual tokens.
 VGGT_GRID = (28, 37)
 TOKENS_PER_FRAME = 252
-MODES = ("fwd", "bwd", "fwdbwd", "infer")
-FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwdbwd": 3, "infer": 1}  # backward = 2 forwards (dX and dW GEMMs)
+MODES = ("fwd", "bwd", "fwdbwd", "infer", "infer-fold")
+FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwdbwd": 3, "infer": 1, "infer-fold": 1}  # backward = 2 forwards (dX, dW)
+BASELINE_MODE = {"infer-fold": "infer"}  # the reference has no folded path: compare with its plain inference
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ def _mode_fns(model, fusion, q, layers, gather_index, backend, grad_out):
         with torch.no_grad():
             return model(q, layers, gather_index, backend=backend)
 
+    def infer_fold(_=None):
+        with torch.no_grad():
+            return model(q, layers, gather_index, backend=backend, fold_output=True)
+
     def fwdbwd(_=None):
         clear()
         model(q, layers, gather_index, backend=backend).backward(grad_out)
@@ -102,7 +108,8 @@ def _mode_fns(model, fusion, q, layers, gather_index, backend, grad_out):
     def bwd(out):
         out.backward(grad_out)
 
-    return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwdbwd": (fwdbwd, None), "infer": (infer, None)}
+    return {"fwd": (fwd, None), "bwd": (bwd, bwd_setup), "fwdbwd": (fwdbwd, None), "infer": (infer, None),
+            "infer-fold": (infer_fold, None)}
 
 
 def run_fusion_case(shape: FusionShape, frames: int, backends: list[str], dtype: torch.dtype,
@@ -120,17 +127,19 @@ def run_fusion_case(shape: FusionShape, frames: int, backends: list[str], dtype:
         model = torch.compile(fusion) if backend == "compiled-reference" else fusion
         fns = _mode_fns(model, fusion, q, layers, gather_index, fn_backend, grad_out)
         for mode in modes:
+            if mode == "infer-fold" and fn_backend == "reference":
+                continue  # eqs. 1-8 literally: nothing to fold
             if progress is not None:
                 progress(f"fusion frames={frames} {backend} {mode}")
             fn, setup = fns[mode]
             row = {"case": "fusion", "shape": shape.name, "backend": backend, "mode": mode, "frames": frames,
                    "L": L, "dtype": str(dtype).replace("torch.", "")}
-            try:
-                row.update(time_fn(fn, device, setup=setup, budget_s=budget_s))
+            try:  # the memory measurement is also the timing's warm-up call
+                row.update(measure_memory(fn, setup, mode, fusion, q, layers, gather_index, fn_backend, device))
+                row.update(time_fn(fn, device, setup=setup, budget_s=budget_s, warmup=0))
                 row["tflops"] = 2 * macs * FLOP_FACTOR[mode] / (row["median_ms"] * 1e-3) / 1e12
                 if peak_tflops:
                     row["pct_of_matmul_peak"] = 100.0 * row["tflops"] / peak_tflops
-                row.update(measure_memory(fn, setup, mode, fusion, q, layers, gather_index, fn_backend, device))
             except torch.cuda.OutOfMemoryError:
                 row = {**{k: row[k] for k in ("case", "shape", "backend", "mode", "frames", "L", "dtype")},
                        "status": "out of memory"}
@@ -146,7 +155,7 @@ def add_ratios(rows: list[dict], baseline=lambda r: r["backend"] == "reference")
     """speedup_vs_reference and memory ratios, against the baseline row of the same case/mode/frames."""
     ref = {(r["case"], r["mode"], r["frames"]): r for r in rows if baseline(r) and "median_ms" in r}
     for r in rows:
-        base = ref.get((r["case"], r["mode"], r["frames"]))
+        base = ref.get((r["case"], BASELINE_MODE.get(r["mode"], r["mode"]), r["frames"]))
         if base is None or "median_ms" not in r:
             continue
         r["speedup_vs_reference"] = base["median_ms"] / r["median_ms"]

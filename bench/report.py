@@ -15,18 +15,19 @@ def _mib(b) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("case", "mode", "frames", "L", "backend", "median ms", "p20-p80 ms", "TFLOP/s", "x vs ref",
+    head = ("case", "mode", "frames", "L", "backend", "median ms", "p20-p80 ms", "TFLOP/s", "% peak", "x vs ref",
             "saved MiB", "peak MiB", "mem vs ref")
     lines = [head]
     for r in rows:
         if "median_ms" not in r:
             lines.append((r["case"], r["mode"], str(r["frames"]), str(r["L"]), r["backend"], r.get("status", "-"),
-                          "", "", "", "", "", ""))
+                          "", "", "", "", "", "", ""))
             continue
         mem_ratio = r.get("peak_bytes_ratio_vs_reference") or r.get("saved_bytes_ratio_vs_reference")
         lines.append((
             r["case"], r["mode"], str(r["frames"]), str(r["L"]), r["backend"], f"{r['median_ms']:.2f}",
             f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}", f"{r['tflops']:.3f}" if "tflops" in r else "-",
+            f"{r['pct_of_matmul_peak']:.1f}" if "pct_of_matmul_peak" in r else "-",
             f"{r['speedup_vs_reference']:.2f}" if "speedup_vs_reference" in r else "-",
             _mib(r.get("saved_bytes")), _mib(r.get("peak_bytes")), f"{mem_ratio:.3f}" if mem_ratio else "-",
         ))
@@ -96,14 +97,16 @@ def write_plots(path: str, rows: list[dict], title: str) -> bool:
     for r in rows:
         if "median_ms" in r:
             series.setdefault((r["case"], r["backend"], r["mode"]), []).append(r)
+    backends = sorted({k[1] for k in series})
+    colour = {b: f"C{i}" for i, b in enumerate(backends)}  # one colour per backend, one line style per mode
+    style = {"fwdbwd": "-", "fwd": "--", "bwd": ":", "infer": "-."}
     for (case, backend, mode), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["frames"])
-        label = f"{backend} {mode}"
-        ls = "-" if mode == "fwdbwd" else "--"
-        ax_t.plot([r["frames"] for r in rs], [r["median_ms"] for r in rs], ls, marker="o", label=label)
+        kw = dict(color=colour[backend], linestyle=style.get(mode, "-"), marker="o", label=f"{backend} {mode}")
+        ax_t.plot([r["frames"] for r in rs], [r["median_ms"] for r in rs], **kw)
         mem = [(r["frames"], r.get("peak_bytes")) for r in rs if r.get("peak_bytes")]
         if mem:
-            ax_m.plot([f for f, _ in mem], [b / 2**20 for _, b in mem], ls, marker="o", label=label)
+            ax_m.plot([f for f, _ in mem], [b / 2**20 for _, b in mem], **kw)
     for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
         ax.set_xlabel("frames")
         ax.set_ylabel(ylabel)

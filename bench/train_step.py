@@ -34,20 +34,12 @@ BASELINE = "all_layers_dense"
 
 
 def _status(field: str) -> int:
+    """A memory field of /proc/self/status in bytes (-1 where unavailable)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _fuse_all_layers(self, q, images, gather_index, backend):
@@ -85,6 +77,8 @@ def run_child(args) -> dict:
     from geoalign.training.synthetic import make_colour_dataset
     from geoalign.training.trainer import GeoAlignTrainer
 
+    from .timing import reset_peak_rss
+
     layers_mode, backend = VARIANTS[args.variant]
     torch.manual_seed(0)
     tok = make_tokenizer()
@@ -114,7 +108,7 @@ def run_child(args) -> dict:
 
     gc.collect()
     rss_before = _status("VmRSS")
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak_rss()
     t0 = time.perf_counter()
     res = trainer.train()
     rec, hwm, t1 = records[0]
@@ -128,6 +122,45 @@ def run_child(args) -> dict:
                        "vggt_layer_width_Dprime": 2 * args.embed_dim, "bank_layers": list(fcfg.bank_layers),
                        "top_k": fcfg.top_k, "group_size": 4, "projector_hidden": args.projector_hidden,
                        "hidden_D": 64}}
+
+
+def run_variant(variant: str, frames: int, height: int = 280, embed_dim: int = 128, projector_hidden: int = 1024,
+                threads: int = 1) -> dict:
+    """One training step of `variant` in a fresh subprocess; returns its result dict."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as wd:
+        cmd = [sys.executable, "-m", __spec__.name, "--child", variant, "--workdir", wd, "--frames", str(frames),
+               "--height", str(height), "--embed-dim", str(embed_dim), "--projector-hidden", str(projector_hidden),
+               "--threads", str(threads)]
+        env = dict(os.environ)
+        env.pop("TRITON_INTERPRET", None)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if r.returncode != 0 or line is None:
+        print(r.stdout[-2000:], r.stderr[-4000:], file=sys.stderr)
+        raise RuntimeError(f"train-step variant {variant} failed (exit {r.returncode})")
+    return json.loads(line[len("RESULT "):])
+
+
+def run_train_case(frames: int, variants=("streaming_sparse", "all_layers_dense"), progress=None) -> list[dict]:
+    """`geoalign bench --case train` rows: one training step per variant (a single measurement, reps=1): its time
+    and its peak RSS above the RSS before the step, with ratios against all_layers_dense."""
+    from .fusion_case import add_ratios
+
+    rows = []
+    for v in variants:
+        if progress is not None:
+            progress(f"train frames={frames} {v}")
+        r = run_variant(v, frames)
+        ms = r["step_time_s"] * 1e3
+        rows.append({"case": "train", "backend": v, "mode": "step", "frames": frames,
+                     "L": r["shapes"]["visual_tokens_L"], "dtype": "float32", "median_ms": ms, "p20_ms": ms,
+                     "p80_ms": ms, "reps": 1, "peak_bytes": r["step_peak_over_before_bytes"], "loss": r["loss"],
+                     "shapes": r["shapes"]})
+    add_ratios(rows, baseline=lambda r: r["backend"] == BASELINE)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -147,27 +180,13 @@ def main(argv=None) -> int:
         args.variant = args.child
         print("RESULT " + json.dumps(run_child(args)))
         return 0
-    import tempfile
-
     import torch
 
-    results = []
     for v in args.variants.split(","):
         if v not in VARIANTS:
             p.error(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
-        with tempfile.TemporaryDirectory() as wd:
-            cmd = [sys.executable, "-m", "bench.train_step", "--child", v, "--workdir", wd, "--frames",
-                   str(args.frames), "--height", str(args.height), "--embed-dim", str(args.embed_dim),
-                   "--projector-hidden", str(args.projector_hidden), "--threads", str(args.threads)]
-            env = dict(os.environ)
-            env.pop("TRITON_INTERPRET", None)
-            repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env)
-            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if r.returncode != 0 or line is None:
-                print(r.stdout[-2000:], r.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"variant {v} failed (exit {r.returncode})")
-            results.append(json.loads(line[len("RESULT "):]))
+    results = [run_variant(v, args.frames, args.height, args.embed_dim, args.projector_hidden, args.threads)
+               for v in args.variants.split(",")]
     base = next((r for r in results if r["variant"] == BASELINE), None)
     mb = 2 ** 20
     print(f"{'variant':<20} {'RSS before':>11} {'peak (step)':>12} {'step delta':>11} {'vs baseline':>12} "

@@ -16,9 +16,10 @@ import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.geometry import VGGTAggregator, VGGTAggregatorConfig, build_gather_index
+from geoalign.memory import peak_rss_bytes, reset_peak_rss
 
 from .fusion_case import add_ratios
-from .timing import peak_rss_bytes, reset_peak_rss, time_fn
+from .timing import time_fn
 
 BANK = tuple(range(12, 24))
 

@@ -15,9 +15,9 @@ import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.geometry import build_gather_index
-from geoalign.memory import SavedTensorMeter
+from geoalign.memory import SavedTensorMeter, peak_rss_bytes, reset_peak_rss
 
-from .timing import peak_rss_bytes, reset_peak_rss, time_fn
+from .timing import time_fn
 
 # A 640x480 frame -> 518x392 for VGGT -> 28x37 patches; Qwen's even crop 28x36 -> 14x18 = 252 visual tokens.
 VGGT_GRID = (28, 37)

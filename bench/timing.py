@@ -1,4 +1,4 @@
-"""Timers and memory probes: CUDA events / triton.testing.do_bench on GPU, a repeated wall-clock timer on CPU."""
+"""Timers: CUDA events around each repetition on GPU, a repeated perf_counter timer on CPU; the device name."""
 from __future__ import annotations
 
 import os
@@ -54,35 +54,6 @@ def time_fn(fn: Callable, device: torch.device, setup: Callable | None = None, m
         spent += ms / 1e3
     return {"median_ms": statistics.median(times), "p20_ms": _quantile(times, 0.2), "p80_ms": _quantile(times, 0.8),
             "reps": len(times)}
-
-
-def reset_peak_rss() -> bool:
-    """Return freed heap memory to the OS (glibc malloc_trim) and reset the process's peak RSS (VmHWM) on Linux,
-    so the next peak measures only what follows; False where that is not possible."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident set size since the last reset_peak_rss(), from /proc/self/status (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def device_name(device: torch.device) -> str:

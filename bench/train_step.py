@@ -77,7 +77,7 @@ def run_child(args) -> dict:
     from geoalign.training.synthetic import make_colour_dataset
     from geoalign.training.trainer import GeoAlignTrainer
 
-    from .timing import reset_peak_rss
+    from geoalign.memory import reset_peak_rss
 
     layers_mode, backend = VARIANTS[args.variant]
     torch.manual_seed(0)

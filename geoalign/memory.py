@@ -33,3 +33,33 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+def reset_peak_rss() -> bool:
+    """Return freed heap memory to the OS (glibc malloc_trim) and reset the process's peak RSS (VmHWM) on Linux,
+    so the next peak measures only what follows; False where that is not possible."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident set size (since the last reset_peak_rss()), from /proc/self/status (Linux);
+    None where that file does not exist."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

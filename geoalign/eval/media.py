@@ -63,20 +63,10 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
     raise FileNotFoundError(f"no video or frame folder for scene {scene_id!r}; tried: " + "; ".join(tried))
 
 
-def _open_rgb(path: str):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path!r} (unreadable or corrupt): {e}") from e
-
-
 def load_frames(media: MediaRef, num_frames: int | None = 32) -> list:
     """``num_frames`` uniformly sampled RGB frames (uint8 ``[H, W, 3]`` arrays for videos, ``PIL``
     images for frame folders), ready for ``GeoAlignProcessor``; None: all frames."""
-    from geoalign.geometry.frames import load_video_frames, sample_frame_indices
+    from geoalign.geometry.frames import load_image, load_video_frames, sample_frame_indices
 
     if media.kind == "video":
         frames, _ = load_video_frames(media.path, num_frames)
@@ -85,5 +75,5 @@ def load_frames(media: MediaRef, num_frames: int | None = 32) -> list:
         files = list_frame_files(media.path)
         if not files:
             raise ValueError(f"frame folder {media.path!r} holds no .jpg/.png colour frames")
-        return [_open_rgb(files[i]) for i in sample_frame_indices(len(files), num_frames)]
+        return [load_image(files[i]) for i in sample_frame_indices(len(files), num_frames)]
     raise ValueError(f"unknown media kind {media.kind!r}")

@@ -168,8 +168,6 @@ def load_image_folder(path: str | os.PathLike, num_frames: int | None = None) ->
     Returns (PIL RGB images, indices into the sorted file list). RGBA is composited onto white, EXIF rotation is
     applied (as VGGT's load_fn does).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     p = os.fspath(path)
     if not os.path.isdir(p):
         raise FileNotFoundError(f"image folder not found: {p!r}")
@@ -177,19 +175,26 @@ def load_image_folder(path: str | os.PathLike, num_frames: int | None = None) ->
     if not files:
         raise ValueError(f"image folder {p!r} holds no images (expected extensions {IMAGE_EXTENSIONS})")
     indices = sample_frame_indices(len(files), num_frames)
-    images = []
-    for i in indices:
-        fp = os.path.join(p, files[i])
-        try:
-            with Image.open(fp) as im:
-                im = ImageOps.exif_transpose(im)
-                if im.mode == "RGBA":
-                    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                    im = Image.alpha_composite(bg, im)
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {fp!r} (unreadable or corrupt): {e}") from e
-    return images, indices
+    return [load_image(os.path.join(p, files[i])) for i in indices], indices
+
+
+def load_image(path: str):
+    """One image file as an RGB PIL image: EXIF orientation applied, transparent pixels composited onto white.
+    FileNotFoundError if missing, ValueError if unreadable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image not found: {path!r}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path!r} (unreadable or corrupt): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------- resizing

@@ -260,11 +260,11 @@ class GeoAlignSFTDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _source(self, rec: Record):
-        from ..geometry.frames import sample_frame_indices
+        from ..geometry.frames import load_image, sample_frame_indices
 
         if rec.media_kind == "images" and isinstance(rec.media, list):
             idx = sample_frame_indices(len(rec.media), self.num_frames)
-            return [_load_image(rec.media[i]) for i in idx]
+            return [load_image(rec.media[i]) for i in idx]
         return rec.media                            # a video file or an image folder: prepare_frames loads it
 
     def encode(self, rec: Record) -> dict[str, Any]:
@@ -302,22 +302,6 @@ class GeoAlignSFTDataset(torch.utils.data.Dataset):
                     logger.warning("skipping bad record: %s", e)
                 self.skipped[rec.id] = str(e)
         raise RuntimeError(f"every record failed to load ({len(self.skipped)} bad records)")
-
-
-def _load_image(path: str):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image not found: {path!r}")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode == "RGBA":
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path!r} (unreadable or corrupt): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------- collator

@@ -51,13 +51,11 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS (VmHWM)."""
     if device is not None and device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    from ..memory import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    if peak is not None:
+        return peak
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

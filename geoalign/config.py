@@ -4,10 +4,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+FEATURE_USAGES = ("dynamic", "single", "mean", "dense")
+BANK_SELECTIONS = ("latter", "former", "uniform", "explicit")
+PROJECTORS = ("shared", "split")
+FUSIONS = ("add", "film", "gated_2d", "gated_2d3d")
+GATE_GRANULARITIES = ("channel", "token")
+
+
+def select_bank_layers(selection: str, size: int, depth: int) -> tuple[int, ...]:
+    """Bank layer ids for a named selection of `size` layers out of an encoder of `depth` layers (ids from 0).
+
+    latter  the last `size` layers (paper default: 12..23 of 24)
+    former  the first `size` layers (0..size-1)
+    uniform every (depth/size)-th layer, ending at the last: floor((j+1)*depth/size) - 1 (12 of 24: 1, 3, ..., 23)
+    """
+    if not 1 <= size <= depth:
+        raise ValueError(f"GeoAlignConfig.bank_size must be in [1, geo_depth={depth}], got {size}")
+    if selection == "latter":
+        return tuple(range(depth - size, depth))
+    if selection == "former":
+        return tuple(range(size))
+    if selection == "uniform":
+        return tuple((j + 1) * depth // size - 1 for j in range(size))
+    raise ValueError(f"unknown bank_selection {selection!r}; expected one of {BANK_SELECTIONS}")
 
 
 @dataclass
@@ -24,20 +47,45 @@ class GeoAlignConfig:
     layer_norm_eps    eps of the per-layer LayerNorms
     backend           default backend: "auto" (triton on CUDA when available, else torch), "reference", "torch",
                       "triton", "cuda"
+
+    Ablation variants (paper Table 4; every default is the paper's choice):
+    feature_usage     "dynamic" (Top-K routing), "single" (one fixed bank layer, ``single_layer``), "mean" (uniform
+                      average over the bank), "dense" (softmax over all M, no Top-K). top_k is used by "dynamic" only.
+    single_layer      VGGT layer id used by feature_usage="single" (paper: 22); must be in the bank
+    bank_selection    how bank_layers is derived: "latter" (default), "former", "uniform" half/``bank_size`` of
+                      ``geo_depth`` layers; "explicit" = bank_layers as given. Passing bank_layers alone means
+                      "explicit"; passing both requires them to agree. bank_layers is the one resolved truth.
+    bank_size         M for a derived selection (default geo_depth // 2)
+    geo_depth         number of layers of the geometry encoder (VGGT: 24) for derived selections
+    projector         "shared" (one f_phi: ``projector.fc1/fc2``) or "split" (one per bank layer: ``projectors.{i}``)
+    fusion            eq. 8 variant: "add" Q + W_out F; "film" Q*(1 + W_s F) + W_out F; "gated_2d"
+                      Q + W_out(sigmoid(W_g Q + b_g) * F); "gated_2d3d" Q + W_out(sigmoid(W_g [Q; F] + b_g) * F)
+    gate_granularity  gated fusions only: "channel" (a D-wide gate) or "token" (one scalar gate per visual token)
+    injection_layers  () = before the LLM (default); else LLM decoder layer ids whose input visual hidden states
+                      are the queries and are replaced by Q_hat (paper: early 9, mid 18, late 27, multi (9, 18, 27))
     """
 
     hidden_size: int = 2048
     geo_dim: int = 2048
-    bank_layers: Sequence[int] = field(default_factory=lambda: tuple(range(12, 24)))
+    bank_layers: Sequence[int] | None = None  # resolved in __post_init__ (default: latter half = 12..23)
     top_k: int = 2
     group_size: int = 4
     projector_hidden: int = 4096
     router_hidden: int = 512
     layer_norm_eps: float = 1e-5
     backend: str = "auto"
+    feature_usage: str = "dynamic"
+    single_layer: int | None = None
+    bank_selection: str | None = None
+    bank_size: int | None = None
+    geo_depth: int = 24
+    projector: str = "shared"
+    fusion: str = "add"
+    gate_granularity: str = "channel"
+    injection_layers: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        self.bank_layers = tuple(int(i) for i in self.bank_layers)
+        self._resolve_bank()
         for name in ("hidden_size", "geo_dim", "top_k", "group_size", "projector_hidden", "router_hidden"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -57,6 +105,81 @@ class GeoAlignConfig:
         self.layer_norm_eps = float(self.layer_norm_eps)
         if self.backend not in BACKENDS:
             raise ValueError(f"GeoAlignConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        self._check_variants()
+
+    def _resolve_bank(self) -> None:
+        """One source of truth: bank_layers, derived from (bank_selection, bank_size, geo_depth) unless explicit."""
+        for name in ("geo_depth",) + (("bank_size",) if self.bank_size is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GeoAlignConfig.{name} must be a positive int, got {value!r}")
+        sel = self.bank_selection
+        if sel is not None and sel not in BANK_SELECTIONS:
+            raise ValueError(f"GeoAlignConfig.bank_selection must be one of {BANK_SELECTIONS}, got {sel!r}")
+        if self.bank_layers is None:
+            if sel == "explicit":
+                raise ValueError("GeoAlignConfig.bank_selection='explicit' needs bank_layers")
+            sel = sel or "latter"
+            size = self.bank_size if self.bank_size is not None else self.geo_depth // 2
+            self.bank_layers = select_bank_layers(sel, size, self.geo_depth)
+        else:
+            self.bank_layers = tuple(int(i) for i in self.bank_layers)
+            if sel is None:
+                sel = "explicit"
+            elif sel != "explicit":
+                size = self.bank_size if self.bank_size is not None else len(self.bank_layers)
+                derived = select_bank_layers(sel, size, self.geo_depth)
+                if derived != self.bank_layers:
+                    raise ValueError(f"GeoAlignConfig.bank_layers {list(self.bank_layers)} disagrees with "
+                                     f"bank_selection={sel!r} (bank_size={size}, geo_depth={self.geo_depth}): "
+                                     f"{list(derived)}; pass one or the other")
+            if self.bank_size is not None and self.bank_size != len(self.bank_layers):
+                raise ValueError(f"GeoAlignConfig.bank_size={self.bank_size} disagrees with bank_layers "
+                                 f"{list(self.bank_layers)} (M={len(self.bank_layers)})")
+        self.bank_selection = sel
+        self.bank_size = len(self.bank_layers)
+
+    def _check_variants(self) -> None:
+        for name, allowed in (("feature_usage", FEATURE_USAGES), ("projector", PROJECTORS), ("fusion", FUSIONS),
+                              ("gate_granularity", GATE_GRANULARITIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GeoAlignConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.feature_usage == "single":
+            if self.single_layer is None:
+                raise ValueError("GeoAlignConfig.feature_usage='single' needs single_layer (a VGGT layer id in "
+                                 f"bank_layers {list(self.bank_layers)}; the paper uses 22)")
+            if isinstance(self.single_layer, bool) or not isinstance(self.single_layer, int):
+                raise ValueError(f"GeoAlignConfig.single_layer must be an int, got {self.single_layer!r}")
+            if self.single_layer not in self.bank_layers:
+                raise ValueError(f"GeoAlignConfig.single_layer={self.single_layer} is not in the bank "
+                                 f"{list(self.bank_layers)}")
+        elif self.single_layer is not None:
+            raise ValueError(f"GeoAlignConfig.single_layer is only used by feature_usage='single', got "
+                             f"feature_usage={self.feature_usage!r} with single_layer={self.single_layer}")
+        if self.gate_granularity != "channel" and not self.fusion.startswith("gated"):
+            raise ValueError(f"GeoAlignConfig.gate_granularity={self.gate_granularity!r} needs a gated fusion "
+                             f"('gated_2d' or 'gated_2d3d'), got fusion={self.fusion!r}")
+        inj = tuple(self.injection_layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in inj):
+            raise ValueError(f"GeoAlignConfig.injection_layers must be non-negative LLM decoder layer ids, got {inj}")
+        if len(set(inj)) != len(inj):
+            raise ValueError(f"GeoAlignConfig.injection_layers has repeated layers: {inj}")
+        self.injection_layers = tuple(sorted(inj))
+
+    @property
+    def routed_k(self) -> int:
+        """Number of bank layers each token uses: K for "dynamic", 1 for "single", M for "mean" and "dense"."""
+        return {"dynamic": self.top_k, "single": 1}.get(self.feature_usage, self.num_bank_layers)
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the fusion has a router f_theta ("dynamic" and "dense" feature usage)."""
+        return self.feature_usage in ("dynamic", "dense")
+
+    @property
+    def is_paper_default_path(self) -> bool:
+        """Shared projector + residual add: the output stage is W_out (W2 h_bar + b2) (fast output kernels apply)."""
+        return self.projector == "shared" and self.fusion == "add"
 
     @property
     def num_bank_layers(self) -> int:
@@ -66,6 +189,7 @@ class GeoAlignConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bank_layers"] = list(self.bank_layers)
+        d["injection_layers"] = list(self.injection_layers)
         return d
 
     @classmethod

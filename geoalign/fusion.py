@@ -12,15 +12,25 @@ One module, three backends (``reference``, ``torch``, ``triton``) behind one int
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from .backends import get_sparse_backend, resolve_backend_name
-from .backends.reference import ReferenceStream, reference_route
+from .backends.reference import ReferenceStream, inject, reference_route
 from .config import GeoAlignConfig
-from .routing import Routing, bank_rows
+from .routing import Routing, bank_rows, route_fixed
+
+logger = logging.getLogger(__name__)
+_NOTICED: set = set()
+
+
+def _notice_once(key, message: str) -> None:
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        logger.info(message)
 
 
 class _MLP(nn.Module):
@@ -62,11 +72,24 @@ class FusionStream:
                                  "eqs. 1-8 literally")
             self._reference = ReferenceStream(fusion, q, gather_index)
             return
+        cfg = fusion.config
+        if fold_output and not cfg.is_paper_default_path:
+            raise ValueError(f"fold_output folds W_out.W2 and needs projector='shared' and fusion='add', got "
+                             f"projector={cfg.projector!r}, fusion={cfg.fusion!r}")
         self._backend = get_sparse_backend(backend, bool(fold_output))
-        self.routing = self._backend.route(fusion, q)
+        # Top-K routes from the backend's router; single/mean/dense are the same bank op with fixed routes (exact)
+        self.routing = self._backend.route(fusion, q) if cfg.feature_usage == "dynamic" else route_fixed(fusion, q)
         rows_fn = getattr(self._backend, "bank_rows", None)  # the cuda backend builds the row lists on device
         self._rows = rows_fn(self.routing.topk_idx, M) if rows_fn else bank_rows(self.routing.topk_idx, M)
-        self._h_bar = self._backend.new_accumulator(fusion, q)
+        if cfg.projector == "shared":
+            self._h_bar = self._backend.new_accumulator(fusion, q)
+        else:  # split: W2 differs per layer, so accumulate each layer's W2 output into F_hat [L, D] (fp32/fp64)
+            self._h_bar = None
+            self._f_hat = torch.zeros(q.shape[0], cfg.hidden_size, dtype=self.routing.alpha.dtype, device=q.device)
+        if backend != "torch" and not cfg.is_paper_default_path:
+            _notice_once((backend, cfg.projector, cfg.fusion),
+                         f"geoalign: backend {backend!r} runs the bank for projector={cfg.projector!r}, "
+                         f"fusion={cfg.fusion!r}; the output stage (W2 / eq. 8 variant, L rows) runs in torch")
 
     def add(self, i: int, layer: torch.Tensor) -> None:
         """Consume bank layer i: ``layer`` [N, D'] holds the raw VGGT patch rows that gather_index points into."""
@@ -83,8 +106,22 @@ class FusionStream:
             self._reference.add(i, layer)
             return
         tokens, slots = self._rows.layer(i)
-        self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, self.routing.alpha, i, layer, tokens,
-                                               slots, self.gather_index)
+        if self._h_bar is not None:
+            self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, self.routing.alpha, i, layer, tokens,
+                                                   slots, self.gather_index)
+            return
+        # split projector: layer i's pairs into their own [n_i, H] accumulator (rows renumbered 0..n_i-1), then
+        # F_hat[t] += W2_i h_i + alpha b2_i for those tokens (exact: sum_k alpha = 1 is not needed here)
+        n = tokens.numel()
+        alpha = self.routing.alpha[tokens, slots].unsqueeze(1)  # [n, 1], differentiable
+        rows = torch.arange(n, device=tokens.device)
+        h_i = torch.zeros(n, self.fusion.config.projector_hidden, dtype=alpha.dtype, device=alpha.device)
+        h_i = self._backend.accumulate(self.fusion, h_i, alpha, i, layer, rows, torch.zeros_like(rows),
+                                       self.gather_index[tokens])
+        fc2 = self.fusion.projectors[i].fc2
+        dtype = fc2.weight.dtype
+        contrib = nn.functional.linear(h_i.to(dtype), fc2.weight) + alpha.to(dtype) * fc2.bias
+        self._f_hat = self._f_hat.index_add(0, tokens, contrib.to(self._f_hat.dtype))
 
     def finish(self) -> tuple[torch.Tensor, Routing]:
         """Q_hat [L, D] and the Routing. Every bank layer must have been added."""
@@ -97,8 +134,16 @@ class FusionStream:
         self._finished = True
         if self.backend_name == "reference":
             return self._reference.finish()
-        q_hat = self._backend.output(self.fusion, self.q, self._h_bar)
-        self._h_bar = None
+        cfg = self.fusion.config
+        if cfg.is_paper_default_path:
+            q_hat = self._backend.output(self.fusion, self.q, self._h_bar)
+        else:
+            if cfg.projector == "shared":
+                f_hat = self.fusion.projector.fc2(self._h_bar.to(self.q.dtype))  # sum_k alpha = 1: b2 after the sum
+            else:
+                f_hat = self._f_hat.to(self.q.dtype)
+            q_hat = inject(self.fusion, self.q, f_hat)
+        self._h_bar = self._f_hat = None
         return q_hat, self.routing
 
 
@@ -109,18 +154,38 @@ class GeoAlignFusion(nn.Module):
     projector.fc1 [H, G*D'], fc2 [D, H] shared projector f_phi (exact GELU between)
     router.fc1 [R, D], fc2 [M, R]       router f_theta on Q (exact GELU between)
     out_proj [D, D] (no bias)           W_out
+
+    Table 4 variants (config options) change only these:
+    projector="split"                   projectors.{i}.fc1/fc2 (one MLP per bank layer) instead of projector.*
+    feature_usage="single"/"mean"       no router
+    fusion="film"                       + film_scale [D, D] (no bias); out_proj is W_shift
+    fusion="gated_2d"/"gated_2d3d"      + gate [D or 1, D] / [D or 1, 2D] with bias (width 1: gate_granularity="token")
     """
 
     def __init__(self, config: GeoAlignConfig | None = None):
         super().__init__()
         self.config = config = config if config is not None else GeoAlignConfig()
         M, G = config.num_bank_layers, config.group_size
+        D = config.hidden_size
         self.layer_norms = nn.ModuleList(nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps) for _ in range(M))
-        self.projector = _MLP(G * config.geo_dim, config.projector_hidden, config.hidden_size)
-        self.router = _MLP(config.hidden_size, config.router_hidden, M)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        if config.projector == "shared":
+            self.projector = _MLP(G * config.geo_dim, config.projector_hidden, D)
+        else:
+            self.projectors = nn.ModuleList(_MLP(G * config.geo_dim, config.projector_hidden, D) for _ in range(M))
+        if config.has_router:
+            self.router = _MLP(D, config.router_hidden, M)
+        self.out_proj = nn.Linear(D, D, bias=False)
+        if config.fusion == "film":
+            self.film_scale = nn.Linear(D, D, bias=False)
+        elif config.fusion in ("gated_2d", "gated_2d3d"):
+            width = D if config.gate_granularity == "channel" else 1
+            self.gate = nn.Linear(D if config.fusion == "gated_2d" else 2 * D, width)
         #: check q for NaN/inf on every call (one reduction and one device sync); switch off when compiling
         self.check_finite = True
+
+    def projector_for(self, i: int) -> _MLP:
+        """The projector MLP of bank position i: the shared f_phi, or layer i's own with projector="split"."""
+        return self.projector if self.config.projector == "shared" else self.projectors[i]
 
     # ----------------------------------------------------------------------------------------------- interface
     def forward(self, q: torch.Tensor, layers: Iterable[torch.Tensor], gather_index: torch.Tensor,
@@ -153,6 +218,8 @@ class GeoAlignFusion(nn.Module):
         if name == "reference":
             topk_idx, alpha = reference_route(self, q)
             return Routing(topk_idx, alpha.gather(1, topk_idx))
+        if self.config.feature_usage != "dynamic":
+            return route_fixed(self, q)
         return get_sparse_backend(name).route(self, q)
 
     # ----------------------------------------------------------------------------------------------- checks

@@ -50,3 +50,28 @@ def bank_rows(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
     counts = torch.bincount(flat, minlength=num_layers)
     offsets = [0] + torch.cumsum(counts, 0).tolist()
     return BankRows(tokens=order // K, slots=order % K, offsets=offsets)
+
+
+def route_fixed(fusion, q: torch.Tensor) -> Routing:
+    """Routes of the non-Top-K feature usages (paper Table 4), exact and in plain torch, for the fast paths.
+
+    single  topk_idx [L, 1] = the single layer's bank position, alpha = 1
+    mean    topk_idx [L, M] = 0..M-1, alpha = 1/M
+    dense   topk_idx [L, M] = 0..M-1, alpha = softmax over all M router logits (fp32; fp64 for fp64 q)
+    alpha is fp32 (fp64 for fp64 q), like the Top-K routers' alpha.
+    """
+    cfg = fusion.config
+    L, M = q.shape[0], cfg.num_bank_layers
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    usage = cfg.feature_usage
+    if usage == "single":
+        pos = cfg.bank_layers.index(cfg.single_layer)
+        return Routing(torch.full((L, 1), pos, dtype=torch.int64, device=q.device),
+                       torch.ones(L, 1, dtype=acc, device=q.device))
+    idx = torch.arange(M, device=q.device).expand(L, M).contiguous()
+    if usage == "mean":
+        return Routing(idx, torch.full((L, M), 1.0 / M, dtype=acc, device=q.device))
+    if usage == "dense":
+        logits = fusion.router(q)
+        return Routing(idx, torch.softmax(logits.to(acc), dim=-1))
+    raise ValueError(f"route_fixed serves feature_usage 'single', 'mean', 'dense', got {usage!r}")

@@ -24,15 +24,16 @@ class Shape:
     def __str__(self) -> str:
         return f"L{self.L}-M{self.M}-K{self.K}-G{self.G}-D{self.D}-Dg{self.Dg}-H{self.H}"
 
-    def config(self) -> GeoAlignConfig:
+    def config(self, **options) -> GeoAlignConfig:
+        """options: GeoAlignConfig variant options (feature_usage, projector, fusion, ...)."""
         return GeoAlignConfig(hidden_size=self.D, geo_dim=self.Dg, bank_layers=tuple(range(self.M)), top_k=self.K,
-                              group_size=self.G, projector_hidden=self.H, router_hidden=self.R)
+                              group_size=self.G, projector_hidden=self.H, router_hidden=self.R, **options)
 
 
-def make_fusion(shape: Shape, dtype: torch.dtype, seed: int = 0, device="cpu") -> GeoAlignFusion:
-    """A fusion module with every parameter freshly random (LayerNorm affine included)."""
+def make_fusion(shape: Shape, dtype: torch.dtype, seed: int = 0, device="cpu", **options) -> GeoAlignFusion:
+    """A fusion module with every parameter freshly random (LayerNorm affine included); options: config variants."""
     torch.manual_seed(seed)
-    fusion = GeoAlignFusion(shape.config())
+    fusion = GeoAlignFusion(shape.config(**options))
     with torch.no_grad():
         for p in fusion.parameters():
             p.copy_(torch.randn_like(p) * (1.0 / max(p.shape[-1], 1) ** 0.5) if p.dim() == 2 else torch.randn_like(p))
@@ -40,7 +41,8 @@ def make_fusion(shape: Shape, dtype: torch.dtype, seed: int = 0, device="cpu") -
             ln.weight.copy_(1.0 + 0.5 * torch.randn_like(ln.weight))
             ln.bias.copy_(0.5 * torch.randn_like(ln.bias))
         # larger router logits spread so Top-K is well separated (ties are tested explicitly elsewhere)
-        fusion.router.fc2.weight.mul_(4.0)
+        if hasattr(fusion, "router"):
+            fusion.router.fc2.weight.mul_(4.0)
     return fusion.to(device=device, dtype=dtype)
 
 

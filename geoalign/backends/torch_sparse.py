@@ -115,7 +115,7 @@ class TorchBackend:
 
     def accumulate(self, fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
         norm = fusion.layer_norms[i]
-        fc1 = fusion.projector.fc1
+        fc1 = fusion.projector_for(i).fc1  # shared f_phi, or layer i's own with projector="split"
         return BankAccumulate.apply(h_bar, alpha, norm.weight, norm.bias, fc1.weight, fc1.bias, layer,
                                     tokens, slots, gather_index, fusion.config.layer_norm_eps)
 

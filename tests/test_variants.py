@@ -1,0 +1,225 @@
+"""The paper's Table 4 ablation variants and GAP-MLLM-style gated fusion as GeoAlignConfig options.
+
+Each fast path (torch; triton under the interpreter at tiny shapes) is checked against the reference backend, which
+implements every variant literally (dense bank, dense alpha): outputs, routing, and gradients of q and of every
+parameter. Tolerances as in test_parity.py. A parameter the fast path leaves without a gradient (a split projector's
+fc1 for a layer no token was routed to) must have an exactly zero reference gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion_cases import Shape, fast_backends, make_fusion, make_inputs, run_backend
+from geoalign import GeoAlignConfig, GeoAlignFusion
+from geoalign.config import select_bank_layers
+
+TOL = {torch.float64: 1e-12, torch.float32: 5e-5}
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff if scale == 0.0 else diff / scale
+
+
+def assert_parity(fast, ref, tol, label):
+    q_hat, routing, dq, grads = fast
+    r_q_hat, r_routing, r_dq, r_grads = ref
+    assert torch.equal(routing.topk_idx, r_routing.topk_idx), f"{label}: routes differ"
+    assert rel_err(routing.alpha, r_routing.alpha) <= tol, f"{label}: alpha"
+    assert torch.isfinite(q_hat).all()
+    assert rel_err(q_hat, r_q_hat) <= tol, f"{label}: q_hat err {rel_err(q_hat, r_q_hat):.3g}"
+    assert rel_err(dq, r_dq) <= tol, f"{label}: dq err {rel_err(dq, r_dq):.3g}"
+    assert grads.keys() == r_grads.keys()
+    for name, g in grads.items():
+        r = r_grads[name]
+        assert r is not None, f"{label}: reference has no gradient for {name}"
+        if g is None:
+            assert not r.any(), f"{label}: {name} has no fast-path gradient but a non-zero reference one"
+            continue
+        assert rel_err(g, r) <= tol, f"{label}: d{name} err {rel_err(g, r):.3g}"
+
+
+def check(backend, dtype, shape, **options):
+    fusion = make_fusion(shape, dtype, **options)
+    q, layers, gather_index = make_inputs(shape, dtype)
+    grad_out = torch.randn(q.shape, dtype=dtype, generator=torch.Generator().manual_seed(7))
+    ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
+    fast = run_backend(fusion, backend, q, layers, gather_index, grad_out)
+    assert_parity(fast, ref, TOL[dtype], f"{backend}/{dtype}/{shape}/{options}")
+    return fusion
+
+
+S = Shape(L=13, M=5, K=2, G=4)
+S8 = Shape(L=9, M=4, K=3, G=8, D=16, Dg=12, H=20, R=8)
+
+VARIANTS = {
+    "single": dict(feature_usage="single", single_layer=3),
+    "mean": dict(feature_usage="mean"),
+    "dense": dict(feature_usage="dense"),
+    "split": dict(projector="split"),
+    "film": dict(fusion="film"),
+    "gated_2d": dict(fusion="gated_2d"),
+    "gated_2d3d": dict(fusion="gated_2d3d"),
+    "gated_2d_token": dict(fusion="gated_2d", gate_granularity="token"),
+    "gated_2d3d_token": dict(fusion="gated_2d3d", gate_granularity="token"),
+    "split_mean_film": dict(projector="split", feature_usage="mean", fusion="film"),
+    "split_single_gated": dict(projector="split", feature_usage="single", single_layer=0, fusion="gated_2d3d"),
+    "dense_split_gated_token": dict(feature_usage="dense", projector="split", fusion="gated_2d",
+                                    gate_granularity="token"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_torch_variant_parity(variant, dtype):
+    check("torch", dtype, S, **VARIANTS[variant])
+    check("torch", dtype, S8, **{**VARIANTS[variant], **({"single_layer": 2} if "single_layer" in VARIANTS[variant]
+                                                          else {})})
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_triton_variant_parity(variant):
+    if "triton" not in fast_backends():
+        pytest.skip("triton is not available here")
+    check("triton", torch.float32, Shape(L=7, M=3, K=2, G=4, D=16, Dg=12, H=20, R=8),
+          **{**VARIANTS[variant], **({"single_layer": 1} if "single_layer" in VARIANTS[variant] else {})})
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5])
+def test_any_k(K):
+    check("torch", torch.float64, Shape(L=11, M=5, K=K, G=4))
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_any_k_triton(K):
+    if "triton" not in fast_backends():
+        pytest.skip("triton is not available here")
+    check("triton", torch.float32, Shape(L=7, M=3, K=K, G=4, D=16, Dg=12, H=20, R=8))
+
+
+def test_routes_of_fixed_usages():
+    shape = Shape(L=6, M=4, K=2, G=4)
+    q, _, _ = make_inputs(shape, torch.float32)
+    single = make_fusion(shape, torch.float32, feature_usage="single", single_layer=2)
+    for backend in ["reference"] + fast_backends():
+        r = single.route(q, backend=backend)
+        assert r.topk_idx.tolist() == [[2]] * 6 and torch.equal(r.alpha, torch.ones(6, 1))
+        r = make_fusion(shape, torch.float32, feature_usage="mean").route(q, backend=backend)
+        assert r.topk_idx.tolist() == [[0, 1, 2, 3]] * 6 and torch.allclose(r.alpha, torch.full((6, 4), 0.25))
+    assert not hasattr(single, "router")  # single/mean have no router parameters
+
+
+def test_mean_equals_uniform_dense_softmax():
+    """mean == dense with a constant router (equal logits -> softmax 1/M)."""
+    shape = Shape(L=8, M=4, K=2, G=4)
+    q, layers, gi = make_inputs(shape, torch.float64)
+    mean = make_fusion(shape, torch.float64, feature_usage="mean")
+    dense = make_fusion(shape, torch.float64, feature_usage="dense")
+    dense.load_state_dict(mean.state_dict(), strict=False)
+    with torch.no_grad():
+        dense.router.fc2.weight.zero_()
+        dense.router.fc2.bias.zero_()
+        assert rel_err(dense(q, layers, gi), mean(q, layers, gi)) <= 1e-12
+
+
+def test_default_parameter_names_unchanged():
+    names = [n for n, _ in GeoAlignFusion(Shape(L=1, M=3, K=2, G=4).config()).named_parameters()]
+    assert names == ["layer_norms.0.weight", "layer_norms.0.bias", "layer_norms.1.weight", "layer_norms.1.bias",
+                     "layer_norms.2.weight", "layer_norms.2.bias", "projector.fc1.weight", "projector.fc1.bias",
+                     "projector.fc2.weight", "projector.fc2.bias", "router.fc1.weight", "router.fc1.bias",
+                     "router.fc2.weight", "router.fc2.bias", "out_proj.weight"]
+    split = GeoAlignFusion(Shape(L=1, M=3, K=2, G=4).config(projector="split", fusion="gated_2d3d",
+                                                               gate_granularity="token"))
+    sd = split.state_dict()
+    assert "projectors.2.fc1.weight" in sd and "projector.fc1.weight" not in sd
+    assert tuple(sd["gate.weight"].shape) == (1, 48)
+
+
+# ------------------------------------------------------------------------------------------------- bank selection
+def test_bank_selection():
+    assert GeoAlignConfig().bank_layers == tuple(range(12, 24))
+    assert GeoAlignConfig().bank_selection == "latter"
+    assert GeoAlignConfig(bank_selection="former").bank_layers == tuple(range(12))
+    assert GeoAlignConfig(bank_selection="uniform").bank_layers == tuple(range(1, 24, 2))
+    assert GeoAlignConfig(bank_selection="uniform", bank_size=5).bank_layers == (3, 8, 13, 18, 23)
+    assert GeoAlignConfig(bank_selection="latter", bank_size=4, geo_depth=6, top_k=2).bank_layers == (2, 3, 4, 5)
+    assert GeoAlignConfig(bank_selection="uniform", bank_size=24).bank_layers == tuple(range(24))
+    cfg = GeoAlignConfig(bank_layers=[3, 7, 9])
+    assert cfg.bank_selection == "explicit" and cfg.num_bank_layers == 3 and cfg.bank_size == 3
+    # both given and consistent is fine (this is what a saved config holds)
+    assert GeoAlignConfig(bank_layers=range(12), bank_selection="former").bank_layers == tuple(range(12))
+    for sel in ("latter", "former", "uniform"):
+        for size in (1, 3, 12, 24):
+            layers = select_bank_layers(sel, size, 24)
+            assert len(set(layers)) == size and all(0 <= i < 24 for i in layers)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=13), "top_k must be <= the number of bank layers M=12, got K=13"),
+    (dict(bank_selection="former", bank_size=3, top_k=4), "top_k must be <= the number of bank layers M=3"),
+    (dict(bank_selection="sideways"), "bank_selection must be one of"),
+    (dict(bank_selection="explicit"), "needs bank_layers"),
+    (dict(bank_layers=[1, 2, 3], bank_selection="latter"), "disagrees with bank_selection"),
+    (dict(bank_layers=[1, 2, 3], bank_size=4), "bank_size=4 disagrees"),
+    (dict(bank_size=25), r"bank_size must be in \[1, geo_depth=24\]"),
+    (dict(bank_size=0), "bank_size must be a positive int"),
+    (dict(feature_usage="sparse"), "feature_usage must be one of"),
+    (dict(feature_usage="single"), "needs single_layer"),
+    (dict(feature_usage="single", single_layer=5), r"single_layer=5 is not in the bank"),
+    (dict(single_layer=22), "only used by feature_usage='single'"),
+    (dict(projector="per-layer"), "projector must be one of"),
+    (dict(fusion="concat"), "fusion must be one of"),
+    (dict(gate_granularity="token"), "needs a gated fusion"),
+    (dict(fusion="film", gate_granularity="token"), "needs a gated fusion"),
+    (dict(gate_granularity="pixel", fusion="gated_2d"), "gate_granularity must be one of"),
+    (dict(injection_layers=[3, 3]), "repeated"),
+    (dict(injection_layers=[-1]), "non-negative"),
+])
+def test_invalid_combinations(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GeoAlignConfig(**kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(projector="split"), dict(fusion="gated_2d")])
+def test_fold_output_needs_shared_add(options):
+    shape = Shape(L=4, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32, **options)
+    q, layers, gi = make_inputs(shape, torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="fold_output folds W_out.W2"):
+        fusion(q, layers, gi, backend="torch", fold_output=True)
+
+
+# ------------------------------------------------------------------------------------------------- save / load
+ROUND_TRIP = [
+    dict(),
+    dict(feature_usage="single", single_layer=22),
+    dict(feature_usage="dense", bank_selection="uniform", bank_size=6),
+    dict(feature_usage="mean", bank_selection="former", projector="split", fusion="film"),
+    dict(fusion="gated_2d3d", gate_granularity="token", injection_layers=[27, 9, 18], top_k=3),
+    dict(bank_layers=[0, 5, 23], top_k=1, fusion="gated_2d"),
+]
+
+
+@pytest.mark.parametrize("options", ROUND_TRIP, ids=str)
+def test_config_round_trip(tmp_path, options):
+    cfg = GeoAlignConfig(**options)
+    cfg.save_pretrained(tmp_path)
+    back = GeoAlignConfig.from_pretrained(tmp_path)
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+
+
+def test_fusion_save_load(tmp_path):
+    from geoalign.modeling import load_fusion, save_fusion
+
+    shape = Shape(L=5, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32, projector="split", fusion="gated_2d3d", gate_granularity="token",
+                         feature_usage="dense")
+    save_fusion(fusion, tmp_path)
+    back = load_fusion(tmp_path)
+    assert back.config == fusion.config
+    q, layers, gi = make_inputs(shape, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(back(q, layers, gi), fusion(q, layers, gi))

@@ -15,6 +15,15 @@ Per sample b (samples are ordered sample-major, then image-major in Qwen's visua
 * Q_hat_b = ``stream.finish()``.
 
 VGGT runs only when Qwen's vision tower runs, i.e. once at prefill in ``generate()``, never per decoded token.
+
+Injection inside the LLM (``fusion.config.injection_layers``, paper Table 4 "Injection Position"): the vision tower's
+output goes to the LLM unchanged; at prefill the tower hook runs VGGT once per sample and keeps the M bank layers.
+A forward pre-hook on each chosen decoder layer ``qwen.model.language_model.layers[j]`` takes that layer's input
+hidden states at the visual-token positions (``input_ids == image_token_id`` / ``video_token_id``) as the router
+queries Q and replaces them by Q_hat (one fusion module shared by all chosen layers). In cached decoding steps the
+hidden states have no visual positions (their length differs from the prompt's), and the hook does nothing. The
+kept layers live until the next forward (so checkpointed decoder layers can recompute in backward); at inference
+they are dropped when the call returns.
 """
 from __future__ import annotations
 
@@ -150,6 +159,19 @@ class _Pending:
     backend: str | None
     kind: str          # "image" or "video": the pixel input Qwen will encode
     used: bool = False
+    visual_mask: torch.Tensor | None = None   # [B, T] bool, visual-token positions (in-LLM injection only)
+
+
+@dataclass
+class _Injection:
+    """Geometry kept for in-LLM injection: per sample the M bank layers [N_b, D'] and gather_index [L_b, G]."""
+    visual_mask: torch.Tensor                  # [B, T] bool; True rows are the visual tokens, sample-major
+    samples: list[tuple[list[torch.Tensor], torch.Tensor]]
+    backend: str | None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(gi.shape[0]) for _, gi in self.samples)
 
 
 def _visual_of(qwen: nn.Module) -> nn.Module:
@@ -160,6 +182,16 @@ def _visual_of(qwen: nn.Module) -> nn.Module:
     if visual is None:
         raise TypeError(f"cannot find the vision tower of {type(qwen).__name__} (expected .model.visual or .visual)")
     return visual
+
+
+def _decoder_layers(qwen: nn.Module) -> nn.ModuleList:
+    """``qwen.model.language_model.layers`` (transformers 5.x Qwen2.5-VL), the decoder blocks the hooks go on."""
+    lm = getattr(getattr(qwen, "model", None), "language_model", None)
+    layers = getattr(lm, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find the decoder layers of {type(qwen).__name__} "
+                        "(expected .model.language_model.layers)")
+    return layers
 
 
 def _check_local_dir(path: str | os.PathLike, what: str, must_have: Sequence[str] = ()) -> str:
@@ -224,6 +256,30 @@ class GeoAlignForConditionalGeneration(nn.Module):
         self._pending: _Pending | None = None
         self._bypass = False
         self._hook = _visual_of(qwen).register_forward_hook(self._visual_hook, with_kwargs=True)
+        self._injection: _Injection | None = None
+        self._decoder_hooks: list = []
+        self._install_injection_hooks()
+
+    def _install_injection_hooks(self) -> None:
+        """(Re)register the forward pre-hooks on the decoder layers named by fusion.config.injection_layers."""
+        for h in self._decoder_hooks:
+            h.remove()
+        self._decoder_hooks = []
+        self._injection = None
+        cfg = self.fusion.config
+        if not cfg.injection_layers:
+            return
+        layers = _decoder_layers(self.qwen)
+        bad = [j for j in cfg.injection_layers if j >= len(layers)]
+        if bad:
+            raise ValueError(f"fusion injection_layers {list(cfg.injection_layers)}: {bad} out of range for the "
+                             f"LLM's {len(layers)} decoder layers")
+        text_hidden = _text_hidden_size(self.qwen.config)
+        if cfg.hidden_size != text_hidden:
+            raise ValueError(f"in-LLM injection needs fusion hidden_size == the LLM width {text_hidden}, "
+                             f"got {cfg.hidden_size}")
+        for j in cfg.injection_layers:
+            self._decoder_hooks.append(layers[j].register_forward_pre_hook(self._decoder_hook, with_kwargs=True))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -354,12 +410,15 @@ class GeoAlignForConditionalGeneration(nn.Module):
                 max(fusion.config.bank_layers) >= self.vggt.depth:
             raise ValueError(f"fusion in {os.fspath(directory)!r} ({fusion.config}) does not fit this model")
         self.fusion = fusion
+        self._install_injection_hooks()
 
     # ------------------------------------------------------------------ geometry
     @contextlib.contextmanager
     def geometry(self, vggt_pixel_values, gather_index=None, *, pixel_values=None, pixel_values_videos=None,
-                 backend: str | None = None) -> Iterator[None]:
-        """Context in which Qwen's vision tower output is fused with these samples' VGGT geometry."""
+                 backend: str | None = None, input_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """Context in which Qwen's vision tower output is fused with these samples' VGGT geometry.
+        ``input_ids`` [B, T] is needed for in-LLM injection (it marks the visual-token positions)."""
+        self._injection = None  # geometry kept from the previous forward is released here
         if self._bypass or (pixel_values is None and pixel_values_videos is None):
             yield  # text only: nothing to fuse
             return
@@ -376,11 +435,20 @@ class GeoAlignForConditionalGeneration(nn.Module):
         samples = _as_samples(vggt_pixel_values, gather_index)
         if self._pending is not None:
             raise RuntimeError("GeoAlign geometry context is already active (re-entrant forward?)")
-        self._pending = _Pending(samples, backend, kind)
+        mask = None
+        if self.fusion.config.injection_layers:
+            if input_ids is None:
+                raise ValueError("in-LLM injection (fusion.config.injection_layers) needs input_ids to find the "
+                                 "visual-token positions")
+            cfg = self.qwen.config
+            mask = input_ids == (cfg.image_token_id if kind == "image" else cfg.video_token_id)
+        self._pending = _Pending(samples, backend, kind, visual_mask=mask)
         try:
             yield
         finally:
             self._pending = None
+            if not torch.is_grad_enabled():
+                self._injection = None  # inference: no backward recompute can need the kept layers
 
     @contextlib.contextmanager
     def without_fusion(self) -> Iterator[None]:
@@ -405,6 +473,10 @@ class GeoAlignForConditionalGeneration(nn.Module):
         grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         if grid_thw is None:
             raise RuntimeError("cannot find grid_thw in the vision tower call")
+        if self.fusion.config.injection_layers:
+            q = output if isinstance(output, torch.Tensor) else output.pooler_output
+            self._prepare_injection(q, grid_thw, pending)
+            return None  # the tower's output goes to the LLM unchanged; the decoder hooks fuse
         if isinstance(output, torch.Tensor):
             return self.fuse_visual_tokens(output, grid_thw, pending.samples, backend=pending.backend)
         q = output.pooler_output
@@ -417,6 +489,13 @@ class GeoAlignForConditionalGeneration(nn.Module):
 
         ``samples``: per-sample VGGT frames (as for ``vggt_pixel_values``). One VGGT pass and one fusion stream per
         sample. Raises ValueError when Qwen's grids / token counts do not match the VGGT frames."""
+        out = [self._fuse_sample(q_b, s.images, gi, backend)
+               for q_b, s, gi in self._split_samples(q, grid_thw, samples, gather_index)]
+        return torch.cat(out, dim=0) if len(out) > 1 else out[0]
+
+    def _split_samples(self, q: torch.Tensor, grid_thw: torch.Tensor, samples, gather_index=None):
+        """[(Q_b [L_b, D], sample b, gather_index_b [L_b, G])] for the batch's visual tokens Q (sample-major);
+        raises ValueError when Qwen's grids / token counts do not match the VGGT frames."""
         if not (isinstance(samples, list) and samples and isinstance(samples[0], _SampleGeometry)):
             samples = _as_samples(samples, gather_index)
         G = self.group_size
@@ -446,11 +525,58 @@ class GeoAlignForConditionalGeneration(nn.Module):
             elif tuple(gi.shape) != (L, G):
                 raise ValueError(f"sample {b}: gather_index has shape {tuple(gi.shape)}, expected [{L}, {G}] "
                                  "(one row per Qwen visual token)")
-            out.append(self._fuse_sample(q[off:off + L], s.images, gi, backend))
+            out.append((q[off:off + L], s, gi))
             off += L
         if off != q.shape[0]:
             raise ValueError(f"Qwen's vision tower produced {q.shape[0]} visual tokens, the grids imply {off}")
-        return torch.cat(out, dim=0) if len(out) > 1 else out[0]
+        return out
+
+    def _prepare_injection(self, q: torch.Tensor, grid_thw: torch.Tensor, pending: _Pending) -> None:
+        """In-LLM injection, at prefill: run VGGT once per sample and keep its M bank layers for the decoder hooks."""
+        cfg = self.fusion.config
+        position = {layer: i for i, layer in enumerate(cfg.bank_layers)}
+        vp = next(self.vggt.parameters())
+        fp = self.fusion.out_proj.weight
+        kept = []
+        for q_b, s, gi in self._split_samples(q, grid_thw, pending.samples):
+            images = s.images.to(device=vp.device, dtype=vp.dtype)
+            layers: list = [None] * cfg.num_bank_layers
+            self.vggt_calls += 1
+            for layer_id, tokens in self.vggt.iter_layers(images[None], cfg.bank_layers, out_dtype=fp.dtype):
+                layers[position[layer_id]] = tokens.reshape(-1, tokens.shape[-1]).to(fp.device)
+            kept.append((layers, gi.to(device=fp.device, dtype=torch.int64)))
+        mask = pending.visual_mask.to(q.device)
+        injection = _Injection(mask, kept, pending.backend)
+        if int(mask.sum()) != injection.num_tokens:
+            raise ValueError(f"input_ids hold {int(mask.sum())} visual placeholder tokens, the vision tower "
+                             f"produced {injection.num_tokens}")
+        self._injection = injection
+
+    def _decoder_hook(self, module, args, kwargs):
+        """Forward pre-hook on an injection decoder layer: hidden_states [B, T, D] at the visual positions are the
+        queries; they are replaced by Q_hat. Does nothing without kept geometry or in cached decoding steps."""
+        inj = self._injection
+        if inj is None or self._bypass:
+            return None
+        from_args = len(args) > 0
+        h = args[0] if from_args else kwargs.get("hidden_states")
+        if h is None or tuple(h.shape[:2]) != tuple(inj.visual_mask.shape):
+            return None  # a cached decoding step (or text-only call): no visual tokens here
+        mask = inj.visual_mask.to(h.device)
+        q = h[mask]  # [L_total, D], row-major over (sample, position) = the vision tower's order
+        dtype = self.fusion.out_proj.weight.dtype
+        out, off = [], 0
+        for layers, gi in inj.samples:
+            L = int(gi.shape[0])
+            out.append(self.fusion(q[off:off + L].to(dtype), layers, gi, backend=inj.backend))
+            off += L
+        q_hat = torch.cat(out, dim=0) if len(out) > 1 else out[0]
+        h = h.masked_scatter(mask.unsqueeze(-1).expand_as(h), q_hat.to(h.dtype))
+        if from_args:
+            return (h,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h
+        return args, kwargs
 
     def _fuse_sample(self, q: torch.Tensor, images: torch.Tensor, gather_index: torch.Tensor,
                      backend: str | None) -> torch.Tensor:
@@ -477,7 +603,8 @@ class GeoAlignForConditionalGeneration(nn.Module):
                 fusion_backend: str | None = None, **kwargs):
         """Qwen2.5-VL's forward (all its arguments), with the visual tokens fused with VGGT geometry."""
         with self.geometry(vggt_pixel_values, gather_index, pixel_values=kwargs.get("pixel_values"),
-                           pixel_values_videos=kwargs.get("pixel_values_videos"), backend=fusion_backend):
+                           pixel_values_videos=kwargs.get("pixel_values_videos"), backend=fusion_backend,
+                           input_ids=input_ids):
             return self.qwen(input_ids=input_ids, **kwargs)
 
     @torch.no_grad()
@@ -487,7 +614,8 @@ class GeoAlignForConditionalGeneration(nn.Module):
         if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("num_return_sequences", 1) not in (None, 1):
             raise ValueError("GeoAlign generate supports num_beams=1 and num_return_sequences=1 only")
         with self.geometry(vggt_pixel_values, gather_index, pixel_values=kwargs.get("pixel_values"),
-                           pixel_values_videos=kwargs.get("pixel_values_videos"), backend=fusion_backend):
+                           pixel_values_videos=kwargs.get("pixel_values_videos"), backend=fusion_backend,
+                           input_ids=input_ids):
             return self.qwen.generate(input_ids=input_ids, **kwargs)
 
 

@@ -239,6 +239,9 @@ class GeoAlignForConditionalGeneration(nn.Module):
                              "(2 * embed_dim)")
         if max(cfg.bank_layers) >= vggt.depth:
             raise ValueError(f"fusion bank_layers {list(cfg.bank_layers)} exceed VGGT's {vggt.depth} layers")
+        if cfg.bank_selection != "explicit" and cfg.geo_depth != vggt.depth:
+            raise ValueError(f"fusion bank_selection={cfg.bank_selection!r} was derived for geo_depth={cfg.geo_depth} "
+                             f"layers, but this VGGT has {vggt.depth}; set geo_depth={vggt.depth}")
         if cfg.group_size not in (4, 8):
             raise ValueError(f"fusion group_size must be 4 (images) or 8 (video), got {cfg.group_size}")
         self.qwen = qwen

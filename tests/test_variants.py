@@ -349,6 +349,8 @@ def test_injection_config_errors_and_model_round_trip(tmp_path):
 
     with pytest.raises(ValueError, match="out of range for the LLM's 2 decoder layers"):
         _tiny_with(injection_layers=(5,))
+    with pytest.raises(ValueError, match="derived for geo_depth=24 layers, but this VGGT has 4"):
+        _tiny_with(bank_layers=None, bank_selection="former", bank_size=2)
     m, tok = _tiny_with(injection_layers=(1,), feature_usage="dense", projector="split", fusion="gated_2d",
                         gate_granularity="token", bank_layers=None, bank_selection="uniform", bank_size=2,
                         geo_depth=4)

@@ -11,19 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_sessionstart(session):
-    """Make the first Triton custom-op call of the process before any test loads the model stack.
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs a Triton kernel (`triton` in its id) so it can run in a process of its own.
 
-    Seen on this CPU machine (torch 2.13.0, triton 3.9.0 interpreter): about one run in six, when the first call of
-    a `geoalign::triton_*` custom op came after a test had saved and re-loaded the tiny Qwen2.5-VL model, every
-    Triton op call of the process failed with `ValueError: vector::reserve`. Once a call had gone through first,
-    it was not seen again. Root cause not found (see the closing note); this warm-up is a mitigation only.
+    Seen on this CPU machine (torch 2.13.0, triton 3.9.0 interpreter), in roughly one full run in six: after the
+    model/eval tests had run in the same process, every `geoalign::triton_*` op call failed with
+    `ValueError: vector::reserve` (once the process died with a fatal error). The Triton tests always passed in a
+    process without the model stack, so the README test command runs them separately (`-m triton`).
+    Root cause not found; see the closing note.
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from geoalign_kernels.routing import route_op
-    except ImportError:
-        return
-    hid = torch.randn(4, 8)
-    route_op(hid, torch.randn(3, 8), torch.randn(3), 2)
+    import pytest
+
+    for item in items:
+        if "triton" in item.nodeid:
+            item.add_marker(pytest.mark.triton)

@@ -414,21 +414,21 @@ class CudaBankAccumulate(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------- the backend
-class CudaBackend:
+class CudaBackend(TorchBackend):
     """Exact sparse streaming GeoAlign with the csrc/ CUDA kernels for routing and gather + LayerNorm, torch for
-    the GEMMs. Stateless: the fusion module holds the parameters.
+    the GEMMs. Stateless: the fusion module holds the parameters. The accumulator and the output stage are the
+    torch backend's (inherited).
 
     bank_rows(topk_idx, M) is the CUDA counterpart of geoalign.routing.bank_rows (same BankRows), for a
     FusionStream that asks its backend for the row lists.
 
-    fold_output: as TorchBackend's (the output GEMMs are torch's, so they are delegated to a TorchBackend)."""
+    fold_output: as TorchBackend's (the output GEMMs are torch's)."""
 
     name = "cuda"
 
     def __init__(self, fold_output: bool = False):
         _ext()  # a clear error now rather than at the first launch
-        self.fold_output = fold_output
-        self._torch = TorchBackend(fold_output=fold_output)
+        super().__init__(fold_output=fold_output)
 
     def route(self, fusion, q: torch.Tensor) -> Routing:
         """Router MLP in torch, then the CUDA Top-K + softmax (banks of more than 32 layers route in torch)."""
@@ -449,17 +449,8 @@ class CudaBackend:
             return bank_rows(topk_idx, num_layers)
         return bank_rows_cuda(topk_idx, num_layers)
 
-    def new_accumulator(self, fusion, q: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(q.shape[0], fusion.config.projector_hidden, dtype=accumulator_dtype(q.dtype),
-                           device=q.device)
-
     def accumulate(self, fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
         norm = fusion.layer_norms[i]
         fc1 = fusion.projector_for(i).fc1  # shared f_phi, or layer i's own with projector="split"
         return CudaBankAccumulate.apply(h_bar, alpha, norm.weight, norm.bias, fc1.weight, fc1.bias, layer,
                                         tokens, slots, gather_index, fusion.config.layer_norm_eps)
-
-    def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
-        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows, torch matmuls (folded W_out.W2 at inference with
-        fold_output)."""
-        return self._torch.output(fusion, q, h_bar)

@@ -2,8 +2,10 @@
 
 Installs three import packages:
   geoalign          the model, the fusion module and its backends (from ./geoalign)
-  geoalign_kernels  the Triton kernels (from ./kernels; not named `kernels`, which
-                    would shadow Hugging Face's `kernels` package that transformers probes)
+  geoalign_kernels  the Triton kernels (from ./kernels/geoalign_kernels). ./kernels itself has no __init__.py:
+                    a script or `python -m` run from the repository root puts the root on sys.path, and an
+                    importable ./kernels would be picked up (and executed a second time, re-registering our
+                    torch.library ops) by transformers' probe for Hugging Face's `kernels` package
   geoalign_bench    the benchmark suite (from ./bench; `python -m bench` from the repo root also works)
 """
 import os
@@ -38,7 +40,7 @@ setup(
     packages=find_packages(include=["geoalign", "geoalign.*"]) + ["geoalign_kernels", "geoalign_bench"],
     package_dir={
         "geoalign": "geoalign",
-        "geoalign_kernels": "kernels",
+        "geoalign_kernels": "kernels/geoalign_kernels",
         "geoalign_bench": "bench",
     },
     install_requires=[

@@ -1,6 +1,15 @@
 """Top-K routing helpers shared by every backend (paper eqs. 3-6).
 
-The tie rule is part of the contract: among equal logits the lower layer index wins, in every backend.
+The Top-K policy is part of the contract, the same in every backend (reference, torch, triton, cuda):
+  - the K largest logits per row, in descending order;
+  - NaN ranks above every number (as torch.sort and torch.topk rank it), then +inf, ..., -inf;
+  - among equal values (+inf, -inf and NaN included) the lower bank index wins;
+  - so the K indices of a row are always distinct and in [0, M), whatever the logits hold;
+  - alpha is the softmax over the K kept logits with torch.softmax's semantics: a kept NaN, or K kept logits that
+    are all -inf (or +inf ties), make that row's alpha NaN, and the NaN reaches that token's output (only that
+    token's), loudly rather than silently.
+Logits of -inf arise from a router bias of -inf (a layer switched off); NaN only from NaN parameters, since
+GeoAlignFusion rejects non-finite queries.
 """
 from __future__ import annotations
 
@@ -34,10 +43,10 @@ class BankRows(NamedTuple):
 
 
 def topk_lower_index(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [L, K] int64 of the K largest logits per row, in descending order; ties go to the lower index.
+    """Indices [L, K] int64 of the K largest logits per row, in descending order: the module's Top-K policy.
 
-    A stable descending sort keeps equal values in index order, which is exactly the tie rule
-    (``torch.topk`` does not promise one).
+    A stable descending sort keeps equal values (NaN included) in index order and puts NaN first, which is exactly
+    the policy (``torch.topk`` ranks NaN first too, but promises no order among ties).
     """
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
 

@@ -1,4 +1,13 @@
-"""Shared builders for the fusion parity tests: fresh random modules and inputs, never zeros or default LN params."""
+"""Shared builders and checks for the fusion tests: fresh random modules and inputs (never zeros or default LN
+params), the parity shapes, the per-dtype tolerances and the parity assertion.
+
+Tolerances (max |fast - ref| divided by max |ref| over each tensor), for torch-vs-reference parity:
+  float64: 1e-12. Both paths do the same arithmetic in a different order and on different row subsets, so the
+           difference is a few ulps (eps 2.2e-16) times the depth of the sums (<= G*D' = 160 terms, 4 chained GEMMs).
+  float32: 5e-5. The same argument with eps 1.2e-7: ~sqrt(160) * 4 chained reductions ~ 1e-5 typical; 5e-5 leaves
+           headroom for the worst tensor (dW1 sums over every routed pair) without hiding a wrong row or a dropped
+           term, which shows up at O(1).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +16,7 @@ import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.backends import available_backends
+from geoalign.routing import bank_rows, topk_lower_index
 
 
 @dataclass(frozen=True)
@@ -82,3 +92,118 @@ def run_backend(fusion, backend, q, layers, gather_index, grad_out, as_iterator=
 
 def fast_backends(device="cpu") -> list[str]:
     return [b for b in available_backends(torch.device(device)) if b != "reference"]
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 5e-5}
+
+SHAPES = [
+    Shape(L=1, M=3, K=1, G=4),  # a single token
+    Shape(L=13, M=5, K=2, G=4),  # odd L
+    Shape(L=17, M=4, K=4, G=8),  # K = M, video grouping G = 8
+    Shape(L=9, M=1, K=1, G=4),  # a one-layer bank
+    Shape(L=37, M=12, K=2, G=4, D=28, Dg=18, H=44, R=10),  # paper's M and K, odd widths
+    Shape(L=70, M=6, K=3, G=8, D=16, Dg=8, H=24, R=8, N=75),  # few rows per layer: heavy row reuse
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    if scale == 0.0:
+        return diff  # the reference is exactly zero: the fast path must be (almost) exactly zero too
+    return diff / scale
+
+
+def assert_parity(fast, ref, tol, label):
+    q_hat, routing, dq, grads = fast
+    r_q_hat, r_routing, r_dq, r_grads = ref
+    assert torch.equal(routing.topk_idx, r_routing.topk_idx), f"{label}: Top-K indices differ"
+    assert routing.topk_idx.dtype == torch.int64
+    assert rel_err(routing.alpha, r_routing.alpha) <= tol, f"{label}: alpha"
+    assert torch.isfinite(q_hat).all()
+    assert rel_err(q_hat, r_q_hat) <= tol, f"{label}: q_hat err {rel_err(q_hat, r_q_hat):.3g}"
+    assert rel_err(dq, r_dq) <= tol, f"{label}: dq err {rel_err(dq, r_dq):.3g}"
+    assert grads.keys() == r_grads.keys()
+    for name, g in grads.items():
+        assert g is not None and r_grads[name] is not None, f"{label}: {name} has no gradient"
+        assert rel_err(g, r_grads[name]) <= tol, f"{label}: d{name} err {rel_err(g, r_grads[name]):.3g}"
+
+
+# ----------------------------------------------------------------------------------- the cuda backend without a GPU
+class EmulatedExt:
+    """A torch stand-in for the compiled module: writes the outputs the kernels write, into the given tensors."""
+
+    requires_cuda = False
+    max_bank_layers = 32
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def route(self, logits, k, topk_idx, alpha, stream):
+        self.calls.append("route")
+        idx = topk_lower_index(logits, k)
+        topk_idx.copy_(idx)
+        alpha.copy_(torch.softmax(logits.gather(1, idx).to(alpha.dtype), dim=-1))
+
+    def route_backward(self, d_alpha, alpha, topk_idx, d_logits, stream):
+        self.calls.append("route_backward")
+        g = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
+        d_logits.zero_()
+        d_logits.scatter_(1, topk_idx, g.to(d_logits.dtype))
+
+    def bank_rows(self, topk_idx, num_layers, tokens, slots, counts, offsets, stream):
+        self.calls.append("bank_rows")
+        flat = topk_idx.reshape(-1)
+        keep = (flat >= 0) & (flat < num_layers)
+        rows = bank_rows(topk_idx.clamp(0, num_layers - 1), num_layers)  # only used when every id is in range
+        assert bool(keep.all()), "emulation: out-of-range ids are not emulated"
+        tokens.copy_(rows.tokens)
+        slots.copy_(rows.slots)
+        counts.copy_(torch.bincount(flat, minlength=num_layers))
+        offsets.copy_(torch.tensor(rows.offsets))
+
+    def gather_layer_norm(self, layer, gather_index, tokens, weight, bias, eps, use_saved_stats, group_size, x,
+                          mean, rstd, raw_out, stream):
+        self.calls.append("gather_layer_norm_saved" if use_saved_stats else "gather_layer_norm")
+        rows = layer if gather_index is None else layer[gather_index[tokens].reshape(-1)]
+        acc = mean.dtype
+        v = rows.to(weight.dtype).to(acc)
+        if not use_saved_stats:
+            var, mu = torch.var_mean(v, dim=-1, unbiased=False)
+            mean.copy_(mu)
+            rstd.copy_(1.0 / torch.sqrt(var + eps))
+        x_hat = (v - mean[:, None]) * rstd[:, None]
+        x.copy_((x_hat * weight.to(acc) + bias.to(acc)).to(x.dtype))
+        if raw_out is not None:
+            raw_out.copy_(rows)
+
+    def layer_norm_backward_partials(self, dx, raw, mean, rstd, rows_per_block, dgamma_part, dbeta_part, stream):
+        self.calls.append("layer_norm_backward_partials")
+        acc = mean.dtype
+        x_hat = (raw.to(dx.dtype).to(acc) - mean[:, None]) * rstd[:, None]
+        d = dx.to(acc)
+        for b in range(dgamma_part.shape[0]):
+            sl = slice(b * rows_per_block, (b + 1) * rows_per_block)
+            dgamma_part[b] = (d[sl] * x_hat[sl]).sum(0)
+            dbeta_part[b] = d[sl].sum(0)
+
+
+def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
+    """FusionStream's protocol with CudaBackend (incl. its bank_rows); returns what run_backend does."""
+    import geoalign.backends.cuda_backend as cb
+
+    fusion.zero_grad(set_to_none=True)
+    q.grad = None
+    backend = cb.CudaBackend()
+    M = fusion.config.num_bank_layers
+    routing = backend.route(fusion, q)
+    rows = backend.bank_rows(routing.topk_idx, M)
+    h_bar = backend.new_accumulator(fusion, q)
+    for i in (order if order is not None else range(M)):
+        tokens, slots = rows.layer(i)
+        h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
+    q_hat = backend.output(fusion, q, h_bar)
+    q_hat.backward(grad_out)
+    grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in fusion.named_parameters()}
+    return q_hat.detach(), routing, q.grad.detach().clone(), grads

@@ -10,68 +10,10 @@ import pytest
 import torch
 
 import geoalign.backends.cuda_backend as cb
-from geoalign.routing import bank_rows, topk_lower_index
+from geoalign.routing import bank_rows
 
-from fusion_cases import Shape, force_ties, make_fusion, make_inputs, run_backend
-from test_parity import SHAPES, TOL, assert_parity, rel_err
-
-
-class EmulatedExt:
-    """A torch stand-in for the compiled module: writes the outputs the kernels write, into the given tensors."""
-
-    requires_cuda = False
-    max_bank_layers = 32
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def route(self, logits, k, topk_idx, alpha, stream):
-        self.calls.append("route")
-        idx = topk_lower_index(logits, k)
-        topk_idx.copy_(idx)
-        alpha.copy_(torch.softmax(logits.gather(1, idx).to(alpha.dtype), dim=-1))
-
-    def route_backward(self, d_alpha, alpha, topk_idx, d_logits, stream):
-        self.calls.append("route_backward")
-        g = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
-        d_logits.zero_()
-        d_logits.scatter_(1, topk_idx, g.to(d_logits.dtype))
-
-    def bank_rows(self, topk_idx, num_layers, tokens, slots, counts, offsets, stream):
-        self.calls.append("bank_rows")
-        flat = topk_idx.reshape(-1)
-        keep = (flat >= 0) & (flat < num_layers)
-        rows = bank_rows(topk_idx.clamp(0, num_layers - 1), num_layers)  # only used when every id is in range
-        assert bool(keep.all()), "emulation: out-of-range ids are not emulated"
-        tokens.copy_(rows.tokens)
-        slots.copy_(rows.slots)
-        counts.copy_(torch.bincount(flat, minlength=num_layers))
-        offsets.copy_(torch.tensor(rows.offsets))
-
-    def gather_layer_norm(self, layer, gather_index, tokens, weight, bias, eps, use_saved_stats, group_size, x,
-                          mean, rstd, raw_out, stream):
-        self.calls.append("gather_layer_norm_saved" if use_saved_stats else "gather_layer_norm")
-        rows = layer if gather_index is None else layer[gather_index[tokens].reshape(-1)]
-        acc = mean.dtype
-        v = rows.to(weight.dtype).to(acc)
-        if not use_saved_stats:
-            var, mu = torch.var_mean(v, dim=-1, unbiased=False)
-            mean.copy_(mu)
-            rstd.copy_(1.0 / torch.sqrt(var + eps))
-        x_hat = (v - mean[:, None]) * rstd[:, None]
-        x.copy_((x_hat * weight.to(acc) + bias.to(acc)).to(x.dtype))
-        if raw_out is not None:
-            raw_out.copy_(rows)
-
-    def layer_norm_backward_partials(self, dx, raw, mean, rstd, rows_per_block, dgamma_part, dbeta_part, stream):
-        self.calls.append("layer_norm_backward_partials")
-        acc = mean.dtype
-        x_hat = (raw.to(dx.dtype).to(acc) - mean[:, None]) * rstd[:, None]
-        d = dx.to(acc)
-        for b in range(dgamma_part.shape[0]):
-            sl = slice(b * rows_per_block, (b + 1) * rows_per_block)
-            dgamma_part[b] = (d[sl] * x_hat[sl]).sum(0)
-            dbeta_part[b] = d[sl].sum(0)
+from fusion_cases import (SHAPES, TOL, EmulatedExt, Shape, assert_parity, force_ties, make_fusion, make_inputs,
+                          rel_err, run_backend, run_cuda_backend)
 
 
 @pytest.fixture
@@ -79,24 +21,6 @@ def emulated(monkeypatch):
     ext = EmulatedExt()
     monkeypatch.setattr(cb, "_EXT_OVERRIDE", ext)
     return ext
-
-
-def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
-    """FusionStream's protocol with CudaBackend (incl. its bank_rows); returns what fusion_cases.run_backend does."""
-    fusion.zero_grad(set_to_none=True)
-    q.grad = None
-    backend = cb.CudaBackend()
-    M = fusion.config.num_bank_layers
-    routing = backend.route(fusion, q)
-    rows = backend.bank_rows(routing.topk_idx, M)
-    h_bar = backend.new_accumulator(fusion, q)
-    for i in (order if order is not None else range(M)):
-        tokens, slots = rows.layer(i)
-        h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
-    q_hat = backend.output(fusion, q, h_bar)
-    q_hat.backward(grad_out)
-    grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in fusion.named_parameters()}
-    return q_hat.detach(), routing, q.grad.detach().clone(), grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import geoalign.backends.cuda_backend as cb
 from geoalign.routing import bank_rows, topk_lower_index
 
-from fusion_cases import Shape, force_ties, make_fusion, make_inputs, run_backend
-from test_parity import SHAPES, TOL, assert_parity, rel_err
+from fusion_cases import (SHAPES, TOL, Shape, assert_parity, force_ties, make_fusion, make_inputs, rel_err,
+                          run_backend, run_cuda_backend)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -66,6 +66,25 @@ def test_route_ties_lower_index_wins(dtype, M, K):
     assert torch.equal(torch.isnan(alpha), torch.isnan(want_alpha))
     ok = ~torch.isnan(want_alpha)
     assert rel_err(alpha[ok], want_alpha[ok]) <= ALPHA_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_route_special_logits_follow_the_policy(dtype):
+    """-inf, +inf and NaN logits (geoalign.routing's policy): ids distinct and < M, NaN first, ties -> lower index;
+    alpha as torch.softmax over the kept logits (NaN rows included)."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[0.5, -inf, -inf, -inf, -inf, -inf], [-inf] * 6, [nan, 1.0, 2.0, nan, 3.0, -inf], [nan] * 6,
+            [inf, 1.0, inf, nan, -inf, 2.0], [1.0, 1.0, 1.0, -inf, 1.0, 1.0], [-inf, 2.0, -inf, 2.0, -inf, -inf]]
+    logits = torch.tensor(rows, dtype=torch.float64).to(dtype).to(DEV)
+    for K in range(1, 7):
+        idx, alpha = cb.cuda_route(logits, K)
+        want_idx = topk_lower_index(logits, K)
+        assert torch.equal(idx, want_idx), (K, idx.tolist(), want_idx.tolist())
+        assert all(len(set(r)) == K for r in idx.tolist())
+        want_alpha = torch.softmax(logits.gather(1, want_idx).to(alpha.dtype), dim=-1)
+        assert torch.equal(alpha.isnan(), want_alpha.isnan())
+        ok = ~want_alpha.isnan()
+        assert rel_err(alpha[ok], want_alpha[ok]) <= ALPHA_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -201,8 +220,6 @@ def test_layer_norm_backward_matches_autograd(in_dtype, out_dtype, R):
 
 # ------------------------------------------------------------------------------------------------- the backend
 def run_cuda(fusion, q, layers, gather_index, grad_out):
-    from test_cuda_backend import run_cuda_backend
-
     return run_cuda_backend(fusion, q, layers, gather_index, grad_out)
 
 

@@ -18,43 +18,8 @@ import weakref
 import pytest
 import torch
 
-from fusion_cases import Shape, fast_backends, force_ties, make_fusion, make_inputs, run_backend
-
-TOL = {torch.float64: 1e-12, torch.float32: 5e-5}
-
-SHAPES = [
-    Shape(L=1, M=3, K=1, G=4),  # a single token
-    Shape(L=13, M=5, K=2, G=4),  # odd L
-    Shape(L=17, M=4, K=4, G=8),  # K = M, video grouping G = 8
-    Shape(L=9, M=1, K=1, G=4),  # a one-layer bank
-    Shape(L=37, M=12, K=2, G=4, D=28, Dg=18, H=44, R=10),  # paper's M and K, odd widths
-    Shape(L=70, M=6, K=3, G=8, D=16, Dg=8, H=24, R=8, N=75),  # few rows per layer: heavy row reuse
-]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    if scale == 0.0:
-        return diff  # the reference is exactly zero: the fast path must be (almost) exactly zero too
-    return diff / scale
-
-
-def assert_parity(fast, ref, tol, label):
-    q_hat, routing, dq, grads = fast
-    r_q_hat, r_routing, r_dq, r_grads = ref
-    assert torch.equal(routing.topk_idx, r_routing.topk_idx), f"{label}: Top-K indices differ"
-    assert routing.topk_idx.dtype == torch.int64
-    assert rel_err(routing.alpha, r_routing.alpha) <= tol, f"{label}: alpha"
-    assert torch.isfinite(q_hat).all()
-    assert rel_err(q_hat, r_q_hat) <= tol, f"{label}: q_hat err {rel_err(q_hat, r_q_hat):.3g}"
-    assert rel_err(dq, r_dq) <= tol, f"{label}: dq err {rel_err(dq, r_dq):.3g}"
-    assert grads.keys() == r_grads.keys()
-    for name, g in grads.items():
-        assert g is not None and r_grads[name] is not None, f"{label}: {name} has no gradient"
-        assert rel_err(g, r_grads[name]) <= tol, f"{label}: d{name} err {rel_err(g, r_grads[name]):.3g}"
-
+from fusion_cases import (SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
+                          rel_err, run_backend)
 
 @pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)

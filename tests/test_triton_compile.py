@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 import torch._dynamo  # noqa: E402
 import torch._dynamo.testing  # noqa: E402
 from geoalign.routing import bank_rows  # noqa: E402
-from geoalign_kernels.backend import TritonBackend  # noqa: E402
+from geoalign.backends.triton_backend import TritonBackend  # noqa: E402
 
 from test_triton_kernels import make_fusion  # noqa: E402
 

@@ -29,7 +29,7 @@ from geoalign import GeoAlignConfig, GeoAlignFusion  # noqa: E402
 from geoalign.backends.torch_sparse import BankAccumulate as TorchBankAccumulate  # noqa: E402
 from geoalign.routing import bank_rows, topk_lower_index  # noqa: E402
 from geoalign_kernels import configs  # noqa: E402
-from geoalign_kernels.backend import TritonBackend  # noqa: E402
+from geoalign.backends.triton_backend import TritonBackend  # noqa: E402
 from geoalign_kernels.bank import bank_accumulate  # noqa: E402
 from geoalign_kernels.output import fold_output_weights, output as triton_output, output_folded_op  # noqa: E402
 from geoalign_kernels.routing import route_op  # noqa: E402

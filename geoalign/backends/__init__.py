@@ -57,7 +57,7 @@ def get_sparse_backend(name: str, fold_output: bool = False):
                 "backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before import); "
                 "use backend='torch' instead"
             )
-        from geoalign_kernels.backend import TritonBackend
+        from .triton_backend import TritonBackend
 
         return TritonBackend(fold_output=fold_output)
     if name == "cuda":
@@ -77,7 +77,7 @@ def available_backends(device: torch.device) -> list[str]:
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreted)):
         try:
-            import geoalign_kernels.backend  # noqa: F401
+            import geoalign_kernels  # noqa: F401
 
             names.append("triton")
         except ImportError:

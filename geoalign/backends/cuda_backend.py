@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from geoalign_kernels.library import custom_op
 
 from ..routing import BankRows, Routing, topk_lower_index
 from .torch_sparse import TorchBackend, accumulator_dtype, gelu_grad
@@ -151,7 +152,7 @@ def _check_route(logits: torch.Tensor, k: int) -> None:
     _require_cuda(("logits", logits))
 
 
-@torch.library.custom_op("geoalign::cuda_route", mutates_args=())
+@custom_op("geoalign::cuda_route", mutates_args=())
 def cuda_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [L, M<=32] -> (topk_idx [L, K] int64 descending, ties -> lower index; alpha [L, K] fp32/fp64)."""
     _check_route(logits, k)
@@ -171,7 +172,7 @@ def _cuda_route_fake(logits, k):
             logits.new_empty((L, k), dtype=accumulator_dtype(logits.dtype)))
 
 
-@torch.library.custom_op("geoalign::cuda_route_backward", mutates_args=())
+@custom_op("geoalign::cuda_route_backward", mutates_args=())
 def cuda_route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.Tensor, num_layers: int,
                         logits_dtype: torch.dtype) -> torch.Tensor:
     """d logits [L, M] in logits_dtype: alpha * (d_alpha - sum alpha d_alpha) at the Top-K columns, 0 elsewhere."""
@@ -206,7 +207,7 @@ def _route_autograd(ctx, _d_topk_idx, d_alpha):
 cuda_route.register_autograd(_route_autograd, setup_context=_route_setup_context)
 
 
-@torch.library.custom_op("geoalign::cuda_bank_rows", mutates_args=())
+@custom_op("geoalign::cuda_bank_rows", mutates_args=())
 def cuda_bank_rows(topk_idx: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor]:
     """(tokens [L*K], slots [L*K], counts [M], offsets [M+1]), all int64: the pairs grouped by bank layer, tokens
@@ -258,7 +259,7 @@ def _check_ln_params(weight: torch.Tensor, bias: torch.Tensor, D: int) -> None:
         raise TypeError(f"LayerNorm bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
 
 
-@torch.library.custom_op("geoalign::cuda_gather_layer_norm", mutates_args=())
+@custom_op("geoalign::cuda_gather_layer_norm", mutates_args=())
 def cuda_gather_layer_norm(layer: torch.Tensor, gather_index: torch.Tensor, tokens: torch.Tensor,
                            weight: torch.Tensor, bias: torch.Tensor, eps: float,
                            save_raw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,7 +299,7 @@ def _cuda_gather_layer_norm_fake(layer, gather_index, tokens, weight, bias, eps,
             layer.new_empty((n * G,), dtype=acc), layer.new_empty((n * G if save_raw else 0, D)))
 
 
-@torch.library.custom_op("geoalign::cuda_layer_norm_apply", mutates_args=())
+@custom_op("geoalign::cuda_layer_norm_apply", mutates_args=())
 def cuda_layer_norm_apply(raw: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor, group_size: int) -> torch.Tensor:
     """x [R/G, G*D'] from saved rows raw [R, D'] and their saved mean/rstd: bit-identical to the forward's x."""
@@ -322,7 +323,7 @@ def _cuda_layer_norm_apply_fake(raw, mean, rstd, weight, bias, group_size):
     return raw.new_empty((R // group_size, group_size * D), dtype=weight.dtype)
 
 
-@torch.library.custom_op("geoalign::cuda_layer_norm_backward", mutates_args=())
+@custom_op("geoalign::cuda_layer_norm_backward", mutates_args=())
 def cuda_layer_norm_backward(dx: torch.Tensor, raw: torch.Tensor, mean: torch.Tensor,
                              rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gamma, d beta) [D'] in the accumulation dtype: sums over the R rows of dx * x_hat and dx, where dx is the

@@ -11,12 +11,29 @@ from __future__ import annotations
 
 import torch
 
+from .checks import FLOAT_DTYPES, check_tensor
 from .gemm import matmul
+from .library import custom_op
 from .utils import acc_dtype
+
+
+def _check_output_args(op, q, h_bar, w_h, b_h, w_out=None):
+    """q [L, D], h_bar [L, H] (accumulation dtype), w_h [D, H], b_h [D] (None: not an input), w_out [D, D]; one
+    parameter dtype."""
+    check_tensor(op, "q", q, shape=(None, None), dtype=FLOAT_DTYPES)
+    (L, D), dtype, dev = q.shape, q.dtype, q.device
+    check_tensor(op, "h_bar", h_bar, shape=(L, None), dtype=acc_dtype(dtype), device=dev)
+    H = h_bar.shape[1]
+    check_tensor(op, "W2" if w_out is not None else "w_fold", w_h, shape=(D, H), dtype=dtype, device=dev)
+    if b_h is not None:
+        check_tensor(op, "b2" if w_out is not None else "b_fold", b_h, shape=(D,), dtype=dtype, device=dev)
+    if w_out is not None:
+        check_tensor(op, "W_out", w_out, shape=(D, D), dtype=dtype, device=dev)
 
 
 def output_forward(q, h_bar, fc2_weight, fc2_bias, out_weight):
     """q [L, D], h_bar [L, H] fp32/fp64, fc2_weight [D, H], fc2_bias [D], out_weight [D, D] -> (q_hat, f_hat) [L, D]."""
+    _check_output_args("output_forward", q, h_bar, fc2_weight, fc2_bias, out_weight)
     dtype = q.dtype
     f_hat = matmul(h_bar, fc2_weight.t(), bias=fc2_bias.contiguous(), out_dtype=dtype, op_dtype=dtype)
     q_hat = matmul(f_hat, out_weight.t(), residual=q, out_dtype=dtype, op_dtype=dtype)
@@ -25,6 +42,11 @@ def output_forward(q, h_bar, fc2_weight, fc2_bias, out_weight):
 
 def output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
     """-> (d_h_bar [L, H] fp32/fp64, d_fc2_weight [D, H], d_fc2_bias [D], d_out_weight [D, D])."""
+    op = "output_backward"
+    _check_output_args(op, f_hat, h_bar, fc2_weight, None, out_weight)
+    check_tensor(op, "d_q_hat", d_q_hat, shape=tuple(f_hat.shape), dtype=f_hat.dtype, device=f_hat.device)
+    if d_f_hat is not None:
+        check_tensor(op, "d_f_hat", d_f_hat, shape=tuple(f_hat.shape), dtype=f_hat.dtype, device=f_hat.device)
     dtype = fc2_weight.dtype
     d_f = matmul(d_q_hat, out_weight, residual=d_f_hat, out_dtype=dtype, op_dtype=dtype)  # [L, D]
     d_out_weight = matmul(d_q_hat.t(), f_hat, out_dtype=dtype, op_dtype=dtype)
@@ -36,14 +58,18 @@ def output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
 
 def fold_output_weights(fc2_weight, fc2_bias, out_weight):
     """(W_out W2 [D, H], W_out b2 [D]) in the parameter dtype, accumulated in fp32 (fp64)."""
-    dtype = fc2_weight.dtype
+    op = "fold_output_weights"
+    check_tensor(op, "W2", fc2_weight, shape=(None, None), dtype=FLOAT_DTYPES)
+    D, dtype, dev = fc2_weight.shape[0], fc2_weight.dtype, fc2_weight.device
+    check_tensor(op, "b2", fc2_bias, shape=(D,), dtype=dtype, device=dev)
+    check_tensor(op, "W_out", out_weight, shape=(D, D), dtype=dtype, device=dev)
     w_fold = matmul(out_weight, fc2_weight, out_dtype=dtype, op_dtype=dtype)
     b_fold = matmul(out_weight, fc2_bias.reshape(-1, 1), out_dtype=dtype, op_dtype=dtype).reshape(-1)
     return w_fold, b_fold
 
 
 # ------------------------------------------------------------------------------------------ torch.library custom ops
-@torch.library.custom_op("geoalign::triton_output", mutates_args=())
+@custom_op("geoalign::triton_output", mutates_args=())
 def output_op(q: torch.Tensor, h_bar: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
               out_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q_hat [L, D], f_hat [L, D])."""
@@ -55,7 +81,7 @@ def _output_fake(q, h_bar, fc2_weight, fc2_bias, out_weight):
     return torch.empty_like(q), torch.empty_like(q)
 
 
-@torch.library.custom_op("geoalign::triton_output_backward", mutates_args=())
+@custom_op("geoalign::triton_output_backward", mutates_args=())
 def output_backward_op(d_q_hat: torch.Tensor, d_f_hat: torch.Tensor | None, h_bar: torch.Tensor, f_hat: torch.Tensor,
                        fc2_weight: torch.Tensor, out_weight: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,9 +109,10 @@ def _output_autograd(ctx, d_q_hat, d_f_hat):
 output_op.register_autograd(_output_autograd, setup_context=_output_setup_context)
 
 
-@torch.library.custom_op("geoalign::triton_output_folded", mutates_args=())
+@custom_op("geoalign::triton_output_folded", mutates_args=())
 def output_folded_op(q: torch.Tensor, h_bar: torch.Tensor, w_fold: torch.Tensor, b_fold: torch.Tensor) -> torch.Tensor:
     """q_hat = q + h_bar W_fold^T + b_fold [L, D]; inference only (no autograd formula)."""
+    _check_output_args("output_folded", q, h_bar, w_fold, b_fold)
     return matmul(h_bar, w_fold.t(), bias=b_fold.contiguous(), residual=q, out_dtype=q.dtype, op_dtype=q.dtype)
 
 

@@ -28,30 +28,37 @@ import torch
 import triton
 import triton.language as tl
 
+from . import guard
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from .configs import get_config
+from .guard import guarded
+from .library import custom_op
 from .utils import acc_dtype, alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contiguous, tl_dtype
 
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _ln_stats_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, raw_ptr, mean_ptr, rstd_ptr,
+def _ln_stats_kernel(layer_ptr, s_row, N, gather_ptr, s_gl, s_gg, L, tokens_ptr, raw_ptr, mean_ptr, rstd_ptr,
                      n_rows, G, Dg, eps, SAVE_RAW: tl.constexpr, PARAM: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows r = p*G + g of the gathered [n*G, D'] matrix: mean/rstd of PARAM-rounded values (as torch's
-    layer_norm(raw.to(param dtype))); raw[r] = R_i[gather_index[tokens[p], g]] when SAVE_RAW."""
+    layer_norm(raw.to(param dtype))); raw[r] = R_i[gather_index[tokens[p], g]] when SAVE_RAW.
+    A token id outside [0, L) or a gather row outside [0, N) reads nothing and gets NaN statistics."""
     pid = tl.program_id(0)
     r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mr = r < n_rows
     p = r // G
     g = r % G
     t = tl.load(tokens_ptr + p, mask=mr, other=0).to(tl.int64)
-    src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=mr, other=0).to(tl.int64)
+    ok = mr & (t >= 0) & (t < L)
+    src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=ok, other=0).to(tl.int64)
+    ok = ok & (src >= 0) & (src < N)
     rd = tl.arange(0, BLOCK_D).to(tl.int64)
     total = tl.zeros((BLOCK_R,), dtype=ACC)
     for d0 in range(0, Dg, BLOCK_D):
         d = d0 + rd
         m = mr[:, None] & (d[None, :] < Dg)
-        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m, other=0.0)
+        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m & ok[:, None], other=0.0)
         if SAVE_RAW:
             tl.store(raw_ptr + r[:, None] * Dg + d[None, :], x, mask=m)
         total += tl.sum(x.to(PARAM).to(ACC), axis=1)
@@ -60,18 +67,19 @@ def _ln_stats_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, raw_p
     for d0 in range(0, Dg, BLOCK_D):  # second pass over the (cached) rows: centred sum of squares
         d = d0 + rd
         m = mr[:, None] & (d[None, :] < Dg)
-        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m, other=0.0).to(PARAM).to(ACC)
+        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m & ok[:, None], other=0.0).to(PARAM).to(ACC)
         xc = tl.where(m, x - mean[:, None], 0.0)
         sq += tl.sum(xc * xc, axis=1)
-    rstd = 1.0 / tl.sqrt(sq / Dg + eps)
+    rstd = tl.where(ok, 1.0 / tl.sqrt(sq / Dg + eps), float("nan"))
+    mean = tl.where(ok, mean, float("nan"))
     tl.store(mean_ptr + r, mean, mask=mr)
     tl.store(rstd_ptr + r, rstd, mask=mr)
 
 
 @triton.jit
-def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots_ptr, alpha_ptr, s_al,
+def _bank_fwd_kernel(layer_ptr, s_row, N, gather_ptr, s_gl, s_gg, tokens_ptr, slots_ptr, alpha_ptr, s_al,
                      mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, w1_ptr, s_wh, s_wk, b1_ptr, h_ptr, s_hl, z_ptr,
-                     n, H, Dg, G, SAVE_Z: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
+                     n, H, Dg, G, L, K, SAVE_Z: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -81,16 +89,20 @@ def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots
     mn = rn < H
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     t = tl.load(tokens_ptr + rp, mask=mp, other=0).to(tl.int64)
+    s = tl.load(slots_ptr + rp, mask=mp, other=0).to(tl.int64)
+    ok = mp & (t >= 0) & (t < L) & (s >= 0) & (s < K)  # ids out of range: no read or write through them
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(0, G):
-        src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=mp, other=0).to(tl.int64)
+        src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=ok, other=0).to(tl.int64)
+        src_ok = ok & (src >= 0) & (src < N)  # (the pre-pass gave such rows NaN statistics)
         mu = tl.load(mean_ptr + rp * G + g, mask=mp, other=0.0)
         rs = tl.load(rstd_ptr + rp * G + g, mask=mp, other=0.0)
         for d0 in range(0, Dg, BLOCK_K):
             d = d0 + rk
             md = d < Dg
             m = mp[:, None] & md[None, :]
-            x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m, other=0.0).to(PARAM).to(ACC)
+            x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=src_ok[:, None] & md[None, :],
+                        other=0.0).to(PARAM).to(ACC)
             lw = tl.load(lnw_ptr + d, mask=md, other=0.0).to(ACC)
             lb = tl.load(lnb_ptr + d, mask=md, other=0.0).to(ACC)
             xn = tl.where(m, (x - mu[:, None]) * rs[:, None] * lw[None, :] + lb[None, :], 0.0)
@@ -101,34 +113,35 @@ def _bank_fwd_kernel(layer_ptr, s_row, gather_ptr, s_gl, s_gg, tokens_ptr, slots
     m2 = mp[:, None] & mn[None, :]
     if SAVE_Z:
         tl.store(z_ptr + rp[:, None] * H + rn[None, :], z, mask=m2)
-    s = tl.load(slots_ptr + rp, mask=mp, other=0).to(tl.int64)
-    a = tl.load(alpha_ptr + t * s_al + s, mask=mp, other=0.0).to(ACC)
+    a = tl.load(alpha_ptr + t * s_al + s, mask=ok, other=0.0).to(ACC)
     h_off = h_ptr + t[:, None] * s_hl + rn[None, :]
-    h_old = tl.load(h_off, mask=m2, other=0.0)
-    tl.store(h_off, h_old + a[:, None] * gelu(z.to(ACC)), mask=m2)
+    m_h = ok[:, None] & mn[None, :]
+    h_old = tl.load(h_off, mask=m_h, other=0.0)
+    tl.store(h_off, h_old + a[:, None] * gelu(z.to(ACC)), mask=m_h)
 
 
 @triton.jit
 def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr, dz_ptr, d_alpha_ptr, s_dal,
-                    db1_part_ptr, n, H, PARAM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    db1_part_ptr, n, H, L, K, PARAM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     rp = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     mp = rp < n
     t = tl.load(tokens_ptr + rp, mask=mp, other=0).to(tl.int64)
     s = tl.load(slots_ptr + rp, mask=mp, other=0).to(tl.int64)
-    a = tl.load(alpha_ptr + t * s_al + s, mask=mp, other=0.0).to(ACC)
+    ok = mp & (t >= 0) & (t < L) & (s >= 0) & (s < K)  # ids out of range: no read or write through them
+    a = tl.load(alpha_ptr + t * s_al + s, mask=ok, other=0.0).to(ACC)
     d_alpha = tl.zeros((BLOCK_M,), dtype=ACC)
     rn0 = tl.arange(0, BLOCK_N).to(tl.int64)
     for h0 in range(0, H, BLOCK_N):
         rn = h0 + rn0
         m = mp[:, None] & (rn[None, :] < H)
-        dh = tl.load(dh_ptr + t[:, None] * s_dl + rn[None, :], mask=m, other=0.0).to(ACC)
+        dh = tl.load(dh_ptr + t[:, None] * s_dl + rn[None, :], mask=m & ok[:, None], other=0.0).to(ACC)
         z = tl.load(z_ptr + rp[:, None] * H + rn[None, :], mask=m, other=0.0).to(ACC)
         d_alpha += tl.sum(dh * gelu(z), axis=1)
         dz = (a[:, None] * dh * gelu_grad(z)).to(PARAM)
         tl.store(dz_ptr + rp[:, None] * H + rn[None, :], dz, mask=m)
         tl.store(db1_part_ptr + pid.to(tl.int64) * H + rn, tl.sum(tl.where(m, dz.to(ACC), 0.0), axis=0), mask=rn < H)
-    tl.store(d_alpha_ptr + t * s_dal + s, d_alpha, mask=mp)
+    tl.store(d_alpha_ptr + t * s_dal + s, d_alpha, mask=ok)
 
 
 @triton.jit
@@ -199,6 +212,27 @@ def _bank_dx_kernel(dz_ptr, w1_ptr, s_wh, s_wk, raw_ptr, mean_ptr, rstd_ptr, dga
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
+def _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev):
+    """LN_i [D'] and GEMM1 [H, G*D'] parameters, one float dtype, on dev. Returns H."""
+    check_tensor(op, "fc1_weight", fc1_weight, shape=(None, G * Dg), dtype=FLOAT_DTYPES, device=dev)
+    dtype = fc1_weight.dtype
+    check_tensor(op, "ln_weight", ln_weight, shape=(Dg,), dtype=dtype, device=dev)
+    check_tensor(op, "ln_bias", ln_bias, shape=(Dg,), dtype=dtype, device=dev)
+    return fc1_weight.shape[0]
+
+
+def _check_pairs(op, tokens, slots, L, K, dev):
+    """tokens/slots [n] int ids of the (token, slot) pairs: n <= L*K (a token's K slots go to distinct layers)."""
+    check_tensor(op, "tokens", tokens, shape=(None,), dtype=INDEX_DTYPES, device=dev)
+    n = tokens.shape[0]
+    check_tensor(op, "slots", slots, shape=(n,), dtype=INDEX_DTYPES, device=dev)
+    if n > L * K:
+        raise ValueError(f"{op}: {n} routed pairs for L={L} tokens with K={K} slots each; expected at most {L * K}")
+    guard.check_index_range(op, "tokens", tokens, L, "rows of h_bar")
+    guard.check_index_range(op, "slots", slots, K, "columns of alpha")
+    return n
+
+
 def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                  fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
                  slots: torch.Tensor, gather_index: torch.Tensor, eps: float, save: bool):
@@ -206,14 +240,21 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
     [H, G*D'], fc1_bias [H]; layer [N, D'] (any float dtype); tokens/slots [n] int64; gather_index [L, G].
     Returns (raw [n, G, D'] layer dtype, mean [n*G], rstd [n*G], z [n, H] param dtype); raw and z are empty
     ([0, ...]) unless save."""
-    n = tokens.shape[0]
+    op = "bank_forward"
+    dev = h_bar.device
+    check_tensor(op, "gather_index", gather_index, shape=(None, None), dtype=INDEX_DTYPES, device=dev)
     L, G = gather_index.shape
-    Dg = layer.shape[1]
-    H = fc1_weight.shape[0]
+    check_tensor(op, "layer", layer, shape=(None, None), dtype=FLOAT_DTYPES, device=dev)
+    N, Dg = layer.shape
+    H = _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
     dtype = fc1_weight.dtype
     acc = acc_dtype(dtype)
-    dev = h_bar.device
-    assert h_bar.stride(1) == 1 and h_bar.dtype == acc, "h_bar must be a row-major fp32 (fp64) [L, H] buffer"
+    check_tensor(op, "fc1_bias", fc1_bias, shape=(H,), dtype=dtype, device=dev)
+    check_tensor(op, "h_bar", h_bar, shape=(L, H), dtype=acc, unit_stride=True)
+    check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
+    K = alpha.shape[1]
+    n = _check_pairs(op, tokens, slots, L, K, dev)
+    guard.check_index_range(op, "gather_index", gather_index, N, "rows of the layer")
     layer = rows_contiguous(layer)  # one explicit copy if the rows are strided
     alpha = rows_contiguous(alpha)
     tokens, slots = tokens.contiguous(), slots.contiguous()
@@ -226,21 +267,23 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
         return raw, mean, rstd, z
     rcfg = get_config("rows", n * G, dev)
     block_r = rcfg["BLOCK_M"]
-    _ln_stats_kernel[(triton.cdiv(n * G, block_r),)](
-        layer, layer.stride(0), gather_index, gather_index.stride(0), gather_index.stride(1), tokens, raw, mean, rstd,
-        n * G, G, Dg, eps, SAVE_RAW=save, PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_R=block_r,
-        BLOCK_D=rcfg["BLOCK_N"], num_warps=rcfg["num_warps"],
-    )
+    with guarded("bank_forward/ln_stats", raw=raw, mean=mean, rstd=rstd) as out:
+        _ln_stats_kernel[(triton.cdiv(n * G, block_r),)](
+            layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), L, tokens,
+            out.raw, out.mean, out.rstd, n * G, G, Dg, eps, SAVE_RAW=save, PARAM=tl_dtype(dtype), ACC=tl_dtype(acc),
+            BLOCK_R=block_r, BLOCK_D=rcfg["BLOCK_N"], num_warps=rcfg["num_warps"],
+        )
     cfg = get_config("bank_fwd", n, dev, dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
-    _bank_fwd_kernel[grid](
-        layer, layer.stride(0), gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
-        alpha, alpha.stride(0), mean, rstd, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0),
-        fc1_weight.stride(1), fc1_bias, h_bar, h_bar.stride(0), z, n, H, Dg, G,
-        SAVE_Z=save, PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with guarded("bank_forward/gemm1", h_bar=h_bar, z=z) as out:
+        _bank_fwd_kernel[grid](
+            layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
+            alpha, alpha.stride(0), mean, rstd, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0),
+            fc1_weight.stride(1), fc1_bias, out.h_bar, h_bar.stride(0), out.z, n, H, Dg, G, L, K,
+            SAVE_Z=save, PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return raw, mean, rstd, z
 
 
@@ -250,11 +293,22 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
                   need_w1: bool = True):
     """-> (d_alpha [L, K] (alpha's dtype, zero off this layer's pairs), d_ln_weight, d_ln_bias [D'],
     d_fc1_weight [H, G*D'], d_fc1_bias [H]) in the parameter dtype; LN/W1 grads are zeros when not needed."""
+    op = "bank_backward"
+    dev = d_h_bar.device
+    check_tensor(op, "raw", raw, shape=(None, None, None), dtype=FLOAT_DTYPES, device=dev)
     n, G, Dg = raw.shape
-    H = fc1_weight.shape[0]
+    H = _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
     dtype = fc1_weight.dtype
     acc = acc_dtype(dtype)
-    dev = d_h_bar.device
+    check_tensor(op, "d_h_bar", d_h_bar, shape=(None, H), dtype=acc)
+    L = d_h_bar.shape[0]
+    check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
+    K = alpha.shape[1]
+    if _check_pairs(op, tokens, slots, L, K, dev) != n:
+        raise ValueError(f"{op}: tokens must have one id per saved pair ({n}), got {tokens.shape[0]}")
+    check_tensor(op, "mean", mean, shape=(n * G,), dtype=acc, device=dev)
+    check_tensor(op, "rstd", rstd, shape=(n * G,), dtype=acc, device=dev)
+    check_tensor(op, "z", z, shape=(n, H), dtype=dtype, device=dev)
     d_alpha = torch.zeros(alpha.shape, dtype=alpha.dtype, device=dev)  # non-zero only at this layer's pairs
     if n == 0:
         return (d_alpha, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias), torch.zeros_like(fc1_weight),
@@ -269,21 +323,23 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     n_blocks = triton.cdiv(n, block_m)
     dz = alloc((n, H), dtype, dev)
     db1_part = alloc((n_blocks, H), acc, dev)
-    _bank_dz_kernel[(n_blocks,)](
-        d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, dz, d_alpha, d_alpha.stride(0), db1_part,
-        n, H,
-        PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=rcfg["BLOCK_N"],
-        num_warps=rcfg["num_warps"],
-    )
+    with guarded("bank_backward/dz", dz=dz, d_alpha=d_alpha, db1_part=db1_part) as out:
+        _bank_dz_kernel[(n_blocks,)](
+            d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, out.dz, out.d_alpha,
+            d_alpha.stride(0), out.db1_part, n, H, L, K,
+            PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=rcfg["BLOCK_N"],
+            num_warps=rcfg["num_warps"],
+        )
     d_b1 = db1_part.sum(0).to(dtype)
     common = dict(PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype))
     if need_w1:
         cfg = get_config("bank_dw1", H, dev, dtype)
         d_w1 = alloc((H, G * Dg), dtype, dev)
         grid = (triton.cdiv(H, cfg["BLOCK_M"]), G * triton.cdiv(Dg, cfg["BLOCK_N"]))
-        _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, d_w1, n, H, Dg, G, **common,
-                               BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        with guarded("bank_backward/dw1", d_w1=d_w1) as out:
+            _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, out.d_w1, n, H, Dg, G, **common,
+                                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         d_w1 = torch.zeros_like(fc1_weight)
     if need_ln:
@@ -292,10 +348,11 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
         dgamma_part = alloc((n_mb * G, Dg), acc, dev)
         dbeta_part = alloc((n_mb * G, Dg), acc, dev)
         grid = (n_mb, G * triton.cdiv(Dg, cfg["BLOCK_N"]))
-        _bank_dx_kernel[grid](dz, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), raw, mean, rstd,
-                              dgamma_part, dbeta_part, n, H, Dg, G, **common,
-                              BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        with guarded("bank_backward/dx", dgamma_part=dgamma_part, dbeta_part=dbeta_part) as out:
+            _bank_dx_kernel[grid](dz, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), raw, mean, rstd,
+                                  out.dgamma_part, out.dbeta_part, n, H, Dg, G, **common,
+                                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         d_ln_w, d_ln_b = dgamma_part.sum(0).to(dtype), dbeta_part.sum(0).to(dtype)
     else:
         d_ln_w, d_ln_b = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)
@@ -303,7 +360,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
 
 
 # ------------------------------------------------------------------------------------------ torch.library custom ops
-@torch.library.custom_op("geoalign::triton_bank_accumulate", mutates_args=("h_bar",))
+@custom_op("geoalign::triton_bank_accumulate", mutates_args=("h_bar",))
 def bank_accumulate_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
                        slots: torch.Tensor, gather_index: torch.Tensor, eps: float,
@@ -323,7 +380,7 @@ def _bank_accumulate_fake(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias
             fc1_weight.new_empty((rows, H)))
 
 
-@torch.library.custom_op("geoalign::triton_bank_backward", mutates_args=())
+@custom_op("geoalign::triton_bank_backward", mutates_args=())
 def bank_backward_op(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                      fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, raw: torch.Tensor,
                      mean: torch.Tensor, rstd: torch.Tensor, z: torch.Tensor, need_ln: bool,

@@ -15,8 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 from .configs import get_config
 from .gemm import matmul
+from .guard import guarded
+from .library import custom_op
 from .utils import acc_dtype, alloc, dot_dtype, dot_precision, tl_dtype
 
 
@@ -40,18 +43,30 @@ def _route_kernel(hid_ptr, w2_ptr, b2_ptr, idx_ptr, alpha_ptr, L, R, M, s_hl, s_
         acc = tl.dot(a.to(OP), b.to(OP), acc, input_precision=DOT_PREC)
     s = acc + tl.load(b2_ptr + cm, mask=mcol, other=0.0).to(ACC)[None, :]
     s = s.to(PARAM).to(ACC)  # the logits nn.Linear would produce in the parameter dtype (ties included)
-    s = tl.where(mcol[None, :], s, float("-inf"))
+    # Top-K policy (geoalign.routing.topk_lower_index): descending, NaN above every number (as torch.sort), ties and
+    # -inf -> lower index. A taken-mask, not a value comparison, removes each winner, so the K ids are distinct
+    # and < M even when the remaining logits are all -inf or NaN.
+    is_nan = s != s
+    taken = cm[None, :] >= M  # padding columns are never candidates
     kc = tl.arange(0, K_P)
     sel = tl.full((BLOCK_L, K_P), float("-inf"), ACC)
     ids = tl.zeros((BLOCK_L, K_P), dtype=tl.int32)
-    for k in tl.static_range(K):  # K rounds of arg-max; among equal maxima the lowest column wins
-        mx = tl.max(s, axis=1)
-        j = tl.min(tl.where(s == mx[:, None], cm[None, :], BLOCK_MB), axis=1)
-        sel = tl.where(kc[None, :] == k, mx[:, None], sel)
+    for k in tl.static_range(K):
+        free_nan = is_nan & ~taken
+        has_nan = tl.max(free_nan.to(tl.int32), axis=1) > 0
+        free_num = ~is_nan & ~taken
+        mx = tl.max(tl.where(free_num, s, float("-inf")), axis=1)  # -inf when every free number is -inf
+        cand = tl.where(has_nan[:, None], free_nan, free_num & (s == mx[:, None]))
+        j = tl.min(tl.where(cand, cm[None, :], BLOCK_MB), axis=1)  # the lowest candidate column
+        v = tl.where(has_nan, float("nan"), mx)
+        sel = tl.where(kc[None, :] == k, v[:, None], sel)
         ids = tl.where(kc[None, :] == k, j[:, None], ids)
-        s = tl.where(cm[None, :] == j[:, None], float("-inf"), s)
+        taken = taken | (cm[None, :] == j[:, None])
     kept = kc[None, :] < K
-    e = tl.where(kept, tl.exp(sel - tl.max(sel, axis=1)[:, None]), 0.0)
+    # softmax over the K kept logits, as torch.softmax: selection 0 is the largest (a NaN there, or all K -inf,
+    # makes the whole row NaN)
+    top = tl.sum(tl.where(kc[None, :] == 0, sel, 0.0), axis=1)
+    e = tl.where(kept, tl.exp(sel - top[:, None]), 0.0)
     alpha = e / tl.sum(e, axis=1)[:, None]
     out = rl[:, None] * K + kc[None, :]
     tl.store(idx_ptr + out, ids, mask=ml[:, None] & kept)
@@ -88,39 +103,54 @@ def _block_mb(M: int) -> int:
 
 def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int):
     """hid [L, R], w2 [M, R], b2 [M] (parameter dtype) -> (topk_idx [L, K] int32, alpha [L, K] fp32/fp64)."""
+    op = "route_forward"
+    check_tensor(op, "hid", hid, shape=(None, None), dtype=FLOAT_DTYPES)
     L, R = hid.shape
+    dtype, dev = hid.dtype, hid.device
+    check_tensor(op, "w2", w2, shape=(None, R), dtype=dtype, device=dev)
     M = w2.shape[0]
-    dtype = w2.dtype
-    idx = alloc((L, k), torch.int32, hid.device)
-    alpha = alloc((L, k), acc_dtype(dtype), hid.device)
+    check_tensor(op, "b2", b2, shape=(M,), dtype=dtype, device=dev)
+    check_int(op, "k", k, 1, M)
+    idx = alloc((L, k), torch.int32, dev)
+    alpha = alloc((L, k), acc_dtype(dtype), dev)
     if L == 0:
         return idx, alpha
-    cfg = get_config("rows", L, hid.device, dtype)
+    cfg = get_config("rows", L, dev, dtype)
     block_l = max(16, min(cfg["BLOCK_M"], 64))
-    _route_kernel[(triton.cdiv(L, block_l),)](
-        hid, w2, b2, idx, alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
-        K=k, K_P=triton.next_power_of_2(k), PARAM=tl_dtype(dtype), OP=dot_dtype(dtype),
-        ACC=tl_dtype(acc_dtype(dtype)), DOT_PREC=dot_precision(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
-        BLOCK_K=max(16, cfg["BLOCK_K"]), num_warps=cfg["num_warps"],
-    )
+    with guarded(op, idx=idx, alpha=alpha) as out:
+        _route_kernel[(triton.cdiv(L, block_l),)](
+            hid, w2, b2, out.idx, out.alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
+            K=k, K_P=triton.next_power_of_2(k), PARAM=tl_dtype(dtype), OP=dot_dtype(dtype),
+            ACC=tl_dtype(acc_dtype(dtype)), DOT_PREC=dot_precision(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
+            BLOCK_K=max(16, cfg["BLOCK_K"]), num_warps=cfg["num_warps"],
+        )
     return idx, alpha
 
 
 def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.Tensor, hid: torch.Tensor,
                    w2: torch.Tensor):
     """-> (d_hid [L, R], d_w2 [M, R], d_b2 [M]) in the parameter dtype."""
-    L, K = alpha.shape
+    op = "route_backward"
+    check_tensor(op, "hid", hid, shape=(None, None), dtype=FLOAT_DTYPES)
+    L, R = hid.shape
+    dtype, dev = hid.dtype, hid.device
+    check_tensor(op, "w2", w2, shape=(None, R), dtype=dtype, device=dev)
     M = w2.shape[0]
-    dtype = w2.dtype
-    ds = alloc((L, M), dtype, hid.device)
+    check_tensor(op, "alpha", alpha, shape=(L, None), dtype=acc_dtype(dtype), device=dev)
+    K = alpha.shape[1]
+    check_int(op, "K", K, 1, M)
+    check_tensor(op, "d_alpha", d_alpha, shape=(L, K), dtype=FLOAT_DTYPES, device=dev)
+    check_tensor(op, "topk_idx", topk_idx, shape=(L, K), dtype=INDEX_DTYPES, device=dev)
+    ds = alloc((L, M), dtype, dev)
     if L > 0:
-        cfg = get_config("rows", L, hid.device, dtype)
+        cfg = get_config("rows", L, dev, dtype)
         block_l = max(16, min(cfg["BLOCK_M"], 64))
-        _route_bwd_kernel[(triton.cdiv(L, block_l),)](
-            d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), ds, L, M,
-            K=K, K_P=triton.next_power_of_2(K), ACC=tl_dtype(acc_dtype(dtype)),
-            BLOCK_L=block_l, BLOCK_MB=_block_mb(M), num_warps=cfg["num_warps"],
-        )
+        with guarded(op, ds=ds) as out:
+            _route_bwd_kernel[(triton.cdiv(L, block_l),)](
+                d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), out.ds, L, M,
+                K=K, K_P=triton.next_power_of_2(K), ACC=tl_dtype(acc_dtype(dtype)),
+                BLOCK_L=block_l, BLOCK_MB=_block_mb(M), num_warps=cfg["num_warps"],
+            )
     d_hid = matmul(ds, w2)  # [L, M] @ [M, R]
     d_w2 = matmul(ds.t(), hid)  # [M, L] @ [L, R]
     d_b2 = ds.to(acc_dtype(dtype)).sum(0).to(dtype)
@@ -128,7 +158,7 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
 
 
 # ------------------------------------------------------------------------------------------ torch.library custom ops
-@torch.library.custom_op("geoalign::triton_route", mutates_args=())
+@custom_op("geoalign::triton_route", mutates_args=())
 def route_op(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_idx [L, K] int32, alpha [L, K] fp32/fp64) from hid [L, R] and router fc2 (w2 [M, R], b2 [M])."""
     return route_forward(hid, w2, b2.contiguous(), k)
@@ -140,7 +170,7 @@ def _route_fake(hid, w2, b2, k):
     return hid.new_empty((L, k), dtype=torch.int32), hid.new_empty((L, k), dtype=acc_dtype(w2.dtype))
 
 
-@torch.library.custom_op("geoalign::triton_route_backward", mutates_args=())
+@custom_op("geoalign::triton_route_backward", mutates_args=())
 def route_backward_op(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.Tensor, hid: torch.Tensor,
                       w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hid [L, R], d_w2 [M, R], d_b2 [M])."""

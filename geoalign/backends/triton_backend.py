@@ -1,5 +1,5 @@
 """TritonBackend: the `triton` sparse backend of geoalign.GeoAlignFusion (same 4 methods and semantics as
-geoalign.backends.torch_sparse.TorchBackend), built from the fused kernels in this package."""
+geoalign.backends.torch_sparse.TorchBackend), built from the fused kernels of ``geoalign_kernels``."""
 from __future__ import annotations
 
 import weakref
@@ -7,12 +7,12 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from geoalign.routing import Routing
+from geoalign_kernels.bank import bank_accumulate
+from geoalign_kernels.output import fold_output_weights, output, output_folded_op
+from geoalign_kernels.routing import route_op
+from geoalign_kernels.utils import acc_dtype
 
-from .bank import bank_accumulate
-from .output import fold_output_weights, output, output_folded_op
-from .routing import route_op
-from .utils import acc_dtype
+from ..routing import Routing
 
 
 class TritonBackend:

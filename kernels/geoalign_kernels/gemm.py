@@ -9,7 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import FLOAT_DTYPES, check_tensor
 from .configs import get_config
+from .guard import guarded
 from .utils import acc_dtype, alloc, dot_dtype, gelu, dot_precision, tl_dtype
 
 
@@ -49,26 +51,36 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
            out: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] (+ bias [N]) (GELU) (+ residual [M, N]) -> [M, N] in out_dtype (default a's dtype).
     op_dtype: dtype the operands are cast to before tl.dot (default: a's dtype)."""
+    op = "matmul"
+    check_tensor(op, "a", a, shape=(None, None), dtype=FLOAT_DTYPES)
     M, K = a.shape
-    K2, N = b.shape
-    assert K == K2, (a.shape, b.shape)
+    dev = a.device
+    check_tensor(op, "b", b, shape=(K, None), dtype=FLOAT_DTYPES, device=dev)
+    N = b.shape[1]
+    if bias is not None:
+        check_tensor(op, "bias", bias, shape=(N,), dtype=FLOAT_DTYPES, device=dev)
+    if residual is not None:
+        check_tensor(op, "residual", residual, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
     op_dtype = op_dtype or a.dtype
     out_dtype = out_dtype or a.dtype
     if out is None:
-        out = alloc((M, N), out_dtype, a.device)
+        out = alloc((M, N), out_dtype, dev)
+    else:
+        check_tensor(op, "out", out, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
     if M == 0 or N == 0:
         return out
     cfg = get_config("gemm", M, a.device, op_dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    bias_t = bias if bias is not None else out
-    res_t = residual if residual is not None else out
-    _matmul_kernel[grid](
-        a, b, out, bias_t, res_t, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        res_t.stride(0), res_t.stride(1),
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT_GELU=gelu,
-        OP=dot_dtype(op_dtype), ACC=tl_dtype(acc_dtype(op_dtype)), DOT_PREC=dot_precision(op_dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with guarded(op, out=out) as w:
+        bias_t = bias if bias is not None else w.out
+        res_t = residual if residual is not None else w.out
+        _matmul_kernel[grid](
+            a, b, w.out, bias_t, res_t, M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            res_t.stride(0), res_t.stride(1),
+            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT_GELU=gelu,
+            OP=dot_dtype(op_dtype), ACC=tl_dtype(acc_dtype(op_dtype)), DOT_PREC=dot_precision(op_dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out

@@ -1,7 +1,12 @@
-"""Test set-up: the Triton interpreter on machines without a GPU.
+"""Test set-up: the Triton interpreter on machines without a GPU, and guard mode for every kernel launch.
 
-TRITON_INTERPRET must be set before any Triton kernel module is imported, so it is set here,
-at collection time, when no CUDA device is present.
+Both variables must be set before any geoalign_kernels module is imported, so they are set here, at collection time:
+  TRITON_INTERPRET=1  when no CUDA device is present (Triton kernels then run on the CPU, in process memory);
+  GEOALIGN_GUARD=1    every buffer a kernel writes gets canary padding, checked after each launch, and index
+                      tensors are range-checked on the host (geoalign_kernels.guard). Under the interpreter a stray
+                      store would corrupt the heap silently; in guard mode it fails the test that made it.
+Tests that run Triton kernels carry the `triton` mark explicitly (their module's pytestmark, or
+fusion_cases.backend_params for backend-parametrized tests), so `-m triton` selects them.
 """
 import os
 
@@ -9,19 +14,4 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Mark every test that runs a Triton kernel (`triton` in its id) so it can run in a process of its own.
-
-    Seen on this CPU machine (torch 2.13.0, triton 3.9.0 interpreter), in roughly one full run in six: after the
-    model/eval tests had run in the same process, every `geoalign::triton_*` op call failed with
-    `ValueError: vector::reserve` (once the process died with a fatal error). The Triton tests always passed in a
-    process without the model stack, so the README test command runs them separately (`-m triton`).
-    Root cause not found; see the closing note.
-    """
-    import pytest
-
-    for item in items:
-        if "triton" in item.nodeid:
-            item.add_marker(pytest.mark.triton)
+os.environ.setdefault("GEOALIGN_GUARD", "1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
@@ -92,6 +93,11 @@ def run_backend(fusion, backend, q, layers, gather_index, grad_out, as_iterator=
 
 def fast_backends(device="cpu") -> list[str]:
     return [b for b in available_backends(torch.device(device)) if b != "reference"]
+
+
+def backend_params(names) -> list:
+    """pytest parameters for backend names; "triton" carries the `triton` mark (it runs Triton kernels)."""
+    return [pytest.param(n, marks=pytest.mark.triton) if n == "triton" else n for n in names]
 
 
 TOL = {torch.float64: 1e-12, torch.float32: 5e-5}

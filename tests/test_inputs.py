@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geoalign import GeoAlignConfig
-from fusion_cases import Shape, fast_backends, make_fusion, make_inputs
+from fusion_cases import backend_params, Shape, fast_backends, make_fusion, make_inputs
 
 SHAPE = Shape(L=6, M=3, K=2, G=4)
 BACKENDS = ["reference"] + fast_backends()
@@ -43,7 +43,7 @@ def test_config_round_trip(tmp_path):
         GeoAlignConfig.from_pretrained(tmp_path / "missing")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_bad_query(case, backend):
     fusion, q, layers, gi = case
     with pytest.raises(ValueError, match=r"q must have shape \[L, 24\], got \(6, 23\)"):
@@ -65,7 +65,7 @@ def test_bad_query(case, backend):
         fusion.route(bad, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_bad_gather_index(case, backend):
     fusion, q, layers, gi = case
     N = layers[0].shape[0]
@@ -87,7 +87,7 @@ def test_bad_gather_index(case, backend):
     fusion(q, layers, gi.int(), backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_bad_layers(case, backend):
     fusion, q, layers, gi = case
     with pytest.raises(ValueError, match="expected 3 bank layers, got 2; missing bank positions \\[2\\]"):
@@ -104,7 +104,7 @@ def test_bad_layers(case, backend):
         fusion(q, [layers[0].requires_grad_(True), layers[1], layers[2]], gi, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_stream_misuse(case, backend):
     fusion, q, layers, gi = case
     stream = fusion.begin(q, gi, backend=backend)

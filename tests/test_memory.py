@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geoalign.memory import SavedTensorMeter
-from fusion_cases import Shape, fast_backends, make_fusion, make_inputs
+from fusion_cases import backend_params, Shape, fast_backends, make_fusion, make_inputs
 
 
 def saved_bytes(fusion, backend, q, layers, gather_index) -> int:
@@ -22,7 +22,7 @@ def test_meter_counts_storages_once():
     del y
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_saved_for_backward_shrinks_by_k_over_m(backend):
     # a mid shape with the paper's M=12, K=2, G=4 and widths in the paper's ratios (D = D', H = 2D)
     shape = Shape(L=256, M=12, K=2, G=4, D=64, Dg=64, H=128, R=32, N=4 * 256)

@@ -18,10 +18,10 @@ import weakref
 import pytest
 import torch
 
-from fusion_cases import (SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
+from fusion_cases import (backend_params, SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
                           rel_err, run_backend)
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_parity_with_reference(backend, dtype, shape):
@@ -33,7 +33,7 @@ def test_parity_with_reference(backend, dtype, shape):
     assert_parity(fast, ref, TOL[dtype], f"{backend}/{dtype}/{shape}")
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_layers_as_iterator(backend):
     shape = Shape(L=11, M=4, K=2, G=4)
     fusion = make_fusion(shape, torch.float64)
@@ -44,7 +44,7 @@ def test_layers_as_iterator(backend):
     assert_parity(fast, ref, TOL[torch.float64], f"{backend}/iterator")
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_consumed_layers_are_released(backend):
     """Neither the stream nor the autograd graph keeps a layer once it has been consumed."""
     shape = Shape(L=10, M=5, K=2, G=4)
@@ -67,7 +67,7 @@ def test_consumed_layers_are_released(backend):
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+@pytest.mark.parametrize("backend", backend_params(["reference"] + fast_backends()))
 def test_streaming_api_equals_one_shot(backend):
     shape = Shape(L=15, M=6, K=2, G=4)
     fusion = make_fusion(shape, torch.float64)
@@ -88,7 +88,7 @@ def test_streaming_api_equals_one_shot(backend):
     assert_parity(streamed, one_shot, 1e-12, f"{backend}/stream")
 
 
-@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+@pytest.mark.parametrize("backend", backend_params(["reference"] + fast_backends()))
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_router_ties_go_to_lower_index(backend, K):
     shape = Shape(L=9, M=6, K=K, G=4)
@@ -102,7 +102,7 @@ def test_router_ties_go_to_lower_index(backend, K):
     assert torch.allclose(routing.alpha, torch.full((shape.L, K), 1.0 / K))
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_ties_parity_with_reference(backend):
     """With exact ties the selected set is fixed by the tie rule, so outputs and gradients still match."""
     shape = Shape(L=12, M=5, K=2, G=4)
@@ -115,7 +115,7 @@ def test_ties_parity_with_reference(backend):
     assert_parity(fast, ref, TOL[torch.float64], f"{backend}/ties")
 
 
-@pytest.mark.parametrize("backend", ["reference"] + fast_backends())
+@pytest.mark.parametrize("backend", backend_params(["reference"] + fast_backends()))
 def test_route_matches_forward_routing(backend):
     shape = Shape(L=21, M=7, K=3, G=4)
     fusion = make_fusion(shape, torch.float32)
@@ -134,7 +134,7 @@ def test_route_matches_forward_routing(backend):
     torch.testing.assert_close(routing.alpha.sum(1), torch.ones(shape.L), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_no_grad_inference_matches(backend):
     shape = Shape(L=8, M=4, K=2, G=4)
     fusion = make_fusion(shape, torch.float64)
@@ -145,7 +145,7 @@ def test_no_grad_inference_matches(backend):
     assert rel_err(out, ref) <= 1e-12, backend
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_layer_dtype_differs_from_parameters(backend):
     """bf16 VGGT layers into an fp32 fusion: every backend casts the layer to the parameter dtype first."""
     shape = Shape(L=10, M=3, K=2, G=4)
@@ -156,7 +156,7 @@ def test_layer_dtype_differs_from_parameters(backend):
     assert rel_err(fusion(q, layers, gather_index, backend=backend), ref) <= TOL[torch.float32], backend
 
 
-@pytest.mark.parametrize("backend", fast_backends())
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_folded_output_at_inference(backend, dtype):
     """W_out.W2 folded into one GEMM equals the unfolded output (same maths, one rounding order changed)."""

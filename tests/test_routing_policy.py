@@ -18,7 +18,7 @@ import torch
 import geoalign.backends.cuda_backend as cb
 from geoalign.backends import triton_available
 
-from fusion_cases import EmulatedExt, Shape, fast_backends, make_fusion, make_inputs, rel_err, run_backend
+from fusion_cases import backend_params, EmulatedExt, Shape, fast_backends, make_fusion, make_inputs, rel_err, run_backend
 
 INF, NAN = math.inf, math.nan
 
@@ -65,7 +65,7 @@ def fusion_with_logits(row: list[float], k: int, dtype=torch.float32):
     return fusion, q.detach()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_policy_on_special_logits(emulated, backend, name):
     row = PATTERNS[name]
@@ -83,7 +83,7 @@ def test_policy_on_special_logits(emulated, backend, name):
         assert torch.allclose(routing.alpha[finite].float(), want_alpha[finite], atol=1e-6), f"{backend}/{name}/K={k}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
 def test_random_special_logits_distinct_and_in_range(emulated, backend):
     """Random router weights with whole columns of -inf / NaN / +inf bias: per-row logits differ, ids must follow
     the policy (checked against the reference backend's logits) and stay distinct and < M."""
@@ -118,7 +118,7 @@ def _switch_off_layers(fusion, keep: list[int]) -> None:
                 bias[j] = -INF
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", backend_params([b for b in BACKENDS if b != "reference"]))
 def test_switched_off_layers_parity_forward_and_gradients(emulated, backend):
     """K=2 with one finite logit: the second slot is the lowest -inf layer with alpha exactly 0. Every backend
     must match the reference in the output and every gradient (all finite)."""
@@ -143,7 +143,7 @@ def test_switched_off_layers_parity_forward_and_gradients(emulated, backend):
         assert rel_err(g, ref[3][name]) <= 1e-12, name
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b not in ("reference", "cuda-emulated")])
+@pytest.mark.parametrize("backend", backend_params([b for b in BACKENDS if b not in ("reference", "cuda-emulated")]))
 def test_nan_logits_reach_the_same_outputs(backend):
     """Tokens whose router logits are NaN (here: NaN queries, with the finite-input check switched off) route to
     bank layers 0..K-1 with NaN alpha, and only their own outputs turn NaN, as in the reference; the other tokens'
@@ -165,6 +165,7 @@ def test_nan_logits_reach_the_same_outputs(backend):
     assert rel_err(got_q[~bad], ref_q[~bad]) <= 1e-12
 
 
+@pytest.mark.triton
 def test_triton_router_never_repeats_a_layer_in_the_bank_rows():
     """The reported defect: one finite logit and K=2 gave ids [0, 0] in the Triton router, which put each token twice
     in layer 0's row list (a read-add-write race on h_bar on a GPU). Now each layer lists each token at most once."""
@@ -182,7 +183,7 @@ def test_triton_router_never_repeats_a_layer_in_the_bank_rows():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("backend", backend_params(["torch", "triton", "cuda"]))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_policy_on_gpu(backend, dtype):
     """The same special logits through the compiled Triton and CUDA routers on a GPU."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 import torch._dynamo  # noqa: E402
 import torch._dynamo.testing  # noqa: E402

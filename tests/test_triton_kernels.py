@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
 
 import geoalign_kernels.utils as kutils  # noqa: E402
 from geoalign import GeoAlignConfig, GeoAlignFusion  # noqa: E402

@@ -81,6 +81,7 @@ def test_torch_variant_parity(variant, dtype):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.triton
 def test_triton_variant_parity(variant):
     if "triton" not in fast_backends():
         pytest.skip("triton is not available here")
@@ -94,6 +95,7 @@ def test_any_k(K):
 
 
 @pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.triton
 def test_any_k_triton(K):
     if "triton" not in fast_backends():
         pytest.skip("triton is not available here")

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from geoalign_kernels import guard
+from geoalign_kernels.guard import guarded
 from geoalign_kernels.library import custom_op
 
 from ..routing import BankRows, Routing, topk_lower_index
@@ -160,8 +162,8 @@ def cuda_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     L = logits.shape[0]
     topk_idx = torch.empty(L, k, dtype=torch.int64, device=logits.device)
     alpha = torch.empty(L, k, dtype=accumulator_dtype(logits.dtype), device=logits.device)
-    with _on(logits):
-        _ext().route(logits, k, topk_idx, alpha, _stream(logits))
+    with _on(logits), guarded("cuda_route", topk_idx=topk_idx, alpha=alpha) as out:
+        _ext().route(logits, k, out.topk_idx, out.alpha, _stream(logits))
     return topk_idx, alpha
 
 
@@ -179,9 +181,10 @@ def cuda_route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: to
     _require_cuda(("d_alpha", d_alpha), ("alpha", alpha), ("topk_idx", topk_idx))
     L = alpha.shape[0]
     d_logits = torch.empty(L, num_layers, dtype=logits_dtype, device=alpha.device)
-    with _on(alpha):
+    guard.check_index_range("cuda_route_backward", "topk_idx", topk_idx, num_layers, "bank layers")
+    with _on(alpha), guarded("cuda_route_backward", d_logits=d_logits) as out:
         _ext().route_backward(d_alpha.to(alpha.dtype).contiguous(), alpha.contiguous(), topk_idx.contiguous(),
-                              d_logits, _stream(alpha))
+                              out.d_logits, _stream(alpha))
     return d_logits
 
 
@@ -223,8 +226,8 @@ def cuda_bank_rows(topk_idx: torch.Tensor, num_layers: int) -> tuple[torch.Tenso
     slots = torch.empty(P, dtype=torch.int64, device=dev)
     counts = torch.empty(num_layers, dtype=torch.int64, device=dev)
     offsets = torch.empty(num_layers + 1, dtype=torch.int64, device=dev)
-    with _on(topk_idx):
-        _ext().bank_rows(topk_idx, num_layers, tokens, slots, counts, offsets, _stream(topk_idx))
+    with _on(topk_idx), guarded("cuda_bank_rows", tokens=tokens, slots=slots, counts=counts, offsets=offsets) as out:
+        _ext().bank_rows(topk_idx, num_layers, out.tokens, out.slots, out.counts, out.offsets, _stream(topk_idx))
     return tokens, slots, counts, offsets
 
 
@@ -283,11 +286,15 @@ def cuda_gather_layer_norm(layer: torch.Tensor, gather_index: torch.Tensor, toke
     mean = torch.empty(n * G, dtype=acc, device=dev)
     rstd = torch.empty(n * G, dtype=acc, device=dev)
     raw = torch.empty(n * G if save_raw else 0, D, dtype=layer.dtype, device=dev)
+    op = "cuda_gather_layer_norm"
+    guard.check_index_range(op, "tokens", tokens, gather_index.shape[0], "rows of gather_index")
+    guard.check_index_range(op, "gather_index", gather_index, layer.shape[0], "rows of the layer")
     if n > 0:
-        with _on(layer):
+        with _on(layer), guarded(op, x=x, mean=mean, rstd=rstd, raw=raw if save_raw else None) as out:
             _ext().gather_layer_norm(layer, gather_index.to(torch.int64), tokens.to(torch.int64).contiguous(),
-                                     weight.contiguous(), bias.contiguous(), float(eps), False, G, x.view(n * G, D),
-                                     mean, rstd, raw if save_raw else None, _stream(layer))
+                                     weight.contiguous(), bias.contiguous(), float(eps), False, G,
+                                     out.x.view(n * G, D), out.mean, out.rstd, out.raw if save_raw else None,
+                                     _stream(layer))
     return x, mean, rstd, raw
 
 
@@ -310,9 +317,9 @@ def cuda_layer_norm_apply(raw: torch.Tensor, mean: torch.Tensor, rstd: torch.Ten
     _require_cuda(("raw", raw))
     x = torch.empty(R // group_size, group_size * D, dtype=weight.dtype, device=raw.device)
     if R > 0:
-        with _on(raw):
+        with _on(raw), guarded("cuda_layer_norm_apply", x=x) as out:
             _ext().gather_layer_norm(raw.contiguous(), None, None, weight.contiguous(), bias.contiguous(), 0.0, True,
-                                     group_size, x.view(R, D), mean.contiguous(), rstd.contiguous(), None,
+                                     group_size, out.x.view(R, D), mean.contiguous(), rstd.contiguous(), None,
                                      _stream(raw))
     return x
 
@@ -338,9 +345,9 @@ def cuda_layer_norm_backward(dx: torch.Tensor, raw: torch.Tensor, mean: torch.Te
     blocks = math.ceil(R / rpb)
     dg = torch.empty(blocks, D, dtype=acc, device=dx.device)
     db = torch.empty(blocks, D, dtype=acc, device=dx.device)
-    with _on(dx):
+    with _on(dx), guarded("cuda_layer_norm_backward", dg=dg, db=db) as out:
         _ext().layer_norm_backward_partials(dx.reshape(R, D).contiguous(), raw.contiguous(), mean.contiguous(),
-                                            rstd.contiguous(), rpb, dg, db, _stream(dx))
+                                            rstd.contiguous(), rpb, out.dg, out.db, _stream(dx))
     return dg.sum(0), db.sum(0)
 
 

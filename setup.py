@@ -58,7 +58,7 @@ setup(
         "eval": ["pycocoevalcap", "pyarrow"],
         "train": ["accelerate>=1.0", "peft"],
         "deepspeed": ["deepspeed"],
-        "dev": ["pytest", "pytest-benchmark", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
                 "accelerate>=1.0", "peft"],
         "plots": ["matplotlib"],
     },

@@ -84,7 +84,10 @@ def load_fusion(directory: str | os.PathLike, *, device: torch.device | str = "c
         raise FileNotFoundError(f"GeoAlign fusion weights not found: {w_path!r}")
     config = GeoAlignConfig.from_pretrained(d)
     fusion = GeoAlignFusion(config)
-    sd = load_file(w_path, device="cpu")
+    try:
+        sd = load_file(w_path, device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a corrupt or truncated file
+        raise ValueError(f"cannot read fusion weights {w_path!r} (corrupt or half-written?): {e}") from e
     expected = {k: tuple(v.shape) for k, v in fusion.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

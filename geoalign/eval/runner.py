@@ -30,7 +30,10 @@ def read_predictions(path: str) -> list[dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # interrupted write at the very end
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON")
+            raise ValueError(f"{path}:{i + 1}: not valid JSON (a corrupt line before the end; only a cut last "
+                             "line is recovered)") from None
+        if not isinstance(r, dict) or not isinstance(r.get("id"), str):
+            raise ValueError(f"{path}:{i + 1}: a prediction record needs a string 'id', got {line[:80]!r}")
         if r["id"] in seen:
             continue
         seen.add(r["id"])

@@ -1,13 +1,15 @@
 """Terminal table, JSON and PNG output of benchmark rows."""
 from __future__ import annotations
 
-import json
+import io
 import os
 import platform
 import sys
 from datetime import datetime, timezone
 
 import torch
+
+from geoalign import atomic_files
 
 
 def _mib(b) -> str:
@@ -76,11 +78,7 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    atomic_files.write_json(path, payload, indent=1)
 
 
 def write_plots(path: str, rows: list[dict], title: str) -> bool:
@@ -116,7 +114,8 @@ def write_plots(path: str, rows: list[dict], title: str) -> bool:
     ax_t.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_files.write_bytes(path, buf.getvalue())
     return True

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from geoalign import atomic_files
+
 VARIANTS = {
     "streaming_sparse": ("stream", "torch"),
     "streaming_dense": ("stream", "reference"),
@@ -208,9 +210,7 @@ def main(argv=None) -> int:
                "cpu_count": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
                "python": sys.version.split()[0], "baseline": BASELINE, "settings": vars(args) | {"child": None},
                "results": results}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_files.write_json(args.out, out)
         print("wrote", args.out)
     return 0
 

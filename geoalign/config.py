@@ -201,12 +201,9 @@ class GeoAlignConfig:
         return cls(**d)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "geoalign_config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        from .atomic_files import write_json
+
+        write_json(os.path.join(directory, "geoalign_config.json"), self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "GeoAlignConfig":

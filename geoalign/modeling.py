@@ -37,6 +37,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .atomic_files import save_safetensors, staged_directory, write_json
 from .config import GeoAlignConfig
 from .fusion import GeoAlignFusion
 from .geometry.aggregator import VGGTAggregator
@@ -55,17 +56,17 @@ PATCH_SIZE = 14
 
 
 # ----------------------------------------------------------------------------------------------- fusion save / load
-def save_fusion(fusion: GeoAlignFusion, directory: str | os.PathLike) -> None:
-    """Write ``geoalign_config.json`` and ``fusion.safetensors`` (only the fusion's trained weights)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
+def _write_fusion_files(fusion: GeoAlignFusion, directory: str) -> None:
+    """geoalign_config.json + fusion.safetensors into ``directory`` (inside a staged directory)."""
     fusion.config.save_pretrained(directory)
     sd = {k: v.detach().contiguous().cpu() for k, v in fusion.state_dict().items()}
-    path = os.path.join(directory, FUSION_WEIGHTS)
-    tmp = path + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt", "geoalign": "fusion"})
-    os.replace(tmp, path)
+    save_safetensors(os.path.join(directory, FUSION_WEIGHTS), sd, metadata={"format": "pt", "geoalign": "fusion"})
+
+
+def save_fusion(fusion: GeoAlignFusion, directory: str | os.PathLike) -> None:
+    """The fusion alone, as one directory written atomically: ``geoalign_config.json`` + ``fusion.safetensors``."""
+    with staged_directory(directory, FUSION_CONFIG) as stage:
+        _write_fusion_files(fusion, stage)
 
 
 def load_fusion(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -384,24 +385,19 @@ class GeoAlignForConditionalGeneration(nn.Module):
         and the fusion (``geoalign_config.json`` + ``fusion.safetensors``). Loads back with ``from_pretrained(dir)``.
         With ``processor`` (a GeoAlignProcessor), its tokenizer and image processor go into ``qwen/`` too, so
         ``GeoAlignProcessor.from_pretrained(dir)`` and ``geoalign answer --model dir`` work."""
-        from safetensors.torch import save_file
-
-        d = os.fspath(directory)
-        os.makedirs(d, exist_ok=True)
-        self.qwen.save_pretrained(os.path.join(d, QWEN_SUBDIR), safe_serialization=True)
-        vdir = os.path.join(d, VGGT_SUBDIR)
-        os.makedirs(vdir, exist_ok=True)
-        sd = {"aggregator." + k: v.detach().contiguous().cpu() for k, v in self.vggt.state_dict().items()}
-        save_file(sd, os.path.join(vdir, VGGT_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(vdir, VGGT_CONFIG), "w") as f:
-            json.dump(self.vggt.config.to_dict(), f, indent=2, sort_keys=True)
-        self.save_fusion(d)
-        if processor is not None:
-            processor.save_pretrained(os.path.join(d, QWEN_SUBDIR))
-        manifest = {"format": "geoalign", "format_version": FORMAT_VERSION, "qwen": QWEN_SUBDIR,
-                    "vggt": VGGT_SUBDIR, "fusion": "."}
-        with open(os.path.join(d, MODEL_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+        with staged_directory(directory, MODEL_MANIFEST) as d:  # all or nothing: a crash leaves the old directory
+            self.qwen.save_pretrained(os.path.join(d, QWEN_SUBDIR), safe_serialization=True)
+            vdir = os.path.join(d, VGGT_SUBDIR)
+            os.makedirs(vdir, exist_ok=True)
+            sd = {"aggregator." + k: v.detach().contiguous().cpu() for k, v in self.vggt.state_dict().items()}
+            save_safetensors(os.path.join(vdir, VGGT_WEIGHTS), sd, metadata={"format": "pt"})
+            write_json(os.path.join(vdir, VGGT_CONFIG), self.vggt.config.to_dict())
+            _write_fusion_files(self.fusion, d)
+            if processor is not None:
+                processor.save_pretrained(os.path.join(d, QWEN_SUBDIR))
+            manifest = {"format": "geoalign", "format_version": FORMAT_VERSION, "qwen": QWEN_SUBDIR,
+                        "vggt": VGGT_SUBDIR, "fusion": "."}
+            write_json(os.path.join(d, MODEL_MANIFEST), manifest)
 
     def save_fusion(self, directory: str | os.PathLike) -> None:
         """Only the trained fusion: ``geoalign_config.json`` + ``fusion.safetensors`` (small, separate from the base)."""

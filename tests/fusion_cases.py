@@ -37,8 +37,9 @@ class Shape:
 
     def config(self, **options) -> GeoAlignConfig:
         """options: GeoAlignConfig variant options (feature_usage, projector, fusion, ...)."""
-        return GeoAlignConfig(hidden_size=self.D, geo_dim=self.Dg, bank_layers=tuple(range(self.M)), top_k=self.K,
-                              group_size=self.G, projector_hidden=self.H, router_hidden=self.R, **options)
+        options.setdefault("bank_layers", tuple(range(self.M)))
+        return GeoAlignConfig(hidden_size=self.D, geo_dim=self.Dg, top_k=self.K, group_size=self.G,
+                              projector_hidden=self.H, router_hidden=self.R, **options)
 
 
 def make_fusion(shape: Shape, dtype: torch.dtype, seed: int = 0, device="cpu", **options) -> GeoAlignFusion:
@@ -201,9 +202,11 @@ def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
 
     fusion.zero_grad(set_to_none=True)
     q.grad = None
+    from geoalign.routing import route_fixed
+
     backend = cb.CudaBackend()
     M = fusion.config.num_bank_layers
-    routing = backend.route(fusion, q)
+    routing = backend.route(fusion, q) if fusion.config.feature_usage == "dynamic" else route_fixed(fusion, q)
     rows = backend.bank_rows(routing.topk_idx, M)
     h_bar = backend.new_accumulator(fusion, q)
     for i in (order if order is not None else range(M)):

@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 import torch
 
-from geoalign import GeoAlignConfig, GeoAlignFusion
+from geoalign import GeoAlignConfig
 from geoalign.backends import available_backends
 from geoalign_kernels.guard import GuardError
 

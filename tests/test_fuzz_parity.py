@@ -1,7 +1,7 @@
 """Property-based parity of the fusion op against the reference (hypothesis, fixed example budget, derandomized).
 
-Each example draws: L, N (rows per layer; small N means heavy row reuse in gather_index), M, K, G, D, D', H, R, a
-dtype, a tie pattern (several bank layers with exactly equal router logits), bank layers that no pair is routed to
+Each example draws: L, N (rows per layer; small N means heavy row reuse in gather_index), M, K, G, D, D', H, R, the
+LayerNorm eps, a dtype, a tie pattern (several bank layers with exactly equal router logits), bank layers that no pair is routed to
 (a -1e4 router bias), and the memory layout of every input: q as a column slice of a wider tensor, layers with
 padded row strides or as transposed copies, gather_index transposed or int32. Forward output, routing and the
 gradients of q and of every parameter must match the reference (paper eqs. 1-8), for the torch backend and for the
@@ -53,6 +53,7 @@ def cases(draw, dtypes):
     return dict(
         shape=shape,
         dtype=draw(st.sampled_from(dtypes)),
+        eps=draw(st.sampled_from([1e-6, 1e-5, 1e-3, 0.37, 3.0])),
         tied=draw(st.lists(st.integers(0, M - 1), unique=True, max_size=M)),
         unused=draw(st.lists(st.integers(0, M - 1), unique=True, max_size=max(0, M - K))),
         q_layout=draw(st.sampled_from(["contiguous", "column-slice"])),
@@ -64,7 +65,7 @@ def cases(draw, dtypes):
 
 def build(case):
     shape, dtype, seed = case["shape"], case["dtype"], case["seed"]
-    fusion = make_fusion(shape, dtype, seed=seed)
+    fusion = make_fusion(shape, dtype, seed=seed, layer_norm_eps=case["eps"])
     with torch.no_grad():
         w, b = fusion.router.fc2.weight, fusion.router.fc2.bias
         for i in case["tied"]:  # exactly equal logits: zero weight rows (an exact 0 dot product), equal biases

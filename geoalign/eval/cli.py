@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from ..atomic_files import write_json
 from .tasks import DEFAULT_SPLIT, TASKS
 
 _META_KEYS = ("task", "split", "num_frames", "max_new_tokens", "prompt_suffix", "model", "predictor")
@@ -121,16 +122,13 @@ def run_eval_command(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(_meta_path(out), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_json(_meta_path(out), meta)
     info = run_eval(samples, predictor, out, batch_size=args.batch_size, progress=not args.no_progress)
     print(f"{info['written']} new predictions ({info['skipped']} already in {out}) in {info['seconds']:.1f}s")
     if args.no_score:
         return 0
     scores = score_file(args.task, out, ids=[s.id for s in samples], use_java=False if args.no_java else None)
-    with open(_scores_path(out), "w") as f:
-        json.dump(scores, f, indent=1)
+    write_json(_scores_path(out), scores)
     _print_scores(args.task, scores)
     print(f"scores written to {_scores_path(out)}")
     return 0
@@ -150,8 +148,7 @@ def run_score_command(args) -> int:
         return 2
     _print_scores(args.task, scores)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(scores, f, indent=1)
+        write_json(args.json_out, scores)
     return 0
 
 

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["config"] = vars(args)
     print(json.dumps(results, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        from ..atomic_files import write_json
+
+        write_json(args.json, results, indent=1)
     return results
 
 

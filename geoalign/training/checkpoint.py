@@ -14,47 +14,13 @@ import json
 import os
 import re
 import shutil
-from typing import Any
+
+from ..atomic_files import fsync_dir, fsync_tree, write_json
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: str) -> None:
-    """fsync every file and directory under ``path`` (bottom-up)."""
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            fp = os.path.join(root, name)
-            try:
-                with open(fp, "rb") as f:
-                    os.fsync(f.fileno())
-            except OSError:
-                pass
-        fsync_dir(root)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -129,7 +95,7 @@ def commit(output_dir: str, step: int, state: dict, save_total_limit: int | None
     fsync, rename into place, fsync the parent, prune old checkpoints. Returns the checkpoint path."""
     stage = staging_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
-    write_json_atomic(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step)))
+    write_json(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step)))
     fsync_tree(stage)
     if os.path.exists(final):                 # re-saving a step: move the old one out of the way first
         old = os.path.join(output_dir, f"{STAGING_PREFIX}old-{PREFIX}{int(step)}")

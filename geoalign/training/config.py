@@ -8,10 +8,11 @@ and are marked "not in the paper" below.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..atomic_files import write_json
 
 PRECISIONS = ("bf16", "fp16", "no")
 DISTRIBUTED = ("ddp", "deepspeed", "fsdp")
@@ -187,5 +188,4 @@ class TrainConfig:
         return cls.from_dict(d)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        write_json(path, self.to_dict())

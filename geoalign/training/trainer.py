@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..atomic_files import append_jsonl, save_safetensors, staged_directory
+from ..modeling import _write_fusion_files
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import GeoAlignCollator, GeoAlignSFTDataset
@@ -436,19 +438,17 @@ class GeoAlignTrainer:
         if acc.distributed_type.value == "FSDP":
             sd = acc.get_state_dict(self.model_ddp)
             if acc.is_main_process:
-                from safetensors.torch import save_file
-
-                os.makedirs(out, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in sd.items() if _strip(k) in self._trainable},
-                          os.path.join(out, "trainable.safetensors"))
+                with staged_directory(out, "trainable.safetensors") as stage:
+                    save_safetensors(os.path.join(stage, "trainable.safetensors"),
+                                     {k: v.contiguous().cpu() for k, v in sd.items() if _strip(k) in self._trainable})
         elif acc.is_main_process:
             model = acc.unwrap_model(self.model_ddp)
             if self.cfg.train_mode == "lora":
-                model.save_fusion(out)
-                from safetensors.torch import save_file
-
-                save_file({k: v.detach().contiguous().cpu() for k, v in model.qwen.state_dict().items()
-                           if "lora_" in k}, os.path.join(out, "lora.safetensors"))
+                with staged_directory(out, "lora.safetensors") as stage:
+                    _write_fusion_files(model.fusion, stage)
+                    save_safetensors(os.path.join(stage, "lora.safetensors"),
+                                     {k: v.detach().contiguous().cpu() for k, v in model.qwen.state_dict().items()
+                                      if "lora_" in k})
             else:
                 model.save_pretrained(out, processor=self.processor)
         acc.wait_for_everyone()
@@ -459,9 +459,7 @@ class GeoAlignTrainer:
         self.log_history.append(record)
         if not self.accelerator.is_main_process:
             return
-        os.makedirs(self.cfg.output_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.output_dir, "train_log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(os.path.join(self.cfg.output_dir, "train_log.jsonl"), [record])
         msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         logger.info(msg)
         if self.log_fn is not None:

@@ -1,5 +1,6 @@
 """The CLI on a saved tiny model, and a 2-process DDP run on CPU (torchrun, gloo; ~25-50 s on 2 cores): both ranks
-end with the same parameters, and the per-step loss equals a 1-process run's with the same global batch."""
+end with the same parameters, and the per-step loss and pre-clip gradient norm equal a 1-process run's with the same
+global batch."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from geoalign.atomic_files import read_jsonl  # noqa: E402
 from geoalign.tiny import tiny_model  # noqa: E402
 
 pytest.importorskip("accelerate")
@@ -119,6 +121,13 @@ def test_two_process_ddp_matches_single_process(setup, tmp_path):
     assert l0 == l1 and list(l0) == ["1", "2", "3"]
     for s in l0:                         # global token-mean loss: independent of the split over ranks
         assert l0[s] == pytest.approx(ls[s], rel=1e-4), (l0, ls)
+    # the gradients themselves: the pre-clip global gradient norm of every step (AdamW and clipping would absorb a
+    # gradient scaled wrongly between 1 and 2 processes in the parameters, the norm cannot)
+    norms_two = {r["step"]: r["grad_norm"] for r in read_jsonl(two / "train_log.jsonl")}
+    norms_one = {r["step"]: r["grad_norm"] for r in read_jsonl(one / "train_log.jsonl")}
+    assert list(norms_two) == [1, 2, 3] and norms_two.keys() == norms_one.keys()
+    for s in norms_two:
+        assert norms_two[s] == pytest.approx(norms_one[s], rel=1e-4), (norms_two, norms_one)
     ps = load_file(str(one / "params_rank0.safetensors"))
     for k in p0:
         torch.testing.assert_close(p0[k], ps[k], rtol=1e-3, atol=1e-5)

@@ -30,6 +30,7 @@ from ..atomic_files import append_jsonl, save_safetensors, staged_directory
 from ..modeling import _write_fusion_files
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .loss_scaling import backward_scale, supervised_tokens
 from .data import GeoAlignCollator, GeoAlignSFTDataset
 
 logger = logging.getLogger("geoalign.training")
@@ -498,7 +499,7 @@ class GeoAlignTrainer:
         last_saved = None
         while step < end:
             micro = [next(it) for _ in range(self.grad_accum)]
-            n_local = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+            n_local = supervised_tokens(micro)
             n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), reduction="sum")
             n_global = n_global.clamp_min(1.0)
             loss_sum = torch.zeros((), device=acc.device, dtype=torch.float32)
@@ -510,9 +511,7 @@ class GeoAlignTrainer:
                     out = model(**mb, num_items_in_batch=n_global)
                     loss = out.loss
                     loss_sum += loss.detach().float()
-                    # DDP / ZeRO average gradients over ranks and accelerate divides by the accumulation steps:
-                    # undo both so the gradient is that of the global token-mean loss.
-                    acc.backward(loss * (world * self.grad_accum))
+                    acc.backward(loss * backward_scale(world, self.grad_accum))  # see loss_scaling.py
                     grad_norm = None
                     if acc.sync_gradients:
                         if cfg.max_grad_norm and acc.distributed_type.value != "DEEPSPEED":

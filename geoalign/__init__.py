@@ -1,6 +1,7 @@
 """geoalign: GeoAlign's Top-K routed multi-layer geometry fusion, with exact sparse streaming fast paths."""
 from .config import GeoAlignConfig
 from .fusion import FusionStream, GeoAlignFusion
+from .model_config import GeoAlignModelConfig
 from .modeling import GeoAlignForConditionalGeneration, load_fusion, save_fusion
 from .processing import GeoAlignProcessor
 from .routing import Routing
@@ -11,6 +12,7 @@ __all__ = [
     "FusionStream",
     "Routing",
     "GeoAlignForConditionalGeneration",
+    "GeoAlignModelConfig",
     "GeoAlignProcessor",
     "load_fusion",
     "save_fusion",

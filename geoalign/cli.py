@@ -15,9 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_score_parser(sub)
-    from geoalign.model_cli import add_answer_parser
+    from geoalign.model_cli import add_answer_parser, add_convert_parser
 
     add_answer_parser(sub)
+    add_convert_parser(sub)
     from geoalign.training.cli import add_train_parser
 
     add_train_parser(sub)

@@ -1,9 +1,10 @@
-"""``geoalign answer``: answer a question about a video / image folder with a GeoAlign model (local files only).
+"""``geoalign answer`` and ``geoalign convert`` (local files only).
 
     geoalign answer --model DIR --video clip.mp4 --question "How far is the chair from the door?"
     geoalign answer --qwen QWEN_DIR --vggt VGGT_DIR_OR_FILE [--fusion FUSION_DIR] --images frames/ --question "..."
+    geoalign convert OLD_DIR NEW_DIR      # a legacy geoalign directory -> a transformers checkpoint
 
-Register with ``add_answer_parser(subparsers)``; the sub-command sets ``func``.
+Register with ``add_answer_parser(subparsers)`` / ``add_convert_parser(subparsers)``; each sets ``func``.
 """
 from __future__ import annotations
 
@@ -76,6 +77,35 @@ def run_answer(args: argparse.Namespace) -> int:
                           "source": args.video or args.images, "num_frames": args.num_frames}))
     else:
         print(answer)
+    return 0
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert", help="rewrite a legacy geoalign model directory (geoalign_model.json) as a "
+                              "transformers checkpoint")
+    p.add_argument("old", help="legacy directory (geoalign_model.json, qwen/, vggt/, fusion files)")
+    p.add_argument("new", help="new directory (must not exist, or be a model directory written by geoalign)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: the checkpoint's")
+    p.set_defaults(func=run_convert)
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .serialization import convert_legacy_directory, is_legacy_directory
+
+    if not is_legacy_directory(args.old):
+        print(f"geoalign convert: {args.old!r} is not a legacy geoalign directory (no geoalign_model.json, or it "
+              "already has a transformers config.json)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        convert_legacy_directory(args.old, args.new, dtype=dtype)
+    except (FileNotFoundError, ValueError, FileExistsError) as e:
+        print(f"geoalign convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.new}")
     return 0
 
 

@@ -94,6 +94,18 @@ def _expand_placeholders(text: str, pad: str, counts: Sequence[int]) -> str:
     return out
 
 
+def _saved_group_size(directory: str) -> int | None:
+    """G of a saved GeoAlign model (config.json's geoalign_config.group_size), or None."""
+    import json
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        fusion = json.load(f).get("geoalign_config") or {}
+    return fusion.get("group_size")
+
+
 class GeoAlignProcessor:
     """Turns frames + a question into the inputs of :class:`geoalign.GeoAlignForConditionalGeneration`.
 
@@ -129,13 +141,17 @@ class GeoAlignProcessor:
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, group_size: int = 4, num_frames: int | None = 32,
+    def from_pretrained(cls, path: str | os.PathLike, *, group_size: int | None = None, num_frames: int | None = 32,
                         **kwargs: Any) -> "GeoAlignProcessor":
         """Tokenizer (and Qwen2VLImageProcessorPil config when present) from a local Qwen2.5-VL directory, or from a
-        saved GeoAlign directory (its ``qwen/`` sub-directory). Nothing is downloaded."""
+        saved GeoAlign directory (or a legacy one's ``qwen/`` sub-directory). Nothing is downloaded.
+        group_size: default the saved model's (its config.json), else 4."""
         p = os.fspath(path)
         if not os.path.isdir(p):
             raise FileNotFoundError(f"processor directory not found: {p!r}")
+        if group_size is None:
+            group_size = _saved_group_size(p) or 4
+        kwargs = {k: v for k, v in kwargs.items() if k in ("min_pixels", "max_pixels")}  # AutoProcessor passes more
         candidates = [p, os.path.join(p, "qwen")]
         tok_files = ("tokenizer.json", "tokenizer_config.json")
         src = next((c for c in candidates if any(os.path.isfile(os.path.join(c, f)) for f in tok_files)), None)

@@ -66,7 +66,7 @@ def tiny_model(group_size: int = 4, seed: int = 0, backend: str = "torch", attn_
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    model = GeoAlignForConditionalGeneration.from_config(
+    model = GeoAlignForConditionalGeneration.from_parts(
         tiny_qwen_config(tok), tiny_vggt_config(), tiny_fusion_config(group_size, backend),
         attn_implementation=attn_implementation)
     # Random fusion init gives a zero-mean W_out; scale it up so the fusion visibly changes the tokens.

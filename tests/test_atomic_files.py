@@ -169,16 +169,24 @@ def test_model_directory(tmp_path, monkeypatch):
     from geoalign.modeling import GeoAlignForConditionalGeneration
     from geoalign.tiny import tiny_model
 
-    model, _tok = tiny_model(seed=0)
-    model.save_pretrained(tmp_path / "model")
+    from geoalign.processing import GeoAlignProcessor
+
+    model, tok = tiny_model(seed=0)
+    processor = GeoAlignProcessor(tok, None, group_size=4)
+    model.save_pretrained(tmp_path / "model", processor=processor)
     old = {k: v.clone() for k, v in model.fusion.state_dict().items()}
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.add_(1.0)
-    interrupt = Interrupt(monkeypatch, at=1)  # the first of our writes: VGGT's weights, after Qwen's own files
-    with pytest.raises(OSError):
-        model.save_pretrained(tmp_path / "model")
-    assert interrupt.fired and leftovers(tmp_path) == []
+
+    def half_written_tokenizer(directory):  # after transformers has written the new weights into the directory
+        Path(directory, "tokenizer.json").write_text('{"version": "1.0", "trunc')
+        raise OSError(errno.ENOSPC, "No space left on device (injected halfway through a write)")
+
+    monkeypatch.setattr(processor, "save_pretrained", half_written_tokenizer)
+    with pytest.raises(OSError, match="injected"):
+        model.save_pretrained(tmp_path / "model", processor=processor)
+    assert leftovers(tmp_path) == []
     monkeypatch.undo()
     back = GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "model")
     for name, a in back.fusion.state_dict().items():

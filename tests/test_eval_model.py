@@ -90,7 +90,7 @@ def test_load_predictor(model_dir, predictor):
         load_predictor(model_dir, device="cpu", fusion_backend="cuda")
     p = load_predictor(model_dir, device="cpu", dtype="bf16", attn_implementation="eager", fusion_backend="reference")
     assert p.model.dtype == torch.bfloat16 and p.model.fusion.out_proj.weight.dtype == torch.bfloat16
-    assert p.model.qwen.config._attn_implementation == "eager" and p.fusion_backend == "reference"
+    assert p.model.config._attn_implementation == "eager" and p.fusion_backend == "reference"
 
 
 def test_batch_of_two_with_different_frame_counts(vsi_small, predictor):

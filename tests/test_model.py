@@ -1,6 +1,7 @@
 """GeoAlignForConditionalGeneration on a tiny random Qwen2.5-VL + tiny VGGT + tiny fusion (CPU)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from geoalign.tiny import build_inputs, random_frames, tiny_model  # noqa: E402
 
 from geoalign.geometry.alignment import build_gather_index  # noqa: E402
 from geoalign.modeling import GeoAlignForConditionalGeneration, load_fusion  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def _capture_llm_input(m):
     def pre_hook(module, args, kwargs):
         seen["inputs_embeds"] = kwargs["inputs_embeds"].detach().clone()
 
-    lm = m.qwen.model.language_model
+    lm = m.model.language_model
     return seen, lm.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
@@ -59,7 +61,7 @@ def _by_hand(m, inputs, group_size):
     key = "pixel_values" if group_size == 4 else "pixel_values_videos"
     gkey = "image_grid_thw" if group_size == 4 else "video_grid_thw"
     with torch.no_grad(), m.without_fusion():
-        out = m.qwen.model.visual(inputs[key], grid_thw=inputs[gkey])
+        out = m.model.visual(inputs[key], grid_thw=inputs[gkey])
     q = out.pooler_output if hasattr(out, "pooler_output") else out
     cfg = m.fusion.config
     ps = m.vggt.patch_start_idx
@@ -120,7 +122,7 @@ def test_forward_loss_and_gradients(model4):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.fusion.layer_norms.parameters())
     assert all(p.grad is None and not p.requires_grad for p in m.vggt.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in m.qwen.model.visual.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in m.model.visual.parameters())
     assert m.vggt.training is False
     m.zero_grad(set_to_none=True)
 
@@ -188,7 +190,8 @@ def test_save_pretrained_round_trip(model4, tmp_path):
         ref = m(**inputs).logits
     m.save_pretrained(tmp_path / "full")
     files = set(os.listdir(tmp_path / "full"))
-    assert {"geoalign_model.json", "geoalign_config.json", "fusion.safetensors", "qwen", "vggt"} <= files
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= files  # a transformers checkpoint
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["geoalign_config"] == m.fusion.config.to_dict()
     assert not any(f.endswith((".bin", ".pt", ".pth")) for _, _, fs in os.walk(tmp_path / "full") for f in fs)
     m2 = GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "full")
     with torch.no_grad():
@@ -263,10 +266,18 @@ def test_without_fusion_is_plain_qwen(model4):
     m, tok = model4
     inputs = _small(tok)
     qwen_inputs = {k: v for k, v in inputs.items() if k != "vggt_pixel_values"}
+    # transformers' own Qwen2.5-VL with this model's Qwen weights
+    qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**{k: v for k, v in m.config.to_dict().items()
+                                                                 if k not in ("geoalign_config", "vggt_config",
+                                                                              "freeze_vision_tower", "model_type")}))
+    missing, unexpected = qwen.load_state_dict(m.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("model.vggt.", "model.fusion.")) for k in unexpected)
     with torch.no_grad():
         fused = m(**inputs).logits
         with m.without_fusion():
-            plain = m.qwen(**qwen_inputs).logits
+            bypassed = m(**inputs).logits
+        plain = qwen.eval()(**qwen_inputs).logits
+    torch.testing.assert_close(bypassed, plain, rtol=0, atol=0)
     assert not torch.allclose(fused, plain)
 
 
@@ -289,3 +300,48 @@ def test_cuda_bf16_generate(attn):
         b = m(**inputs, fusion_backend="reference").logits.float()
     assert torch.isfinite(a).all()
     torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+# --------------------------------------------------------------------------------- a transformers model
+def test_is_a_transformers_model():
+    from transformers import GenerationMixin, PreTrainedModel
+
+    assert issubclass(GeoAlignForConditionalGeneration, PreTrainedModel)
+    assert issubclass(GeoAlignForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+    assert issubclass(GeoAlignForConditionalGeneration, GenerationMixin)
+
+
+def test_auto_classes_round_trip_with_device_map(model4, tmp_path):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from geoalign import GeoAlignModelConfig
+    from geoalign.processing import GeoAlignProcessor
+
+    m, tok = model4
+    inputs = _small(tok)
+    with torch.no_grad():
+        ref = m(**inputs).logits
+    m.save_pretrained(tmp_path / "m", processor=GeoAlignProcessor(tok, None, group_size=4))
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "m"), GeoAlignModelConfig)
+    proc = AutoProcessor.from_pretrained(tmp_path / "m")
+    assert isinstance(proc, GeoAlignProcessor) and proc.group_size == 4
+    for kw in ({}, {"device_map": "cpu"}, {"device_map": "cpu", "dtype": torch.float32}):
+        back = AutoModelForImageTextToText.from_pretrained(tmp_path / "m", **kw)
+        assert type(back) is GeoAlignForConditionalGeneration and back.fusion.config == m.fusion.config
+        with torch.no_grad():
+            torch.testing.assert_close(back(**inputs).logits, ref, rtol=0, atol=0)
+    bf16 = GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.fusion.out_proj.weight.dtype == torch.bfloat16
+
+
+def test_peft_lora_wraps_the_model(model4):
+    peft = pytest.importorskip("peft")
+    m, tok = model4
+    lora = peft.get_peft_model(tiny_model(4, seed=3)[0], peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    inputs = _small(tok)
+    out = lora(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    trained = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert all(p.grad is not None for n, p in lora.named_parameters() if p.requires_grad)
+    assert m is not None

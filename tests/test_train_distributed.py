@@ -112,7 +112,7 @@ def test_two_process_ddp_matches_single_process(setup, tmp_path):
     assert r1.returncode == 0, r1.stderr[-5000:]
     p0 = load_file(str(two / "params_rank0.safetensors"))
     p1 = load_file(str(two / "params_rank1.safetensors"))
-    assert p0.keys() == p1.keys() and any(k.startswith("fusion.") for k in p0)
+    assert p0.keys() == p1.keys() and any(k.startswith("model.fusion.") for k in p0)
     for k in p0:
         assert torch.equal(p0[k], p1[k]), k
     l0 = json.loads((two / "losses_rank0.json").read_text())

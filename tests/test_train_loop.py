@@ -49,7 +49,7 @@ def _trainer(cfg, seed=0, perturb=False):
     if perturb:                       # different trainable weights: a resume must overwrite them
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if not name.startswith("vggt") and ".visual." not in name:
+                if not name.startswith("model.vggt.") and ".visual." not in name:
                     p.add_(torch.randn_like(p) * 0.1)
     proc = GeoAlignProcessor(tok, None, group_size=4, num_frames=cfg.num_frames)
     return GeoAlignTrainer(cfg, model=model, processor=proc)
@@ -68,8 +68,8 @@ def test_loss_decreases(data, tmp_path):
 
     with safe_open(os.path.join(res.last_checkpoint, "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert keys and not any(k.startswith("vggt.") or ".visual." in k for k in keys)
-    assert any(k.startswith("fusion.") for k in keys)
+    assert keys and not any(k.startswith("model.vggt.") or ".visual." in k for k in keys)
+    assert any(k.startswith("model.fusion.") for k in keys)
     from geoalign.modeling import GeoAlignForConditionalGeneration
 
     m = GeoAlignForConditionalGeneration.from_pretrained(res.final_model_dir)
@@ -122,9 +122,9 @@ def test_train_modes(data, tmp_path, mode):
     res = t.train()
     m = t.accelerator.unwrap_model(t.model_ddp)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert any(n.startswith("fusion.") for n in trainable)
-    assert not any(n.startswith("vggt.") or ".visual." in n for n in trainable)
-    llm = {n for n in trainable if n.startswith("qwen.")}
+    assert any(n.startswith("model.fusion.") for n in trainable)
+    assert not any(n.startswith("model.vggt.") or ".visual." in n for n in trainable)
+    llm = {n for n in trainable if not n.startswith("model.fusion.")}
     assert (llm == set()) if mode == "frozen_llm" else (llm and all("lora_" in n for n in llm))
     lrs = {g["name"]: g["lr"] for g in t.optimizer.param_groups}
     assert len(res.losses) == 2

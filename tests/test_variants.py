@@ -256,7 +256,7 @@ def test_injection_inside_llm_forward_and_gradients(layers):
     inputs = build_inputs(tok, [random_frames(2, 70, 84, seed=0), random_frames(1, 56, 98, seed=1)], 4, answer="ok")
     labels = inputs["input_ids"].clone()
     labels[inputs["attention_mask"] == 0] = -100
-    n_visual = int((inputs["input_ids"] == m.qwen.config.image_token_id).sum())
+    n_visual = int((inputs["input_ids"] == m.config.image_token_id).sum())
     calls, h = _count_fusion_calls(m)
     m.train()
     try:
@@ -286,7 +286,7 @@ def test_injection_matches_fusion_by_hand():
     m, tok = _tiny_with(injection_layers=(1,))
     inputs = build_inputs(tok, [random_frames(2, 56, 56, seed=3)], 4)
     seen = {}
-    layer1 = m.qwen.model.language_model.layers[1]
+    layer1 = m.model.language_model.layers[1]
     def grab(mod, a, k):
         seen["h"] = a[0].detach().clone()
 
@@ -299,7 +299,7 @@ def test_injection_matches_fusion_by_hand():
             got = m(**inputs, fusion_backend="torch")
     finally:
         hook.remove()
-    mask = inputs["input_ids"] == m.qwen.config.image_token_id
+    mask = inputs["input_ids"] == m.config.image_token_id
     cfg = m.fusion.config
     from geoalign.geometry.alignment import build_gather_index, qwen_grid_for_vggt
 
@@ -332,7 +332,7 @@ def test_injection_generate_fuses_only_at_prefill():
 
     m, tok = _tiny_with(injection_layers=(0, 1))
     inputs = build_inputs(tok, [random_frames(2, 56, 56, seed=5)], 4)
-    n_visual = int((inputs["input_ids"] == m.qwen.config.image_token_id).sum())
+    n_visual = int((inputs["input_ids"] == m.config.image_token_id).sum())
     calls, h = _count_fusion_calls(m)
     m.vggt_calls = 0
     try:
@@ -341,7 +341,7 @@ def test_injection_generate_fuses_only_at_prefill():
         h.remove()
     assert gen.shape[1] > inputs["input_ids"].shape[1]
     assert calls == [n_visual, n_visual] and m.vggt_calls == 1  # two layers at prefill, nothing while decoding
-    assert m._injection is None  # inference releases the kept layers
+    assert m.model.injection.kept is None  # inference releases the kept layers
 
 
 def test_injection_config_errors_and_model_round_trip(tmp_path):

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from ..atomic_files import append_jsonl, save_safetensors, staged_directory
-from ..modeling import _write_fusion_files
+from ..serialization import write_fusion_files
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .loss_scaling import backward_scale, supervised_tokens
@@ -166,35 +166,20 @@ def build_model_and_processor(cfg: TrainConfig):
     return model, processor
 
 
-def _language_model(qwen: torch.nn.Module) -> torch.nn.Module:
-    inner = getattr(qwen, "model", qwen)
-    lm = getattr(inner, "language_model", None)
-    if lm is None:
-        raise TypeError(f"cannot find the language model of {type(qwen).__name__} (expected .model.language_model)")
-    return lm
-
-
 def configure_trainable(model, cfg: TrainConfig) -> dict[str, int]:
     """Freeze / unfreeze per ``cfg.train_mode``; returns counts of trainable parameters per part."""
-    from ..modeling import _visual_of
-
-    model.vggt.requires_grad_(False)
-    visual = _visual_of(model.qwen)
-    visual.requires_grad_(False)
-    model.fusion.requires_grad_(True)
-    if cfg.train_mode == "full":
-        for name, p in model.qwen.named_parameters():
-            if not name.startswith(_visual_prefix(model)):
-                p.requires_grad_(True)
-    else:
-        model.qwen.requires_grad_(False)
+    base = model.model  # GeoAlignModel: visual, language_model, vggt, fusion
+    model.requires_grad_(cfg.train_mode == "full")  # the LLM (embeddings, decoder, lm_head) in full mode only
+    base.vggt.requires_grad_(False)
+    base.visual.requires_grad_(False)
+    base.fusion.requires_grad_(True)
     if cfg.train_mode == "lora":
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as e:
             raise ImportError("train_mode='lora' needs the optional dependency peft: pip install peft "
                               "(or pip install 'geoalign[train]')") from e
-        lm = _language_model(model.qwen)
+        lm = base.language_model
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.lora_target_modules), bias="none")
         inject_adapter_in_model(lcfg, lm)
@@ -205,20 +190,11 @@ def configure_trainable(model, cfg: TrainConfig) -> dict[str, int]:
             n_lora += p.numel() if is_lora else 0
         if n_lora == 0:
             raise ValueError(f"LoRA found no modules named {cfg.lora_target_modules} in the language model")
-    counts = {"fusion": sum(p.numel() for p in model.fusion.parameters() if p.requires_grad),
-              "qwen": sum(p.numel() for p in model.qwen.parameters() if p.requires_grad),
+    fusion = sum(p.numel() for p in base.fusion.parameters() if p.requires_grad)
+    counts = {"fusion": fusion,
+              "qwen": sum(p.numel() for p in model.parameters() if p.requires_grad) - fusion,
               "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     return counts
-
-
-def _visual_prefix(model) -> str:
-    from ..modeling import _visual_of
-
-    visual = _visual_of(model.qwen)
-    for name, mod in model.qwen.named_modules():
-        if mod is visual:
-            return name + "."
-    return "model.visual."
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -343,20 +319,18 @@ class GeoAlignTrainer:
         model = self.model
         self.param_counts = configure_trainable(model, cfg)
         if cfg.precision == "bf16" and cfg.cast_frozen_to_bf16:
-            from ..modeling import _visual_of
-
-            model.vggt.to(torch.bfloat16)
-            _visual_of(model.qwen).to(torch.bfloat16)
+            model.model.vggt.to(torch.bfloat16)
+            model.model.visual.to(torch.bfloat16)
         if cfg.fusion_backend:
             model.fusion.config.backend = cfg.fusion_backend
         if cfg.gradient_checkpointing:
             # non-reentrant checkpointing: correct with frozen embeddings / frozen LLM (no input-grad hooks needed)
             kwargs = {"use_reentrant": False}
-            if hasattr(model.qwen, "activation_checkpointing_enable"):      # newer transformers 5.x
-                model.qwen.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:                                                           # e.g. transformers 5.17
-                model.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.qwen.config.use_cache = False
+            if hasattr(model, "activation_checkpointing_enable"):      # newer transformers 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:                                                      # e.g. transformers 5.17
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
         if self.train_dataset is None:
             self.train_dataset = GeoAlignSFTDataset.from_files(
                 cfg.train_data, self.processor, cfg.media_root, num_frames=cfg.num_frames,
@@ -446,9 +420,9 @@ class GeoAlignTrainer:
             model = acc.unwrap_model(self.model_ddp)
             if self.cfg.train_mode == "lora":
                 with staged_directory(out, "lora.safetensors") as stage:
-                    _write_fusion_files(model.fusion, stage)
+                    write_fusion_files(model.fusion, stage)
                     save_safetensors(os.path.join(stage, "lora.safetensors"),
-                                     {k: v.detach().contiguous().cpu() for k, v in model.qwen.state_dict().items()
+                                     {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                                       if "lora_" in k})
             else:
                 model.save_pretrained(out, processor=self.processor)

@@ -1,0 +1,92 @@
+"""In-LLM injection (paper Table 4, "Injection Position"): the fusion runs on the hidden states entering chosen
+decoder layers instead of on the vision tower's output.
+
+At prefill the model runs VGGT once per sample and keeps that sample's M bank layers (:meth:`InLLMInjection.keep`).
+A forward pre-hook on each chosen decoder layer ``model.language_model.layers[j]`` then takes that layer's input
+hidden states at the visual-token positions (``input_ids == image_token_id`` / ``video_token_id``) as the router
+queries Q and replaces them by Q_hat (one fusion module shared by all chosen layers). In cached decoding steps the
+hidden states have no visual positions (their length differs from the prompt's) and the hook does nothing. The kept
+layers live until the next forward (checkpointed decoder layers recompute in backward); at inference they are
+dropped when the call returns. This is the one place GeoAlign hooks into Qwen: transformers has no extension point
+inside its decoder stack.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class KeptGeometry:
+    """Per sample the M bank layers [N_b, D'] and gather_index [L_b, G]; visual_mask [B, T] marks the visual tokens
+    (sample-major, the vision tower's order)."""
+
+    visual_mask: torch.Tensor
+    samples: list[tuple[list[torch.Tensor], torch.Tensor]]
+    backend: str | None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(gi.shape[0]) for _, gi in self.samples)
+
+
+class InLLMInjection:
+    """The decoder-layer hooks of one model, and the geometry kept for them."""
+
+    def __init__(self, fusion_of, bypassed):
+        """fusion_of(): the model's current fusion; bypassed(): whether the model runs without fusion."""
+        self._fusion_of, self._bypassed = fusion_of, bypassed
+        self._hooks: list = []
+        self.kept: KeptGeometry | None = None
+
+    def install(self, decoder_layers: nn.ModuleList, text_hidden: int) -> None:
+        """(Re)register pre-hooks on the decoder layers named by the fusion's injection_layers (none: no hooks)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self.kept = [], None
+        cfg = self._fusion_of().config
+        if not cfg.injection_layers:
+            return
+        bad = [j for j in cfg.injection_layers if j >= len(decoder_layers)]
+        if bad:
+            raise ValueError(f"fusion injection_layers {list(cfg.injection_layers)}: {bad} out of range for the "
+                             f"LLM's {len(decoder_layers)} decoder layers")
+        if cfg.hidden_size != text_hidden:
+            raise ValueError(f"in-LLM injection needs fusion hidden_size == the LLM width {text_hidden}, "
+                             f"got {cfg.hidden_size}")
+        for j in cfg.injection_layers:
+            self._hooks.append(decoder_layers[j].register_forward_pre_hook(self._hook, with_kwargs=True))
+
+    def keep(self, kept: KeptGeometry) -> None:
+        if int(kept.visual_mask.sum()) != kept.num_tokens:
+            raise ValueError(f"input_ids hold {int(kept.visual_mask.sum())} visual placeholder tokens, the vision "
+                             f"tower produced {kept.num_tokens}")
+        self.kept = kept
+
+    def _hook(self, module, args, kwargs):
+        """hidden_states [B, T, D] at the visual positions are the queries; they are replaced by Q_hat."""
+        kept = self.kept
+        if kept is None or self._bypassed():
+            return None
+        from_args = len(args) > 0
+        h = args[0] if from_args else kwargs.get("hidden_states")
+        if h is None or tuple(h.shape[:2]) != tuple(kept.visual_mask.shape):
+            return None  # a cached decoding step (or text-only call): no visual tokens here
+        fusion = self._fusion_of()
+        mask = kept.visual_mask.to(h.device)
+        q = h[mask]  # [L_total, D], row-major over (sample, position) = the vision tower's order
+        dtype = fusion.out_proj.weight.dtype
+        out, off = [], 0
+        for layers, gi in kept.samples:
+            L = int(gi.shape[0])
+            out.append(fusion(q[off:off + L].to(dtype), layers, gi, backend=kept.backend))
+            off += L
+        q_hat = torch.cat(out, dim=0) if len(out) > 1 else out[0]
+        h = h.masked_scatter(mask.unsqueeze(-1).expand_as(h), q_hat.to(h.dtype))
+        if from_args:
+            return (h,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h
+        return args, kwargs

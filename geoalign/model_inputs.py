@@ -1,0 +1,107 @@
+"""Geometry inputs of the GeoAlign model: per-sample VGGT frames and gather_index, checked against Qwen's grids.
+
+``vggt_pixel_values`` is one [S_b, 3, H_b, W_b] tensor in [0, 1] per sample (a list, or one [B, S, 3, H, W] tensor);
+``gather_index`` is optional, one [L_b, G] tensor per sample (built from the frame grid when absent). Qwen's vision
+tower output Q [L_total, D] is sample-major; split_by_sample cuts it into per-sample blocks and checks that Qwen's
+grids, token counts and the VGGT frames describe the same frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .geometry.alignment import build_gather_index, check_grid_thw, qwen_grid_for_vggt
+
+PATCH_SIZE = 14  # VGGT's patch size (pixels)
+
+
+@dataclass
+class SampleGeometry:
+    images: torch.Tensor                  # [S, 3, H, W] in [0, 1] for VGGT
+    gather_index: torch.Tensor | None     # [L, G] or None (built from the grid)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def vggt_grid(self) -> tuple[int, int]:
+        return int(self.images.shape[-2]) // PATCH_SIZE, int(self.images.shape[-1]) // PATCH_SIZE
+
+
+def as_samples(vggt_pixel_values, gather_index) -> list[SampleGeometry]:
+    """Normalise VGGT inputs: a tensor [B, S, 3, H, W], a tensor [S, 3, H, W] (one sample) or a list of [S_b, 3,
+    H_b, W_b] tensors; gather_index: None, a tensor [L, G] (one sample) or a list (None entries allowed)."""
+    if isinstance(vggt_pixel_values, torch.Tensor):
+        if vggt_pixel_values.dim() == 4:
+            images = [vggt_pixel_values]
+        elif vggt_pixel_values.dim() == 5:
+            images = list(vggt_pixel_values.unbind(0))
+        else:
+            raise ValueError("vggt_pixel_values must be [B, S, 3, H, W], [S, 3, H, W] or a list of [S, 3, H, W] "
+                             f"tensors, got shape {tuple(vggt_pixel_values.shape)}")
+    elif isinstance(vggt_pixel_values, (list, tuple)):
+        images = list(vggt_pixel_values)
+    else:
+        raise ValueError("vggt_pixel_values must be a tensor or a list of [S, 3, H, W] tensors, got "
+                         f"{type(vggt_pixel_values).__name__}")
+    if not images:
+        raise ValueError("vggt_pixel_values is empty: expected one [S, 3, H, W] tensor per sample")
+    for b, im in enumerate(images):
+        if not isinstance(im, torch.Tensor) or im.dim() != 4 or im.shape[1] != 3:
+            desc = tuple(im.shape) if isinstance(im, torch.Tensor) else type(im).__name__
+            raise ValueError(f"vggt_pixel_values[{b}] must be a tensor [S, 3, H, W], got {desc}")
+        if im.shape[-2] % PATCH_SIZE or im.shape[-1] % PATCH_SIZE:
+            raise ValueError(f"vggt_pixel_values[{b}]: height and width must be multiples of {PATCH_SIZE}, "
+                             f"got {tuple(im.shape[-2:])}")
+    if gather_index is None:
+        gis = [None] * len(images)
+    elif isinstance(gather_index, torch.Tensor):
+        if gather_index.dim() == 2:
+            gis = [gather_index]
+        elif gather_index.dim() == 3:
+            gis = list(gather_index.unbind(0))
+        else:
+            raise ValueError(f"gather_index must be [L, G], [B, L, G] or a list, got {tuple(gather_index.shape)}")
+    else:
+        gis = list(gather_index)
+    if len(gis) != len(images):
+        raise ValueError(f"got VGGT frames for {len(images)} samples but gather_index for {len(gis)}")
+    return [SampleGeometry(im, gi) for im, gi in zip(images, gis)]
+
+
+def split_by_sample(q: torch.Tensor, grid_thw: torch.Tensor, samples: list[SampleGeometry], G: int):
+    """[(Q_b [L_b, D], sample b, gather_index_b [L_b, G])] for the batch's visual tokens Q (sample-major);
+    raises ValueError when Qwen's grids / token counts do not match the VGGT frames."""
+    grid = torch.as_tensor(grid_thw).reshape(-1, 3).to("cpu", torch.int64)
+    rows_per = [s.num_frames if G == 4 else 1 for s in samples]
+    if grid.shape[0] != sum(rows_per):
+        raise ValueError(
+            f"Qwen encoded {grid.shape[0]} {'images' if G == 4 else 'videos'} (grid_thw rows) but the VGGT inputs "
+            f"describe {sum(rows_per)} ({'frames per sample' if G == 4 else 'one video per sample'}: {rows_per})")
+    out, row, off = [], 0, 0
+    for b, (s, n) in enumerate(zip(samples, rows_per)):
+        g = grid[row:row + n]
+        row += n
+        try:
+            qgrid = qwen_grid_for_vggt(s.vggt_grid)
+            check_grid_thw(g, s.num_frames, qgrid, G)
+        except ValueError as e:
+            raise ValueError(f"sample {b}: VGGT frames {tuple(s.images.shape)} (patch grid {s.vggt_grid}) do "
+                             f"not match Qwen's visual tokens: {e}") from e
+        L = int((g.prod(-1) // 4).sum())
+        if off + L > q.shape[0]:
+            raise ValueError(f"sample {b}: Qwen's vision tower produced {q.shape[0]} tokens, fewer than the "
+                             f"grids imply ({off + L}+)")
+        gi = s.gather_index
+        if gi is None:
+            gi = build_gather_index(s.num_frames, s.vggt_grid, qgrid, G)
+        elif tuple(gi.shape) != (L, G):
+            raise ValueError(f"sample {b}: gather_index has shape {tuple(gi.shape)}, expected [{L}, {G}] "
+                             "(one row per Qwen visual token)")
+        out.append((q[off:off + L], s, gi))
+        off += L
+    if off != q.shape[0]:
+        raise ValueError(f"Qwen's vision tower produced {q.shape[0]} visual tokens, the grids imply {off}")
+    return out

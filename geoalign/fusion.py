@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from .backends import get_sparse_backend, resolve_backend_name
-from .backends.reference import ReferenceStream, inject, reference_route
+from .backends.reference import ReferenceStream, reference_route
 from .config import GeoAlignConfig
-from .routing import Routing, bank_rows, route_fixed
+from .routing import Routing, route_fixed
 
 logger = logging.getLogger(__name__)
 _NOTICED: set = set()
@@ -79,12 +79,11 @@ class FusionStream:
         self._backend = get_sparse_backend(backend, bool(fold_output))
         # Top-K routes from the backend's router; single/mean/dense are the same bank op with fixed routes (exact)
         self.routing = self._backend.route(fusion, q) if cfg.feature_usage == "dynamic" else route_fixed(fusion, q)
-        rows_fn = getattr(self._backend, "bank_rows", None)  # the cuda backend builds the row lists on device
-        self._rows = rows_fn(self.routing.topk_idx, M) if rows_fn else bank_rows(self.routing.topk_idx, M)
+        self._rows = self._backend.bank_rows(self.routing.topk_idx, M)
+        self._h_bar = self._f_hat = None
         if cfg.projector == "shared":
             self._h_bar = self._backend.new_accumulator(fusion, q)
-        else:  # split: W2 differs per layer, so accumulate each layer's W2 output into F_hat [L, D] (fp32/fp64)
-            self._h_bar = None
+        else:  # split: W2 differs per layer, so each layer's W2 output accumulates into F_hat [L, D] (fp32/fp64)
             self._f_hat = torch.zeros(q.shape[0], cfg.hidden_size, dtype=self.routing.alpha.dtype, device=q.device)
         if backend != "torch" and not cfg.is_paper_default_path:
             _notice_once((backend, cfg.projector, cfg.fusion),
@@ -106,22 +105,13 @@ class FusionStream:
             self._reference.add(i, layer)
             return
         tokens, slots = self._rows.layer(i)
+        alpha = self.routing.alpha
         if self._h_bar is not None:
-            self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, self.routing.alpha, i, layer, tokens,
-                                                   slots, self.gather_index)
-            return
-        # split projector: layer i's pairs into their own [n_i, H] accumulator (rows renumbered 0..n_i-1), then
-        # F_hat[t] += W2_i h_i + alpha b2_i for those tokens (exact: sum_k alpha = 1 is not needed here)
-        n = tokens.numel()
-        alpha = self.routing.alpha[tokens, slots].unsqueeze(1)  # [n, 1], differentiable
-        rows = torch.arange(n, device=tokens.device)
-        h_i = torch.zeros(n, self.fusion.config.projector_hidden, dtype=alpha.dtype, device=alpha.device)
-        h_i = self._backend.accumulate(self.fusion, h_i, alpha, i, layer, rows, torch.zeros_like(rows),
-                                       self.gather_index[tokens])
-        fc2 = self.fusion.projectors[i].fc2
-        dtype = fc2.weight.dtype
-        contrib = nn.functional.linear(h_i.to(dtype), fc2.weight) + alpha.to(dtype) * fc2.bias
-        self._f_hat = self._f_hat.index_add(0, tokens, contrib.to(self._f_hat.dtype))
+            self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, alpha, i, layer, tokens, slots,
+                                                   self.gather_index)
+        else:
+            self._f_hat = self._backend.accumulate_split(self.fusion, self._f_hat, alpha, i, layer, tokens, slots,
+                                                         self.gather_index)
 
     def finish(self) -> tuple[torch.Tensor, Routing]:
         """Q_hat [L, D] and the Routing. Every bank layer must have been added."""
@@ -134,15 +124,7 @@ class FusionStream:
         self._finished = True
         if self.backend_name == "reference":
             return self._reference.finish()
-        cfg = self.fusion.config
-        if cfg.is_paper_default_path:
-            q_hat = self._backend.output(self.fusion, self.q, self._h_bar)
-        else:
-            if cfg.projector == "shared":
-                f_hat = self.fusion.projector.fc2(self._h_bar.to(self.q.dtype))  # sum_k alpha = 1: b2 after the sum
-            else:
-                f_hat = self._f_hat.to(self.q.dtype)
-            q_hat = inject(self.fusion, self.q, f_hat)
+        q_hat = self._backend.finish(self.fusion, self.q, self._h_bar, self._f_hat)
         self._h_bar = self._f_hat = None
         return q_hat, self.routing
 
@@ -182,6 +164,26 @@ class GeoAlignFusion(nn.Module):
             self.gate = nn.Linear(D if config.fusion == "gated_2d" else 2 * D, width)
         #: check q for NaN/inf on every call (one reduction and one device sync); switch off when compiling
         self.check_finite = True
+
+    def router_hidden(self, q: torch.Tensor) -> torch.Tensor:
+        """The router's hidden layer GELU(V1 q + c1) [L, R] (its fc2 gives the logits: ``self.router(q)``)."""
+        return nn.functional.gelu(self.router.fc1(q))
+
+    def inject(self, q: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """Eq. 8 and its Table 4 variants: q [L, D], f_hat [L, D] (both the parameter dtype) -> q_hat [L, D].
+
+        add         Q + W_out F
+        film        Q * (1 + W_s F) + W_out F                      (W_s = film_scale; W_out plays W_shift)
+        gated_2d    Q + W_out(sigmoid(W_g Q + b_g) * F)            (gate [L, D] or [L, 1] with gate_granularity="token")
+        gated_2d3d  Q + W_out(sigmoid(W_g [Q; F] + b_g) * F)
+        """
+        kind = self.config.fusion
+        if kind == "add":
+            return q + self.out_proj(f_hat)
+        if kind == "film":
+            return q * (1.0 + self.film_scale(f_hat)) + self.out_proj(f_hat)
+        gate_in = q if kind == "gated_2d" else torch.cat([q, f_hat], dim=-1)
+        return q + self.out_proj(torch.sigmoid(self.gate(gate_in)) * f_hat)
 
     def projector_for(self, i: int) -> _MLP:
         """The projector MLP of bank position i: the shared f_phi, or layer i's own with projector="split"."""

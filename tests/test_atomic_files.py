@@ -23,7 +23,7 @@ from geoalign.modeling import load_fusion, save_fusion
 from geoalign.training import checkpoint as ckpt
 from geoalign.training.config import TrainConfig
 
-from fusion_cases import Shape, make_fusion
+from helpers import Shape, make_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 

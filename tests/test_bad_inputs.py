@@ -26,7 +26,7 @@ from geoalign.backends import available_backends
 from geoalign_kernels.guard import GuardError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusion_cases import EmulatedExt, Shape, make_fusion, make_inputs  # noqa: E402
+from helpers import EmulatedExt, Shape, make_fusion, make_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(L=5, M=3, K=2, G=4)  # D=24, D'=20, H=36, N=40 rows per layer
@@ -123,18 +123,19 @@ def output_bad_w_out(_tmp):
 
 def cuda_op(kind):
     def call(_tmp):
-        import geoalign.backends.cuda_backend as cb
+        from geoalign.backends import cuda_extension, cuda_ops
 
-        old = cb._EXT_OVERRIDE
-        cb._EXT_OVERRIDE = EmulatedExt()
+        old = cuda_extension.EXT_OVERRIDE
+        cuda_extension.EXT_OVERRIDE = EmulatedExt()
         try:
             if kind == "M>32":
-                cb.cuda_route(torch.randn(3, 33), 2)
+                cuda_ops.cuda_route(torch.randn(3, 33), 2)
             elif kind == "ln-shape":
-                cb.cuda_gather_layer_norm(torch.randn(8, 6), torch.zeros(2, 4, dtype=torch.int64),
-                                          torch.zeros(1, dtype=torch.int64), torch.ones(5), torch.zeros(5), 1e-5, False)
+                cuda_ops.cuda_gather_layer_norm(torch.randn(8, 6), torch.zeros(2, 4, dtype=torch.int64),
+                                                torch.zeros(1, dtype=torch.int64), torch.ones(5), torch.zeros(5),
+                                                1e-5, False)
         finally:
-            cb._EXT_OVERRIDE = old
+            cuda_extension.EXT_OVERRIDE = old
     return call
 
 

@@ -9,18 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import geoalign.backends.cuda_backend as cb
+from geoalign.backends import cuda_extension, cuda_ops
+from geoalign.backends.cuda_backend import CudaBackend
 from geoalign.routing import bank_rows
 
-from fusion_cases import (SHAPES, TOL, EmulatedExt, Shape, assert_parity, force_ties, make_fusion, make_inputs,
+from helpers import (SHAPES, TOL, EmulatedExt, Shape, assert_compiled_matches_eager, assert_parity, force_ties, make_fusion, make_inputs,
                           rel_err, run_backend, run_cuda_backend)
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    ext = EmulatedExt()
-    monkeypatch.setattr(cb, "_EXT_OVERRIDE", ext)
-    return ext
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -43,7 +37,7 @@ def test_routing_matches_torch_backend_with_ties(emulated):
     fusion = make_fusion(shape, torch.float64)
     force_ties(fusion, [1, 3, 4])
     q, layers, gather_index = make_inputs(shape, torch.float64)
-    routing = cb.CudaBackend().route(fusion, q)
+    routing = CudaBackend().route(fusion, q)
     assert routing.topk_idx.tolist() == [[1, 3, 4]] * shape.L
     ref = run_backend(fusion, "reference", q, layers, gather_index, torch.ones_like(q))
     fast = run_cuda_backend(fusion, q, layers, gather_index, torch.ones_like(q))
@@ -65,7 +59,7 @@ def test_only_q_requires_grad_saves_nothing(emulated):
     fusion = make_fusion(shape, torch.float32)
     fusion.requires_grad_(False)
     q, layers, gather_index = make_inputs(shape, torch.float32)
-    backend = cb.CudaBackend()
+    backend = CudaBackend()
     routing = backend.route(fusion, q)
     rows = backend.bank_rows(routing.topk_idx, shape.M)
     h_bar = backend.new_accumulator(fusion, q)
@@ -78,37 +72,10 @@ def test_only_q_requires_grad_saves_nothing(emulated):
 
 def test_compiled_matches_eager(emulated):
     """The custom ops' fake impls and autograd trace under torch.compile (aot_eager) in one graph, and agree."""
-    import torch._dynamo
-    import torch._dynamo.testing
-
     shape = Shape(L=12, M=3, K=2, G=4)
     fusion = make_fusion(shape, torch.float32)
     q, layers, gather_index = make_inputs(shape, torch.float32)
-    backend = cb.CudaBackend()
-    per_layer = [bank_rows(backend.route(fusion, q).topk_idx, shape.M).layer(i) for i in range(shape.M)]
-
-    def fused(q, layers, gather_index):
-        routing = backend.route(fusion, q)
-        h_bar = backend.new_accumulator(fusion, q)
-        for i in range(shape.M):
-            tokens, slots = per_layer[i]
-            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
-        return backend.output(fusion, q, h_bar), routing.alpha
-
-    def run(fn):
-        fusion.zero_grad(set_to_none=True)
-        q_leaf = q.detach().clone().requires_grad_()
-        q_hat, alpha = fn(q_leaf, layers, gather_index)
-        (q_hat.sum() + alpha[:, 0].sum()).backward()
-        return [q_hat.detach(), alpha.detach(), q_leaf.grad] + [p.grad for p in fusion.parameters()]
-
-    eager = run(fused)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = run(torch.compile(fused, backend=counter, fullgraph=True))
-    assert counter.frame_count == 1
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_compiled_matches_eager(CudaBackend(), fusion, q, layers, gather_index)
 
 
 def test_ops_registered():
@@ -119,37 +86,37 @@ def test_ops_registered():
 
 def test_input_validation(emulated):
     with pytest.raises(ValueError, match="1..32 bank layers"):
-        cb.cuda_route(torch.randn(3, 33), 2)
+        cuda_ops.cuda_route(torch.randn(3, 33), 2)
     with pytest.raises(ValueError, match="1 <= K <= M"):
-        cb.cuda_route(torch.randn(3, 4), 5)
+        cuda_ops.cuda_route(torch.randn(3, 4), 5)
     with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
-        cb.cuda_route(torch.randint(0, 3, (3, 4)), 2)
+        cuda_ops.cuda_route(torch.randint(0, 3, (3, 4)), 2)
     with pytest.raises(ValueError, match="LayerNorm weight/bias"):
-        cb.cuda_gather_layer_norm(torch.randn(8, 6), torch.zeros(2, 4, dtype=torch.int64),
+        cuda_ops.cuda_gather_layer_norm(torch.randn(8, 6), torch.zeros(2, 4, dtype=torch.int64),
                                   torch.zeros(1, dtype=torch.int64), torch.ones(5), torch.zeros(5), 1e-5, False)
 
 
 def test_unavailable_extension_is_a_clear_error(monkeypatch):
-    if cb.load_extension() is not None:
+    if cuda_extension.load_extension() is not None:
         pytest.skip("the CUDA extension is available here")
-    assert not cb.cuda_backend_available()
-    assert cb.extension_error()
+    assert not cuda_extension.cuda_backend_available()
+    assert cuda_extension.extension_error()
     with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
-        cb.CudaBackend()
+        CudaBackend()
 
 
 def test_cpu_tensors_rejected_by_real_extension_path(monkeypatch):
     class Compiled(EmulatedExt):
         requires_cuda = True
 
-    monkeypatch.setattr(cb, "_EXT_OVERRIDE", Compiled())
+    monkeypatch.setattr(cuda_extension, "EXT_OVERRIDE", Compiled())
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        cb.cuda_route(torch.randn(3, 4), 2)
+        cuda_ops.cuda_route(torch.randn(3, 4), 2)
 
 
 def test_bank_rows_emulated_matches(emulated):
     topk = torch.tensor([[2, 0], [0, 1], [2, 1], [1, 2]])
-    got = cb.bank_rows_cuda(topk, 4)
+    got = cuda_ops.bank_rows_cuda(topk, 4)
     want = bank_rows(topk, 4)
     assert got.offsets == want.offsets
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.slots, want.slots)

@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import geoalign.backends.cuda_backend as cb
+from geoalign.backends import cuda_extension, cuda_ops
+from geoalign_kernels.runtime import acc_dtype
 from geoalign.routing import bank_rows, topk_lower_index
 
-from fusion_cases import (SHAPES, TOL, Shape, assert_parity, force_ties, make_fusion, make_inputs, rel_err,
+from helpers import (SHAPES, TOL, Shape, assert_parity, force_ties, make_fusion, make_inputs, rel_err,
                           run_backend, run_cuda_backend)
 
 pytestmark = [
@@ -29,8 +30,8 @@ ALPHA_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-6, tor
 
 @pytest.fixture(scope="module", autouse=True)
 def extension():
-    if not cb.cuda_backend_available():
-        pytest.skip(f"the geoalign CUDA extension is unavailable: {cb.extension_error()}")
+    if not cuda_extension.cuda_backend_available():
+        pytest.skip(f"the geoalign CUDA extension is unavailable: {cuda_extension.extension_error()}")
 
 
 def gen(seed):
@@ -43,9 +44,9 @@ def gen(seed):
                                    (17, 4, 4), (33, 7, 7), (300, 17, 2), (5, 32, 32)])
 def test_route_matches_torch(dtype, L, M, K):
     logits = (torch.randn(L, M, generator=gen(L * 100 + M)) * 3).to(dtype).to(DEV)
-    idx, alpha = cb.cuda_route(logits, K)
+    idx, alpha = cuda_ops.cuda_route(logits, K)
     want_idx = topk_lower_index(logits, K)
-    want_alpha = torch.softmax(logits.gather(1, want_idx).to(cb.accumulator_dtype(dtype)), dim=-1)
+    want_alpha = torch.softmax(logits.gather(1, want_idx).to(acc_dtype(dtype)), dim=-1)
     assert idx.dtype == torch.int64 and alpha.dtype == want_alpha.dtype
     assert torch.equal(idx, want_idx)
     assert rel_err(alpha, want_alpha) <= ALPHA_TOL[dtype]
@@ -58,7 +59,7 @@ def test_route_ties_lower_index_wins(dtype, M, K):
     logits = torch.randint(-2, 3, (513, M), generator=gen(M)).to(dtype).to(DEV)
     logits[0] = 1.0  # a row of all-equal logits: 0..K-1 win
     logits[1, : M // 2] = float("-inf")  # -inf logits are still candidates, ranked last
-    idx, alpha = cb.cuda_route(logits, K)
+    idx, alpha = cuda_ops.cuda_route(logits, K)
     want_idx = topk_lower_index(logits, K)
     assert torch.equal(idx, want_idx)
     assert idx[0].tolist() == list(range(K))
@@ -77,7 +78,7 @@ def test_route_special_logits_follow_the_policy(dtype):
             [inf, 1.0, inf, nan, -inf, 2.0], [1.0, 1.0, 1.0, -inf, 1.0, 1.0], [-inf, 2.0, -inf, 2.0, -inf, -inf]]
     logits = torch.tensor(rows, dtype=torch.float64).to(dtype).to(DEV)
     for K in range(1, 7):
-        idx, alpha = cb.cuda_route(logits, K)
+        idx, alpha = cuda_ops.cuda_route(logits, K)
         want_idx = topk_lower_index(logits, K)
         assert torch.equal(idx, want_idx), (K, idx.tolist(), want_idx.tolist())
         assert all(len(set(r)) == K for r in idx.tolist())
@@ -91,8 +92,8 @@ def test_route_special_logits_follow_the_policy(dtype):
 @pytest.mark.parametrize("L,M,K", [(1, 3, 2), (40, 12, 2), (31, 13, 13), (70, 32, 3)])
 def test_route_backward_matches_autograd(dtype, L, M, K):
     logits = (torch.randn(L, M, generator=gen(M)) * 3).to(dtype).to(DEV).requires_grad_()
-    d_alpha = torch.randn(L, K, generator=gen(1)).to(cb.accumulator_dtype(dtype)).to(DEV)
-    _idx, alpha = cb.cuda_route(logits, K)
+    d_alpha = torch.randn(L, K, generator=gen(1)).to(acc_dtype(dtype)).to(DEV)
+    _idx, alpha = cuda_ops.cuda_route(logits, K)
     (got,) = torch.autograd.grad(alpha, logits, d_alpha)
     ref_logits = logits.detach().clone().requires_grad_()
     ref_alpha = torch.softmax(ref_logits.gather(1, topk_lower_index(ref_logits, K)).to(alpha.dtype), dim=-1)
@@ -109,12 +110,12 @@ def test_bank_rows_matches_torch(L, M, K):
     logits = torch.randn(L, M, generator=gen(L + M)).to(DEV)
     logits[:, M // 2:] -= 5.0  # some layers empty or nearly so
     topk_idx = topk_lower_index(logits, K)
-    got = cb.bank_rows_cuda(topk_idx, M)
+    got = cuda_ops.bank_rows_cuda(topk_idx, M)
     want = bank_rows(topk_idx, M)
     assert got.offsets == want.offsets
     assert torch.equal(got.tokens, want.tokens)
     assert torch.equal(got.slots, want.slots)
-    _tok, _sl, counts, offsets = cb.cuda_bank_rows(topk_idx, M)
+    _tok, _sl, counts, offsets = cuda_ops.cuda_bank_rows(topk_idx, M)
     assert counts.tolist() == torch.bincount(topk_idx.reshape(-1), minlength=M).tolist()
     assert offsets.tolist() == want.offsets
 
@@ -122,7 +123,7 @@ def test_bank_rows_matches_torch(L, M, K):
 def test_bank_rows_rejects_out_of_range_ids():
     topk_idx = torch.tensor([[0, 1], [5, 1]], device=DEV)
     with pytest.raises(ValueError, match="outside"):
-        cb.bank_rows_cuda(topk_idx, 3)
+        cuda_ops.bank_rows_cuda(topk_idx, 3)
 
 
 # ------------------------------------------------------------------------------------------------- gather + LN
@@ -145,14 +146,14 @@ def test_gather_layer_norm_dtypes(in_dtype, out_dtype):
     tokens = torch.randperm(L, generator=gen(2))[:n].sort().values.to(DEV)
     weight = (1 + 0.5 * torch.randn(D, generator=gen(3))).to(out_dtype).to(DEV)
     bias = (0.5 * torch.randn(D, generator=gen(4))).to(out_dtype).to(DEV)
-    x, mean, rstd, raw = cb.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, True)
+    x, mean, rstd, raw = cuda_ops.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, True)
     want, rows = ln_reference(layer, gather_index, tokens, weight, bias, 1e-5)
     assert x.dtype == out_dtype and x.shape == (n, G * D)
     assert rel_err(x, want) <= x_tol(out_dtype)
     assert torch.equal(raw, rows)
     v = rows.to(out_dtype).to(mean.dtype)
     assert rel_err(mean, v.mean(1)) <= 1e-5 and rel_err(rstd, torch.rsqrt(v.var(1, unbiased=False) + 1e-5)) <= 1e-5
-    again = cb.cuda_layer_norm_apply(raw, mean, rstd, weight, bias, G)  # the backward's recompute
+    again = cuda_ops.cuda_layer_norm_apply(raw, mean, rstd, weight, bias, G)  # the backward's recompute
     assert torch.equal(again, x)
 
 
@@ -175,7 +176,7 @@ def test_gather_layer_norm_scalar_paths(dtype, case):
     tokens = torch.arange(0, L, 3, device=DEV) if case != "one_token" else torch.tensor([L - 1], device=DEV)
     weight = (1 + 0.5 * torch.randn(D, generator=gen(7))).to(dtype).to(DEV)
     bias = (0.5 * torch.randn(D, generator=gen(8))).to(dtype).to(DEV)
-    x, _mean, _rstd, raw = cb.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, True)
+    x, _mean, _rstd, raw = cuda_ops.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, True)
     want, rows = ln_reference(layer, gather_index, tokens, weight, bias, 1e-5)
     assert rel_err(x, want) <= x_tol(dtype)
     assert torch.equal(raw, rows)
@@ -192,7 +193,7 @@ def test_gather_layer_norm_large_offsets():
     tokens = torch.tensor([0], device=DEV)
     weight = torch.ones(D, dtype=torch.bfloat16, device=DEV)
     bias = torch.zeros(D, dtype=torch.bfloat16, device=DEV)
-    x, *_ = cb.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, False)
+    x, *_ = cuda_ops.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, False)
     want, _ = ln_reference(layer, gather_index, tokens, weight, bias, 1e-5)
     assert rel_err(x, want) <= x_tol(torch.bfloat16)
 
@@ -208,10 +209,10 @@ def test_layer_norm_backward_matches_autograd(in_dtype, out_dtype, R):
     bias = (0.5 * torch.randn(D, generator=gen(2))).to(out_dtype).to(DEV).requires_grad_()
     dx = torch.randn(R, D, generator=gen(3)).to(out_dtype).to(DEV)
     gi = torch.arange(R, device=DEV).reshape(R, 1)
-    _x, mean, rstd, saved = cb.cuda_gather_layer_norm(raw, gi, torch.arange(R, device=DEV), weight.detach(),
+    _x, mean, rstd, saved = cuda_ops.cuda_gather_layer_norm(raw, gi, torch.arange(R, device=DEV), weight.detach(),
                                                       bias.detach(), 1e-5, True)
-    dg, db = cb.cuda_layer_norm_backward(dx, saved, mean, rstd)
-    acc = cb.accumulator_dtype(out_dtype)
+    dg, db = cuda_ops.cuda_layer_norm_backward(dx, saved, mean, rstd)
+    acc = acc_dtype(out_dtype)
     y = F.layer_norm(raw.to(out_dtype).to(acc), (D,), weight.to(acc), bias.to(acc), 1e-5)
     want_g, want_b = torch.autograd.grad(y, (weight, bias), dx.to(acc))
     tol = 1e-12 if acc == torch.float64 else 2e-5

@@ -9,129 +9,25 @@ from geoalign.eval import cli, media, runner, tasks
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
 
+from helpers import VSI_DOCS, lines, make_scanqa, make_sqa3d, make_vsibench
+
 FAKE = "geoalign.eval.fake:FakePredictor"
 
 
 # ----------------------------------------------------------------------------- fixtures
-def write_video(path, n=12, size=32, width=None):
-    """Frame i is a solid grey of value 20*i (so sampled indices can be checked); size x width px."""
-    import av
-    width = width or size
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with av.open(path, "w") as c:
-        s = c.add_stream("mpeg4", rate=10)
-        s.width, s.height = width, size
-        s.pix_fmt = "yuv420p"
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(np.full((size, width, 3), 20 * i, np.uint8), format="rgb24")
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-
-
-def write_frames(folder, n=10, size=16, width=None):
-    """ScanNet posed_images layout: 00000.jpg colour + 00000.png depth + 00000.txt pose."""
-    from PIL import Image
-    width = width or size
-    os.makedirs(folder, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.full((size, width, 3), 20 * i, np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"))
-        Image.fromarray(np.full((size, width), 255, np.uint8)).save(os.path.join(folder, f"{i:05d}.png"))
-        open(os.path.join(folder, f"{i:05d}.txt"), "w").write("1 0 0 0\n")
-
-
-VSI_DOCS = [
-    # (question_type, options, ground_truth, dataset, scene)
-    ("object_counting", None, "3", "scannet", "scene0000_00"),
-    ("object_abs_distance", None, "2.5", "scannet", "scene0000_00"),
-    ("object_size_estimation", None, "80", "arkitscenes", "41069025"),
-    ("room_size_estimation", None, "20.4", "arkitscenes", "41069025"),
-    ("object_rel_distance", ["A. chair", "B. table", "C. sofa", "D. bed"], "B", "scannet", "scene0000_00"),
-    ("object_rel_direction_easy", ["A. left", "B. right"], "A", "scannetpp", "0a5c013435"),
-    ("object_rel_direction_medium", ["A. left", "B. right", "C. back"], "C", "scannetpp", "0a5c013435"),
-    ("object_rel_direction_hard", ["A. front-left", "B. front-right", "C. back-left", "D. back-right"], "D",
-     "scannetpp", "0a5c013435"),
-    ("route_planning", ["A. Turn Left", "B. Turn Right", "C. Go Forward"], "A", "scannet", "scene0000_00"),
-    ("obj_appearance_order", ["A. a, b, c", "B. b, a, c", "C. c, a, b", "D. a, c, b"], "C", "arkitscenes",
-     "41069025"),
-]
-
-
-def make_vsibench(d, size=32, width=None, frames_per_dataset=None):
-    """A VSI-Bench folder: test.jsonl + {dataset}/{scene}.mp4 (``frames_per_dataset``: video length per
-    dataset, default 12)."""
-    rows = []
-    for i, (qt, opts, gt, ds, scene) in enumerate(VSI_DOCS):
-        rows.append({"id": i, "dataset": ds, "scene_name": scene, "question_type": qt,
-                     "question": f"Question {i} about {qt}?", "options": opts, "ground_truth": gt})
-        p = d / ds / f"{scene}.mp4"
-        if not p.exists():
-            write_video(str(p), n=(frames_per_dataset or {}).get(ds, 12), size=size, width=width)
-    with open(d / "test.jsonl", "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-    return str(d)
-
-
 @pytest.fixture(scope="module")
 def vsi_dir(tmp_path_factory):
     return make_vsibench(tmp_path_factory.mktemp("vsibench"))
 
-
-def make_scanqa(d, size=None, width=None):
-    """A ScanQA folder: ScanQA_v1.0_val.json, scene0011_00 as a posed_images frame folder (10 frames),
-    scene0015_00 as a 12-frame video. Frames 16x16 (folder) / 32x32 (video) unless ``size``/``width``."""
-    docs = [
-        {"question_id": "val-scene0011_00-0", "scene_id": "scene0011_00", "question": "What color is the chair?",
-         "answers": ["brown", "brown wooden"], "object_ids": [1], "object_names": ["chair"]},
-        {"question_id": "val-scene0011_00-1", "scene_id": "scene0011_00", "question": "What is by the door?",
-         "answers": ["trash can"], "object_ids": [2], "object_names": ["trash_can"]},
-        {"question_id": "val-scene0015_00-0", "scene_id": "scene0015_00", "question": "How many tables?",
-         "answers": ["2", "two tables"], "object_ids": [3], "object_names": ["table"]},
-    ]
-    (d / "ScanQA_v1.0_val.json").write_text(json.dumps(docs))
-    write_frames(str(d / "scannet" / "posed_images" / "scene0011_00"), size=size or 16, width=width)
-    write_video(str(d / "scannet" / "posed_images" / "scene0015_00.mp4"), size=size or 32, width=width)
-    return str(d)
-
-
 @pytest.fixture(scope="module")
 def scanqa_dir(tmp_path_factory):
     return make_scanqa(tmp_path_factory.mktemp("scanqa"))
-
-
-def make_sqa3d(d, size=None, width=None, folder_frames=5):
-    """An SQA3D folder: balanced/ question + annotation files, scene0050_00 as a 12-frame video,
-    scene0060_00 as a frame folder of ``folder_frames`` frames."""
-    b = d / "balanced"
-    b.mkdir()
-    qs = [{"question_id": 220602000000 + i, "scene_id": s, "situation": sit, "question": q,
-           "alternative_situation": []}
-          for i, (s, sit, q) in enumerate([
-              ("scene0050_00", "I am sitting on the sofa.", "What is in front of me?"),
-              ("scene0050_00", "I am facing the window.", "Is the door on my left?"),
-              ("scene0060_00", "I just entered the room.", "How many chairs can I see?")])]
-    ans = ["table", "yes", "2"]
-    anns = [{"question_id": q["question_id"], "scene_id": q["scene_id"],
-             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": 1}]} for q, a in zip(qs, ans)]
-    (b / "v1_balanced_questions_test_scannetv2.json").write_text(json.dumps({"questions": qs}))
-    (b / "v1_balanced_sqa_annotations_test_scannetv2.json").write_text(json.dumps({"annotations": anns}))
-    write_video(str(d / "videos" / "scene0050_00.mp4"), size=size or 32, width=width)
-    write_frames(str(d / "videos" / "scene0060_00"), n=folder_frames, size=size or 16, width=width)
-    return str(d)
-
 
 @pytest.fixture(scope="module")
 def sqa3d_dir(tmp_path_factory):
     return make_sqa3d(tmp_path_factory.mktemp("sqa3d"))
 
 
-def lines(path):
-    with open(path) as f:
-        return [json.loads(x) for x in f if x.strip()]
-
-
-# ----------------------------------------------------------------------------- media
 def test_video_frames_follow_geometry_sampling(vsi_dir):
     # decoding and sampling are geoalign.geometry's: round(linspace(0, 11, 4)) = [0, 4, 7, 11]
     from geoalign.geometry.frames import sample_frame_indices

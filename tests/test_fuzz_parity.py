@@ -7,7 +7,7 @@ padded row strides or as transposed copies, gather_index transposed or int32. Fo
 gradients of q and of every parameter must match the reference (paper eqs. 1-8), for the torch backend and for the
 Triton kernels (interpreter on CPU).
 
-Tolerances: |fast - ref| <= tol * max|ref| + atol per tensor. tol is fusion_cases.TOL for torch (fp64 1e-12, fp32
+Tolerances: |fast - ref| <= tol * max|ref| + atol per tensor. tol is helpers.TOL for torch (fp64 1e-12, fp32
 5e-5); the Triton kernels accumulate in a different order in their own GEMM loops, so fp64 uses 1e-10
 (tests/test_triton_kernels.py's bound) and fp32 the same 5e-5. atol (fp64 1e-13, fp32 1e-6) covers tensors that
 are exactly zero in exact arithmetic but rounding noise in one backend; every other tensor here has magnitude
@@ -29,7 +29,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from geoalign.backends.reference import reference_logits  # noqa: E402
 
-from fusion_cases import TOL, Shape, fast_backends, make_fusion, run_backend  # noqa: E402
+from helpers import TOL, Shape, fast_backends, make_fusion, run_backend  # noqa: E402
 
 TRITON_TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 ATOL = {torch.float64: 1e-13, torch.float32: 1e-6}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geoalign import GeoAlignConfig
-from fusion_cases import backend_params, Shape, fast_backends, make_fusion, make_inputs
+from helpers import backend_params, Shape, fast_backends, make_fusion, make_inputs
 
 SHAPE = Shape(L=6, M=3, K=2, G=4)
 BACKENDS = ["reference"] + fast_backends()

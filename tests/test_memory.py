@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geoalign.memory import SavedTensorMeter
-from fusion_cases import backend_params, Shape, fast_backends, make_fusion, make_inputs
+from helpers import backend_params, Shape, fast_backends, make_fusion, make_inputs
 
 
 def saved_bytes(fusion, backend, q, layers, gather_index) -> int:

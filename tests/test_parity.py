@@ -18,7 +18,7 @@ import weakref
 import pytest
 import torch
 
-from fusion_cases import (backend_params, SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
+from helpers import (backend_params, SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
                           rel_err, run_backend)
 
 @pytest.mark.parametrize("backend", backend_params(fast_backends()))

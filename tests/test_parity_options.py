@@ -17,17 +17,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import geoalign.backends.cuda_backend as cb
 
-from fusion_cases import (TOL, EmulatedExt, Shape, assert_parity, backend_params, fast_backends, make_fusion,
+from helpers import (TOL, Shape, assert_parity, backend_params, fast_backends, make_fusion,
                           make_inputs, rel_err, run_backend, run_cuda_backend)
 
 BACKENDS = fast_backends() + ["cuda-emulated"]
-
-
-@pytest.fixture
-def emulated(monkeypatch):
-    monkeypatch.setattr(cb, "_EXT_OVERRIDE", EmulatedExt())
 
 
 def run(fusion, backend, q, layers, gather_index, grad_out):

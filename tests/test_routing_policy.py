@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-import geoalign.backends.cuda_backend as cb
+from geoalign.backends.cuda_backend import CudaBackend
 from geoalign.backends import triton_available
 
-from fusion_cases import backend_params, EmulatedExt, Shape, fast_backends, make_fusion, make_inputs, rel_err, run_backend
+from helpers import backend_params, Shape, fast_backends, make_fusion, make_inputs, rel_err, run_backend
 
 INF, NAN = math.inf, math.nan
 
@@ -43,14 +43,9 @@ def policy_topk(row: list[float], k: int) -> list[int]:
     return sorted(range(len(row)), key=key)[:k]
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    monkeypatch.setattr(cb, "_EXT_OVERRIDE", EmulatedExt())
-
-
 def route(fusion, q, backend):
     if backend == "cuda-emulated":
-        return cb.CudaBackend().route(fusion, q)
+        return CudaBackend().route(fusion, q)
     return fusion.route(q, backend=backend)
 
 
@@ -129,7 +124,7 @@ def test_switched_off_layers_parity_forward_and_gradients(emulated, backend):
     grad_out = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
     if backend == "cuda-emulated":
-        from fusion_cases import run_cuda_backend
+        from helpers import run_cuda_backend
 
         fast = run_cuda_backend(fusion, q, layers, gather_index, grad_out)
     else:

@@ -9,12 +9,9 @@ import torch
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
-import torch._dynamo  # noqa: E402
-import torch._dynamo.testing  # noqa: E402
-from geoalign.routing import bank_rows  # noqa: E402
 from geoalign.backends.triton_backend import TritonBackend  # noqa: E402
 
-from test_triton_kernels import make_fusion  # noqa: E402
+from helpers import Shape, assert_compiled_matches_eager, make_fusion, make_inputs  # noqa: E402
 
 
 def test_ops_registered():
@@ -26,33 +23,10 @@ def test_ops_registered():
 
 
 def test_compiled_matches_eager():
-    M = 3
-    fusion, q, layers, gather_index = make_fusion(torch.float32, L=20, D=24, Dg=20, H=24, M=M, K=2, G=4, R=16, seed=1)
-    backend = TritonBackend()
-    per_layer = [bank_rows(backend.route(fusion, q).topk_idx, M).layer(i) for i in range(M)]  # host-side grouping
-
-    def fused(q, layers, gather_index):
-        routing = backend.route(fusion, q)
-        h_bar = backend.new_accumulator(fusion, q)
-        for i in range(M):
-            tokens, slots = per_layer[i]
-            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
-        return backend.output(fusion, q, h_bar), routing.alpha
-
-    def run(fn):
-        fusion.zero_grad(set_to_none=True)
-        q_leaf = q.clone().requires_grad_()
-        q_hat, alpha = fn(q_leaf, layers, gather_index)
-        (q_hat.sum() + alpha[:, 0].sum()).backward()
-        return [q_hat.detach(), alpha.detach(), q_leaf.grad] + [p.grad for p in fusion.parameters()]
-
-    eager = run(fused)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = run(torch.compile(fused, backend=counter, fullgraph=True))
-    assert counter.frame_count == 1
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    shape = Shape(L=20, M=3, K=2, G=4, D=24, Dg=20, H=24, R=16)
+    fusion = make_fusion(shape, torch.float32, seed=1)
+    q, layers, gather_index = make_inputs(shape, torch.float32, seed=2)
+    assert_compiled_matches_eager(TritonBackend(), fusion, q, layers, gather_index)
 
 
 @pytest.mark.slow  # ~90 s on 2 cores with a cold Triton cache (a few seconds warm)

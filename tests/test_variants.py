@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_cases import Shape, fast_backends, make_fusion, make_inputs, run_backend
+from helpers import Shape, fast_backends, make_fusion, make_inputs, run_backend
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.config import select_bank_layers
 

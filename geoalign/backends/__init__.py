@@ -1,20 +1,21 @@
 """Backends behind :class:`geoalign.GeoAlignFusion`'s one interface.
 
-reference  paper eqs. 1-8 literally (dense bank); the oracle
-torch      exact sparse + streaming in plain PyTorch
-triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)
-cuda       CUDA kernels from csrc/ for routing, row lists and gather + LayerNorm; torch GEMMs for the rest
+reference  paper eqs. 1-8 literally (dense bank); the oracle                              backends/reference.py
+torch      exact sparse + streaming in plain PyTorch                                       backends/torch_sparse.py
+triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)        backends/triton_backend.py
+cuda       CUDA kernels from csrc/ for routing, row lists and gather + LayerNorm          backends/cuda_backend.py
 
-A sparse backend provides ``route(fusion, q) -> Routing``, ``new_accumulator(fusion, q)``,
-``accumulate(fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> h_bar`` and
-``output(fusion, q, h_bar) -> q_hat``; :class:`geoalign.fusion.FusionStream` drives them.
+Every sparse backend is a :class:`geoalign.backends.base.SparseBackend` (route, bank_rows, new_accumulator,
+accumulate, accumulate_split, finish / output), driven by :class:`geoalign.fusion.FusionStream`.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from geoalign_kernels.runtime import INTERPRET
 
+from .base import SparseBackend
 from .torch_sparse import TorchBackend
 
 SPARSE_BACKENDS = ("torch", "triton", "cuda")
@@ -24,13 +25,11 @@ ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA device, or the interpreter with TRITON_INTERPRET=1)."""
-    import os
-
     try:
         import triton  # noqa: F401
     except Exception:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return torch.cuda.is_available() or INTERPRET
 
 
 def resolve_backend_name(name: str | None, default: str, device: torch.device) -> str:
@@ -44,11 +43,8 @@ def resolve_backend_name(name: str | None, default: str, device: torch.device) -
 
 
 @functools.lru_cache(maxsize=None)
-def get_sparse_backend(name: str, fold_output: bool = False):
-    """The (cached, stateless apart from the fold cache) backend object for a sparse backend name.
-
-    fold_output: at inference (no grad needed) use one [D, H] GEMM with W_out.W2 folded instead of two GEMMs.
-    """
+def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
+    """The (cached) backend object for a sparse backend name; fold_output: see SparseBackend."""
     if name == "torch":
         return TorchBackend(fold_output=fold_output)
     if name == "triton":
@@ -71,19 +67,11 @@ def get_sparse_backend(name: str, fold_output: bool = False):
 
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on `device` here: triton on CUDA devices, and on CPU only under the interpreter."""
-    import os
-
     names = ["reference", "torch"]
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreted)):
-        try:
-            import geoalign_kernels  # noqa: F401
-
-            names.append("triton")
-        except ImportError:
-            pass
+    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and INTERPRET)):
+        names.append("triton")
     if device.type == "cuda":
-        from .cuda_backend import cuda_backend_available
+        from .cuda_extension import cuda_backend_available
 
         if cuda_backend_available():  # the first call may JIT-build csrc/ (cached afterwards)
             names.append("cuda")

@@ -8,34 +8,27 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..routing import Routing, topk_lower_index
+from ..routing import Routing, route_fixed, topk_lower_index
 
 
 def reference_logits(fusion, q: torch.Tensor) -> torch.Tensor:
     """Eq. 3: S = f_theta(Q), [L, M] in q's dtype."""
-    return fusion.router.fc2(F.gelu(fusion.router.fc1(q)))
+    return fusion.router(q)
 
 
 def reference_route(fusion, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 3-6. Returns (topk_idx [L, K] int64, dense alpha [L, M] with exact zeros off the Top-K).
 
-    Feature-usage variants (Table 4): single -> one-hot alpha on the single layer (topk_idx [L, 1]); mean -> 1/M
-    everywhere; dense -> softmax over all M logits (both with topk_idx [L, M] = 0..M-1)."""
+    Feature-usage variants (Table 4) take the fixed routes of geoalign.routing.route_fixed (single: one-hot on the
+    single layer; mean: 1/M; dense: softmax over all M logits), spread to the dense [L, M] alpha."""
     cfg = fusion.config
-    L, M = q.shape[0], cfg.num_bank_layers
-    if cfg.feature_usage == "single":
-        pos = cfg.bank_layers.index(cfg.single_layer)
-        topk_idx = torch.full((L, 1), pos, dtype=torch.int64, device=q.device)
-        return topk_idx, F.one_hot(topk_idx[:, 0], M).to(q.dtype)
-    if cfg.feature_usage in ("mean", "dense"):
-        topk_idx = torch.arange(M, device=q.device).expand(L, M)
-        if cfg.feature_usage == "mean":
-            return topk_idx, torch.full((L, M), 1.0 / M, dtype=q.dtype, device=q.device)
-        return topk_idx, torch.softmax(reference_logits(fusion, q), dim=-1)
+    if cfg.feature_usage != "dynamic":
+        topk_idx, alpha = route_fixed(fusion, q)
+        dense = torch.zeros(q.shape[0], cfg.num_bank_layers, dtype=q.dtype, device=q.device)
+        return topk_idx, dense.scatter(1, topk_idx, alpha.to(q.dtype))
     logits = reference_logits(fusion, q)
-    topk_idx = topk_lower_index(logits, fusion.config.top_k)
+    topk_idx = topk_lower_index(logits, cfg.top_k)
     keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, topk_idx, True)
     masked = logits.masked_fill(~keep, float("-inf"))  # eq. 5
     return topk_idx, torch.softmax(masked, dim=-1)  # eq. 6
@@ -50,25 +43,8 @@ def reference_bank(fusion, layers: Sequence[torch.Tensor], gather_index: torch.T
         normed = norm(raw.to(dtype))  # Norm_i over every D' patch row of the layer
         x = normed[gather_index.long()].reshape(L, G * normed.shape[-1])  # G patch rows -> one visual token
         proj = fusion.projector_for(i)  # shared f_phi (default) or layer i's own MLP (projector="split")
-        bank.append(proj.fc2(F.gelu(proj.fc1(x))))
+        bank.append(proj(x))
     return torch.stack(bank, dim=1)
-
-
-def inject(fusion, q: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
-    """Eq. 8 and its Table 4 variants: q [L, D], f_hat [L, D] (both the parameter dtype) -> q_hat [L, D].
-
-    add         Q + W_out F
-    film        Q * (1 + W_s F) + W_out F                      (W_s = film_scale; W_out plays W_shift)
-    gated_2d    Q + W_out(sigmoid(W_g Q + b_g) * F)            (gate [L, D] or [L, 1] with gate_granularity="token")
-    gated_2d3d  Q + W_out(sigmoid(W_g [Q; F] + b_g) * F)
-    """
-    kind = fusion.config.fusion
-    if kind == "add":
-        return q + fusion.out_proj(f_hat)
-    if kind == "film":
-        return q * (1.0 + fusion.film_scale(f_hat)) + fusion.out_proj(f_hat)
-    gate_in = q if kind == "gated_2d" else torch.cat([q, f_hat], dim=-1)
-    return q + fusion.out_proj(torch.sigmoid(fusion.gate(gate_in)) * f_hat)
 
 
 def reference_fusion(fusion, q: torch.Tensor, layers: Sequence[torch.Tensor], gather_index: torch.Tensor):
@@ -76,7 +52,7 @@ def reference_fusion(fusion, q: torch.Tensor, layers: Sequence[torch.Tensor], ga
     bank = reference_bank(fusion, layers, gather_index)  # [L, M, D]
     topk_idx, alpha = reference_route(fusion, q)  # [L, K], [L, M]
     f_hat = (alpha.unsqueeze(-1) * bank).sum(dim=1)  # eq. 7
-    q_hat = inject(fusion, q, f_hat)  # eq. 8 (or a Table 4 variant)
+    q_hat = fusion.inject(q, f_hat)  # eq. 8 (or a Table 4 variant)
     return q_hat, Routing(topk_idx, alpha.gather(1, topk_idx))
 
 

@@ -16,15 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..routing import Routing, topk_lower_index
+from .base import SparseBackend
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """h_bar and alpha are fp32 for half/bfloat16/float32 parameters, float64 for float64 ones."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def gelu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -63,70 +58,70 @@ class BankAccumulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_h_bar):
         tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, raw, z = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        d_alpha = d_ln_w = d_ln_b = d_w1 = d_b1 = None
-        if raw is None:  # no pair was routed to this layer: zero (not None) LayerNorm grads, as the dense bank gives
-            d_ln_w = torch.zeros_like(ln_weight) if need[2] else None
-            d_ln_b = torch.zeros_like(ln_bias) if need[3] else None
-            return d_h_bar, None, d_ln_w, d_ln_b, None, None, None, None, None, None, None
         acc = d_h_bar.dtype
-        dtype = fc1_weight.dtype
-        n, G = raw.shape[0], ctx.G
-        dh = d_h_bar[tokens]  # [n, H]
-        z_acc = z.to(acc)
-        if need[1]:  # d alpha_{t,s} = <d h_bar_t, GELU(z_{t,s})>
-            d_alpha = torch.zeros_like(alpha)
-            d_alpha[tokens, slots] = (dh * F.gelu(z_acc)).sum(1).to(alpha.dtype)
-        if not any(need[2:6]):
-            return d_h_bar, d_alpha, None, None, None, None, None, None, None, None, None
-        a = alpha[tokens, slots].to(acc).unsqueeze(1)
-        dz = (a * dh * gelu_grad(z_acc)).to(dtype)  # [n, H]
-        x_hat = _layer_norm_stats(raw, ctx.eps, acc)  # [n, G, D'] recomputed LayerNorm
-        if need[4]:
-            x = (x_hat * ln_weight.to(acc) + ln_bias.to(acc)).to(dtype).reshape(n, -1)
-            d_w1 = dz.t() @ x
-        if need[5]:
-            d_b1 = dz.to(acc).sum(0).to(dtype)
-        if need[2] or need[3]:
-            dx = (dz @ fc1_weight).reshape(n, G, -1).to(acc)  # [n, G, D']; no gradient into the frozen layer
-            d_ln_w = (dx * x_hat).sum((0, 1)).to(dtype) if need[2] else None
-            d_ln_b = dx.sum((0, 1)).to(dtype) if need[3] else None
-        return d_h_bar, d_alpha, d_ln_w, d_ln_b, d_w1, d_b1, None, None, None, None, None
+        x_hat = []  # [n, G, D'] recomputed LayerNorm, computed at most once (dW1 and dgamma both need it)
+
+        def normalised():
+            if not x_hat:
+                x_hat.append(_layer_norm_stats(raw, ctx.eps, acc))
+            return x_hat[0]
+
+        def layer_input():  # GEMM1's input x [n, G*D'] in the parameter dtype
+            x = normalised() * ln_weight.to(acc) + ln_bias.to(acc)
+            return x.to(fc1_weight.dtype).reshape(raw.shape[0], -1)
+
+        def layer_norm_grads(dx):  # dx [n, G*D'] (parameter dtype) -> (dgamma, dbeta) in the accumulation dtype
+            dx = dx.reshape(raw.shape).to(acc)
+            return (dx * normalised()).sum((0, 1)), dx.sum((0, 1))
+
+        grads = routed_bank_backward(d_h_bar, alpha, tokens, slots, ln_weight, ln_bias, fc1_weight, z,
+                                     ctx.needs_input_grad, layer_input, layer_norm_grads)
+        return (d_h_bar,) + grads + (None,) * 5
 
 
-class TorchBackend:
-    """Exact sparse streaming GeoAlign in plain PyTorch. Stateless: the fusion module holds the parameters."""
+def routed_bank_backward(d_h_bar, alpha, tokens, slots, ln_weight, ln_bias, fc1_weight, z, need, layer_input,
+                         layer_norm_grads):
+    """The gradients of one bank layer's update h_bar[t] += alpha[t, s] * GELU(z), z = W1 x + b1, for its pairs
+    (t, s); shared by the torch and cuda backends, which differ only in how they recompute x and reduce dgamma/dbeta.
+
+    need: needs_input_grad of (h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, ...); z [n, H] the saved
+    pre-activation (None when no pair was routed to this layer); layer_input() -> x [n, G*D'] (parameter dtype);
+    layer_norm_grads(dx [n, G*D']) -> (dgamma, dbeta) [D'] (accumulation dtype).
+    Returns (d_alpha, d_ln_weight, d_ln_bias, d_fc1_weight, d_fc1_bias), None where not needed. No gradient goes
+    into the frozen layer."""
+    if z is None:  # no pair routed to this layer: zero (not None) LayerNorm grads, as the dense bank gives
+        return (None, torch.zeros_like(ln_weight) if need[2] else None,
+                torch.zeros_like(ln_bias) if need[3] else None, None, None)
+    d_alpha = d_ln_w = d_ln_b = d_w1 = d_b1 = None
+    acc, dtype = d_h_bar.dtype, fc1_weight.dtype
+    dh = d_h_bar[tokens]  # [n, H]
+    z_acc = z.to(acc)
+    if need[1]:  # d alpha_{t,s} = <d h_bar_t, GELU(z_{t,s})>
+        d_alpha = torch.zeros_like(alpha)
+        d_alpha[tokens, slots] = (dh * F.gelu(z_acc)).sum(1).to(alpha.dtype)
+    if not any(need[2:6]):
+        return d_alpha, None, None, None, None
+    a = alpha[tokens, slots].to(acc).unsqueeze(1)
+    dz = (a * dh * gelu_grad(z_acc)).to(dtype)  # [n, H]
+    if need[4]:
+        d_w1 = dz.t() @ layer_input()
+    if need[5]:
+        d_b1 = dz.to(acc).sum(0).to(dtype)
+    if need[2] or need[3]:
+        d_gamma, d_beta = layer_norm_grads(dz @ fc1_weight)
+        d_ln_w = d_gamma.to(dtype) if need[2] else None
+        d_ln_b = d_beta.to(dtype) if need[3] else None
+    return d_alpha, d_ln_w, d_ln_b, d_w1, d_b1
+
+
+class TorchBackend(SparseBackend):
+    """Exact sparse streaming GeoAlign in plain PyTorch: the base protocol's routing and output, and
+    :class:`BankAccumulate` for the bank."""
 
     name = "torch"
-
-    def __init__(self, fold_output: bool = False):
-        self.fold_output = fold_output
-
-    def route(self, fusion, q: torch.Tensor) -> Routing:
-        """Router MLP + Top-K (ties -> lower index) + softmax over the K kept logits (== eqs. 5-6)."""
-        logits = fusion.router.fc2(F.gelu(fusion.router.fc1(q)))
-        topk_idx = topk_lower_index(logits, fusion.config.top_k)
-        alpha = torch.softmax(logits.gather(1, topk_idx).to(accumulator_dtype(q.dtype)), dim=-1)
-        return Routing(topk_idx, alpha)
-
-    def new_accumulator(self, fusion, q: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(q.shape[0], fusion.config.projector_hidden, dtype=accumulator_dtype(q.dtype),
-                           device=q.device)
 
     def accumulate(self, fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
         norm = fusion.layer_norms[i]
         fc1 = fusion.projector_for(i).fc1  # shared f_phi, or layer i's own with projector="split"
         return BankAccumulate.apply(h_bar, alpha, norm.weight, norm.bias, fc1.weight, fc1.bias, layer,
                                     tokens, slots, gather_index, fusion.config.layer_norm_eps)
-
-    def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
-        """Q_hat = Q + W_out (W2 h_bar + b2) on L rows (sum_k alpha = 1 lets b2 and W2 move after the sum).
-        With fold_output and no gradient needed: Q + (W_out W2) h_bar + W_out b2, one [D, H] GEMM."""
-        fc2, w_out = fusion.projector.fc2, fusion.out_proj.weight
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, h_bar, fc2.weight, w_out))
-        if self.fold_output and not needs_grad:
-            acc = accumulator_dtype(q.dtype)
-            w = (w_out.to(acc) @ fc2.weight.to(acc)).to(q.dtype)
-            b = (w_out.to(acc) @ fc2.bias.to(acc)).to(q.dtype)
-            return q + F.linear(h_bar.to(q.dtype), w, b)
-        return q + fusion.out_proj(fc2(h_bar.to(q.dtype)))

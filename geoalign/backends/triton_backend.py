@@ -1,43 +1,28 @@
-"""TritonBackend: the `triton` sparse backend of geoalign.GeoAlignFusion (same 4 methods and semantics as
-geoalign.backends.torch_sparse.TorchBackend), built from the fused kernels of ``geoalign_kernels``."""
+"""TritonBackend: the `triton` sparse backend of geoalign.GeoAlignFusion, built from the fused kernels of
+``geoalign_kernels`` (routing fc2 + Top-K + softmax, the gathered bank GEMM with LayerNorm in its A-load, the output
+GEMMs and the W_out.W2 fold)."""
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.nn.functional as F
 
 from geoalign_kernels.bank import bank_accumulate
 from geoalign_kernels.output import fold_output_weights, output, output_folded_op
 from geoalign_kernels.routing import route_op
-from geoalign_kernels.utils import acc_dtype
 
 from ..routing import Routing
+from .base import SparseBackend
 
 
-class TritonBackend:
-    """Exact sparse streaming GeoAlign with Triton kernels.
-
-    fold_output: at inference (no grad needed), use the folded W_out.W2 output GEMM (one GEMM instead of two; the
-    fold is cached per weight version). With grad enabled and any parameter requiring grad the unfolded path runs.
-    """
+class TritonBackend(SparseBackend):
+    """Exact sparse streaming GeoAlign with Triton kernels (router fc1 + GELU stay in torch, with their autograd)."""
 
     name = "triton"
 
-    def __init__(self, fold_output: bool = False):
-        self.fold_output = fold_output
-        self._fold_key = None
-        self._fold = None
-
     def route(self, fusion, q: torch.Tensor) -> Routing:
-        """Router fc1 + GELU in torch, then the fused fc2 + Top-K + softmax kernel. topk_idx int64, alpha fp32."""
-        hid = F.gelu(fusion.router.fc1(q))
+        """topk_idx [L, K] int64, alpha [L, K] fp32 (fp64 for fp64 parameters)."""
         fc2 = fusion.router.fc2
-        topk_idx, alpha = route_op(hid, fc2.weight, fc2.bias, fusion.config.top_k)
+        topk_idx, alpha = route_op(fusion.router_hidden(q), fc2.weight, fc2.bias, fusion.config.top_k)
         return Routing(topk_idx.long(), alpha)
-
-    def new_accumulator(self, fusion, q: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(q.shape[0], fusion.config.projector_hidden, dtype=acc_dtype(q.dtype), device=q.device)
 
     def accumulate(self, fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
         norm = fusion.layer_norms[i]
@@ -48,17 +33,9 @@ class TritonBackend:
     def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:
         fc2, w_out = fusion.projector.fc2, fusion.out_proj.weight
         params = (fc2.weight, fc2.bias, w_out)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, h_bar) + params)
-        if self.fold_output and not needs_grad:
-            if not self._fold_is_current(params):
-                self._fold = fold_output_weights(*params)
-                self._fold_key = tuple((weakref.ref(t), t._version) for t in params)
-            return output_folded_op(q, h_bar, *self._fold)
+        if self._use_fold(q, h_bar, *params):
+            return output_folded_op(q, h_bar, *self._cached_fold(*params))
         return output(q, h_bar, *params)
 
-    def _fold_is_current(self, params) -> bool:
-        """The cached fold was made from these very tensors (weak references, so a freed weight whose memory is
-        reused never matches) at their current versions (so in-place updates refold)."""
-        if self._fold_key is None:
-            return False
-        return all(ref() is t and version == t._version for (ref, version), t in zip(self._fold_key, params))
+    def fold(self, fc2_weight, fc2_bias, out_weight):
+        return fold_output_weights(fc2_weight, fc2_bias, out_weight)

@@ -33,7 +33,8 @@ from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from .configs import get_config
 from .guard import guarded
 from .library import custom_op
-from .utils import acc_dtype, alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contiguous, tl_dtype
+from .runtime import acc_dtype
+from .utils import alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contiguous, tl_dtype
 
 
 # --------------------------------------------------------------------------------------------------------- kernels

@@ -9,12 +9,10 @@ bf16 on sm90; they have NOT been tuned on a real H100/H200 from this repository 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-#: True when kernels run under the Triton interpreter (set before import).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .runtime import INTERPRET
 
 _INTERPRETER = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 1, "num_stages": 1}
 

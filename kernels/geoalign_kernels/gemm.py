@@ -12,7 +12,8 @@ import triton.language as tl
 from .checks import FLOAT_DTYPES, check_tensor
 from .configs import get_config
 from .guard import guarded
-from .utils import acc_dtype, alloc, dot_dtype, gelu, dot_precision, tl_dtype
+from .runtime import acc_dtype
+from .utils import alloc, dot_dtype, gelu, dot_precision, tl_dtype
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 from .checks import FLOAT_DTYPES, check_tensor
 from .gemm import matmul
 from .library import custom_op
-from .utils import acc_dtype
+from .runtime import acc_dtype
 
 
 def _check_output_args(op, q, h_bar, w_h, b_h, w_out=None):

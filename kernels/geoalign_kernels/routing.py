@@ -20,7 +20,8 @@ from .configs import get_config
 from .gemm import matmul
 from .guard import guarded
 from .library import custom_op
-from .utils import acc_dtype, alloc, dot_dtype, dot_precision, tl_dtype
+from .runtime import acc_dtype
+from .utils import alloc, dot_dtype, dot_precision, tl_dtype
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import INTERPRET
+from .runtime import INTERPRET
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -19,11 +19,6 @@ def alloc(shape, dtype: torch.dtype, device) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else -7
     return torch.full(shape, fill, dtype=dtype, device=device)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator dtype (h_bar, alpha, partial sums): fp64 for fp64 parameters, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):

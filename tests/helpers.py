@@ -10,7 +10,11 @@ Tolerances (max |fast - ref| divided by max |ref| over each tensor), for torch-v
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+
+import numpy as np
 
 import pytest
 import torch
@@ -198,13 +202,12 @@ class EmulatedExt:
 
 def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
     """FusionStream's protocol with CudaBackend (incl. its bank_rows); returns what run_backend does."""
-    import geoalign.backends.cuda_backend as cb
+    from geoalign.backends.cuda_backend import CudaBackend
+    from geoalign.routing import route_fixed
 
     fusion.zero_grad(set_to_none=True)
     q.grad = None
-    from geoalign.routing import route_fixed
-
-    backend = cb.CudaBackend()
+    backend = CudaBackend()
     M = fusion.config.num_bank_layers
     routing = backend.route(fusion, q) if fusion.config.feature_usage == "dynamic" else route_fixed(fusion, q)
     rows = backend.bank_rows(routing.topk_idx, M)
@@ -216,3 +219,144 @@ def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
     q_hat.backward(grad_out)
     grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in fusion.named_parameters()}
     return q_hat.detach(), routing, q.grad.detach().clone(), grads
+
+
+# ----------------------------------------------------------------------------------- benchmark data for the eval tests
+def write_video(path, n=12, size=32, width=None):
+    """Frame i is a solid grey of value 20*i (so sampled indices can be checked); size x width px."""
+    import av
+    width = width or size
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height = width, size
+        s.pix_fmt = "yuv420p"
+        for i in range(n):
+            f = av.VideoFrame.from_ndarray(np.full((size, width, 3), 20 * i, np.uint8), format="rgb24")
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def write_frames(folder, n=10, size=16, width=None):
+    """ScanNet posed_images layout: 00000.jpg colour + 00000.png depth + 00000.txt pose."""
+    from PIL import Image
+    width = width or size
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.full((size, width, 3), 20 * i, np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"))
+        Image.fromarray(np.full((size, width), 255, np.uint8)).save(os.path.join(folder, f"{i:05d}.png"))
+        open(os.path.join(folder, f"{i:05d}.txt"), "w").write("1 0 0 0\n")
+
+
+VSI_DOCS = [
+    # (question_type, options, ground_truth, dataset, scene)
+    ("object_counting", None, "3", "scannet", "scene0000_00"),
+    ("object_abs_distance", None, "2.5", "scannet", "scene0000_00"),
+    ("object_size_estimation", None, "80", "arkitscenes", "41069025"),
+    ("room_size_estimation", None, "20.4", "arkitscenes", "41069025"),
+    ("object_rel_distance", ["A. chair", "B. table", "C. sofa", "D. bed"], "B", "scannet", "scene0000_00"),
+    ("object_rel_direction_easy", ["A. left", "B. right"], "A", "scannetpp", "0a5c013435"),
+    ("object_rel_direction_medium", ["A. left", "B. right", "C. back"], "C", "scannetpp", "0a5c013435"),
+    ("object_rel_direction_hard", ["A. front-left", "B. front-right", "C. back-left", "D. back-right"], "D",
+     "scannetpp", "0a5c013435"),
+    ("route_planning", ["A. Turn Left", "B. Turn Right", "C. Go Forward"], "A", "scannet", "scene0000_00"),
+    ("obj_appearance_order", ["A. a, b, c", "B. b, a, c", "C. c, a, b", "D. a, c, b"], "C", "arkitscenes",
+     "41069025"),
+]
+
+
+def make_vsibench(d, size=32, width=None, frames_per_dataset=None):
+    """A VSI-Bench folder: test.jsonl + {dataset}/{scene}.mp4 (``frames_per_dataset``: video length per
+    dataset, default 12)."""
+    rows = []
+    for i, (qt, opts, gt, ds, scene) in enumerate(VSI_DOCS):
+        rows.append({"id": i, "dataset": ds, "scene_name": scene, "question_type": qt,
+                     "question": f"Question {i} about {qt}?", "options": opts, "ground_truth": gt})
+        p = d / ds / f"{scene}.mp4"
+        if not p.exists():
+            write_video(str(p), n=(frames_per_dataset or {}).get(ds, 12), size=size, width=width)
+    with open(d / "test.jsonl", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d)
+
+
+def make_scanqa(d, size=None, width=None):
+    """A ScanQA folder: ScanQA_v1.0_val.json, scene0011_00 as a posed_images frame folder (10 frames),
+    scene0015_00 as a 12-frame video. Frames 16x16 (folder) / 32x32 (video) unless ``size``/``width``."""
+    docs = [
+        {"question_id": "val-scene0011_00-0", "scene_id": "scene0011_00", "question": "What color is the chair?",
+         "answers": ["brown", "brown wooden"], "object_ids": [1], "object_names": ["chair"]},
+        {"question_id": "val-scene0011_00-1", "scene_id": "scene0011_00", "question": "What is by the door?",
+         "answers": ["trash can"], "object_ids": [2], "object_names": ["trash_can"]},
+        {"question_id": "val-scene0015_00-0", "scene_id": "scene0015_00", "question": "How many tables?",
+         "answers": ["2", "two tables"], "object_ids": [3], "object_names": ["table"]},
+    ]
+    (d / "ScanQA_v1.0_val.json").write_text(json.dumps(docs))
+    write_frames(str(d / "scannet" / "posed_images" / "scene0011_00"), size=size or 16, width=width)
+    write_video(str(d / "scannet" / "posed_images" / "scene0015_00.mp4"), size=size or 32, width=width)
+    return str(d)
+
+
+def make_sqa3d(d, size=None, width=None, folder_frames=5):
+    """An SQA3D folder: balanced/ question + annotation files, scene0050_00 as a 12-frame video,
+    scene0060_00 as a frame folder of ``folder_frames`` frames."""
+    b = d / "balanced"
+    b.mkdir()
+    qs = [{"question_id": 220602000000 + i, "scene_id": s, "situation": sit, "question": q,
+           "alternative_situation": []}
+          for i, (s, sit, q) in enumerate([
+              ("scene0050_00", "I am sitting on the sofa.", "What is in front of me?"),
+              ("scene0050_00", "I am facing the window.", "Is the door on my left?"),
+              ("scene0060_00", "I just entered the room.", "How many chairs can I see?")])]
+    ans = ["table", "yes", "2"]
+    anns = [{"question_id": q["question_id"], "scene_id": q["scene_id"],
+             "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": 1}]} for q, a in zip(qs, ans)]
+    (b / "v1_balanced_questions_test_scannetv2.json").write_text(json.dumps({"questions": qs}))
+    (b / "v1_balanced_sqa_annotations_test_scannetv2.json").write_text(json.dumps({"annotations": anns}))
+    write_video(str(d / "videos" / "scene0050_00.mp4"), size=size or 32, width=width)
+    write_frames(str(d / "videos" / "scene0060_00"), n=folder_frames, size=size or 16, width=width)
+    return str(d)
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+# ----------------------------------------------------------------------------- media
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+def assert_compiled_matches_eager(backend, fusion, q, layers, gather_index) -> None:
+    """A sparse backend's custom ops under torch.compile(fullgraph, aot_eager): one graph, and the compiled forward
+    and every gradient equal eager exactly (aot_eager traces through the ops' fake impls; no C compiler needed)."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    M = fusion.config.num_bank_layers
+    per_layer = [bank_rows(backend.route(fusion, q).topk_idx, M).layer(i) for i in range(M)]  # host-side grouping
+
+    def fused(q, layers, gather_index):
+        routing = backend.route(fusion, q)
+        h_bar = backend.new_accumulator(fusion, q)
+        for i in range(M):
+            tokens, slots = per_layer[i]
+            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
+        return backend.output(fusion, q, h_bar), routing.alpha
+
+    def run(fn):
+        fusion.zero_grad(set_to_none=True)
+        q_leaf = q.detach().clone().requires_grad_()
+        q_hat, alpha = fn(q_leaf, layers, gather_index)
+        (q_hat.sum() + alpha[:, 0].sum()).backward()
+        return [q_hat.detach(), alpha.detach(), q_leaf.grad] + [p.grad for p in fusion.parameters()]
+
+    eager = run(fused)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = run(torch.compile(fused, backend=counter, fullgraph=True))
+    assert counter.frame_count == 1
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

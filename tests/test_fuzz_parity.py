@@ -7,7 +7,9 @@ padded row strides or as transposed copies, gather_index transposed or int32. Fo
 gradients of q and of every parameter must match the reference (paper eqs. 1-8), for the torch backend and for the
 Triton kernels (interpreter on CPU).
 
-Tolerances: |fast - ref| <= tol * max|ref| + atol per tensor. tol is helpers.TOL for torch (fp64 1e-12, fp32
+Tolerances: |fast - ref| <= tol * max|ref| + atol per tensor, or, for fp32 examples, the fast path no further from
+the reference computed in fp64 than 4x the fp32 reference itself is (a gradient that cancels large terms, e.g. the
+router's when K = M and every bank entry is alike, is rounding noise of the terms' size in any fp32 implementation). tol is helpers.TOL for torch (fp64 1e-12, fp32
 5e-5); the Triton kernels accumulate in a different order in their own GEMM loops, so fp64 uses 1e-10
 (tests/test_triton_kernels.py's bound) and fp32 the same 5e-5. atol (fp64 1e-13, fp32 1e-6) covers tensors that
 are exactly zero in exact arithmetic but rounding noise in one backend; every other tensor here has magnitude
@@ -35,11 +37,24 @@ TRITON_TOL = {torch.float64: 1e-10, torch.float32: 5e-5}
 ATOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 
-def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, atol: float) -> None:
+def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, atol: float,
+                 exact: torch.Tensor | None = None) -> None:
+    """|got - want| <= tol * max|want| + atol; with ``exact`` (the reference in fp64) also accepted: got is no further
+    from exact than 4x the low-precision reference ``want`` is (a gradient that is a cancellation of large terms
+    carries rounding noise of the terms' size in *every* fp32 implementation, the reference included)."""
     got, want = got.double(), want.double()
     bound = tol * want.abs().max().item() + atol
     diff = (got - want).abs().max().item()
-    assert diff <= bound, f"{what}: max |diff| {diff:.3g} > {bound:.3g} (max |ref| {want.abs().max().item():.3g})"
+    if diff <= bound:
+        return
+    if exact is not None:
+        exact = exact.double()
+        own = (got - exact).abs().max().item()
+        ref_own = (want - exact).abs().max().item()
+        if own <= 4.0 * ref_own + atol:
+            return
+        what += f" (vs fp64: {own:.3g}, the fp32 reference's own error {ref_own:.3g})"
+    raise AssertionError(f"{what}: max |diff| {diff:.3g} > {bound:.3g} (max |ref| {want.abs().max().item():.3g})")
 
 
 @st.composite
@@ -112,22 +127,32 @@ def boundary_is_clear(fusion, q, k: int) -> bool:
     return not bool(near.any())
 
 
+def reference_in_fp64(fusion, q, layers, gi, grad_out):
+    """The reference on the same (rounded) inputs and parameters, in fp64: the exact answer to within fp64."""
+    import copy
+
+    f64 = copy.deepcopy(fusion).double()
+    q64 = q.detach().double().requires_grad_(True)
+    return run_backend(f64, "reference", q64, [x.double() for x in layers], gi, grad_out.double())
+
+
 def check(case, backend, tol):
     fusion, q, layers, gi = build(case)
     assume(boundary_is_clear(fusion, q, case["shape"].K))
     grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(case["seed"] + 2))
     ref = run_backend(fusion, "reference", q, layers, gi, grad_out)
     fast = run_backend(fusion, backend, q, layers, gi, grad_out)
+    exact = reference_in_fp64(fusion, q, layers, gi, grad_out) if case["dtype"] != torch.float64 else None
     label = f"{backend} {case}"
     atol = ATOL[case["dtype"]]
     assert torch.equal(fast[1].topk_idx, ref[1].topk_idx), f"{label}: Top-K ids"
-    assert_close(f"{label}: alpha", fast[1].alpha, ref[1].alpha, tol, atol)
+    assert_close(f"{label}: alpha", fast[1].alpha, ref[1].alpha, tol, atol, None if exact is None else exact[1].alpha)
     assert torch.isfinite(fast[0]).all(), f"{label}: non-finite output"
-    assert_close(f"{label}: q_hat", fast[0], ref[0], tol, atol)
-    assert_close(f"{label}: dq", fast[2], ref[2], tol, atol)
+    assert_close(f"{label}: q_hat", fast[0], ref[0], tol, atol, None if exact is None else exact[0])
+    assert_close(f"{label}: dq", fast[2], ref[2], tol, atol, None if exact is None else exact[2])
     for name, grad in fast[3].items():
         assert grad is not None, f"{label}: no gradient for {name}"
-        assert_close(f"{label}: d{name}", grad, ref[3][name], tol, atol)
+        assert_close(f"{label}: d{name}", grad, ref[3][name], tol, atol, None if exact is None else exact[3][name])
 
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,

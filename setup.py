@@ -62,7 +62,7 @@ setup(
                 "accelerate>=1.0", "peft"],
         "plots": ["matplotlib"],
     },
-    package_data={"geoalign.geometry": ["*.json"]},
+    package_data={"geoalign.geometry": ["*.json"], "geoalign.training": ["*.json"]},
     entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

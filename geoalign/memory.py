@@ -63,3 +63,15 @@ def peak_rss_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def peak_memory_bytes(device: torch.device | None = None) -> int:
+    """Peak memory so far: CUDA max_memory_allocated on a GPU, else the process's peak RSS (VmHWM, or ru_maxrss)."""
+    if device is not None and device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = peak_rss_bytes()
+    if peak is not None:
+        return peak
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

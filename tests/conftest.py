@@ -27,3 +27,21 @@ def emulated(monkeypatch):
     ext = EmulatedExt()
     monkeypatch.setattr(cuda_extension, "EXT_OVERRIDE", ext)
     return ext
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores oversubscribed threads make tiny matmuls 30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """A synthetic colour dataset of 8 records with 1-2 frames: (records path, media root)."""
+    from geoalign.training.synthetic import make_colour_dataset
+
+    root = str(tmp_path_factory.mktemp("synth"))
+    return make_colour_dataset(root, 8, frame_counts=(1, 2), height=8), root

@@ -360,3 +360,33 @@ def assert_compiled_matches_eager(backend, fusion, q, layers, gather_index) -> N
     assert counter.frame_count == 1
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def train_config(data, out, **kw):
+    """A TrainConfig for the tiny model on the synthetic colour dataset ``data`` = (records path, media root),
+    single process, CPU, fp32, no logging or checkpoints unless asked."""
+    from geoalign.training.config import TrainConfig
+
+    path, root = data
+    base = dict(train_data=[path], media_root=root, output_dir=str(out), precision="no", distributed="ddp",
+                global_batch_size=2, per_device_batch_size=1, learning_rate=3e-3, num_workers=0, logging_steps=0,
+                save_steps=0, progress_bar=False, num_frames=4, save_final_model=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_trainer(cfg, seed=0, perturb=False):
+    """A GeoAlignTrainer on a tiny random model; perturb: shift every trainable weight (a resume must overwrite)."""
+    from geoalign.processing import GeoAlignProcessor
+    from geoalign.tiny import tiny_model
+    from geoalign.training.trainer import GeoAlignTrainer
+
+    model, tok = tiny_model(seed=seed)
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if not name.startswith("model.vggt.") and ".visual." not in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    proc = GeoAlignProcessor(tok, None, group_size=4, num_frames=cfg.num_frames)
+    return GeoAlignTrainer(cfg, model=model, processor=proc)

@@ -133,3 +133,19 @@ def test_two_process_ddp_matches_single_process(setup, tmp_path):
         torch.testing.assert_close(p0[k], ps[k], rtol=1e-3, atol=1e-5)
     assert (two / "checkpoint-2" / "trainer_state.json").is_file() and (two / "checkpoint-3").is_dir()
     assert json.loads((two / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_deepspeed_config_is_filled_from_the_train_config():
+    from importlib import resources
+
+    from geoalign.training.config import TrainConfig
+    from geoalign.training.distributed import DEFAULT_DEEPSPEED_CONFIG, deepspeed_config_dict
+
+    assert resources.files("geoalign.training").joinpath(DEFAULT_DEEPSPEED_CONFIG).is_file()  # package data
+    cfg = TrainConfig(global_batch_size=64, per_device_batch_size=2, max_grad_norm=0.5)
+    ds = deepspeed_config_dict(cfg, grad_accum=4)                       # 64 = 2 x 8 GPUs x 4
+    assert ds["zero_optimization"]["stage"] == 2
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (64, 2, 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "optimizer" not in ds and "scheduler" not in ds

@@ -45,7 +45,7 @@ class TrainConfig:
       lr_scheduler "cosine", warmup_ratio 0.03, max_steps 0 (0 = from epochs)
     Engine
       precision "bf16" (accelerate mixed precision; with DeepSpeed its bf16 mode), distributed "deepspeed" / "ddp" /
-      "fsdp", deepspeed_config (default configs/deepspeed_zero2.json), gradient_checkpointing True,
+      "fsdp", deepspeed_config (default: the package data geoalign/training/deepspeed_zero2.json), gradient_checkpointing True,
       cast_frozen_to_bf16 True (frozen VGGT + Qwen vision tower held in bf16 when precision is bf16)
     Checkpoints / logs
       output_dir, save_steps 500 (0 = only at the end), save_total_limit 2, resume_from_checkpoint

@@ -153,7 +153,7 @@ def test_fusion_parity_bf16_interpreter():
 
 def test_small_blocks_cross_pair_boundary():
     """Force 16-wide blocks everywhere (pairs, H, D', router rows) at the 'odd' shape."""
-    configs.OVERRIDE.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    configs.OVERRIDE.update(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16)
     try:
         fusion, q, layers, gather_index = make_fusion(torch.float32, **SHAPES["odd"], seed=11)
         check_fusion_parity(fusion, q, layers, gather_index, torch.float32)

@@ -3,6 +3,9 @@ for bf16/fp16/fp32, without a GPU (ttir -> ttgir -> llir -> ptx -> cubin with Tr
 GPU-only compile errors that the interpreter cannot see (dot shapes/dtypes, layouts, shared-memory use).
 
     env -u TRITON_INTERPRET python -m geoalign_kernels.aot_check [capability]
+
+Each kernel's pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32), "i64" (ids) and
+"i32" (topk_idx); every other non-constexpr argument is an i32 scalar unless listed (strides are i64, eps fp32).
 """
 import os
 import sys
@@ -16,41 +19,78 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("run without TRITON_INTERPRET (kernels must be JITFunctions)")
 
 from . import bank, gemm, routing  # noqa: E402
+from .configs import _HOPPER, GROUP_SIZE_M  # noqa: E402
 
-target = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
+TARGET = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
+POINTER = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
 
-def comp(fn, sig, consts, num_warps=4, num_stages=3):
-    names = fn.arg_names
-    full = {}
-    for n in names:
-        if n in consts:
-            full[n] = "constexpr"
+
+def compile_kernel(fn, pointers: dict, scalars: dict, consts: dict, num_warps: int, num_stages: int) -> None:
+    """pointers: name -> role; scalars: name -> type (default i32); consts: the constexpr values (PARAM_DTYPE also
+    types the "param" pointers; entries the kernel does not take are ignored)."""
+    roles = {"acc": "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[consts["PARAM_DTYPE"]]}
+    label = roles["param"][1:]
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = roles[pointers[name]]
+        elif name.startswith("stride_"):
+            signature[name] = "i64"
         else:
-            full[n] = sig.get(n, "i32")
-    src = ASTSource(fn, full, consts)
-    k = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
-    print("OK", fn.__name__, consts.get("PARAM", consts.get("OP", "")), "shared bytes", k.metadata.shared)
+            signature[name] = scalars.get(name, "i32")
+    kernel = triton.compile(ASTSource(fn, signature, consts), target=TARGET,
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    print("OK", fn.__name__, label, "shared bytes", kernel.metadata.shared)
+
+
+def tile(op: str) -> tuple[dict, int, int]:
+    cfg = _HOPPER[(op, "large")]
+    consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")}
+    return consts, cfg["num_warps"], cfg["num_stages"]
+
 
 def main():
-    for P, OPD, ACC, PREC in [(tl.bfloat16, tl.bfloat16, tl.float32, None), (tl.float16, tl.float16, tl.float32, None), (tl.float32, tl.float32, tl.float32, "ieee")]:
-        pp = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}[P]
-        comp(gemm._matmul_kernel, dict(a_ptr=pp, b_ptr=pp, c_ptr=pp, bias_ptr=pp, res_ptr=pp),
-             dict(HAS_BIAS=True, HAS_RES=True, ACT_GELU=False, OP=OPD, ACC=ACC, DOT_PREC=PREC, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3)
-        comp(routing._route_kernel, dict(hid_ptr=pp, w2_ptr=pp, b2_ptr=pp, idx_ptr="*i32", alpha_ptr="*fp32"),
-             dict(K=2, K_P=2, PARAM=P, OP=OPD, ACC=ACC, DOT_PREC=PREC, BLOCK_L=32, BLOCK_MB=16, BLOCK_K=64))
-        comp(routing._route_bwd_kernel, dict(d_alpha_ptr="*fp32", alpha_ptr="*fp32", idx_ptr="*i32", ds_ptr=pp),
-             dict(K=2, K_P=2, ACC=ACC, BLOCK_L=32, BLOCK_MB=16))
-        comp(bank._ln_stats_kernel, dict(layer_ptr=pp, s_row="i64", gather_ptr="*i64", tokens_ptr="*i64", raw_ptr=pp, mean_ptr="*fp32", rstd_ptr="*fp32", eps="fp32"),
-             dict(SAVE_RAW=True, PARAM=P, ACC=ACC, BLOCK_R=32, BLOCK_D=256))
-        comp(bank._bank_fwd_kernel, dict(layer_ptr=pp, gather_ptr="*i64", tokens_ptr="*i64", slots_ptr="*i64", alpha_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
-             lnw_ptr=pp, lnb_ptr=pp, w1_ptr=pp, b1_ptr=pp, h_ptr="*fp32", z_ptr=pp),
-             dict(SAVE_Z=True, PARAM=P, OP=OPD, ACC=ACC, DOT_PREC=PREC, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3)
-        comp(bank._bank_dz_kernel, dict(dh_ptr="*fp32", tokens_ptr="*i64", slots_ptr="*i64", alpha_ptr="*fp32", z_ptr=pp, dz_ptr=pp, d_alpha_ptr="*fp32", db1_part_ptr="*fp32"),
-             dict(PARAM=P, ACC=ACC, BLOCK_M=32, BLOCK_N=256))
-        comp(bank._bank_dw1_kernel, dict(dz_ptr=pp, raw_ptr=pp, mean_ptr="*fp32", rstd_ptr="*fp32", lnw_ptr=pp, lnb_ptr=pp, dw1_ptr=pp),
-             dict(PARAM=P, OP=OPD, ACC=ACC, DOT_PREC=PREC, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3)
-        comp(bank._bank_dx_kernel, dict(dz_ptr=pp, w1_ptr=pp, raw_ptr=pp, mean_ptr="*fp32", rstd_ptr="*fp32", dgamma_part_ptr="*fp32", dbeta_part_ptr="*fp32"),
-             dict(PARAM=P, OP=OPD, ACC=ACC, DOT_PREC=PREC, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3)
+    for param, prec in [(tl.bfloat16, None), (tl.float16, None), (tl.float32, "ieee")]:
+        types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=tl.float32, DOT_PRECISION=prec)
+        dot = {k: types[k] for k in ("DOT_DTYPE", "ACC_DTYPE", "DOT_PRECISION")}
+        blocks, warps, stages = tile("gemm")
+        compile_kernel(gemm._matmul_kernel, dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param",
+                                                 residual_ptr="param"), {},
+                       dict(HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, PARAM_DTYPE=param, **dot, **blocks,
+                            GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
+                                                   topk_idx_ptr="i32", alpha_ptr="acc"), {},
+                       dict(K=2, K_POW2=2, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), 4, 1)
+        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i32",
+                                                       d_logits_ptr="param"), {},
+                       dict(K=2, K_POW2=2, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
+                       4, 1)
+        rows = _HOPPER[("rows", "large")]
+        compile_kernel(bank._ln_stats_kernel, dict(layer_ptr="param", gather_ptr="i64", tokens_ptr="i64",
+                                                   raw_ptr="param", mean_ptr="acc", rstd_ptr="acc"), {"eps": "fp32"},
+                       dict(SAVE_RAW=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32,
+                            BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
+        blocks, warps, stages = tile("bank_fwd")
+        compile_kernel(bank._bank_fwd_kernel, dict(
+            layer_ptr="param", gather_ptr="i64", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", mean_ptr="acc",
+            rstd_ptr="acc", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
+            h_bar_ptr="acc", z_ptr="param"), {}, dict(SAVE_Z=True, **types, **blocks), warps, stages)
+        compile_kernel(bank._bank_dz_kernel, dict(
+            d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
+            d_alpha_ptr="acc", db1_partial_ptr="acc"), {},
+            dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
+                 BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
+        blocks, warps, stages = tile("bank_dw1")
+        compile_kernel(bank._bank_dw1_kernel, dict(
+            dz_ptr="param", raw_ptr="param", mean_ptr="acc", rstd_ptr="acc", ln_weight_ptr="param",
+            ln_bias_ptr="param", dw1_ptr="param"), {}, dict(**types, **blocks), warps, stages)
+        blocks, warps, stages = tile("bank_dx")
+        compile_kernel(bank._bank_dx_kernel, dict(
+            dz_ptr="param", w1_ptr="param", raw_ptr="param", mean_ptr="acc", rstd_ptr="acc",
+            dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {}, dict(**types, **blocks), warps, stages)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Routed feature bank, one VGGT layer at a time: gathered GEMM1 with LayerNorm in the A-load (design.md 5.2, 3).
+"""Routed feature bank, one VGGT layer at a time: gathered GEMM1 with LayerNorm in the A-load (docs/architecture.md).
 
 For bank layer i and its n routed (token, slot) pairs (``tokens``/``slots`` from geoalign.routing.bank_rows):
 
@@ -30,7 +30,7 @@ import triton.language as tl
 
 from . import guard
 from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
-from .configs import get_config
+from .configs import get_config, launch_kwargs
 from .guard import guarded
 from .library import custom_op
 from .runtime import acc_dtype
@@ -39,180 +39,227 @@ from .utils import alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contig
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _ln_stats_kernel(layer_ptr, s_row, N, gather_ptr, s_gl, s_gg, L, tokens_ptr, raw_ptr, mean_ptr, rstd_ptr,
-                     n_rows, G, Dg, eps, SAVE_RAW: tl.constexpr, PARAM: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_stats_kernel(
+        layer_ptr, stride_layer_row, N,  # bank layer i [N, D'] (unit column stride), its row stride and row count
+        gather_ptr, stride_gather_l, stride_gather_g, L,  # gather_index [L, G] and its strides; L tokens
+        tokens_ptr,  # [n] token id of each routed pair
+        raw_ptr, mean_ptr, rstd_ptr,  # outputs: raw [n*G, D'] (when SAVE_RAW), mean / rstd [n*G]
+        n_rows, G, D_geo, eps,  # n*G gathered rows, patch rows per token, row width D', LayerNorm eps
+        SAVE_RAW: tl.constexpr, PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # rows per program, column chunk
     """Rows r = p*G + g of the gathered [n*G, D'] matrix: mean/rstd of PARAM-rounded values (as torch's
     layer_norm(raw.to(param dtype))); raw[r] = R_i[gather_index[tokens[p], g]] when SAVE_RAW.
     A token id outside [0, L) or a gather row outside [0, N) reads nothing and gets NaN statistics."""
     pid = tl.program_id(0)
-    r = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    mr = r < n_rows
-    p = r // G
-    g = r % G
-    t = tl.load(tokens_ptr + p, mask=mr, other=0).to(tl.int64)
-    ok = mr & (t >= 0) & (t < L)
-    src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=ok, other=0).to(tl.int64)
-    ok = ok & (src >= 0) & (src < N)
-    rd = tl.arange(0, BLOCK_D).to(tl.int64)
-    total = tl.zeros((BLOCK_R,), dtype=ACC)
-    for d0 in range(0, Dg, BLOCK_D):
-        d = d0 + rd
-        m = mr[:, None] & (d[None, :] < Dg)
-        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m & ok[:, None], other=0.0)
+    offs_r = (pid * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_r = offs_r < n_rows
+    pair = offs_r // G
+    group = offs_r % G
+    token = tl.load(tokens_ptr + pair, mask=mask_r, other=0).to(tl.int64)
+    valid = mask_r & (token >= 0) & (token < L)
+    src = tl.load(gather_ptr + token * stride_gather_l + group * stride_gather_g, mask=valid, other=0).to(tl.int64)
+    valid = valid & (src >= 0) & (src < N)
+    offs_d = tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+    row_ptrs = layer_ptr + src[:, None] * stride_layer_row + offs_d[None, :]
+    total = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
+    for d0 in range(0, D_geo, BLOCK_SIZE_N):
+        mask = mask_r[:, None] & (offs_d[None, :] < D_geo - d0)
+        x = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0)
         if SAVE_RAW:
-            tl.store(raw_ptr + r[:, None] * Dg + d[None, :], x, mask=m)
-        total += tl.sum(x.to(PARAM).to(ACC), axis=1)
-    mean = total / Dg
-    sq = tl.zeros((BLOCK_R,), dtype=ACC)
-    for d0 in range(0, Dg, BLOCK_D):  # second pass over the (cached) rows: centred sum of squares
-        d = d0 + rd
-        m = mr[:, None] & (d[None, :] < Dg)
-        x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=m & ok[:, None], other=0.0).to(PARAM).to(ACC)
-        xc = tl.where(m, x - mean[:, None], 0.0)
-        sq += tl.sum(xc * xc, axis=1)
-    rstd = tl.where(ok, 1.0 / tl.sqrt(sq / Dg + eps), float("nan"))
-    mean = tl.where(ok, mean, float("nan"))
-    tl.store(mean_ptr + r, mean, mask=mr)
-    tl.store(rstd_ptr + r, rstd, mask=mr)
+            tl.store(raw_ptr + offs_r[:, None] * D_geo + (d0 + offs_d)[None, :], x, mask=mask)
+        total += tl.sum(x.to(PARAM_DTYPE).to(ACC_DTYPE), axis=1)
+    mean = total / D_geo
+    sq = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
+    for d0 in range(0, D_geo, BLOCK_SIZE_N):  # second pass over the (cached) rows: centred sum of squares
+        mask = mask_r[:, None] & (offs_d[None, :] < D_geo - d0)
+        x = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        sq += tl.sum(centred * centred, axis=1)
+    rstd = tl.where(valid, 1.0 / tl.sqrt(sq / D_geo + eps), float("nan"))
+    mean = tl.where(valid, mean, float("nan"))
+    tl.store(mean_ptr + offs_r, mean, mask=mask_r)
+    tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
 
 
 @triton.jit
-def _bank_fwd_kernel(layer_ptr, s_row, N, gather_ptr, s_gl, s_gg, tokens_ptr, slots_ptr, alpha_ptr, s_al,
-                     mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, w1_ptr, s_wh, s_wk, b1_ptr, h_ptr, s_hl, z_ptr,
-                     n, H, Dg, G, L, K, SAVE_Z: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
-                     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bank_fwd_kernel(
+        layer_ptr, stride_layer_row, N,  # bank layer i [N, D'] (unit column stride), row stride, row count
+        gather_ptr, stride_gather_l, stride_gather_g,  # gather_index [L, G]
+        tokens_ptr, slots_ptr,  # [n] token id and slot of each routed pair
+        alpha_ptr, stride_alpha_l,  # alpha [L, K] (unit column stride)
+        mean_ptr, rstd_ptr,  # LayerNorm statistics [n*G] from _ln_stats_kernel
+        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D']
+        w1_ptr, stride_w1_h, stride_w1_k, b1_ptr,  # GEMM1 weight [H, G*D'] and bias [H]
+        h_bar_ptr, stride_h_bar_l,  # h_bar [L, H] (accumulation dtype), read-add-written
+        z_ptr,  # output: z [n, H] pre-activations (when SAVE_Z)
+        n, H, D_geo, G, L, K,  # pairs, hidden width, D', patch rows per token, tokens, slots per token
+        SAVE_Z: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, H, D'
+    """GEMM over pairs (rows) x H (columns), K-dim = G*D': the A-load gathers patch rows and applies LN_i on the fly;
+    epilogue: + b1, exact GELU, * alpha, read-add-write into h_bar (a token's pairs of one layer are distinct)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rp = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # pair ids
-    mp = rp < n
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # hidden columns
-    mn = rn < H
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    t = tl.load(tokens_ptr + rp, mask=mp, other=0).to(tl.int64)
-    s = tl.load(slots_ptr + rp, mask=mp, other=0).to(tl.int64)
-    ok = mp & (t >= 0) & (t < L) & (s >= 0) & (s < K)  # ids out of range: no read or write through them
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)  # pairs
+    mask_m = offs_m < n
+    offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)  # hidden columns
+    mask_n = offs_n < H
+    offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
     for g in range(0, G):
-        src = tl.load(gather_ptr + t * s_gl + g * s_gg, mask=ok, other=0).to(tl.int64)
-        src_ok = ok & (src >= 0) & (src < N)  # (the pre-pass gave such rows NaN statistics)
-        mu = tl.load(mean_ptr + rp * G + g, mask=mp, other=0.0)
-        rs = tl.load(rstd_ptr + rp * G + g, mask=mp, other=0.0)
-        for d0 in range(0, Dg, BLOCK_K):
-            d = d0 + rk
-            md = d < Dg
-            m = mp[:, None] & md[None, :]
-            x = tl.load(layer_ptr + src[:, None] * s_row + d[None, :], mask=src_ok[:, None] & md[None, :],
-                        other=0.0).to(PARAM).to(ACC)
-            lw = tl.load(lnw_ptr + d, mask=md, other=0.0).to(ACC)
-            lb = tl.load(lnb_ptr + d, mask=md, other=0.0).to(ACC)
-            xn = tl.where(m, (x - mu[:, None]) * rs[:, None] * lw[None, :] + lb[None, :], 0.0)
-            w = tl.load(w1_ptr + rn[None, :] * s_wh + (g * Dg + d)[:, None] * s_wk, mask=md[:, None] & mn[None, :],
-                        other=0.0)
-            acc = tl.dot(xn.to(PARAM).to(OP), w.to(OP), acc, input_precision=DOT_PREC)
-    z = (acc + tl.load(b1_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]).to(PARAM)
-    m2 = mp[:, None] & mn[None, :]
+        src = tl.load(gather_ptr + token * stride_gather_l + g * stride_gather_g, mask=valid, other=0).to(tl.int64)
+        src_valid = valid & (src >= 0) & (src < N)  # (the pre-pass gave such rows NaN statistics)
+        mean = tl.load(mean_ptr + offs_m * G + g, mask=mask_m, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_m * G + g, mask=mask_m, other=0.0)
+        x_ptrs = layer_ptr + src[:, None] * stride_layer_row + offs_k[None, :]
+        w_ptrs = w1_ptr + offs_n[None, :] * stride_w1_h + (g * D_geo + offs_k)[:, None] * stride_w1_k
+        for d0 in range(0, D_geo, BLOCK_SIZE_K):
+            mask_k = offs_k < D_geo - d0
+            x = tl.load(x_ptrs, mask=src_valid[:, None] & mask_k[None, :], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+            ln_w = tl.load(ln_weight_ptr + d0 + offs_k, mask=mask_k, other=0.0).to(ACC_DTYPE)
+            ln_b = tl.load(ln_bias_ptr + d0 + offs_k, mask=mask_k, other=0.0).to(ACC_DTYPE)
+            x_norm = (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+            x_norm = tl.where(mask_m[:, None] & mask_k[None, :], x_norm, 0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(x_norm.to(PARAM_DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_SIZE_K
+            w_ptrs += BLOCK_SIZE_K * stride_w1_k
+    z = (acc + tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]).to(PARAM_DTYPE)
     if SAVE_Z:
-        tl.store(z_ptr + rp[:, None] * H + rn[None, :], z, mask=m2)
-    a = tl.load(alpha_ptr + t * s_al + s, mask=ok, other=0.0).to(ACC)
-    h_off = h_ptr + t[:, None] * s_hl + rn[None, :]
-    m_h = ok[:, None] & mn[None, :]
-    h_old = tl.load(h_off, mask=m_h, other=0.0)
-    tl.store(h_off, h_old + a[:, None] * gelu(z.to(ACC)), mask=m_h)
+        tl.store(z_ptr + offs_m[:, None] * H + offs_n[None, :], z, mask=mask_m[:, None] & mask_n[None, :])
+    alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
+    h_bar_ptrs = h_bar_ptr + token[:, None] * stride_h_bar_l + offs_n[None, :]
+    mask_h = valid[:, None] & mask_n[None, :]
+    h_old = tl.load(h_bar_ptrs, mask=mask_h, other=0.0)
+    tl.store(h_bar_ptrs, h_old + alpha[:, None] * gelu(z.to(ACC_DTYPE)), mask=mask_h)
 
 
 @triton.jit
-def _bank_dz_kernel(dh_ptr, s_dl, tokens_ptr, slots_ptr, alpha_ptr, s_al, z_ptr, dz_ptr, d_alpha_ptr, s_dal,
-                    db1_part_ptr, n, H, L, K, PARAM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bank_dz_kernel(
+        d_h_bar_ptr, stride_d_h_bar_l,  # dL/dh_bar [L, H] (accumulation dtype)
+        tokens_ptr, slots_ptr,  # [n] token id and slot of each routed pair
+        alpha_ptr, stride_alpha_l,  # alpha [L, K]
+        z_ptr,  # saved pre-activations z [n, H]
+        dz_ptr,  # output: dz [n, H] (parameter dtype)
+        d_alpha_ptr, stride_d_alpha_l,  # output: d alpha [L, K] (this layer's pairs only)
+        db1_partial_ptr,  # output: per-program partial sums of db1 [programs, H]
+        n, H, L, K,  # pairs, hidden width, tokens, slots per token
+        PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # pairs per program, column chunk
+    """dz = alpha * dh_bar[t] * GELU'(z), d_alpha[t, s] = <dh_bar[t], GELU(z)>, partial sums of db1."""
     pid = tl.program_id(0)
-    rp = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mp = rp < n
-    t = tl.load(tokens_ptr + rp, mask=mp, other=0).to(tl.int64)
-    s = tl.load(slots_ptr + rp, mask=mp, other=0).to(tl.int64)
-    ok = mp & (t >= 0) & (t < L) & (s >= 0) & (s < K)  # ids out of range: no read or write through them
-    a = tl.load(alpha_ptr + t * s_al + s, mask=ok, other=0.0).to(ACC)
-    d_alpha = tl.zeros((BLOCK_M,), dtype=ACC)
-    rn0 = tl.arange(0, BLOCK_N).to(tl.int64)
-    for h0 in range(0, H, BLOCK_N):
-        rn = h0 + rn0
-        m = mp[:, None] & (rn[None, :] < H)
-        dh = tl.load(dh_ptr + t[:, None] * s_dl + rn[None, :], mask=m & ok[:, None], other=0.0).to(ACC)
-        z = tl.load(z_ptr + rp[:, None] * H + rn[None, :], mask=m, other=0.0).to(ACC)
+    offs_m = (pid * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_m = offs_m < n
+    token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
+    alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
+    d_alpha = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
+    offs_n = tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
+    for h0 in range(0, H, BLOCK_SIZE_N):
+        cols = h0 + offs_n
+        mask = mask_m[:, None] & (cols[None, :] < H)
+        dh = tl.load(d_h_bar_ptr + token[:, None] * stride_d_h_bar_l + cols[None, :], mask=mask & valid[:, None],
+                     other=0.0).to(ACC_DTYPE)
+        z = tl.load(z_ptr + offs_m[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
         d_alpha += tl.sum(dh * gelu(z), axis=1)
-        dz = (a[:, None] * dh * gelu_grad(z)).to(PARAM)
-        tl.store(dz_ptr + rp[:, None] * H + rn[None, :], dz, mask=m)
-        tl.store(db1_part_ptr + pid.to(tl.int64) * H + rn, tl.sum(tl.where(m, dz.to(ACC), 0.0), axis=0), mask=rn < H)
-    tl.store(d_alpha_ptr + t * s_dal + s, d_alpha, mask=ok)
+        dz = (alpha[:, None] * dh * gelu_grad(z)).to(PARAM_DTYPE)
+        tl.store(dz_ptr + offs_m[:, None] * H + cols[None, :], dz, mask=mask)
+        tl.store(db1_partial_ptr + pid.to(tl.int64) * H + cols, tl.sum(tl.where(mask, dz.to(ACC_DTYPE), 0.0), axis=0),
+                 mask=cols < H)
+    tl.store(d_alpha_ptr + token * stride_d_alpha_l + slot, d_alpha, mask=valid)
 
 
 @triton.jit
-def _bank_dw1_kernel(dz_ptr, raw_ptr, mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, dw1_ptr, n, H, Dg, G,
-                     PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bank_dw1_kernel(
+        dz_ptr,  # dz [n, H] (parameter dtype)
+        raw_ptr, mean_ptr, rstd_ptr,  # saved gathered rows [n*G, D'] and their LayerNorm statistics [n*G]
+        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D']
+        dw1_ptr,  # output: dW1 [H, G*D'] (parameter dtype)
+        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
+        PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # H, D', pairs
     """dW1[h, g*D' + d] = sum_p dz[p, h] * x[p, g, d], x = LN(raw) recomputed in the B-load. Grid (H/BM, G*D'/BN)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n_db = tl.cdiv(Dg, BLOCK_N)
-    g = pid_n // n_db
-    rh = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mh = rh < H
-    d = ((pid_n % n_db) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    md = d < Dg
-    lw = tl.load(lnw_ptr + d, mask=md, other=0.0).to(ACC)
-    lb = tl.load(lnb_ptr + d, mask=md, other=0.0).to(ACC)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for p0 in range(0, n, BLOCK_K):
-        p = p0 + rk
-        mpk = p < n
-        a = tl.load(dz_ptr + p[None, :] * H + rh[:, None], mask=mh[:, None] & mpk[None, :], other=0.0)
-        row = p * G + g
-        mu = tl.load(mean_ptr + row, mask=mpk, other=0.0)
-        rs = tl.load(rstd_ptr + row, mask=mpk, other=0.0)
-        m = mpk[:, None] & md[None, :]
-        x = tl.load(raw_ptr + row[:, None] * Dg + d[None, :], mask=m, other=0.0).to(PARAM).to(ACC)
-        xn = tl.where(m, (x - mu[:, None]) * rs[:, None] * lw[None, :] + lb[None, :], 0.0)
-        acc = tl.dot(a.to(OP), xn.to(PARAM).to(OP), acc, input_precision=DOT_PREC)
-    tl.store(dw1_ptr + rh[:, None] * (G * Dg) + (g * Dg + d)[None, :], acc.to(PARAM), mask=mh[:, None] & md[None, :])
+    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
+    g = pid_n // num_pid_d
+    offs_h = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_h = offs_h < H
+    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    mask_d = offs_d < D_geo
+    ln_w = tl.load(ln_weight_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
+    ln_b = tl.load(ln_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
+    offs_p = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+    for p0 in range(0, n, BLOCK_SIZE_K):
+        pairs = p0 + offs_p
+        mask_p = pairs < n
+        dz = tl.load(dz_ptr + pairs[None, :] * H + offs_h[:, None], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        row = pairs * G + g
+        mean = tl.load(mean_ptr + row, mask=mask_p, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=mask_p, other=0.0)
+        mask = mask_p[:, None] & mask_d[None, :]
+        x = tl.load(raw_ptr + row[:, None] * D_geo + offs_d[None, :], mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+        x_norm = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
+        acc = tl.dot(dz.to(DOT_DTYPE), x_norm.to(PARAM_DTYPE).to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+    dw1_ptrs = dw1_ptr + offs_h[:, None] * (G * D_geo) + (g * D_geo + offs_d)[None, :]
+    tl.store(dw1_ptrs, acc.to(PARAM_DTYPE), mask=mask_h[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _bank_dx_kernel(dz_ptr, w1_ptr, s_wh, s_wk, raw_ptr, mean_ptr, rstd_ptr, dgamma_part_ptr, dbeta_part_ptr,
-                    n, H, Dg, G, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dx[p, g, d] = sum_h dz[p, h] W1[h, g*D' + d]; writes partial dgamma/dbeta rows (pid_m*G + g) over the block's
-    pairs. Grid (n/BM, G*D'/BN)."""
+def _bank_dx_kernel(
+        dz_ptr,  # dz [n, H] (parameter dtype)
+        w1_ptr, stride_w1_h, stride_w1_k,  # GEMM1 weight [H, G*D']
+        raw_ptr, mean_ptr, rstd_ptr,  # saved gathered rows [n*G, D'] and their LayerNorm statistics [n*G]
+        dgamma_partial_ptr, dbeta_partial_ptr,  # outputs: [programs_m * G, D'] partial sums (accumulation dtype)
+        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
+        PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, D', H
+    """dx[p, g, d] = sum_h dz[p, h] W1[h, g*D' + d]; writes the partial dgamma/dbeta rows (pid_m*G + g) over the
+    block's pairs; dx is never stored. Grid (n/BM, G*D'/BN)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n_db = tl.cdiv(Dg, BLOCK_N)
-    g = pid_n // n_db
-    rp = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mp = rp < n
-    d = ((pid_n % n_db) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    md = d < Dg
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for h0 in range(0, H, BLOCK_K):
-        h = h0 + rk
-        mk = h < H
-        a = tl.load(dz_ptr + rp[:, None] * H + h[None, :], mask=mp[:, None] & mk[None, :], other=0.0)
-        w = tl.load(w1_ptr + h[:, None] * s_wh + (g * Dg + d)[None, :] * s_wk, mask=mk[:, None] & md[None, :],
-                    other=0.0)
-        acc = tl.dot(a.to(OP), w.to(OP), acc, input_precision=DOT_PREC)
-    dx = acc.to(PARAM).to(ACC)
-    row = rp * G + g
-    mu = tl.load(mean_ptr + row, mask=mp, other=0.0)
-    rs = tl.load(rstd_ptr + row, mask=mp, other=0.0)
-    m = mp[:, None] & md[None, :]
-    x = tl.load(raw_ptr + row[:, None] * Dg + d[None, :], mask=m, other=0.0).to(PARAM).to(ACC)
-    x_hat = (x - mu[:, None]) * rs[:, None]
-    dx = tl.where(m, dx, 0.0)
-    out = (pid_m * G + g) * Dg + d
-    tl.store(dgamma_part_ptr + out, tl.sum(dx * x_hat, axis=0), mask=md)
-    tl.store(dbeta_part_ptr + out, tl.sum(dx, axis=0), mask=md)
+    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
+    g = pid_n // num_pid_d
+    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_m = offs_m < n
+    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    mask_d = offs_d < D_geo
+    offs_h = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    dz_ptrs = dz_ptr + offs_m[:, None] * H + offs_h[None, :]
+    w_ptrs = w1_ptr + offs_h[:, None] * stride_w1_h + (g * D_geo + offs_d)[None, :] * stride_w1_k
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+    for h0 in range(0, H, BLOCK_SIZE_K):
+        mask_h = offs_h < H - h0
+        dz = tl.load(dz_ptrs, mask=mask_m[:, None] & mask_h[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        dz_ptrs += BLOCK_SIZE_K
+        w_ptrs += BLOCK_SIZE_K * stride_w1_h
+    dx = acc.to(PARAM_DTYPE).to(ACC_DTYPE)
+    row = offs_m * G + g
+    mean = tl.load(mean_ptr + row, mask=mask_m, other=0.0)
+    rstd = tl.load(rstd_ptr + row, mask=mask_m, other=0.0)
+    mask = mask_m[:, None] & mask_d[None, :]
+    x = tl.load(raw_ptr + row[:, None] * D_geo + offs_d[None, :], mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+    x_hat = (x - mean[:, None]) * rstd[:, None]
+    dx = tl.where(mask, dx, 0.0)
+    offs_out = (pid_m * G + g) * D_geo + offs_d
+    tl.store(dgamma_partial_ptr + offs_out, tl.sum(dx * x_hat, axis=0), mask=mask_d)
+    tl.store(dbeta_partial_ptr + offs_out, tl.sum(dx, axis=0), mask=mask_d)
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
+def _dtypes(dtype: torch.dtype) -> dict:
+    """The dtype constexprs of the bank kernels for parameters of ``dtype``."""
+    return dict(PARAM_DTYPE=tl_dtype(dtype), DOT_DTYPE=dot_dtype(dtype), ACC_DTYPE=tl_dtype(acc_dtype(dtype)),
+                DOT_PRECISION=dot_precision(dtype))
+
+
 def _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev):
     """LN_i [D'] and GEMM1 [H, G*D'] parameters, one float dtype, on dev. Returns H."""
     check_tensor(op, "fc1_weight", fc1_weight, shape=(None, G * Dg), dtype=FLOAT_DTYPES, device=dev)
@@ -266,24 +313,23 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
     z = alloc((n, H), dtype, dev) if save else fc1_weight.new_empty((0, H))
     if n == 0:
         return raw, mean, rstd, z
+    types = _dtypes(dtype)
     rcfg = get_config("rows", n * G, dev)
-    block_r = rcfg["BLOCK_M"]
     with guarded("bank_forward/ln_stats", raw=raw, mean=mean, rstd=rstd) as out:
-        _ln_stats_kernel[(triton.cdiv(n * G, block_r),)](
+        _ln_stats_kernel[(triton.cdiv(n * G, rcfg["BLOCK_SIZE_M"]),)](
             layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), L, tokens,
-            out.raw, out.mean, out.rstd, n * G, G, Dg, eps, SAVE_RAW=save, PARAM=tl_dtype(dtype), ACC=tl_dtype(acc),
-            BLOCK_R=block_r, BLOCK_D=rcfg["BLOCK_N"], num_warps=rcfg["num_warps"],
+            out.raw, out.mean, out.rstd, n * G, G, Dg, eps, SAVE_RAW=save, PARAM_DTYPE=types["PARAM_DTYPE"],
+            ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"],
+            num_warps=rcfg["num_warps"],
         )
     cfg = get_config("bank_fwd", n, dev, dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(H, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(n, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
     with guarded("bank_forward/gemm1", h_bar=h_bar, z=z) as out:
         _bank_fwd_kernel[grid](
             layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
             alpha, alpha.stride(0), mean, rstd, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0),
             fc1_weight.stride(1), fc1_bias, out.h_bar, h_bar.stride(0), out.z, n, H, Dg, G, L, K,
-            SAVE_Z=save, PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SAVE_Z=save, **types, **launch_kwargs(cfg),
         )
     return raw, mean, rstd, z
 
@@ -319,41 +365,37 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     tokens, slots = tokens.contiguous(), slots.contiguous()
     raw, z, mean, rstd = raw.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous()
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
+    types = _dtypes(dtype)
     rcfg = get_config("rows", n, dev)
-    block_m = rcfg["BLOCK_M"]
-    n_blocks = triton.cdiv(n, block_m)
+    n_blocks = triton.cdiv(n, rcfg["BLOCK_SIZE_M"])
     dz = alloc((n, H), dtype, dev)
     db1_part = alloc((n_blocks, H), acc, dev)
     with guarded("bank_backward/dz", dz=dz, d_alpha=d_alpha, db1_part=db1_part) as out:
         _bank_dz_kernel[(n_blocks,)](
             d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, out.dz, out.d_alpha,
             d_alpha.stride(0), out.db1_part, n, H, L, K,
-            PARAM=tl_dtype(dtype), ACC=tl_dtype(acc), BLOCK_M=block_m, BLOCK_N=rcfg["BLOCK_N"],
-            num_warps=rcfg["num_warps"],
+            PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"],
+            BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
         )
     d_b1 = db1_part.sum(0).to(dtype)
-    common = dict(PARAM=tl_dtype(dtype), OP=dot_dtype(dtype), ACC=tl_dtype(acc), DOT_PREC=dot_precision(dtype))
     if need_w1:
         cfg = get_config("bank_dw1", H, dev, dtype)
         d_w1 = alloc((H, G * Dg), dtype, dev)
-        grid = (triton.cdiv(H, cfg["BLOCK_M"]), G * triton.cdiv(Dg, cfg["BLOCK_N"]))
+        grid = (triton.cdiv(H, cfg["BLOCK_SIZE_M"]), G * triton.cdiv(Dg, cfg["BLOCK_SIZE_N"]))
         with guarded("bank_backward/dw1", d_w1=d_w1) as out:
-            _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, out.d_w1, n, H, Dg, G, **common,
-                                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, out.d_w1, n, H, Dg, G, **types,
+                                   **launch_kwargs(cfg))
     else:
         d_w1 = torch.zeros_like(fc1_weight)
     if need_ln:
         cfg = get_config("bank_dx", n, dev, dtype)
-        n_mb = triton.cdiv(n, cfg["BLOCK_M"])
+        n_mb = triton.cdiv(n, cfg["BLOCK_SIZE_M"])
         dgamma_part = alloc((n_mb * G, Dg), acc, dev)
         dbeta_part = alloc((n_mb * G, Dg), acc, dev)
-        grid = (n_mb, G * triton.cdiv(Dg, cfg["BLOCK_N"]))
+        grid = (n_mb, G * triton.cdiv(Dg, cfg["BLOCK_SIZE_N"]))
         with guarded("bank_backward/dx", dgamma_part=dgamma_part, dbeta_part=dbeta_part) as out:
             _bank_dx_kernel[grid](dz, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), raw, mean, rstd,
-                                  out.dgamma_part, out.dbeta_part, n, H, Dg, G, **common,
-                                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                  out.dgamma_part, out.dbeta_part, n, H, Dg, G, **types, **launch_kwargs(cfg))
         d_ln_w, d_ln_b = dgamma_part.sum(0).to(dtype), dbeta_part.sum(0).to(dtype)
     else:
         d_ln_w, d_ln_b = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)

@@ -1,7 +1,9 @@
 """Shared strided GEMM: C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) (GELU) (+ residual[M, N]).
 
 Used by the output stage (projector.fc2, out_proj, the folded W_out.W2) and by backward weight/input gradients.
-A and B may be any strided views (transposes cost nothing); accumulation is fp32 (fp64 for fp64 inputs).
+A and B may be any strided views (transposes cost nothing); accumulation is fp32 (fp64 for fp64 inputs). Programs
+are launched on a 1-D grid in grouped order (Triton tutorial 03): GROUP_SIZE_M row blocks share each column block,
+so a band of A stays in L2 while the N tiles are walked, instead of A being re-read from DRAM for every N tile.
 """
 from __future__ import annotations
 
@@ -10,41 +12,58 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_tensor
-from .configs import get_config
+from .configs import get_config, launch_kwargs
 from .guard import guarded
 from .runtime import acc_dtype
-from .utils import alloc, dot_dtype, gelu, dot_precision, tl_dtype
+from .utils import alloc, dot_dtype, dot_precision, gelu, tl_dtype
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, M, N, K,
-                   s_am, s_ak, s_bk, s_bn, s_cm, s_cn, s_rm, s_rn,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT_GELU: tl.constexpr,
-                   OP: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    mm = rm < M
-    mn = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mk = kk < K
-        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak, mask=mm[:, None] & mk[None, :], other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn, mask=mk[:, None] & mn[None, :], other=0.0)
-        acc = tl.dot(a.to(OP), b.to(OP), acc, input_precision=DOT_PREC)
+def _matmul_kernel(
+        a_ptr, b_ptr, c_ptr,  # A [M, K], B [K, N] (any strides), C [M, N] (written)
+        bias_ptr, residual_ptr,  # bias [N], residual [M, N] (read only when HAS_BIAS / HAS_RESIDUAL)
+        M, N, K,  # problem sizes
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # element strides
+        stride_rm, stride_rn,  # residual strides
+        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_GELU: tl.constexpr,  # epilogue
+        DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # operand / accumulator types
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,  # tile
+        GROUP_SIZE_M: tl.constexpr):  # row blocks per group of the launch order
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_SIZE_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K * stride_ak
+        b_ptrs += BLOCK_SIZE_K * stride_bk
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mn, other=0.0).to(ACC)[None, :]
-    if ACT_GELU:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if APPLY_GELU:
         acc = gelu(acc)
-    if HAS_RES:
-        acc += tl.load(res_ptr + rm[:, None] * s_rm + rn[None, :] * s_rn, mask=mm[:, None] & mn[None, :],
-                       other=0.0).to(ACC)
-    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=mm[:, None] & mn[None, :])
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        residual_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(residual_ptrs, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
@@ -70,8 +89,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         check_tensor(op, "out", out, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
     if M == 0 or N == 0:
         return out
-    cfg = get_config("gemm", M, a.device, op_dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    cfg = get_config("gemm", M, dev, op_dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_SIZE_M"]) * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
     with guarded(op, out=out) as w:
         bias_t = bias if bias is not None else w.out
         res_t = residual if residual is not None else w.out
@@ -79,9 +98,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
             a, b, w.out, bias_t, res_t, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
             res_t.stride(0), res_t.stride(1),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT_GELU=gelu,
-            OP=dot_dtype(op_dtype), ACC=tl_dtype(acc_dtype(op_dtype)), DOT_PREC=dot_precision(op_dtype),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_GELU=gelu,
+            DOT_DTYPE=dot_dtype(op_dtype), ACC_DTYPE=tl_dtype(acc_dtype(op_dtype)),
+            DOT_PRECISION=dot_precision(op_dtype), **launch_kwargs(cfg, group=True),
         )
     return out

@@ -1,4 +1,4 @@
-"""Routing: the router's second GEMM with Top-K and the masked softmax in the epilogue (design.md section 5.1).
+"""Routing: the router's second GEMM with Top-K and the masked softmax in the epilogue (docs/architecture.md, "Routing").
 
 Forward  (`route`): logits S = hid @ V2^T + c2 ([L, M], rounded to the parameter dtype as nn.Linear would), then per
 row the K largest logits in descending order (ties -> lower bank index, as geoalign.routing.topk_lower_index) and
@@ -25,81 +25,97 @@ from .utils import alloc, dot_dtype, dot_precision, tl_dtype
 
 
 @triton.jit
-def _route_kernel(hid_ptr, w2_ptr, b2_ptr, idx_ptr, alpha_ptr, L, R, M, s_hl, s_hr, s_wm, s_wr,
-                  K: tl.constexpr, K_P: tl.constexpr, PARAM: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_kernel(
+        hid_ptr, w2_ptr, b2_ptr,  # router hidden [L, R], fc2 weight [M, R], fc2 bias [M] (parameter dtype)
+        topk_idx_ptr, alpha_ptr,  # outputs: topk_idx [L, K] int32, alpha [L, K] (accumulation dtype), row-major
+        L, R, M,  # tokens, router width, bank layers
+        stride_hid_l, stride_hid_r, stride_w2_m, stride_w2_r,  # element strides
+        K: tl.constexpr, K_POW2: tl.constexpr,  # Top-K, and K rounded up to a power of two (the slot block)
+        PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_L: tl.constexpr, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_R: tl.constexpr):  # tokens, layers, K-dim
     pid = tl.program_id(0)
-    rl = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    ml = rl < L
-    cm = tl.arange(0, BLOCK_MB)
-    mcol = cm < M
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_L, BLOCK_MB), dtype=ACC)
-    for r0 in range(0, R, BLOCK_K):
-        kk = r0 + rk
-        mk = kk < R
-        a = tl.load(hid_ptr + rl[:, None] * s_hl + kk[None, :] * s_hr, mask=ml[:, None] & mk[None, :], other=0.0)
-        b = tl.load(w2_ptr + cm[None, :].to(tl.int64) * s_wm + kk[:, None] * s_wr, mask=mk[:, None] & mcol[None, :],
-                    other=0.0)
-        acc = tl.dot(a.to(OP), b.to(OP), acc, input_precision=DOT_PREC)
-    s = acc + tl.load(b2_ptr + cm, mask=mcol, other=0.0).to(ACC)[None, :]
-    s = s.to(PARAM).to(ACC)  # the logits nn.Linear would produce in the parameter dtype (ties included)
+    offs_l = (pid * BLOCK_SIZE_L + tl.arange(0, BLOCK_SIZE_L)).to(tl.int64)
+    mask_l = offs_l < L
+    offs_m = tl.arange(0, BLOCK_SIZE_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_SIZE_R).to(tl.int64)
+    hid_ptrs = hid_ptr + offs_l[:, None] * stride_hid_l + offs_r[None, :] * stride_hid_r
+    w2_ptrs = w2_ptr + offs_m[None, :].to(tl.int64) * stride_w2_m + offs_r[:, None] * stride_w2_r
+    acc = tl.zeros((BLOCK_SIZE_L, BLOCK_SIZE_M), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_SIZE_R):
+        mask_r = offs_r < R - r0
+        hid = tl.load(hid_ptrs, mask=mask_l[:, None] & mask_r[None, :], other=0.0)
+        w2 = tl.load(w2_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(hid.to(DOT_DTYPE), w2.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        hid_ptrs += BLOCK_SIZE_R * stride_hid_r
+        w2_ptrs += BLOCK_SIZE_R * stride_w2_r
+    s = acc + tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)[None, :]
+    s = s.to(PARAM_DTYPE).to(ACC_DTYPE)  # the logits nn.Linear would produce in the parameter dtype (ties included)
     # Top-K policy (geoalign.routing.topk_lower_index): descending, NaN above every number (as torch.sort), ties and
     # -inf -> lower index. A taken-mask, not a value comparison, removes each winner, so the K ids are distinct
     # and < M even when the remaining logits are all -inf or NaN.
     is_nan = s != s
-    taken = cm[None, :] >= M  # padding columns are never candidates
-    kc = tl.arange(0, K_P)
-    sel = tl.full((BLOCK_L, K_P), float("-inf"), ACC)
-    ids = tl.zeros((BLOCK_L, K_P), dtype=tl.int32)
+    taken = offs_m[None, :] >= M  # padding columns are never candidates
+    offs_slot = tl.arange(0, K_POW2)
+    selected = tl.full((BLOCK_SIZE_L, K_POW2), float("-inf"), ACC_DTYPE)
+    ids = tl.zeros((BLOCK_SIZE_L, K_POW2), dtype=tl.int32)
     for k in tl.static_range(K):
         free_nan = is_nan & ~taken
         has_nan = tl.max(free_nan.to(tl.int32), axis=1) > 0
         free_num = ~is_nan & ~taken
-        mx = tl.max(tl.where(free_num, s, float("-inf")), axis=1)  # -inf when every free number is -inf
-        cand = tl.where(has_nan[:, None], free_nan, free_num & (s == mx[:, None]))
-        j = tl.min(tl.where(cand, cm[None, :], BLOCK_MB), axis=1)  # the lowest candidate column
-        v = tl.where(has_nan, float("nan"), mx)
-        sel = tl.where(kc[None, :] == k, v[:, None], sel)
-        ids = tl.where(kc[None, :] == k, j[:, None], ids)
-        taken = taken | (cm[None, :] == j[:, None])
-    kept = kc[None, :] < K
+        best = tl.max(tl.where(free_num, s, float("-inf")), axis=1)  # -inf when every free number is -inf
+        candidate = tl.where(has_nan[:, None], free_nan, free_num & (s == best[:, None]))
+        winner = tl.min(tl.where(candidate, offs_m[None, :], BLOCK_SIZE_M), axis=1)  # the lowest candidate column
+        value = tl.where(has_nan, float("nan"), best)
+        selected = tl.where(offs_slot[None, :] == k, value[:, None], selected)
+        ids = tl.where(offs_slot[None, :] == k, winner[:, None], ids)
+        taken = taken | (offs_m[None, :] == winner[:, None])
+    kept = offs_slot[None, :] < K
     # softmax over the K kept logits, as torch.softmax: selection 0 is the largest (a NaN there, or all K -inf,
     # makes the whole row NaN)
-    top = tl.sum(tl.where(kc[None, :] == 0, sel, 0.0), axis=1)
-    e = tl.where(kept, tl.exp(sel - top[:, None]), 0.0)
+    top = tl.sum(tl.where(offs_slot[None, :] == 0, selected, 0.0), axis=1)
+    e = tl.where(kept, tl.exp(selected - top[:, None]), 0.0)
     alpha = e / tl.sum(e, axis=1)[:, None]
-    out = rl[:, None] * K + kc[None, :]
-    tl.store(idx_ptr + out, ids, mask=ml[:, None] & kept)
-    tl.store(alpha_ptr + out, alpha, mask=ml[:, None] & kept)
+    offs_out = offs_l[:, None] * K + offs_slot[None, :]
+    tl.store(topk_idx_ptr + offs_out, ids, mask=mask_l[:, None] & kept)
+    tl.store(alpha_ptr + offs_out, alpha, mask=mask_l[:, None] & kept)
 
 
 @triton.jit
-def _route_bwd_kernel(d_alpha_ptr, alpha_ptr, idx_ptr, ds_ptr, L, M,
-                      K: tl.constexpr, K_P: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_L: tl.constexpr, BLOCK_MB: tl.constexpr):
+def _route_bwd_kernel(
+        d_alpha_ptr, alpha_ptr, topk_idx_ptr,  # [L, K] each, row-major
+        d_logits_ptr,  # output: dS [L, M] (parameter dtype), row-major; zero off the K kept columns
+        L, M,  # tokens, bank layers
+        K: tl.constexpr, K_POW2: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        BLOCK_SIZE_L: tl.constexpr, BLOCK_SIZE_M: tl.constexpr):
     pid = tl.program_id(0)
-    rl = (pid * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    ml = rl < L
-    kc = tl.arange(0, K_P)
-    mk = ml[:, None] & (kc[None, :] < K)
-    off = rl[:, None] * K + kc[None, :]
-    alpha = tl.load(alpha_ptr + off, mask=mk, other=0.0).to(ACC)
-    d_alpha = tl.load(d_alpha_ptr + off, mask=mk, other=0.0).to(ACC)
-    ids = tl.load(idx_ptr + off, mask=mk, other=-1)
+    offs_l = (pid * BLOCK_SIZE_L + tl.arange(0, BLOCK_SIZE_L)).to(tl.int64)
+    mask_l = offs_l < L
+    offs_slot = tl.arange(0, K_POW2)
+    mask_slot = mask_l[:, None] & (offs_slot[None, :] < K)
+    offs_in = offs_l[:, None] * K + offs_slot[None, :]
+    alpha = tl.load(alpha_ptr + offs_in, mask=mask_slot, other=0.0).to(ACC_DTYPE)
+    d_alpha = tl.load(d_alpha_ptr + offs_in, mask=mask_slot, other=0.0).to(ACC_DTYPE)
+    ids = tl.load(topk_idx_ptr + offs_in, mask=mask_slot, other=-1)
     d_kept = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None])  # softmax backward over the K kept
-    cm = tl.arange(0, BLOCK_MB)
-    ds = tl.zeros((BLOCK_L, BLOCK_MB), dtype=ACC)
+    offs_m = tl.arange(0, BLOCK_SIZE_M)
+    d_logits = tl.zeros((BLOCK_SIZE_L, BLOCK_SIZE_M), dtype=ACC_DTYPE)
     for k in tl.static_range(K):
-        dk = tl.sum(tl.where(kc[None, :] == k, d_kept, 0.0), axis=1)
-        ik = tl.sum(tl.where(kc[None, :] == k, ids, 0), axis=1)
-        ds = tl.where(cm[None, :] == ik[:, None], dk[:, None], ds)
-    tl.store(ds_ptr + rl[:, None] * M + cm[None, :], ds.to(ds_ptr.dtype.element_ty),
-             mask=ml[:, None] & (cm[None, :] < M))
+        d_k = tl.sum(tl.where(offs_slot[None, :] == k, d_kept, 0.0), axis=1)
+        id_k = tl.sum(tl.where(offs_slot[None, :] == k, ids, 0), axis=1)
+        d_logits = tl.where(offs_m[None, :] == id_k[:, None], d_k[:, None], d_logits)
+    d_logits_ptrs = d_logits_ptr + offs_l[:, None] * M + offs_m[None, :]
+    tl.store(d_logits_ptrs, d_logits.to(d_logits_ptr.dtype.element_ty), mask=mask_l[:, None] & (offs_m[None, :] < M))
 
 
-def _block_mb(M: int) -> int:
+def _block_m(M: int) -> int:
+    """The bank-layer block of the routing kernels: all M logits of a token in one tile (at least 16 for tl.dot)."""
     return max(16, triton.next_power_of_2(M))
+
+
+def _block_l(cfg: dict) -> int:
+    """Tokens per routing program: the row kernels' block, within [16, 64]."""
+    return max(16, min(cfg["BLOCK_SIZE_M"], 64))
 
 
 def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int):
@@ -117,13 +133,13 @@ def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int)
     if L == 0:
         return idx, alpha
     cfg = get_config("rows", L, dev, dtype)
-    block_l = max(16, min(cfg["BLOCK_M"], 64))
+    block_l = _block_l(cfg)
     with guarded(op, idx=idx, alpha=alpha) as out:
         _route_kernel[(triton.cdiv(L, block_l),)](
             hid, w2, b2, out.idx, out.alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
-            K=k, K_P=triton.next_power_of_2(k), PARAM=tl_dtype(dtype), OP=dot_dtype(dtype),
-            ACC=tl_dtype(acc_dtype(dtype)), DOT_PREC=dot_precision(dtype), BLOCK_L=block_l, BLOCK_MB=_block_mb(M),
-            BLOCK_K=max(16, cfg["BLOCK_K"]), num_warps=cfg["num_warps"],
+            K=k, K_POW2=triton.next_power_of_2(k), PARAM_DTYPE=tl_dtype(dtype), DOT_DTYPE=dot_dtype(dtype),
+            ACC_DTYPE=tl_dtype(acc_dtype(dtype)), DOT_PRECISION=dot_precision(dtype), BLOCK_SIZE_L=block_l,
+            BLOCK_SIZE_M=_block_m(M), BLOCK_SIZE_R=max(16, cfg["BLOCK_SIZE_K"]), num_warps=cfg["num_warps"],
         )
     return idx, alpha
 
@@ -145,12 +161,12 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
     ds = alloc((L, M), dtype, dev)
     if L > 0:
         cfg = get_config("rows", L, dev, dtype)
-        block_l = max(16, min(cfg["BLOCK_M"], 64))
+        block_l = _block_l(cfg)
         with guarded(op, ds=ds) as out:
             _route_bwd_kernel[(triton.cdiv(L, block_l),)](
                 d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), out.ds, L, M,
-                K=K, K_P=triton.next_power_of_2(K), ACC=tl_dtype(acc_dtype(dtype)),
-                BLOCK_L=block_l, BLOCK_MB=_block_mb(M), num_warps=cfg["num_warps"],
+                K=K, K_POW2=triton.next_power_of_2(K), ACC_DTYPE=tl_dtype(acc_dtype(dtype)),
+                BLOCK_SIZE_L=block_l, BLOCK_SIZE_M=_block_m(M), num_warps=cfg["num_warps"],
             )
     d_hid = matmul(ds, w2)  # [L, M] @ [M, R]
     d_w2 = matmul(ds.t(), hid)  # [M, L] @ [L, R]

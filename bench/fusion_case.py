@@ -47,7 +47,7 @@ class FusionShape:
                               router_hidden=self.router_hidden)
 
     def sparse_macs_per_token(self) -> int:
-        """Multiply-adds per visual token of the sparse path (design.md section 2), router included."""
+        """Multiply-adds per visual token of the sparse path (docs/architecture.md, section 2), router included."""
         c = self
         return (c.top_k * c.group_size * c.geo_dim * c.projector_hidden + c.projector_hidden * c.hidden_size
                 + c.hidden_size * c.hidden_size + c.hidden_size * c.router_hidden + c.router_hidden * c.num_layers)

@@ -1,4 +1,4 @@
-// Gather + per-layer LayerNorm of the G patch rows of the routed pairs into packed GEMM1 rows (design.md 5.2).
+// Gather + per-layer LayerNorm of the G patch rows of the routed pairs into packed GEMM1 rows (docs/architecture.md, "Backends").
 // CUDA toolkit only; see geoalign_cuda.h for the contract.
 #include "common.cuh"
 

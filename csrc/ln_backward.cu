@@ -1,6 +1,6 @@
-// LayerNorm backward of the gathered rows: d gamma / d beta as per-block partials, reduced by the caller (design.md
-// 5.4; no atomics, deterministic). No gradient flows into the frozen geometry rows. CUDA toolkit only; see
-// geoalign_cuda.h for the contract.
+// LayerNorm backward of the gathered rows: d gamma / d beta as per-block partials, reduced by the caller
+// (docs/architecture.md, "Backends"; no atomics, deterministic). No gradient flows into the frozen geometry rows.
+// CUDA toolkit only; see geoalign_cuda.h for the contract.
 #include "common.cuh"
 
 #include <limits.h>

@@ -1,4 +1,4 @@
-// Routing kernels (design.md section 5.1): Top-K + masked softmax over M <= 32 logits per token, its backward,
+// Routing kernels (docs/architecture.md, "Routing"): Top-K + masked softmax over M <= 32 logits per token, its backward,
 // and the per-bank-layer row lists the streaming path consumes. CUDA toolkit only; see geoalign_cuda.h.
 #include "common.cuh"
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry.alignment import build_gather_index, check_grid_thw, qwen_grid_for_vggt
-
-PATCH_SIZE = 14  # VGGT's patch size (pixels)
+from .geometry.alignment import PATCH_SIZE, build_gather_index, check_grid_thw, qwen_grid_for_vggt
 
 
 @dataclass

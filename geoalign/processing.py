@@ -1,6 +1,6 @@
 """GeoAlignProcessor: a video / image folder / list of frames + a question -> every input the GeoAlign model needs.
 
-Frames are prepared once (design.md section 4, :func:`geoalign.geometry.prepare_frames`): VGGT sees the
+Frames are prepared once (docs/architecture.md, "Frames and gather_index"; :func:`geoalign.geometry.prepare_frames`): VGGT sees the
 518-wide frames, Qwen sees their top-left crop to multiples of 28 with no further resize or rescale, so Qwen's token
 grid is exactly VGGT's patch grid cropped to even sizes, and ``gather_index`` maps one to the other.
 
@@ -14,12 +14,11 @@ from typing import Any, Sequence
 
 import torch
 
+from .geometry.alignment import MERGE_SIZE as MERGE, PATCH_SIZE as PATCH, TEMPORAL_PATCH_SIZE as TEMPORAL_PATCH
+
 # Qwen2-VL / Qwen2.5-VL image normalisation (OpenAI CLIP statistics), as in its preprocessor_config.json.
 QWEN_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 QWEN_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH = 14
-MERGE = 2
-TEMPORAL_PATCH = 2
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"

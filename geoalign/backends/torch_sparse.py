@@ -2,7 +2,7 @@
 
 Route first (the router reads only Q), then for each bank layer as it arrives: gather only the G patch rows of the
 (token, slot) pairs routed to it, LayerNorm them, GEMM1 + b1 + GELU, and add alpha * result into an fp32 [L, H]
-accumulator h_bar. Finally F_hat = W2 h_bar + b2 and Q_hat = Q + W_out F_hat on L rows (design.md sections 2-3).
+accumulator h_bar. Finally F_hat = W2 h_bar + b2 and Q_hat = Q + W_out F_hat on L rows (docs/architecture.md, section 2).
 
 Saved for backward, per bank layer i with n_i routed pairs (sum_i n_i = L*K):
   raw  [n_i, G, D']  the gathered patch rows, in the layer's dtype (LayerNorm is recomputed from them)

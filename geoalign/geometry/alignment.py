@@ -1,4 +1,4 @@
-"""Mapping VGGT patch rows to Qwen2.5-VL visual tokens: ``gather_index`` (design.md section 4).
+"""Mapping VGGT patch rows to Qwen2.5-VL visual tokens: ``gather_index`` (docs/architecture.md, "Frames and gather_index").
 
 Conventions (all index maths in int64):
 
@@ -21,7 +21,9 @@ from typing import Sequence
 
 import torch
 
-MERGE_SIZE = 2
+PATCH_SIZE = 14           # pixels per patch side, VGGT's and Qwen2.5-VL's vision tower alike
+MERGE_SIZE = 2            # Qwen2.5-VL merges 2x2 patches into one visual token
+TEMPORAL_PATCH_SIZE = 2   # Qwen2.5-VL's video path pairs consecutive frames
 
 
 def _check_grid(name: str, grid: Sequence[int]) -> tuple[int, int]:

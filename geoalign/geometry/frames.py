@@ -1,4 +1,4 @@
-"""Loading and preparing frames for VGGT and Qwen2.5-VL (design.md section 4, following VG-LLM / VGGT's load_fn).
+"""Loading and preparing frames for VGGT and Qwen2.5-VL (docs/architecture.md, "Frames and gather_index"; following VG-LLM / VGGT's load_fn).
 
 * VGGT side: width 518, height ``round(H*518/W/14)*14`` (bicubic), then centre-crop the height to at most 518.
   Pixels stay in [0, 1]. Result: float32 [S, 3, H_v, 518], a grid of h_v x w_v = H_v/14 x 37 patches.
@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment import build_gather_index, num_visual_tokens, qwen_grid_for_vggt, qwen_grid_thw
+from .alignment import (MERGE_SIZE, PATCH_SIZE, build_gather_index, num_visual_tokens, qwen_grid_for_vggt,
+                        qwen_grid_thw)
 
 logger = logging.getLogger("geoalign.geometry")
 
 VGGT_SIZE = 518
-PATCH_SIZE = 14
-QWEN_FACTOR = 28                       # Qwen2.5-VL: patch 14 x merge 2
+QWEN_FACTOR = PATCH_SIZE * MERGE_SIZE  # Qwen2.5-VL's side unit: 28 px
 QWEN_MIN_PIXELS = 56 * 56              # Qwen2VLImageProcessor defaults (size.shortest_edge / longest_edge)
 QWEN_MAX_PIXELS = 28 * 28 * 1280
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

@@ -269,7 +269,7 @@ class GeoAlignSFTDataset(torch.utils.data.Dataset):
 
     def encode(self, rec: Record) -> dict[str, Any]:
         """One record -> tensors. Raises RecordError / MissingMediaError naming the record."""
-        from ..processing import MERGE
+        from ..geometry.alignment import MERGE_SIZE as MERGE
 
         try:
             af = self.processor.prepare(self._source(rec), self.num_frames)

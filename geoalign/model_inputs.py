@@ -28,22 +28,24 @@ class SampleGeometry:
         return int(self.images.shape[-2]) // PATCH_SIZE, int(self.images.shape[-1]) // PATCH_SIZE
 
 
+def _per_sample(value, name: str, sample_dims: int, forms: str) -> list:
+    """One entry per sample: a tensor with ``sample_dims`` dims is one sample, one more dim is a batch; a list or
+    tuple is already per sample."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == sample_dims:
+            return [value]
+        if value.dim() == sample_dims + 1:
+            return list(value.unbind(0))
+        raise ValueError(f"{name} must be {forms} or a list, got shape {tuple(value.shape)}")
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{name} must be a tensor ({forms}) or a list of per-sample tensors, got {type(value).__name__}")
+
+
 def as_samples(vggt_pixel_values, gather_index) -> list[SampleGeometry]:
     """Normalise VGGT inputs: a tensor [B, S, 3, H, W], a tensor [S, 3, H, W] (one sample) or a list of [S_b, 3,
     H_b, W_b] tensors; gather_index: None, a tensor [L, G] (one sample) or a list (None entries allowed)."""
-    if isinstance(vggt_pixel_values, torch.Tensor):
-        if vggt_pixel_values.dim() == 4:
-            images = [vggt_pixel_values]
-        elif vggt_pixel_values.dim() == 5:
-            images = list(vggt_pixel_values.unbind(0))
-        else:
-            raise ValueError("vggt_pixel_values must be [B, S, 3, H, W], [S, 3, H, W] or a list of [S, 3, H, W] "
-                             f"tensors, got shape {tuple(vggt_pixel_values.shape)}")
-    elif isinstance(vggt_pixel_values, (list, tuple)):
-        images = list(vggt_pixel_values)
-    else:
-        raise ValueError("vggt_pixel_values must be a tensor or a list of [S, 3, H, W] tensors, got "
-                         f"{type(vggt_pixel_values).__name__}")
+    images = _per_sample(vggt_pixel_values, "vggt_pixel_values", 4, "[B, S, 3, H, W], [S, 3, H, W]")
     if not images:
         raise ValueError("vggt_pixel_values is empty: expected one [S, 3, H, W] tensor per sample")
     for b, im in enumerate(images):
@@ -55,15 +57,8 @@ def as_samples(vggt_pixel_values, gather_index) -> list[SampleGeometry]:
                              f"got {tuple(im.shape[-2:])}")
     if gather_index is None:
         gis = [None] * len(images)
-    elif isinstance(gather_index, torch.Tensor):
-        if gather_index.dim() == 2:
-            gis = [gather_index]
-        elif gather_index.dim() == 3:
-            gis = list(gather_index.unbind(0))
-        else:
-            raise ValueError(f"gather_index must be [L, G], [B, L, G] or a list, got {tuple(gather_index.shape)}")
     else:
-        gis = list(gather_index)
+        gis = _per_sample(gather_index, "gather_index", 2, "[L, G], [B, L, G]")
     if len(gis) != len(images):
         raise ValueError(f"got VGGT frames for {len(images)} samples but gather_index for {len(gis)}")
     return [SampleGeometry(im, gi) for im, gi in zip(images, gis)]

@@ -174,6 +174,18 @@ def _bank_dz_kernel(
 
 
 @triton.jit
+def _row_and_patch_tile(rows, D_geo, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
+    """The tile of a program on the grid (rows / BLOCK_SIZE_M, G * cdiv(D', BLOCK_SIZE_N)) of the backward kernels:
+    (row offsets, row mask, patch row g, column offsets within D', column mask)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
+    offs_r = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    return offs_r, offs_r < rows, pid_n // num_pid_d, offs_d, offs_d < D_geo
+
+
+@triton.jit
 def _bank_dw1_kernel(
         dz_ptr,  # dz [n, H] (parameter dtype)
         raw_ptr, mean_ptr, rstd_ptr,  # saved gathered rows [n*G, D'] and their LayerNorm statistics [n*G]
@@ -183,14 +195,7 @@ def _bank_dw1_kernel(
         PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # H, D', pairs
     """dW1[h, g*D' + d] = sum_p dz[p, h] * x[p, g, d], x = LN(raw) recomputed in the B-load. Grid (H/BM, G*D'/BN)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
-    g = pid_n // num_pid_d
-    offs_h = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    mask_h = offs_h < H
-    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
-    mask_d = offs_d < D_geo
+    offs_h, mask_h, g, offs_d, mask_d = _row_and_patch_tile(H, D_geo, BLOCK_SIZE_M, BLOCK_SIZE_N)
     ln_w = tl.load(ln_weight_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
     ln_b = tl.load(ln_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
     offs_p = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
@@ -222,13 +227,7 @@ def _bank_dx_kernel(
     """dx[p, g, d] = sum_h dz[p, h] W1[h, g*D' + d]; writes the partial dgamma/dbeta rows (pid_m*G + g) over the
     block's pairs; dx is never stored. Grid (n/BM, G*D'/BN)."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
-    g = pid_n // num_pid_d
-    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    mask_m = offs_m < n
-    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
-    mask_d = offs_d < D_geo
+    offs_m, mask_m, g, offs_d, mask_d = _row_and_patch_tile(n, D_geo, BLOCK_SIZE_M, BLOCK_SIZE_N)
     offs_h = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
     dz_ptrs = dz_ptr + offs_m[:, None] * H + offs_h[None, :]
     w_ptrs = w1_ptr + offs_h[:, None] * stride_w1_h + (g * D_geo + offs_d)[None, :] * stride_w1_k

@@ -118,14 +118,18 @@ def _block_l(cfg: dict) -> int:
     return max(16, min(cfg["BLOCK_SIZE_M"], 64))
 
 
+def _check_router(op: str, hid: torch.Tensor, w2: torch.Tensor):
+    """hid [L, R] (a float dtype) and w2 [M, R] of the same dtype and device -> (L, R, M, dtype, device)."""
+    check_tensor(op, "hid", hid, shape=(None, None), dtype=FLOAT_DTYPES)
+    L, R = hid.shape
+    check_tensor(op, "w2", w2, shape=(None, R), dtype=hid.dtype, device=hid.device)
+    return L, R, w2.shape[0], hid.dtype, hid.device
+
+
 def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int):
     """hid [L, R], w2 [M, R], b2 [M] (parameter dtype) -> (topk_idx [L, K] int32, alpha [L, K] fp32/fp64)."""
     op = "route_forward"
-    check_tensor(op, "hid", hid, shape=(None, None), dtype=FLOAT_DTYPES)
-    L, R = hid.shape
-    dtype, dev = hid.dtype, hid.device
-    check_tensor(op, "w2", w2, shape=(None, R), dtype=dtype, device=dev)
-    M = w2.shape[0]
+    L, R, M, dtype, dev = _check_router(op, hid, w2)
     check_tensor(op, "b2", b2, shape=(M,), dtype=dtype, device=dev)
     check_int(op, "k", k, 1, M)
     idx = alloc((L, k), torch.int32, dev)
@@ -148,11 +152,7 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
                    w2: torch.Tensor):
     """-> (d_hid [L, R], d_w2 [M, R], d_b2 [M]) in the parameter dtype."""
     op = "route_backward"
-    check_tensor(op, "hid", hid, shape=(None, None), dtype=FLOAT_DTYPES)
-    L, R = hid.shape
-    dtype, dev = hid.dtype, hid.device
-    check_tensor(op, "w2", w2, shape=(None, R), dtype=dtype, device=dev)
-    M = w2.shape[0]
+    L, R, M, dtype, dev = _check_router(op, hid, w2)
     check_tensor(op, "alpha", alpha, shape=(L, None), dtype=acc_dtype(dtype), device=dev)
     K = alpha.shape[1]
     check_int(op, "K", K, 1, M)

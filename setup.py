@@ -24,7 +24,7 @@ if os.environ.get("GEOALIGN_BUILD_CUDA", "1") != "0":
         if torch.version.cuda is not None and CUDA_HOME is not None:
             ext_modules.append(CUDAExtension(
                 name="geoalign._cuda_ops",
-                sources=["csrc/binding.cpp", "csrc/routing.cu", "csrc/gather_ln.cu", "csrc/ln_backward.cu"],
+                sources=["csrc/binding.cpp", "csrc/routing.cu", "csrc/gather_ln.cu"],
                 include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
             ))

@@ -197,36 +197,6 @@ void gather_layer_norm(const at::Tensor& layer, const std::optional<at::Tensor>&
                "gather_layer_norm");
 }
 
-// dx [R, D'] (param dtype), raw [R, D'] (layer dtype), mean/rstd [R] -> dgamma_part, dbeta_part [B, D'] (acc dtype)
-void layer_norm_backward_partials(const at::Tensor& dx, const at::Tensor& raw, const at::Tensor& mean,
-                                  const at::Tensor& rstd, int64_t rows_per_block, const at::Tensor& dgamma_part,
-                                  const at::Tensor& dbeta_part, int64_t stream) {
-  const auto dev = dx.device();
-  for (auto* t : {&dx, &raw, &mean, &rstd, &dgamma_part, &dbeta_part}) check_tensor(*t, "layer_norm_backward tensor", dev);
-  TORCH_CHECK(dx.dim() == 2, "geoalign cuda: dx must be 2-D [R, D']");
-  const int64_t R = dx.size(0), D = dx.size(1);
-  TORCH_CHECK(R >= 1 && D >= 1, "geoalign cuda: empty dx");
-  const int in_dt = dtype_id(raw, "raw");
-  const int out_dt = dtype_id(dx, "dx");
-  const auto acc = acc_type(dx.scalar_type());
-  check_shape(raw, {R, D}, "raw");
-  check_shape(mean, {R}, "mean");
-  check_shape(rstd, {R}, "rstd");
-  check_dtype(mean, acc, "mean");
-  check_dtype(rstd, acc, "rstd");
-  check_dtype(dgamma_part, acc, "dgamma_part");
-  check_dtype(dbeta_part, acc, "dbeta_part");
-  const int64_t B = geoalign_ln_backward_num_blocks(R, rows_per_block);
-  TORCH_CHECK(B >= 1 && B <= 65535, "geoalign cuda: rows_per_block=", rows_per_block, " gives ", B,
-              " row blocks; need 1..65535");
-  check_shape(dgamma_part, {B, D}, "dgamma_part");
-  check_shape(dbeta_part, {B, D}, "dbeta_part");
-  check_launch(geoalign_layer_norm_backward_partials(dx.data_ptr(), raw.data_ptr(), in_dt, out_dt, mean.data_ptr(),
-                                                     rstd.data_ptr(), R, D, rows_per_block, dgamma_part.data_ptr(),
-                                                     dbeta_part.data_ptr(), as_stream(stream)),
-               "layer_norm_backward_partials");
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -236,5 +206,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("route_backward", &route_backward, "d logits from d alpha (softmax backward over the kept logits)");
   m.def("bank_rows", &bank_rows, "per-bank-layer row lists: tokens, slots, counts, offsets (stable)");
   m.def("gather_layer_norm", &gather_layer_norm, "gather G patch rows per pair + per-layer LayerNorm");
-  m.def("layer_norm_backward_partials", &layer_norm_backward_partials, "per-block d gamma / d beta partials");
 }

@@ -85,16 +85,6 @@ int geoalign_gather_layer_norm(const void* layer, int in_dtype, int64_t N, int64
                                const void* bias, int out_dtype, double eps, int use_saved_stats, void* x,
                                void* mean, void* rstd, void* raw_out, void* stream);
 
-// LayerNorm backward partials for d gamma / d beta (no gradient into the frozen rows):
-//   dx [R, D] out_dtype, raw [R, D] in_dtype (rounded to out_dtype as in the forward), mean/rstd [R] accumulation
-//   type; block b of num_blocks sums rows [b*rows_per_block, min(R, (b+1)*rows_per_block)):
-//     dgamma_part[b, d] = sum_r dx[r, d] * (raw[r, d] - mean_r) * rstd_r,   dbeta_part[b, d] = sum_r dx[r, d]
-//   Partials [num_blocks, D] in the accumulation type; the caller reduces them over b (deterministic, no atomics).
-int64_t geoalign_ln_backward_num_blocks(int64_t R, int64_t rows_per_block);
-int geoalign_layer_norm_backward_partials(const void* dx, const void* raw, int in_dtype, int out_dtype,
-                                          const void* mean, const void* rstd, int64_t R, int64_t D,
-                                          int64_t rows_per_block, void* dgamma_part, void* dbeta_part, void* stream);
-
 #ifdef __cplusplus
 }  // extern "C"
 #endif

@@ -214,16 +214,6 @@ class EmulatedExt:
         if raw_out is not None:
             raw_out.copy_(rows)
 
-    def layer_norm_backward_partials(self, dx, raw, mean, rstd, rows_per_block, dgamma_part, dbeta_part, stream):
-        self.calls.append("layer_norm_backward_partials")
-        acc = mean.dtype
-        x_hat = (raw.to(dx.dtype).to(acc) - mean[:, None]) * rstd[:, None]
-        d = dx.to(acc)
-        for b in range(dgamma_part.shape[0]):
-            sl = slice(b * rows_per_block, (b + 1) * rows_per_block)
-            dgamma_part[b] = (d[sl] * x_hat[sl]).sum(0)
-            dbeta_part[b] = d[sl].sum(0)
-
 
 def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
     """FusionStream's protocol with CudaBackend (incl. its bank_rows); returns what run_backend does."""

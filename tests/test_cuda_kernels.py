@@ -153,8 +153,6 @@ def test_gather_layer_norm_dtypes(in_dtype, out_dtype):
     assert torch.equal(raw, rows)
     v = rows.to(out_dtype).to(mean.dtype)
     assert rel_err(mean, v.mean(1)) <= 1e-5 and rel_err(rstd, torch.rsqrt(v.var(1, unbiased=False) + 1e-5)) <= 1e-5
-    again = cuda_ops.cuda_layer_norm_apply(raw, mean, rstd, weight, bias, G)  # the backward's recompute
-    assert torch.equal(again, x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -196,27 +194,6 @@ def test_gather_layer_norm_large_offsets():
     x, *_ = cuda_ops.cuda_gather_layer_norm(layer, gather_index, tokens, weight, bias, 1e-5, False)
     want, _ = ln_reference(layer, gather_index, tokens, weight, bias, 1e-5)
     assert rel_err(x, want) <= x_tol(torch.bfloat16)
-
-
-@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-                                                (torch.float32, torch.bfloat16), (torch.float64, torch.float64),
-                                                (torch.float16, torch.float32)], ids=str)
-@pytest.mark.parametrize("R", [1, 7, 4000])
-def test_layer_norm_backward_matches_autograd(in_dtype, out_dtype, R):
-    D = 2048 if R != 7 else 20
-    raw = (torch.randn(R, D, generator=gen(R)) * 2 + 0.5).to(in_dtype).to(DEV)
-    weight = (1 + 0.5 * torch.randn(D, generator=gen(1))).to(out_dtype).to(DEV).requires_grad_()
-    bias = (0.5 * torch.randn(D, generator=gen(2))).to(out_dtype).to(DEV).requires_grad_()
-    dx = torch.randn(R, D, generator=gen(3)).to(out_dtype).to(DEV)
-    gi = torch.arange(R, device=DEV).reshape(R, 1)
-    _x, mean, rstd, saved = cuda_ops.cuda_gather_layer_norm(raw, gi, torch.arange(R, device=DEV), weight.detach(),
-                                                      bias.detach(), 1e-5, True)
-    dg, db = cuda_ops.cuda_layer_norm_backward(dx, saved, mean, rstd)
-    acc = acc_dtype(out_dtype)
-    y = F.layer_norm(raw.to(out_dtype).to(acc), (D,), weight.to(acc), bias.to(acc), 1e-5)
-    want_g, want_b = torch.autograd.grad(y, (weight, bias), dx.to(acc))
-    tol = 1e-12 if acc == torch.float64 else 2e-5
-    assert rel_err(dg, want_g) <= tol and rel_err(db, want_b) <= tol
 
 
 # ------------------------------------------------------------------------------------------------- the backend

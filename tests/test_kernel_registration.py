@@ -43,8 +43,7 @@ CALL_EVERY_OP = textwrap.dedent('''
         "geoalign::triton_bank_accumulate": lambda: bank.bank_accumulate_op(
             torch.zeros(L, H), alpha, lw, lb, w1, b1, layer, tokens, slots, gi, 1e-5, True),
         "geoalign::triton_bank_backward": lambda: bank.bank_backward_op(
-            r(L, H), alpha, lw, lb, w1, tokens, slots, r(L, G, Dg), torch.zeros(L * G), torch.ones(L * G),
-            r(L, H), True, True),
+            r(L, H), alpha, lw, lb, w1, tokens, slots, r(L, G * Dg), r(L, H), True, True),
         "geoalign::triton_route": lambda: routing.route_op(r(L, R), r(M, R), r(M), K),
         "geoalign::triton_route_backward": lambda: routing.route_backward_op(
             r(L, K), torch.softmax(r(L, K), -1), torch.zeros(L, K, dtype=torch.int32), r(L, R), r(M, R)),

@@ -2,8 +2,8 @@
 of the routed bank, torch for the GEMMs: the router's linears, GEMM1 (+ b1, GELU, alpha-weighted index_add into the
 fp32 h_bar), the output stage (inherited from the base protocol) and every backward GEMM.
 
-Saved for backward per bank layer (as the torch backend): the gathered raw rows [n*G, D'] in the layer dtype, z
-[n, H] in the parameter dtype, plus per-row mean/rstd [n*G] (fp32) and the token/slot lists.
+Saved for backward per bank layer (as the torch backend): the normalised gathered rows x_hat [n, G, D'] and z [n, H],
+both in the parameter dtype, and the token/slot lists.
 """
 from __future__ import annotations
 
@@ -13,46 +13,41 @@ import torch.nn.functional as F
 from ..routing import BankRows, Routing
 from .base import SparseBackend
 from .cuda_extension import MAX_BANK_LAYERS, ext, require_cuda
-from .cuda_ops import (bank_rows_cuda, cuda_gather_layer_norm, cuda_layer_norm_apply, cuda_layer_norm_backward,
-                       cuda_route)
-from .torch_sparse import routed_bank_backward
+from .cuda_ops import bank_rows_cuda, cuda_gather_layer_norm, cuda_route
+from .torch_sparse import affine, routed_bank_backward
 
 
 # ------------------------------------------------------------------------------------------------- the bank layer
 class CudaBankAccumulate(torch.autograd.Function):
-    """h_bar[t] += alpha[t, s] * GELU(W1 . x + b1) for the pairs (t, s) of one bank layer i, with x the CUDA
-    gather + LN_i of their G patch rows. Updates h_bar in place (mark_dirty) and returns it. Gradients as
-    geoalign.backends.torch_sparse.BankAccumulate: dW1 = dz^T x (x recomputed bit-identically from the saved rows),
-    d gamma / d beta from the CUDA partials kernel, d alpha = <dh_bar, GELU(z)>; none into the frozen layer."""
+    """h_bar[t] += alpha[t, s] * GELU(W1 (gamma x_hat + beta) + b1) for the pairs (t, s) of one bank layer i, with
+    x_hat the CUDA gather + normalisation of their G patch rows (the gather + LayerNorm kernel with a unit affine).
+    Updates h_bar in place (mark_dirty) and returns it. Saves x_hat and z; the backward is the torch backend's
+    (one GEMM, M = dz^T x_hat); no gradient into the frozen layer."""
 
     @staticmethod
     def forward(ctx, h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index, eps):
         ctx.mark_dirty(h_bar)
-        n, G = tokens.numel(), gather_index.shape[1]
-        ctx.G, ctx.empty = G, n == 0
+        n, G, Dg = tokens.numel(), gather_index.shape[1], layer.shape[1]
         if n == 0:
-            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, None, None, None, None)
+            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, None, None)
             return h_bar
-        need_saved = any(ctx.needs_input_grad[1:6])
-        x, mean, rstd, raw = cuda_gather_layer_norm(layer, gather_index, tokens, ln_weight, ln_bias, eps,
-                                                    need_saved)
-        z = F.linear(x, fc1_weight, fc1_bias)  # [n, H]
-        del x
+        unit = torch.ones_like(ln_weight), torch.zeros_like(ln_bias)
+        x_hat, _mean, _rstd, _raw = cuda_gather_layer_norm(layer, gather_index, tokens, *unit, eps, False)
+        x_hat = x_hat.reshape(n, G, Dg)  # normalised rows, parameter dtype
+        z = F.linear(affine(x_hat, ln_weight, ln_bias), fc1_weight, fc1_bias)  # [n, H]
         a = alpha[tokens, slots].to(h_bar.dtype).unsqueeze(1)
         h_bar.index_add_(0, tokens, a * F.gelu(z).to(h_bar.dtype))  # tokens are distinct within a layer
-        if need_saved:
-            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, raw, mean, rstd, z)
+        if any(ctx.needs_input_grad[1:6]):
+            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, x_hat, z)
         else:
-            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, None, None, None, None)
+            ctx.save_for_backward(tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, None, None)
         return h_bar
 
     @staticmethod
     def backward(ctx, d_h_bar):
-        tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, raw, mean, rstd, z = ctx.saved_tensors
-        grads = routed_bank_backward(
-            d_h_bar, alpha, tokens, slots, ln_weight, ln_bias, fc1_weight, z, ctx.needs_input_grad,
-            layer_input=lambda: cuda_layer_norm_apply(raw, mean, rstd, ln_weight, ln_bias, ctx.G),  # bit-identical x
-            layer_norm_grads=lambda dx: cuda_layer_norm_backward(dx, raw, mean, rstd))
+        tokens, slots, alpha, ln_weight, ln_bias, fc1_weight, x_hat, z = ctx.saved_tensors
+        grads = routed_bank_backward(d_h_bar, alpha, tokens, slots, ln_weight, ln_bias, fc1_weight, z, x_hat,
+                                     ctx.needs_input_grad)
         return (d_h_bar,) + grads + (None,) * 5
 
 

@@ -7,10 +7,9 @@ validates every argument with TORCH_CHECK):
                >= M; the Top-K policy of geoalign.routing: ties -> lower bank index, NaN first) + softmax over the K
                kept logits in fp32 (fp64 for fp64 parameters); its backward dS; and the per-bank-layer row lists
                (counts, offsets, token/slot ids) as a stable, deterministic counting sort.
-  gather + LN  the G patch rows of each routed pair gathered through gather_index and normalised with LN_i into
-               the packed [n, G*D'] GEMM1 input (16-byte loads where aligned, a scalar path otherwise; per-row
-               mean/rstd saved), the same kernel re-applied to the saved rows in backward, and d gamma / d beta as
-               per-block partials reduced on the host (no atomics).
+  gather + LN  the G patch rows of each routed pair gathered through gather_index and normalised (the backend
+               passes a unit affine: x_hat, the operand it saves for backward) into a packed [n, G*D'] matrix
+               (16-byte loads where aligned, a scalar path otherwise).
 
 The extension is found in this order: a prebuilt ``geoalign._cuda_ops`` (setup.py's optional CUDAExtension), else a
 JIT build of csrc/ with torch.utils.cpp_extension.load (cached under TORCH_EXTENSIONS_DIR) when torch is a CUDA
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("binding.cpp", "routing.cu", "gather_ln.cu", "ln_backward.cu")
+SOURCES = ("binding.cpp", "routing.cu", "gather_ln.cu")
 #: the largest bank the warp-level routing kernel handles (one logit per lane); larger banks route in torch
 MAX_BANK_LAYERS = 32
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -1,6 +1,6 @@
 """The CUDA kernels of csrc/ as torch.library custom ops (namespace ``geoalign``, with fake impls, so they compose
 with autograd and torch.compile): ``cuda_route``, ``cuda_route_backward``, ``cuda_bank_rows``,
-``cuda_gather_layer_norm``, ``cuda_layer_norm_apply``, ``cuda_layer_norm_backward``. Each checks its arguments on
+``cuda_gather_layer_norm``. Each checks its arguments on
 the host before the launch (the binding checks them again with TORCH_CHECK); outputs are allocated here.
 """
 from __future__ import annotations
@@ -125,11 +125,6 @@ def bank_rows_cuda(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
 
 
 # ------------------------------------------------------------------------------------------------- gather + LN
-def _ln_rows_per_block(R: int) -> int:
-    """Rows summed per backward block: at most 512 row blocks (plenty for an H100's 132 SMs), at least 1 row."""
-    return max(1, math.ceil(R / 512))
-
-
 def _check_ln_params(weight: torch.Tensor, bias: torch.Tensor, D: int) -> None:
     require_float("LayerNorm weight", weight)
     if weight.shape != (D,) or bias.shape != (D,):
@@ -180,55 +175,3 @@ def _cuda_gather_layer_norm_fake(layer, gather_index, tokens, weight, bias, eps,
     acc = acc_dtype(weight.dtype)
     return (layer.new_empty((n, G * D), dtype=weight.dtype), layer.new_empty((n * G,), dtype=acc),
             layer.new_empty((n * G,), dtype=acc), layer.new_empty((n * G if save_raw else 0, D)))
-
-
-@custom_op("geoalign::cuda_layer_norm_apply", mutates_args=())
-def cuda_layer_norm_apply(raw: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                          bias: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [R/G, G*D'] from saved rows raw [R, D'] and their saved mean/rstd: bit-identical to the forward's x."""
-    if raw.dim() != 2 or raw.shape[0] % group_size != 0:
-        raise ValueError(f"cuda_layer_norm_apply: raw must be [n*G, D'] with G={group_size}, got {tuple(raw.shape)}")
-    R, D = raw.shape
-    _check_ln_params(weight, bias, D)
-    require_cuda(("raw", raw))
-    x = torch.empty(R // group_size, group_size * D, dtype=weight.dtype, device=raw.device)
-    if R > 0:
-        with on_device(raw), guarded("cuda_layer_norm_apply", x=x) as out:
-            ext().gather_layer_norm(raw.contiguous(), None, None, weight.contiguous(), bias.contiguous(), 0.0, True,
-                                     group_size, out.x.view(R, D), mean.contiguous(), rstd.contiguous(), None,
-                                     stream_of(raw))
-    return x
-
-
-@cuda_layer_norm_apply.register_fake
-def _cuda_layer_norm_apply_fake(raw, mean, rstd, weight, bias, group_size):
-    R, D = raw.shape
-    return raw.new_empty((R // group_size, group_size * D), dtype=weight.dtype)
-
-
-@custom_op("geoalign::cuda_layer_norm_backward", mutates_args=())
-def cuda_layer_norm_backward(dx: torch.Tensor, raw: torch.Tensor, mean: torch.Tensor,
-                             rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gamma, d beta) [D'] in the accumulation dtype: sums over the R rows of dx * x_hat and dx, where dx is the
-    LayerNorm output's gradient (any shape with R*D' elements, the parameter dtype) and x_hat is recomputed from
-    the saved rows; per-block partials in the kernel, reduced here in a fixed order."""
-    R, D = raw.shape
-    if dx.numel() != R * D:
-        raise ValueError(f"cuda_layer_norm_backward: dx has {dx.numel()} elements, expected {R}*{D}")
-    require_cuda(("dx", dx), ("raw", raw))
-    acc = acc_dtype(dx.dtype)
-    rpb = _ln_rows_per_block(R)
-    blocks = math.ceil(R / rpb)
-    dg = torch.empty(blocks, D, dtype=acc, device=dx.device)
-    db = torch.empty(blocks, D, dtype=acc, device=dx.device)
-    with on_device(dx), guarded("cuda_layer_norm_backward", dg=dg, db=db) as out:
-        ext().layer_norm_backward_partials(dx.reshape(R, D).contiguous(), raw.contiguous(), mean.contiguous(),
-                                            rstd.contiguous(), rpb, out.dg, out.db, stream_of(dx))
-    return dg.sum(0), db.sum(0)
-
-
-@cuda_layer_norm_backward.register_fake
-def _cuda_layer_norm_backward_fake(dx, raw, mean, rstd):
-    acc = acc_dtype(dx.dtype)
-    D = raw.shape[1]
-    return dx.new_empty((D,), dtype=acc), dx.new_empty((D,), dtype=acc)

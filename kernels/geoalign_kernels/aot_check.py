@@ -69,29 +69,25 @@ def main():
                        dict(K=2, K_POW2=2, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
                        4, 1)
         rows = _HOPPER[("rows", "large")]
-        compile_kernel(bank._ln_stats_kernel, dict(layer_ptr="param", gather_ptr="i64", tokens_ptr="i64",
-                                                   raw_ptr="param", mean_ptr="acc", rstd_ptr="acc"), {"eps": "fp32"},
-                       dict(SAVE_RAW=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32,
-                            BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
+        compile_kernel(bank._gather_normalize_kernel, dict(layer_ptr="param", gather_ptr="i64", tokens_ptr="i64",
+                                                           x_hat_ptr="param"), {"eps": "fp32"},
+                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
+                            BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
         blocks, warps, stages = tile("bank_fwd")
         compile_kernel(bank._bank_fwd_kernel, dict(
-            layer_ptr="param", gather_ptr="i64", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", mean_ptr="acc",
-            rstd_ptr="acc", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
-            h_bar_ptr="acc", z_ptr="param"), {}, dict(SAVE_Z=True, **types, **blocks), warps, stages)
+            x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
+            tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc", z_ptr="param"), {},
+            dict(SAVE_Z=True, **types, **blocks), warps, stages)
         compile_kernel(bank._bank_dz_kernel, dict(
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
             d_alpha_ptr="acc", db1_partial_ptr="acc"), {},
             dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
                  BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
         blocks, warps, stages = tile("bank_dw1")
-        compile_kernel(bank._bank_dw1_kernel, dict(
-            dz_ptr="param", raw_ptr="param", mean_ptr="acc", rstd_ptr="acc", ln_weight_ptr="param",
-            ln_bias_ptr="param", dw1_ptr="param"), {}, dict(**types, **blocks), warps, stages)
-        blocks, warps, stages = tile("bank_dx")
-        compile_kernel(bank._bank_dx_kernel, dict(
-            dz_ptr="param", w1_ptr="param", raw_ptr="param", mean_ptr="acc", rstd_ptr="acc",
-            dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {}, dict(**types, **blocks), warps, stages)
-
+        compile_kernel(bank._bank_weight_grad_kernel, dict(
+            dz_ptr="param", x_hat_ptr="param", db1_ptr="acc", ln_weight_ptr="param", ln_bias_ptr="param",
+            w1_ptr="param", dw1_ptr="param", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {},
+            dict(STORE_DW1=True, **types, **blocks), warps, stages)
 
 if __name__ == "__main__":
     main()

@@ -1,26 +1,25 @@
-"""Routed feature bank, one VGGT layer at a time: gathered GEMM1 with LayerNorm in the A-load (docs/architecture.md).
+"""Routed feature bank, one VGGT layer at a time: normalise first, then GEMM1 with a fused epilogue
+(docs/architecture.md, "Backends").
 
 For bank layer i and its n routed (token, slot) pairs (``tokens``/``slots`` from geoalign.routing.bank_rows):
 
-  forward   h_bar[t] += alpha[t, s] * GELU(W1 . concat_g LN_i(R_i[gather_index[t, g]]) + b1)     (in place)
-    _ln_stats_kernel   pre-pass over the n*G gathered rows: mean, rstd (two-pass, fp32); optionally copies the
-                       gathered raw rows out for backward
-    _bank_fwd_kernel   GEMM over pairs (rows) x H (cols), K-dim = G*D': the A-load gathers patch rows through
-                       gather_index and applies LN_i on the fly; epilogue: + b1, exact GELU, * alpha, read-add-write
-                       into h_bar (tokens are distinct within a layer: no atomics, deterministic); optionally stores z
-  backward  (VGGT is frozen: no gradient into the layer)
-    _bank_dz_kernel    dz = alpha * dh_bar[t] * GELU'(z) (parameter dtype), d_alpha[t, s] = <dh_bar[t], GELU(z)>,
-                       per-program partial sums of db1
-    _bank_dw1_kernel   dW1 = dz^T @ LN_i(raw), LN applied on the fly in the B-load
-    _bank_dx_kernel    dx = dz @ W1 per (pair, g) row block, epilogue reduces dgamma_i = sum dx * x_hat and
-                       dbeta_i = sum dx into per-program fp32 partial buffers (no locks/atomics); dx is never stored
-  partial buffers are summed on the host side (torch .sum(0)).
+  forward   h_bar[t] += alpha[t, s] * GELU(W1 . (gamma x_hat + beta) + b1)                      (in place)
+    _gather_normalize_kernel  one pass over the n*G gathered patch rows: two-pass mean / rstd (fp32) and the
+                              normalised rows x_hat [n, G*D'] in the parameter dtype: GEMM1's operand, and the one
+                              tensor backward keeps
+    _bank_fwd_kernel          a dense GEMM x_hat [n, G*D'] @ W1^T with the LayerNorm affine in its A-load and
+                              + b1, exact GELU, * alpha, read-add-write into h_bar in the epilogue (a token's pairs
+                              of one layer are distinct: no atomics, deterministic); optionally stores z
+  backward  (VGGT is frozen: no gradient into the layer, so dx = dz W1 is never formed)
+    _bank_dz_kernel           dz = alpha * dh_bar[t] * GELU'(z) (parameter dtype), d_alpha[t, s] = <dh_bar[t], GELU(z)>,
+                              per-program partial sums of db1
+    _bank_weight_grad_kernel  the one GEMM M = dz^T x_hat [H, G*D'] (fp32 accumulator) with the epilogue
+                                dW1 = gamma M + beta db1,  partial dgamma = sum_h W1 M,  partial dbeta = sum_h W1 db1
+                              (per-program fp32 partial rows, summed on the host; no locks or atomics)
 
-Saved for backward (per layer, only when a gradient is needed), same as the torch backend plus the LN statistics:
-  raw  [n, G, D']  gathered patch rows in the layer's dtype (so the layer itself can be freed)
-  mean, rstd [n*G] fp32 (fp64 for fp64 parameters)  LayerNorm statistics (8 bytes per row; not recomputed)
-  z    [n, H]      GEMM1 pre-activation in the parameter dtype (GELU and GELU' recomputed from it)
-Row indices are cast to int64 before being multiplied by strides (n*G*D' and N*D' can pass 2^31).
+Saved for backward (per layer, only when a gradient is needed): x_hat [n, G*D'] and z [n, H], both in the parameter
+dtype (the same bytes as the raw rows; nothing about LayerNorm is recomputed). Row indices are cast to int64 before
+being multiplied by strides (n*G*D' and N*D' can pass 2^31).
 """
 from __future__ import annotations
 
@@ -34,22 +33,22 @@ from .configs import get_config, launch_kwargs
 from .guard import guarded
 from .library import custom_op
 from .runtime import acc_dtype
-from .utils import alloc, dot_dtype, gelu, gelu_grad, dot_precision, rows_contiguous, tl_dtype
+from .utils import alloc, dot_dtype, dot_precision, gelu, gelu_grad, rows_contiguous, tl_dtype
 
 
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _ln_stats_kernel(
+def _gather_normalize_kernel(
         layer_ptr, stride_layer_row, N,  # bank layer i [N, D'] (unit column stride), its row stride and row count
         gather_ptr, stride_gather_l, stride_gather_g, L,  # gather_index [L, G] and its strides; L tokens
         tokens_ptr,  # [n] token id of each routed pair
-        raw_ptr, mean_ptr, rstd_ptr,  # outputs: raw [n*G, D'] (when SAVE_RAW), mean / rstd [n*G]
+        x_hat_ptr,  # output: x_hat [n*G, D'] normalised rows (parameter dtype), row-major
         n_rows, G, D_geo, eps,  # n*G gathered rows, patch rows per token, row width D', LayerNorm eps
-        SAVE_RAW: tl.constexpr, PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # rows per program, column chunk
-    """Rows r = p*G + g of the gathered [n*G, D'] matrix: mean/rstd of PARAM-rounded values (as torch's
-    layer_norm(raw.to(param dtype))); raw[r] = R_i[gather_index[tokens[p], g]] when SAVE_RAW.
-    A token id outside [0, L) or a gather row outside [0, N) reads nothing and gets NaN statistics."""
+    """Row r = p*G + g: x_hat[r] = (v - mean) * rstd with v = R_i[gather_index[tokens[p], g]] rounded to the
+    parameter dtype (as torch's layer_norm(raw.to(param dtype))), two-pass statistics in ACC_DTYPE.
+    A token id outside [0, L) or a gather row outside [0, N) reads nothing and gives a NaN row (visible)."""
     pid = tl.program_id(0)
     offs_r = (pid * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
     mask_r = offs_r < n_rows
@@ -63,41 +62,39 @@ def _ln_stats_kernel(
     row_ptrs = layer_ptr + src[:, None] * stride_layer_row + offs_d[None, :]
     total = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
     for d0 in range(0, D_geo, BLOCK_SIZE_N):
-        mask = mask_r[:, None] & (offs_d[None, :] < D_geo - d0)
-        x = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0)
-        if SAVE_RAW:
-            tl.store(raw_ptr + offs_r[:, None] * D_geo + (d0 + offs_d)[None, :], x, mask=mask)
-        total += tl.sum(x.to(PARAM_DTYPE).to(ACC_DTYPE), axis=1)
+        mask = valid[:, None] & (offs_d[None, :] < D_geo - d0)
+        total += tl.sum(tl.load(row_ptrs + d0, mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE), axis=1)
     mean = total / D_geo
     sq = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
     for d0 in range(0, D_geo, BLOCK_SIZE_N):  # second pass over the (cached) rows: centred sum of squares
-        mask = mask_r[:, None] & (offs_d[None, :] < D_geo - d0)
-        x = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
-        centred = tl.where(mask, x - mean[:, None], 0.0)
+        mask = valid[:, None] & (offs_d[None, :] < D_geo - d0)
+        v = tl.load(row_ptrs + d0, mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+        centred = tl.where(mask, v - mean[:, None], 0.0)
         sq += tl.sum(centred * centred, axis=1)
     rstd = tl.where(valid, 1.0 / tl.sqrt(sq / D_geo + eps), float("nan"))
-    mean = tl.where(valid, mean, float("nan"))
-    tl.store(mean_ptr + offs_r, mean, mask=mask_r)
-    tl.store(rstd_ptr + offs_r, rstd, mask=mask_r)
+    out_ptrs = x_hat_ptr + offs_r[:, None] * D_geo + offs_d[None, :]
+    for d0 in range(0, D_geo, BLOCK_SIZE_N):  # third pass: write the normalised row
+        mask = offs_d[None, :] < D_geo - d0
+        v = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
+        x_hat = (v - mean[:, None]) * rstd[:, None]
+        tl.store(out_ptrs + d0, x_hat.to(PARAM_DTYPE), mask=mask & mask_r[:, None])
 
 
 @triton.jit
 def _bank_fwd_kernel(
-        layer_ptr, stride_layer_row, N,  # bank layer i [N, D'] (unit column stride), row stride, row count
-        gather_ptr, stride_gather_l, stride_gather_g,  # gather_index [L, G]
+        x_hat_ptr,  # normalised rows [n, G*D'] (parameter dtype), row-major
+        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D'], applied in the A-load (column c uses entry c % D')
+        w1_ptr, stride_w1_h, stride_w1_k, b1_ptr,  # GEMM1 weight [H, G*D'] and bias [H]
         tokens_ptr, slots_ptr,  # [n] token id and slot of each routed pair
         alpha_ptr, stride_alpha_l,  # alpha [L, K] (unit column stride)
-        mean_ptr, rstd_ptr,  # LayerNorm statistics [n*G] from _ln_stats_kernel
-        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D']
-        w1_ptr, stride_w1_h, stride_w1_k, b1_ptr,  # GEMM1 weight [H, G*D'] and bias [H]
         h_bar_ptr, stride_h_bar_l,  # h_bar [L, H] (accumulation dtype), read-add-written
         z_ptr,  # output: z [n, H] pre-activations (when SAVE_Z)
         n, H, D_geo, G, L, K,  # pairs, hidden width, D', patch rows per token, tokens, slots per token
         SAVE_Z: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, H, D'
-    """GEMM over pairs (rows) x H (columns), K-dim = G*D': the A-load gathers patch rows and applies LN_i on the fly;
-    epilogue: + b1, exact GELU, * alpha, read-add-write into h_bar (a token's pairs of one layer are distinct)."""
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, H, G*D'
+    """A dense GEMM over pairs (rows) x H (columns), K-dim = G*D' (x = gamma x_hat + beta in the A-load); epilogue:
+    + b1, exact GELU, * alpha, read-add-write into h_bar at the pair's token."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)  # pairs
@@ -105,31 +102,27 @@ def _bank_fwd_kernel(
     offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)  # hidden columns
     mask_n = offs_n < H
     offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
-    token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
+    width = G * D_geo
+    a_ptrs = x_hat_ptr + offs_m[:, None] * width + offs_k[None, :]
+    w_ptrs = w1_ptr + offs_n[None, :] * stride_w1_h + offs_k[:, None] * stride_w1_k
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
-    for g in range(0, G):
-        src = tl.load(gather_ptr + token * stride_gather_l + g * stride_gather_g, mask=valid, other=0).to(tl.int64)
-        src_valid = valid & (src >= 0) & (src < N)  # (the pre-pass gave such rows NaN statistics)
-        mean = tl.load(mean_ptr + offs_m * G + g, mask=mask_m, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_m * G + g, mask=mask_m, other=0.0)
-        x_ptrs = layer_ptr + src[:, None] * stride_layer_row + offs_k[None, :]
-        w_ptrs = w1_ptr + offs_n[None, :] * stride_w1_h + (g * D_geo + offs_k)[:, None] * stride_w1_k
-        for d0 in range(0, D_geo, BLOCK_SIZE_K):
-            mask_k = offs_k < D_geo - d0
-            x = tl.load(x_ptrs, mask=src_valid[:, None] & mask_k[None, :], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
-            ln_w = tl.load(ln_weight_ptr + d0 + offs_k, mask=mask_k, other=0.0).to(ACC_DTYPE)
-            ln_b = tl.load(ln_bias_ptr + d0 + offs_k, mask=mask_k, other=0.0).to(ACC_DTYPE)
-            x_norm = (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
-            x_norm = tl.where(mask_m[:, None] & mask_k[None, :], x_norm, 0.0)
-            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x_norm.to(PARAM_DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-            x_ptrs += BLOCK_SIZE_K
-            w_ptrs += BLOCK_SIZE_K * stride_w1_k
+    for k0 in range(0, width, BLOCK_SIZE_K):
+        cols = k0 + offs_k
+        mask_k = cols < width
+        x_hat = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(ACC_DTYPE)
+        ln_w = tl.load(ln_weight_ptr + cols % D_geo, mask=mask_k, other=0.0).to(ACC_DTYPE)
+        ln_b = tl.load(ln_bias_ptr + cols % D_geo, mask=mask_k, other=0.0).to(ACC_DTYPE)
+        x = tl.where(mask_m[:, None] & mask_k[None, :], x_hat * ln_w[None, :] + ln_b[None, :], 0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x.to(PARAM_DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_SIZE_K
+        w_ptrs += BLOCK_SIZE_K * stride_w1_k
     z = (acc + tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]).to(PARAM_DTYPE)
     if SAVE_Z:
         tl.store(z_ptr + offs_m[:, None] * H + offs_n[None, :], z, mask=mask_m[:, None] & mask_n[None, :])
+    token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
     alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
     h_bar_ptrs = h_bar_ptr + token[:, None] * stride_h_bar_l + offs_n[None, :]
     mask_h = valid[:, None] & mask_n[None, :]
@@ -174,82 +167,50 @@ def _bank_dz_kernel(
 
 
 @triton.jit
-def _row_and_patch_tile(rows, D_geo, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):
-    """The tile of a program on the grid (rows / BLOCK_SIZE_M, G * cdiv(D', BLOCK_SIZE_N)) of the backward kernels:
-    (row offsets, row mask, patch row g, column offsets within D', column mask)."""
+def _bank_weight_grad_kernel(
+        dz_ptr,  # dz [n, H] (parameter dtype), row-major
+        x_hat_ptr,  # saved normalised rows [n, G*D'] (parameter dtype), row-major
+        db1_ptr,  # db1 [H] (accumulation dtype), complete
+        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D'] (column c uses entry c % D')
+        w1_ptr, stride_w1_h, stride_w1_k,  # GEMM1 weight [H, G*D']
+        dw1_ptr,  # output: dW1 [H, G*D'] (parameter dtype), when STORE_DW1
+        dgamma_partial_ptr, dbeta_partial_ptr,  # outputs: [programs_h, G*D'] partial sums (accumulation dtype)
+        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
+        STORE_DW1: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # H, G*D', pairs
+    """M = dz^T x_hat for an [H, G*D'] tile (reduction over the pairs), then dW1 = gamma M + beta db1 and this tile's
+    row of partial sums dgamma[c] = sum_h W1[h, c] M[h, c], dbeta[c] = sum_h W1[h, c] db1[h]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    num_pid_d = tl.cdiv(D_geo, BLOCK_SIZE_N)
-    offs_r = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    offs_d = ((pid_n % num_pid_d) * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
-    return offs_r, offs_r < rows, pid_n // num_pid_d, offs_d, offs_d < D_geo
-
-
-@triton.jit
-def _bank_dw1_kernel(
-        dz_ptr,  # dz [n, H] (parameter dtype)
-        raw_ptr, mean_ptr, rstd_ptr,  # saved gathered rows [n*G, D'] and their LayerNorm statistics [n*G]
-        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D']
-        dw1_ptr,  # output: dW1 [H, G*D'] (parameter dtype)
-        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
-        PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # H, D', pairs
-    """dW1[h, g*D' + d] = sum_p dz[p, h] * x[p, g, d], x = LN(raw) recomputed in the B-load. Grid (H/BM, G*D'/BN)."""
-    offs_h, mask_h, g, offs_d, mask_d = _row_and_patch_tile(H, D_geo, BLOCK_SIZE_M, BLOCK_SIZE_N)
-    ln_w = tl.load(ln_weight_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
-    ln_b = tl.load(ln_bias_ptr + offs_d, mask=mask_d, other=0.0).to(ACC_DTYPE)
+    width = G * D_geo
+    offs_h = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_h = offs_h < H
+    offs_c = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    mask_c = offs_c < width
     offs_p = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    dz_ptrs = dz_ptr + offs_p[None, :] * H + offs_h[:, None]  # dz^T tile [BLOCK_H, BLOCK_P]
+    x_ptrs = x_hat_ptr + offs_p[:, None] * width + offs_c[None, :]  # x_hat tile [BLOCK_P, BLOCK_C]
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
     for p0 in range(0, n, BLOCK_SIZE_K):
-        pairs = p0 + offs_p
-        mask_p = pairs < n
-        dz = tl.load(dz_ptr + pairs[None, :] * H + offs_h[:, None], mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        row = pairs * G + g
-        mean = tl.load(mean_ptr + row, mask=mask_p, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=mask_p, other=0.0)
-        mask = mask_p[:, None] & mask_d[None, :]
-        x = tl.load(raw_ptr + row[:, None] * D_geo + offs_d[None, :], mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
-        x_norm = tl.where(mask, (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
-        acc = tl.dot(dz.to(DOT_DTYPE), x_norm.to(PARAM_DTYPE).to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-    dw1_ptrs = dw1_ptr + offs_h[:, None] * (G * D_geo) + (g * D_geo + offs_d)[None, :]
-    tl.store(dw1_ptrs, acc.to(PARAM_DTYPE), mask=mask_h[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _bank_dx_kernel(
-        dz_ptr,  # dz [n, H] (parameter dtype)
-        w1_ptr, stride_w1_h, stride_w1_k,  # GEMM1 weight [H, G*D']
-        raw_ptr, mean_ptr, rstd_ptr,  # saved gathered rows [n*G, D'] and their LayerNorm statistics [n*G]
-        dgamma_partial_ptr, dbeta_partial_ptr,  # outputs: [programs_m * G, D'] partial sums (accumulation dtype)
-        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
-        PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, D', H
-    """dx[p, g, d] = sum_h dz[p, h] W1[h, g*D' + d]; writes the partial dgamma/dbeta rows (pid_m*G + g) over the
-    block's pairs; dx is never stored. Grid (n/BM, G*D'/BN)."""
-    pid_m = tl.program_id(0)
-    offs_m, mask_m, g, offs_d, mask_d = _row_and_patch_tile(n, D_geo, BLOCK_SIZE_M, BLOCK_SIZE_N)
-    offs_h = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
-    dz_ptrs = dz_ptr + offs_m[:, None] * H + offs_h[None, :]
-    w_ptrs = w1_ptr + offs_h[:, None] * stride_w1_h + (g * D_geo + offs_d)[None, :] * stride_w1_k
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
-    for h0 in range(0, H, BLOCK_SIZE_K):
-        mask_h = offs_h < H - h0
-        dz = tl.load(dz_ptrs, mask=mask_m[:, None] & mask_h[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        dz_ptrs += BLOCK_SIZE_K
-        w_ptrs += BLOCK_SIZE_K * stride_w1_h
-    dx = acc.to(PARAM_DTYPE).to(ACC_DTYPE)
-    row = offs_m * G + g
-    mean = tl.load(mean_ptr + row, mask=mask_m, other=0.0)
-    rstd = tl.load(rstd_ptr + row, mask=mask_m, other=0.0)
-    mask = mask_m[:, None] & mask_d[None, :]
-    x = tl.load(raw_ptr + row[:, None] * D_geo + offs_d[None, :], mask=mask, other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
-    x_hat = (x - mean[:, None]) * rstd[:, None]
-    dx = tl.where(mask, dx, 0.0)
-    offs_out = (pid_m * G + g) * D_geo + offs_d
-    tl.store(dgamma_partial_ptr + offs_out, tl.sum(dx * x_hat, axis=0), mask=mask_d)
-    tl.store(dbeta_partial_ptr + offs_out, tl.sum(dx, axis=0), mask=mask_d)
+        mask_p = offs_p < n - p0
+        dz = tl.load(dz_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+        x_hat = tl.load(x_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(dz.to(DOT_DTYPE), x_hat.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        dz_ptrs += BLOCK_SIZE_K * H
+        x_ptrs += BLOCK_SIZE_K * width
+    mask = mask_h[:, None] & mask_c[None, :]
+    db1 = tl.load(db1_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
+    ln_w = tl.load(ln_weight_ptr + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    ln_b = tl.load(ln_bias_ptr + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    if STORE_DW1:
+        dw1 = acc * ln_w[None, :] + db1[:, None] * ln_b[None, :]
+        tl.store(dw1_ptr + offs_h[:, None] * width + offs_c[None, :], dw1.to(PARAM_DTYPE), mask=mask)
+    w1 = tl.load(w1_ptr + offs_h[:, None] * stride_w1_h + offs_c[None, :] * stride_w1_k, mask=mask,
+                 other=0.0).to(ACC_DTYPE)
+    offs_out = pid_m.to(tl.int64) * width + offs_c
+    tl.store(dgamma_partial_ptr + offs_out, tl.sum(w1 * acc, axis=0), mask=mask_c)
+    tl.store(dbeta_partial_ptr + offs_out, tl.sum(w1 * db1[:, None], axis=0), mask=mask_c)
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
@@ -285,8 +246,8 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
                  slots: torch.Tensor, gather_index: torch.Tensor, eps: float, save: bool):
     """Adds layer i's contribution into h_bar [L, H] (fp32/fp64, in place). alpha [L, K]; ln_* [D']; fc1_weight
     [H, G*D'], fc1_bias [H]; layer [N, D'] (any float dtype); tokens/slots [n] int64; gather_index [L, G].
-    Returns (raw [n, G, D'] layer dtype, mean [n*G], rstd [n*G], z [n, H] param dtype); raw and z are empty
-    ([0, ...]) unless save."""
+    Returns (x_hat [n, G*D'], z [n, H]) in the parameter dtype, what backward needs; z is empty ([0, H]) unless
+    save (x_hat is GEMM1's operand, so it always exists)."""
     op = "bank_forward"
     dev = h_bar.device
     check_tensor(op, "gather_index", gather_index, shape=(None, None), dtype=INDEX_DTYPES, device=dev)
@@ -295,9 +256,8 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
     N, Dg = layer.shape
     H = _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
     dtype = fc1_weight.dtype
-    acc = acc_dtype(dtype)
     check_tensor(op, "fc1_bias", fc1_bias, shape=(H,), dtype=dtype, device=dev)
-    check_tensor(op, "h_bar", h_bar, shape=(L, H), dtype=acc, unit_stride=True)
+    check_tensor(op, "h_bar", h_bar, shape=(L, H), dtype=acc_dtype(dtype), unit_stride=True)
     check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
     K = alpha.shape[1]
     n = _check_pairs(op, tokens, slots, L, K, dev)
@@ -306,54 +266,52 @@ def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tens
     alpha = rows_contiguous(alpha)
     tokens, slots = tokens.contiguous(), slots.contiguous()
     ln_weight, ln_bias, fc1_bias = ln_weight.contiguous(), ln_bias.contiguous(), fc1_bias.contiguous()
-    mean = alloc((n * G,), acc, dev)
-    rstd = alloc((n * G,), acc, dev)
-    raw = alloc((n, G, Dg), layer.dtype, dev) if save else layer.new_empty((0, G, Dg))
+    x_hat = alloc((n, G * Dg), dtype, dev)
     z = alloc((n, H), dtype, dev) if save else fc1_weight.new_empty((0, H))
     if n == 0:
-        return raw, mean, rstd, z
+        return x_hat, z
     types = _dtypes(dtype)
     rcfg = get_config("rows", n * G, dev)
-    with guarded("bank_forward/ln_stats", raw=raw, mean=mean, rstd=rstd) as out:
-        _ln_stats_kernel[(triton.cdiv(n * G, rcfg["BLOCK_SIZE_M"]),)](
+    with guarded("bank_forward/normalize", x_hat=x_hat) as out:
+        _gather_normalize_kernel[(triton.cdiv(n * G, rcfg["BLOCK_SIZE_M"]),)](
             layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), L, tokens,
-            out.raw, out.mean, out.rstd, n * G, G, Dg, eps, SAVE_RAW=save, PARAM_DTYPE=types["PARAM_DTYPE"],
-            ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"],
-            num_warps=rcfg["num_warps"],
+            out.x_hat, n * G, G, Dg, eps, PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"],
+            BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
         )
     cfg = get_config("bank_fwd", n, dev, dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
     with guarded("bank_forward/gemm1", h_bar=h_bar, z=z) as out:
         _bank_fwd_kernel[grid](
-            layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), tokens, slots,
-            alpha, alpha.stride(0), mean, rstd, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0),
-            fc1_weight.stride(1), fc1_bias, out.h_bar, h_bar.stride(0), out.z, n, H, Dg, G, L, K,
+            x_hat, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias, tokens,
+            slots, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), out.z, n, H, Dg, G, L, K,
             SAVE_Z=save, **types, **launch_kwargs(cfg),
         )
-    return raw, mean, rstd, z
+    return x_hat, z
 
 
 def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                  fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, raw: torch.Tensor,
-                  mean: torch.Tensor, rstd: torch.Tensor, z: torch.Tensor, need_ln: bool = True,
-                  need_w1: bool = True):
+                  fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, x_hat: torch.Tensor,
+                  z: torch.Tensor, need_ln: bool = True, need_w1: bool = True):
     """-> (d_alpha [L, K] (alpha's dtype, zero off this layer's pairs), d_ln_weight, d_ln_bias [D'],
     d_fc1_weight [H, G*D'], d_fc1_bias [H]) in the parameter dtype; LN/W1 grads are zeros when not needed."""
     op = "bank_backward"
     dev = d_h_bar.device
-    check_tensor(op, "raw", raw, shape=(None, None, None), dtype=FLOAT_DTYPES, device=dev)
-    n, G, Dg = raw.shape
-    H = _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
+    check_tensor(op, "fc1_weight", fc1_weight, shape=(None, None), dtype=FLOAT_DTYPES, device=dev)
+    H, width = fc1_weight.shape
     dtype = fc1_weight.dtype
+    check_tensor(op, "ln_weight", ln_weight, shape=(None,), dtype=dtype, device=dev)
+    Dg = ln_weight.shape[0]
+    if Dg == 0 or width % Dg:
+        raise ValueError(f"{op}: fc1_weight's width {width} is not a multiple of D'={Dg} (ln_weight's size)")
+    G = width // Dg
+    _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
     acc = acc_dtype(dtype)
     check_tensor(op, "d_h_bar", d_h_bar, shape=(None, H), dtype=acc)
     L = d_h_bar.shape[0]
     check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
     K = alpha.shape[1]
-    if _check_pairs(op, tokens, slots, L, K, dev) != n:
-        raise ValueError(f"{op}: tokens must have one id per saved pair ({n}), got {tokens.shape[0]}")
-    check_tensor(op, "mean", mean, shape=(n * G,), dtype=acc, device=dev)
-    check_tensor(op, "rstd", rstd, shape=(n * G,), dtype=acc, device=dev)
+    n = _check_pairs(op, tokens, slots, L, K, dev)
+    check_tensor(op, "x_hat", x_hat, shape=(n, width), dtype=dtype, device=dev)
     check_tensor(op, "z", z, shape=(n, H), dtype=dtype, device=dev)
     d_alpha = torch.zeros(alpha.shape, dtype=alpha.dtype, device=dev)  # non-zero only at this layer's pairs
     if n == 0:
@@ -362,7 +320,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
     d_h_bar = rows_contiguous(d_h_bar)
     alpha = rows_contiguous(alpha)
     tokens, slots = tokens.contiguous(), slots.contiguous()
-    raw, z, mean, rstd = raw.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous()
+    x_hat, z = x_hat.contiguous(), z.contiguous()
     ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
     types = _dtypes(dtype)
     rcfg = get_config("rows", n, dev)
@@ -376,28 +334,25 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
             PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"],
             BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
         )
-    d_b1 = db1_part.sum(0).to(dtype)
-    if need_w1:
-        cfg = get_config("bank_dw1", H, dev, dtype)
-        d_w1 = alloc((H, G * Dg), dtype, dev)
-        grid = (triton.cdiv(H, cfg["BLOCK_SIZE_M"]), G * triton.cdiv(Dg, cfg["BLOCK_SIZE_N"]))
-        with guarded("bank_backward/dw1", d_w1=d_w1) as out:
-            _bank_dw1_kernel[grid](dz, raw, mean, rstd, ln_weight, ln_bias, out.d_w1, n, H, Dg, G, **types,
-                                   **launch_kwargs(cfg))
-    else:
+    db1 = db1_part.sum(0)
+    d_b1 = db1.to(dtype)
+    if not (need_w1 or need_ln):
+        return d_alpha, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias), torch.zeros_like(fc1_weight), d_b1
+    cfg = get_config("bank_dw1", H, dev, dtype)
+    n_h_blocks = triton.cdiv(H, cfg["BLOCK_SIZE_M"])
+    d_w1 = alloc((H, width), dtype, dev) if need_w1 else fc1_weight.new_empty((0, width))
+    dgamma_part = alloc((n_h_blocks, width), acc, dev)
+    dbeta_part = alloc((n_h_blocks, width), acc, dev)
+    grid = (n_h_blocks, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
+    with guarded("bank_backward/weight_grad", d_w1=d_w1, dgamma_part=dgamma_part, dbeta_part=dbeta_part) as out:
+        _bank_weight_grad_kernel[grid](
+            dz, x_hat, db1, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), out.d_w1,
+            out.dgamma_part, out.dbeta_part, n, H, Dg, G, STORE_DW1=need_w1, **types, **launch_kwargs(cfg),
+        )
+    if not need_w1:
         d_w1 = torch.zeros_like(fc1_weight)
-    if need_ln:
-        cfg = get_config("bank_dx", n, dev, dtype)
-        n_mb = triton.cdiv(n, cfg["BLOCK_SIZE_M"])
-        dgamma_part = alloc((n_mb * G, Dg), acc, dev)
-        dbeta_part = alloc((n_mb * G, Dg), acc, dev)
-        grid = (n_mb, G * triton.cdiv(Dg, cfg["BLOCK_SIZE_N"]))
-        with guarded("bank_backward/dx", dgamma_part=dgamma_part, dbeta_part=dbeta_part) as out:
-            _bank_dx_kernel[grid](dz, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), raw, mean, rstd,
-                                  out.dgamma_part, out.dbeta_part, n, H, Dg, G, **types, **launch_kwargs(cfg))
-        d_ln_w, d_ln_b = dgamma_part.sum(0).to(dtype), dbeta_part.sum(0).to(dtype)
-    else:
-        d_ln_w, d_ln_b = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)
+    d_ln_w = dgamma_part.reshape(n_h_blocks * G, Dg).sum(0).to(dtype)
+    d_ln_b = dbeta_part.reshape(n_h_blocks * G, Dg).sum(0).to(dtype)
     return d_alpha, d_ln_w, d_ln_b, d_w1, d_b1
 
 
@@ -406,8 +361,8 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.T
 def bank_accumulate_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
                        slots: torch.Tensor, gather_index: torch.Tensor, eps: float,
-                       save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In-place h_bar update for one bank layer; returns what backward needs (raw, mean, rstd, z)."""
+                       save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place h_bar update for one bank layer; returns what backward needs (x_hat, z)."""
     return bank_forward(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index,
                         eps, save)
 
@@ -416,25 +371,20 @@ def bank_accumulate_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
 def _bank_accumulate_fake(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots,
                           gather_index, eps, save):
     n, G, Dg, H = tokens.shape[0], gather_index.shape[1], layer.shape[1], fc1_weight.shape[0]
-    rows = n if save else 0
-    acc = acc_dtype(fc1_weight.dtype)
-    return (layer.new_empty((rows, G, Dg)), h_bar.new_empty((n * G,), dtype=acc), h_bar.new_empty((n * G,), dtype=acc),
-            fc1_weight.new_empty((rows, H)))
+    return fc1_weight.new_empty((n, G * Dg)), fc1_weight.new_empty((n if save else 0, H))
 
 
 @custom_op("geoalign::triton_bank_backward", mutates_args=())
 def bank_backward_op(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                     fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, raw: torch.Tensor,
-                     mean: torch.Tensor, rstd: torch.Tensor, z: torch.Tensor, need_ln: bool,
+                     fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, x_hat: torch.Tensor,
+                     z: torch.Tensor, need_ln: bool,
                      need_w1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_alpha, d_ln_weight, d_ln_bias, d_fc1_weight, d_fc1_bias) of one bank layer."""
-    return bank_backward(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, raw, mean, rstd, z,
-                         need_ln, need_w1)
+    return bank_backward(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, need_ln, need_w1)
 
 
 @bank_backward_op.register_fake
-def _bank_backward_fake(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, raw, mean, rstd, z, need_ln,
-                        need_w1):
+def _bank_backward_fake(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, need_ln, need_w1):
     return (torch.empty_like(alpha), torch.empty_like(ln_weight), torch.empty_like(ln_bias),
             torch.empty_like(fc1_weight), fc1_weight.new_empty((fc1_weight.shape[0],)))
 
@@ -447,20 +397,20 @@ class BankAccumulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index, eps):
         ctx.mark_dirty(h_bar)
-        raw, mean, rstd, z = bank_accumulate_op(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer,
-                                                tokens, slots, gather_index, eps, True)
-        ctx.save_for_backward(alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, raw, mean, rstd, z)
+        x_hat, z = bank_accumulate_op(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots,
+                                      gather_index, eps, True)
+        ctx.save_for_backward(alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z)
         return h_bar
 
     @staticmethod
     def backward(ctx, d_h_bar):
-        alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, raw, mean, rstd, z = ctx.saved_tensors
+        alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z = ctx.saved_tensors
         need = ctx.needs_input_grad
         if not any(need[1:6]):
             return (d_h_bar,) + (None,) * 10
         d_alpha, d_ln_w, d_ln_b, d_w1, d_b1 = bank_backward_op(
-            d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, raw, mean, rstd, z,
-            bool(need[2] or need[3]), bool(need[4]))
+            d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, bool(need[2] or need[3]),
+            bool(need[4]))
         return (d_h_bar, d_alpha if need[1] else None, d_ln_w if need[2] else None, d_ln_b if need[3] else None,
                 d_w1 if need[4] else None, d_b1 if need[5] else None, None, None, None, None, None)
 

@@ -6,9 +6,9 @@ interpreter (TRITON_INTERPRET=1) every op uses small fixed blocks and no autotun
 deterministic. The Hopper entries are starting points chosen from the usual Triton GEMM tutorial/Liger settings for
 bf16 on sm90; they have NOT been tuned on a real H100/H200 from this repository (no GPU was available yet).
 
-ops: "gemm" (the shared GEMM: output stage, router and weight gradients), "bank_fwd" (gathered GEMM1), "bank_dx"
-(dz @ W1 + LayerNorm grads), "bank_dw1" (dz^T @ LN(raw)), "rows" (row-wise kernels: LN statistics, dz / d alpha,
-routing; BLOCK_SIZE_M rows per program, BLOCK_SIZE_N the column chunk).
+ops: "gemm" (the shared GEMM: output stage, router and weight gradients), "bank_fwd" (GEMM1 over the normalised
+rows), "bank_dw1" (the weight-gradient GEMM dz^T x_hat and its epilogue), "rows" (row-wise kernels: gather +
+normalise, dz / d alpha, routing; BLOCK_SIZE_M rows per program, BLOCK_SIZE_N the column chunk).
 """
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ _HOPPER = {
     ("gemm", "large"): _cfg(128, 128, 64, 8, 3),
     ("bank_fwd", "small"): _cfg(64, 128, 64, 4, 3),
     ("bank_fwd", "large"): _cfg(128, 128, 64, 8, 3),
-    ("bank_dx", "small"): _cfg(64, 128, 64, 4, 3),
-    ("bank_dx", "large"): _cfg(128, 128, 64, 8, 3),
     ("bank_dw1", "small"): _cfg(128, 128, 32, 8, 3),
     ("bank_dw1", "large"): _cfg(128, 128, 64, 8, 3),
     ("rows", "small"): _cfg(16, 256, 64, 4, 1),
@@ -45,8 +43,6 @@ _DEFAULT = {
     ("gemm", "large"): _cfg(128, 64, 32, 4, 3),
     ("bank_fwd", "small"): _cfg(64, 64, 32, 4, 3),
     ("bank_fwd", "large"): _cfg(128, 64, 32, 4, 3),
-    ("bank_dx", "small"): _cfg(64, 64, 32, 4, 3),
-    ("bank_dx", "large"): _cfg(128, 64, 32, 4, 3),
     ("bank_dw1", "small"): _cfg(64, 64, 32, 4, 3),
     ("bank_dw1", "large"): _cfg(128, 64, 32, 4, 3),
     ("rows", "small"): _cfg(16, 128, 32, 4, 1),

@@ -66,7 +66,8 @@ DETECTED = {"killed", "timeout", "caught by type check", "segfault"}
 def write_config(copy: Path, group: dict) -> None:
     lines = ["[mutmut]", "source_paths = geoalign/", "only_mutate ="]
     lines += [f"    {m}" for m in group["mutate"]]
-    lines += ["also_copy =", "    kernels/", "    bench/", "    pytest.ini", "pytest_add_cli_args_test_selection ="]
+    lines += ["also_copy =", "    kernels/", "    bench/", "    docs/", "    README.md", "    pytest.ini",
+              "pytest_add_cli_args_test_selection ="]
     lines += [f"    {t}" for t in group["tests"]]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -m", "    not triton and not slow and not gpu",
               "timeout_multiplier = 30.0", "timeout_constant = 20.0"]
@@ -121,6 +122,7 @@ def run_group(name: str, group: dict, timeout: int, only: list[str] | None = Non
         result = {"group": name, "seconds": round(time.time() - t0), "returncode": proc.returncode,
                   "modules": collect(copy, group, equivalent, only)}
         if proc.returncode != 0:
+            result["stdout"] = proc.stdout[-3000:]
             result["stderr"] = proc.stderr[-3000:]
     return result
 

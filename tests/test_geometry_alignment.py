@@ -1,4 +1,6 @@
 """gather_index: against a slow direct construction, against Qwen2.5-VL's image processor order, batching, errors."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,216 @@ def test_grid_mismatch_is_a_clear_error():
         check_token_count(build_gather_index(2, (4, 4)), 9)
     with pytest.raises(ValueError, match=r"grid_thw \[\[1, 4, 4\]\] does not match.*expected \[\[1, 4, 4\], \[1, 4, 4\]\]"):
         check_grid_thw([[1, 4, 4]], 2, (4, 4), 4)
+
+
+# --- argument checking: which argument is wrong and what was received ---------------------------------------------
+
+BAD_GRIDS = [(4, 4, 4), (4,), (True, 4), (4, False), (4, 2.5), (0, 4), (4, 0), (-2, 4)]
+
+
+@pytest.mark.parametrize("bad", BAD_GRIDS)
+def test_bad_grids_name_the_argument_and_value(bad):
+    def raises(name):
+        return pytest.raises(ValueError, match=rf"^{name} must be \(height, width\) in patches, two positive ints, "
+                                               rf"got {re.escape(str(tuple(bad)))}$")
+
+    with raises("vggt_grid"):
+        qwen_grid_for_vggt(bad)
+    with raises("vggt_grid"):
+        check_grids(bad, (4, 4))
+    with raises("qwen_grid"):
+        check_grids((4, 4), bad)
+    with raises("vggt_grid"):
+        build_gather_index(1, bad)
+    with raises("qwen_grid"):
+        build_gather_index(1, (4, 4), bad)
+    with raises("qwen_grid"):
+        num_visual_tokens(1, bad)
+    with raises("qwen_grid"):
+        qwen_grid_thw(1, bad)
+    with raises("qwen_grid"):
+        check_grid_thw([[1, 4, 4]], 1, bad)
+
+
+def test_integral_grid_values_are_accepted_as_ints():
+    # e.g. a grid computed as pixels / 14 in floating point, or numpy integers from an array's shape
+    assert qwen_grid_for_vggt((28.0, np.int64(37))) == (28, 36)
+    assert all(type(v) is int for v in qwen_grid_for_vggt((28.0, np.int64(37))))
+    assert torch.equal(build_gather_index(2, (3.0, 5.0)), build_gather_index(2, (3, 5)))
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, False, 2.5])
+def test_bad_num_frames_is_rejected_everywhere(bad):
+    msg = rf"num_frames must be a positive int, got {re.escape(repr(bad))}$"
+    for group_size in (4, 8):
+        with pytest.raises(ValueError, match=msg):
+            build_gather_index(bad, (4, 4), group_size=group_size)
+        with pytest.raises(ValueError, match=msg):
+            num_visual_tokens(bad, (4, 4), group_size)
+        with pytest.raises(ValueError, match=msg):
+            qwen_grid_thw(bad, (4, 4), group_size)
+        with pytest.raises(ValueError, match=msg):
+            check_grid_thw([[1, 4, 4]], bad, (4, 4), group_size)
+
+
+def test_integral_float_num_frames_counts_as_that_many_frames():
+    for group_size in (4, 8):
+        assert torch.equal(build_gather_index(3.0, (3, 5), group_size=group_size),
+                           build_gather_index(3, (3, 5), group_size=group_size))
+        assert build_gather_index(3.0, (3, 5), group_size=group_size).dtype == torch.int64
+        n = num_visual_tokens(3.0, (2, 4), group_size)
+        assert n == (6 if group_size == 4 else 4) and type(n) is int
+        assert torch.equal(qwen_grid_thw(3.0, (2, 4), group_size), qwen_grid_thw(3, (2, 4), group_size))
+
+
+def test_group_size_other_than_4_or_8_is_rejected():
+    msg = r"group_size must be 4 \(images\) or 8 \(video, temporal patch 2\), got 6"
+    with pytest.raises(ValueError, match=msg):
+        num_visual_tokens(2, (4, 4), 6)
+    with pytest.raises(ValueError, match=msg):
+        qwen_grid_thw(2, (4, 4), 6)
+    with pytest.raises(ValueError, match=msg):
+        check_grid_thw([[1, 4, 4]], 2, (4, 4), 6)
+    with pytest.raises(ValueError, match=msg):
+        build_gather_index(2, (4, 4), group_size=6)
+
+
+def test_only_qwen_2x2_merge_is_supported_by_gather_index():
+    with pytest.raises(ValueError, match=r"only Qwen2.5-VL's 2x2 merge is supported, got merge_size=3"):
+        build_gather_index(1, (6, 6), merge_size=3)
+    assert torch.equal(build_gather_index(1, (6, 6), merge_size=2), build_gather_index(1, (6, 6)))
+    for bad in (2.0, True, "2"):  # equal to 2 is not enough: a float or bool merge size is a caller's mistake
+        with pytest.raises(ValueError, match=rf"got merge_size={re.escape(repr(bad))}"):
+            build_gather_index(1, (6, 6), merge_size=bad)
+
+
+# --- crops -------------------------------------------------------------------------------------------------------
+
+def test_qwen_crop_of_odd_grids():
+    assert qwen_grid_for_vggt((3, 5)) == (2, 4)
+    assert qwen_grid_for_vggt((2, 2)) == (2, 2)
+    assert qwen_grid_for_vggt((28, 37)) == (28, 36)
+    check_grids((3, 5), (2, 4))
+    check_grids((28, 37), [28, 36])
+
+
+@pytest.mark.parametrize("grid", [(1, 5), (5, 1), (1, 1)])
+def test_grid_below_one_merged_cell_is_too_small(grid):
+    h, w = grid
+    msg = rf"VGGT patch grid {h}x{w} is too small for Qwen: each side needs at least 2 patches"
+    with pytest.raises(ValueError, match=msg):
+        qwen_grid_for_vggt(grid)
+    with pytest.raises(ValueError, match=msg):
+        build_gather_index(1, grid)
+    with pytest.raises(ValueError, match=msg):
+        check_grids(grid, (2, 2))
+
+
+def test_crop_follows_merge_size():
+    assert qwen_grid_for_vggt((9, 10), 4) == (8, 8)
+    assert qwen_grid_for_vggt((9, 10), merge_size=3) == (9, 9)
+    check_grids((9, 10), (8, 8), merge_size=4)
+    with pytest.raises(ValueError, match="expected the top-left crop 8x8"):
+        check_grids((9, 10), (8, 10), merge_size=4)
+    with pytest.raises(ValueError, match="each side needs at least 4 patches"):
+        qwen_grid_for_vggt((3, 8), 4)
+    assert num_visual_tokens(2, (8, 12), 4, merge_size=4) == 2 * 2 * 3
+
+
+def test_grid_mismatch_error_says_how_to_fix_it():
+    # the remedy names the real helper and Qwen processor keyword, spelled as the user would type them
+    with pytest.raises(ValueError, match=r"feed it the crop from crop_for_qwen with do_resize=False, or check "
+                                         r"smart_resize's min/max pixels\)"):
+        check_grids((28, 37), (28, 38))
+
+
+# --- token counts and grid_thw -----------------------------------------------------------------------------------
+
+def test_num_visual_tokens_defaults_to_images_and_counts_odd_frame_videos():
+    # qwen grid 4x6 patches -> 2x3 merged cells per frame
+    n = num_visual_tokens(3, (4, 6))                   # default: frames as images (G=4)
+    assert n == 3 * 6 and type(n) is int             # an int: it is used as a size (torch.empty(n, ...), range(n))
+    assert num_visual_tokens(3, (4, 6), 4) == 18
+    for s, t in ((1, 1), (2, 1), (3, 2), (4, 2), (5, 3)):
+        n8 = num_visual_tokens(s, (4, 6), 8)
+        assert n8 == t * 6 and type(n8) is int
+        assert n8 == build_gather_index(s, (5, 7), group_size=8).shape[0]
+    assert num_visual_tokens(32, (28, 36)) == 32 * 252
+    assert num_visual_tokens(31, (28, 36), 8) == 16 * 252
+
+
+def test_qwen_grid_thw_defaults_to_images():
+    thw = qwen_grid_thw(3, (4, 6))
+    assert thw.dtype == torch.int64 and thw.tolist() == [[1, 4, 6]] * 3
+    vid = qwen_grid_thw(5, (4, 6), 8)
+    assert vid.dtype == torch.int64 and vid.tolist() == [[3, 4, 6]]
+
+
+def test_check_grid_thw_accepts_what_qwen_produces():
+    check_grid_thw([[1, 4, 6]] * 3, 3, (4, 6))                                 # default: images
+    check_grid_thw(torch.tensor([[1, 4, 6]] * 3, dtype=torch.int32), 3, (4, 6), 4)
+    check_grid_thw(np.array([1, 4, 6]), 1, (4, 6))                             # one image, flat row
+    check_grid_thw([[2, 4, 6]], 3, (4, 6), 8)                                  # video: ceil(3/2) temporal pairs
+    check_grid_thw(torch.tensor([[2, 4, 6]]), 4, (4, 6), 8)
+
+
+@pytest.mark.parametrize("grid_thw, num_frames, group_size, expected", [
+    ([[1, 4, 8]], 1, 4, [[1, 4, 6]]),                  # same shape, wrong width
+    ([[2, 4, 6]], 1, 4, [[1, 4, 6]]),                  # same shape, wrong t
+    ([[3, 4, 6]], 3, 8, [[2, 4, 6]]),                  # video: t must be ceil(S/2), not S
+    ([[1, 4, 6]] * 3, 3, 8, [[2, 4, 6]]),              # images given where a video is expected
+    ([[2, 4, 6]], 3, 4, [[1, 4, 6], [1, 4, 6], [1, 4, 6]]),
+])
+def test_check_grid_thw_rejects_mismatches(grid_thw, num_frames, group_size, expected):
+    got = re.escape(str(grid_thw))
+    with pytest.raises(ValueError, match=rf"grid_thw {got} does not match the VGGT-aligned frames: expected "
+                                         rf"{re.escape(str(expected))} for {num_frames} frames, grid \(4, 6\), "
+                                         rf"G={group_size}"):
+        check_grid_thw(grid_thw, num_frames, (4, 6), group_size)
+
+
+@pytest.mark.parametrize("grid_thw", [[[1.5, 4, 6]], torch.tensor([[1.0, 4.0, 6.0]]), np.array([[True, True, True]])])
+def test_check_grid_thw_rejects_non_integer_grids(grid_thw):
+    # rounding 1.5 frames down to 1 would accept a grid Qwen can never produce: non-integers are an error
+    with pytest.raises(ValueError, match=r"grid_thw must hold integers \(t, h, w\), got dtype torch\.(float|bool)"):
+        check_grid_thw(grid_thw, 1, (4, 6))
+
+
+def test_check_token_count_compares_rows_not_slots():
+    gi = build_gather_index(2, (4, 7))                 # 2 frames x (2x3 cells) = 12 tokens, 4 slots each
+    assert gi.shape == (12, 4)
+    check_token_count(gi, 12)
+    with pytest.raises(ValueError, match=r"gather_index has 12 rows .* but Qwen produced 4 visual tokens"):
+        check_token_count(gi, 4)
+    gi8 = build_gather_index(3, (4, 7), group_size=8)
+    assert gi8.shape == (12, 8)
+    check_token_count(gi8, 12)
+    with pytest.raises(ValueError, match=r"gather_index has 12 rows .* but Qwen produced 8 visual tokens"):
+        check_token_count(gi8, 8)
+
+
+# --- batching ----------------------------------------------------------------------------------------------------
+
+def test_concat_gather_indices_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="need at least one gather_index"):
+        concat_gather_indices([], [])
+    with pytest.raises(ValueError, match=r"gather_index 0 must be \[L, 4\], got \(4,\)"):
+        concat_gather_indices([torch.arange(4)], [10])
+    with pytest.raises(ValueError, match=r"gather_index 1 must be \[L, 4\], got \(2, 2, 4\)"):
+        concat_gather_indices([torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 2, 4, dtype=torch.int64)],
+                              [10, 10])
+    a = build_gather_index(1, (2, 3))                  # rows 0, 1, 3, 4 of a 6-row sample
+    assert int(a.max()) == 4
+    assert torch.equal(concat_gather_indices([a], [5]), a)          # the last row is inside [0, rows)
+    with pytest.raises(ValueError, match=r"gather_index 0 holds rows outside \[0, 4\) \(max 4\)"):
+        concat_gather_indices([a], [4])
+    with pytest.raises(ValueError, match=r"gather_index 1 holds rows outside \[0, 6\)"):
+        concat_gather_indices([a, a - 1], [6, 6])
+
+
+def test_concat_gather_indices_returns_int64_from_narrower_indices():
+    # indices stored or produced as int32 (e.g. loaded from disk) are widened before the batch offset is added
+    a = build_gather_index(2, (3, 5))
+    out = concat_gather_indices([a.to(torch.int32), a.to(torch.int32)], [30, 30])
+    assert out.dtype == torch.int64
+    assert torch.equal(out, torch.cat([a, a + 30]))

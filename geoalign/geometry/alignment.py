@@ -32,6 +32,12 @@ def _check_grid(name: str, grid: Sequence[int]) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def _check_num_frames(num_frames: int) -> int:
+    if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    return int(num_frames)
+
+
 def qwen_grid_for_vggt(vggt_grid: Sequence[int], merge_size: int = MERGE_SIZE) -> tuple[int, int]:
     """Qwen's patch grid (h_q, w_q) for a VGGT patch grid: each side cropped down to a multiple of merge_size."""
     h_v, w_v = _check_grid("vggt_grid", vggt_grid)
@@ -59,6 +65,7 @@ def check_grids(vggt_grid: Sequence[int], qwen_grid: Sequence[int], merge_size: 
 def num_visual_tokens(num_frames: int, qwen_grid: Sequence[int], group_size: int = 4,
                       merge_size: int = MERGE_SIZE) -> int:
     """L: S*(h_q/2)*(w_q/2) for G=4; ceil(S/2)*(h_q/2)*(w_q/2) for G=8."""
+    num_frames = _check_num_frames(num_frames)
     h_q, w_q = _check_grid("qwen_grid", qwen_grid)
     per = (h_q // merge_size) * (w_q // merge_size)
     if group_size == 4:
@@ -71,6 +78,7 @@ def num_visual_tokens(num_frames: int, qwen_grid: Sequence[int], group_size: int
 def qwen_grid_thw(num_frames: int, qwen_grid: Sequence[int], group_size: int = 4) -> torch.Tensor:
     """The ``image_grid_thw`` (G=4: S rows of [1, h_q, w_q]) or ``video_grid_thw`` (G=8: one row
     [ceil(S/2), h_q, w_q]) Qwen2.5-VL's processor produces for these frames; int64."""
+    num_frames = _check_num_frames(num_frames)
     h_q, w_q = _check_grid("qwen_grid", qwen_grid)
     if group_size == 4:
         return torch.tensor([[1, h_q, w_q]] * num_frames, dtype=torch.int64)
@@ -83,7 +91,10 @@ def check_grid_thw(grid_thw: torch.Tensor | Sequence[Sequence[int]], num_frames:
                    group_size: int = 4) -> None:
     """Raise ValueError unless Qwen's ``image_grid_thw`` / ``video_grid_thw`` for one sample is what these frames
     should give (see :func:`qwen_grid_thw`)."""
-    got = torch.as_tensor(grid_thw, dtype=torch.int64).reshape(-1, 3)
+    got = torch.as_tensor(grid_thw)
+    if got.is_floating_point() or got.is_complex() or got.dtype == torch.bool:
+        raise ValueError(f"Qwen grid_thw must hold integers (t, h, w), got dtype {got.dtype}: {got.tolist()}")
+    got = got.to(torch.int64).reshape(-1, 3)
     exp = qwen_grid_thw(num_frames, qwen_grid, group_size)
     if got.shape != exp.shape or not torch.equal(got, exp):
         raise ValueError(
@@ -99,10 +110,9 @@ def build_gather_index(num_frames: int, vggt_grid: Sequence[int], qwen_grid: Seq
     num_frames: S >= 1. vggt_grid: (h_v, w_v) patches. qwen_grid: (h_q, w_q) patches, default the even top-left
     crop of vggt_grid; any other value raises ValueError. group_size: 4 or 8.
     """
-    if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
-        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    if merge_size != 2:
-        raise ValueError(f"only Qwen2.5-VL's 2x2 merge is supported, got merge_size={merge_size}")
+    num_frames = _check_num_frames(num_frames)
+    if isinstance(merge_size, bool) or not isinstance(merge_size, int) or merge_size != 2:
+        raise ValueError(f"only Qwen2.5-VL's 2x2 merge is supported, got merge_size={merge_size!r}")
     h_v, w_v = _check_grid("vggt_grid", vggt_grid)
     if qwen_grid is None:
         qwen_grid = qwen_grid_for_vggt((h_v, w_v), merge_size)

@@ -1,11 +1,33 @@
 """Metric unit tests on hand-computed cases (VSI-Bench, SQA3D/ScanQA normalisation, COCO metrics)."""
 import math
+import re
+import subprocess
+import sys
+import threading
+import types
+import warnings
 
 import numpy as np
 import pytest
 
-from geoalign.eval import caption, scanqa, sqa3d, vsibench
-from geoalign.eval.textnorm import answer_match, clean_answer
+from geoalign.eval import caption, scanqa, sqa3d, textnorm, vsibench
+from geoalign.eval.textnorm import answer_match, clean_answer, strip_special
+
+
+def read_table(text):
+    """(title, {header: cell}, lines after the table) of a ``format_table`` text, checking that its header,
+    rule and value rows line up: columns separated by ' | ' (rule: '-+-'), each as wide as its rule segment,
+    header and value right-aligned in it."""
+    lines = text.split("\n")
+    title, head, rule, row, rest = lines[0], lines[1], lines[2], lines[3], lines[4:]
+    segments = rule.split("-+-")
+    assert all(seg and set(seg) == {"-"} for seg in segments), rule
+    widths = [len(seg) for seg in segments]
+    heads, cells = head.split(" | "), row.split(" | ")
+    assert [len(h) for h in heads] == widths and [len(c) for c in cells] == widths, (head, rule, row)
+    for field in heads + cells:
+        assert field == field.strip().rjust(len(field)), f"{field!r} is not right-aligned"
+    return title, {h.strip(): c.strip() for h, c in zip(heads, cells)}, rest
 
 
 # ----------------------------------------------------------------------------- VSI-Bench
@@ -24,10 +46,18 @@ def test_mra_thresholds_are_the_official_ten():
     ("4", "2", 0.0),
     ("0.55", "0.5", 0.9),
     ("10", "100", 0.0),
+    ("1", "1", 1.0),
 ])
 def test_mra_boundaries(pred, gt, expected):
     # Exact equality on purpose: the value must be what the official float64 code yields.
     assert vsibench.mra_score(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mra_zero_ground_truth_counts_only_an_exact_zero():
+    # Never in VSI-Bench (the official |pred - gt| / gt would divide by zero): only 0 itself is right.
+    assert vsibench.mra_score("0", "0") == 1.0
+    assert vsibench.mra_score("0.", "0.0") == 1.0
+    assert vsibench.mra_score("1", "0") == 0.0
 
 
 def test_mra_boundary_floating_point_is_official():
@@ -56,6 +86,7 @@ def test_mra_parses_first_token_and_trailing_dot():
     ("A.", "A", 1), ("a. front-left", "A", 1), ("B\n", "B", 1), ("b", "B", 1),
     ("C", "B", 0), ("A. B", "B", 0), ("The answer is B", "B", 0), ("", "A", 0),
     ("D..", "D", 1), ("(A)", "A", 0),
+    ("BX", "B", 0),  # only trailing '.' is stripped, nothing else
 ])
 def test_mca_letter_parsing(pred, gt, ok):
     assert vsibench.parse_answer("a. front-left") == "a"
@@ -86,19 +117,67 @@ def test_vsibench_aggregation():
     expected = np.mean([50, 100, 0, 100, 10, 50, 60, 90])
     assert s["overall"] == pytest.approx(expected)
     assert s["num_samples"] == len(recs) and s["missing_tasks"] == []
+    # the per-type breakdown keeps the three direction sub-types apart, with their sample counts
+    assert s["per_type"]["object_rel_direction_hard"] == pytest.approx(50.0)
+    assert s["per_type"]["object_rel_direction_medium"] == 0.0 and s["per_type"]["object_counting"] == 50.0
+    assert s["counts"] == {qt: 2 if qt in ("object_rel_direction_hard", "object_counting") else 1
+                           for qt in vsibench.MCA_QUESTION_TYPES + vsibench.NA_QUESTION_TYPES}
     table = vsibench.format_table(s)
     assert "Avg." in table and "Rel. Dir." in table and f"{expected:.1f}" in table
+    title, row, rest = read_table(table)
+    assert title.startswith("VSI-Bench") and "MCA: accuracy, NA: MRA; x100" in title
+    assert list(row) == [h for _, h in vsibench.TABLE_COLUMNS]
+    assert row == {h: f"{s[k]:.1f}" for k, h in vsibench.TABLE_COLUMNS}
+    assert row["Avg."] == f"{expected:.1f}" and row["Rel. Dir."] == "50.0" and row["Obj. Count"] == "50.0"
+    # then, after a blank line, one line per question type: name, mean (2 decimals), sample count
+    assert rest[:2] == ["", "per question type:"]
+    breakdown = [re.fullmatch(r"  (\S+) +(\d+\.\d\d)  \(n=(\d+)\)", line).groups() for line in rest[2:]]
+    assert [qt for qt, _, _ in breakdown] == list(vsibench.MCA_QUESTION_TYPES + vsibench.NA_QUESTION_TYPES)
+    assert {qt: (float(v), int(n)) for qt, v, n in breakdown} == {
+        qt: (round(s["per_type"][qt], 2), s["counts"][qt]) for qt in s["per_type"]}
 
 
 def test_vsibench_partial_run_notes_missing_tasks():
-    s = vsibench.score([{"question_type": "route_planning", "prediction": "A", "ground_truth": "A"}])
-    assert s["overall"] == 100.0 and "object_counting" in s["missing_tasks"]
-    assert "absent" in vsibench.format_table(s)
+    s = vsibench.score([{"question_type": "route_planning", "prediction": "A", "ground_truth": "A"},
+                        {"question_type": "object_counting", "prediction": "4", "ground_truth": "4"}])
+    assert s["overall"] == 100.0 and "object_abs_distance" in s["missing_tasks"]
+    table = vsibench.format_table(s)
+    assert "absent" in table
+    _, row, rest = read_table(table)
+    assert row["Avg."] == row["Route Plan"] == row["Obj. Count"] == "100.0"
+    assert {h for h, c in row.items() if c == "-"} == {h for k, h in vsibench.TABLE_COLUMNS if k in s["missing_tasks"]}
+    # the note lists exactly the absent tasks and says what 'Avg.' then means
+    (note,) = [line for line in rest if line.startswith("NOTE:")]
+    listed = note.split("predictions: ", 1)[1].split("; ", 1)[0]
+    assert listed.split(", ") == s["missing_tasks"]
+    assert "'Avg.' is over the present tasks only" in note
+
+
+def test_vsibench_empty_run_has_no_average_and_no_numpy_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. numpy's "Mean of empty slice"
+        s = vsibench.score([])
+        table = vsibench.format_table(s)
+    assert math.isnan(s["overall"]) and s["num_samples"] == 0 and s["per_type"] == {} and s["counts"] == {}
+    assert s["missing_tasks"] == list(vsibench.TASKS)
+    _, row, _ = read_table(table)
+    assert set(row.values()) == {"-"}
+
+
+def test_vsibench_table_of_published_numbers():
+    # format_table also lays out a bare dict of paper columns (e.g. a published row to compare with)
+    _, row, rest = read_table(vsibench.format_table({"overall": 45.0, "route_planning": 30.5}))
+    assert row["Avg."] == "45.0" and row["Route Plan"] == "30.5" and row["Obj. Count"] == "-"
+    assert rest == ["", "per question type:"]
+    _, _, rest = read_table(vsibench.format_table({"per_type": {"route_planning": 30.5}}))
+    assert rest[2].split()[:2] == ["route_planning", "30.50"]
 
 
 def test_vsibench_unknown_type_raises():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'bogus'"):
         vsibench.score([{"question_type": "bogus", "prediction": "A", "ground_truth": "A"}])
+    with pytest.raises(ValueError, match="'bogus'"):
+        vsibench.build_prompt({"question_type": "bogus", "question": "?"})
 
 
 def test_vsibench_prompts():
@@ -140,6 +219,33 @@ def test_answer_match_em_and_refined():
     assert answer_match("coffeetable", ["coffee table"]) == (0, 1)  # spaces ignored
     assert answer_match("table", ["chair"]) == (0, 0)
     assert answer_match("", ["chair"]) == (0, 0)                   # empty never matches
+    assert answer_match("coffee table", ["coffeetable"]) == (0, 1)  # spaces ignored in the prediction too
+    assert answer_match("brown wooden chair", ["wooden chair"]) == (0, 1)
+
+
+def test_typo_and_number_rules_apply_to_whole_words_only():
+    # every typo / number-word rule is built by _word: "let" -> "left" must leave "letter", "outlet" alone
+    assert textnorm._word("let").sub("left", "let the letter by the outlet") == "left the letter by the outlet"
+    assert textnorm._word("2").sub("two", "2 of 12, 2nd") == "two of 12, 2nd"
+    assert clean_answer("let of the outlet") == "left of outlet"
+
+
+@pytest.mark.parametrize("raw, stripped", [
+    ("ASSISTANT: chair", "chair"),
+    ("chair<|im_end|>", "chair"),
+    ("table<|endoftext|>", "table"),
+    ("<s> sofa </s>", "sofa"),
+    ("left <unk> side", "left side"),   # the space left behind is squeezed
+    ("left\nside\n", "left side"),      # a multi-line answer is one line
+    ("  brown \n\n chair ", "brown chair"),
+])
+def test_strip_special_removes_chat_template_leftovers(raw, stripped):
+    assert strip_special(raw) == stripped
+
+
+def test_multiline_and_templated_answers_match_their_reference():
+    recs = [{"prediction": "ASSISTANT: left\nside<|im_end|>", "answers": ["left side"], "question_type": "what"}]
+    assert sqa3d.score(recs)["EM-1"] == 100.0
 
 
 def test_sqa3d_score_em_refined_and_types():
@@ -157,17 +263,106 @@ def test_sqa3d_score_em_refined_and_types():
     assert "EM-1-refined" in table and "50.0" in table
 
 
+def test_sqa3d_score_counts_and_types_from_questions():
+    recs = [
+        # no prediction: wrong, even though the text "None" would normalise to this answer ("zero")
+        {"answers": ["0"], "question_type": "how"},
+        # no prediction against a reference that normalises to nothing: wrong under refined EM as well
+        {"answers": ["?"], "question": "What is behind me?"},
+        {"prediction": "yes", "answers": ["yes"], "question": "Can I see the door from here?"},
+        {"prediction": "left", "answers": ["left"]},  # neither type nor question: "others"
+    ]
+    s = sqa3d.score(recs)
+    assert s["EM-1"] == 50.0 and s["EM-1-refined"] == 50.0 and s["num_samples"] == 4
+    assert s["per_type"] == {"what": 0.0, "how": 0.0, "can": 100.0, "others": 100.0}
+    assert s["counts"] == {"what": 1, "how": 1, "can": 1, "others": 1}
+
+
+def test_sqa3d_nothing_to_score():
+    with pytest.raises(ValueError, match="no SQA3D predictions"):
+        sqa3d.score([])
+
+
+def test_sqa3d_table_layout():
+    s = sqa3d.score([{"prediction": "two", "answers": ["2"], "question_type": "how"},
+                     {"prediction": "no", "answers": ["yes"], "question_type": "is"}])
+    title, row, rest = read_table(sqa3d.format_table(s))
+    assert f"n={s['num_samples']}" in title
+    assert row == {"What": "-", "Is": "0.0", "How": "100.0", "Can": "-", "Which": "-", "Others": "-",
+                   "Avg. (EM-1)": "50.0"}
+    assert len(rest) == 1 and rest[0].startswith("EM-1-refined") and rest[0].endswith(f": {s['EM-1-refined']:.1f}")
+
+
 def test_sqa3d_question_type():
     assert sqa3d.question_type("What is on my left?") == "what"
     assert sqa3d.question_type(" Is the door open?") == "is"
+    assert sqa3d.question_type("How many chairs are there?") == "how"
+    assert sqa3d.question_type("Can I reach the lamp?") == "can"
     assert sqa3d.question_type("Which way should I go?") == "which"
     assert sqa3d.question_type("Where is the sofa?") == "others"
+
+
+def test_prompt_suffix_can_be_dropped():
+    # --prompt-suffix "" gives the bare question (no trailing space)
+    assert scanqa.build_prompt({"question": " What color is the chair? "}, suffix="") == "What color is the chair?"
+    assert sqa3d.build_prompt({"situation": "I sit on the bed. ", "question": "What is left of me?"},
+                              suffix="") == "I sit on the bed. What is left of me?"
 
 
 # ----------------------------------------------------------------------------- COCO metrics
 def test_simple_tokenizer():
     assert caption.simple_tokenize("Brown, wooden chair.") == "brown wooden chair"
     assert caption.simple_tokenize("twelve o'clock: left-side") == "twelve o'clock left-side"
+    # PTB turns quotes into `` / '' tokens that pycocoevalcap then drops; a line break is a space
+    assert caption.simple_tokenize("the 'left' side") == "the left side"
+    assert caption.simple_tokenize("'' chair") == "chair"
+    assert caption.simple_tokenize("left\nside") == "left side"
+
+
+# Answers as they reach the tokenizer in ScanQA (after clean_answer: lower case, only , ' - : kept).
+CLEANED_ANSWERS = ["brown wooden chair", "twelve o'clock", "the 'left' side", "left, right", "black-and-white",
+                   "left -- right", "left: table", "left\nside", "' chair '", "TV stand", "two"]
+
+
+@pytest.mark.skipif(not caption.java_available(), reason="the PTB tokenizer needs Java")
+def test_simple_tokenizer_matches_ptb_on_cleaned_answers():
+    ptb = caption._tokenize({str(i): [a] for i, a in enumerate(CLEANED_ANSWERS)}, use_java=True)
+    assert [ptb[str(i)][0] for i in range(len(CLEANED_ANSWERS))] == [caption.simple_tokenize(a)
+                                                                     for a in CLEANED_ANSWERS]
+
+
+def test_missing_pycocoevalcap_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    with pytest.raises(ImportError,
+                       match=r"need 'pycocoevalcap' \(`pip install pycocoevalcap`\); EM scores do not") as e:
+        caption.caption_scores({"q": ["chair"]}, {"q": "chair"}, use_java=False)
+    assert str(e.value).startswith("ScanQA caption metrics")
+
+
+def test_caption_scores_rejects_mismatched_or_empty_input():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    with pytest.raises(ValueError, match="same ids"):
+        caption.caption_scores({"a": ["chair"]}, {"b": "chair"}, use_java=False)
+    with pytest.raises(ValueError, match="no samples"):
+        caption.caption_scores({}, {}, use_java=False)
+
+
+def test_caption_scores_say_why_meteor_is_missing():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    refs, preds = {"q": ["brown chair"]}, {"q": "brown chair"}
+    off = caption.caption_scores(refs, preds, use_java=False, meteor=False)
+    assert "METEOR" not in off and off["meteor_missing_reason"] == "METEOR disabled by the caller"
+    no_java = caption.caption_scores(refs, preds, use_java=False)
+    assert "METEOR" not in no_java
+    assert no_java["meteor_missing_reason"] == ("METEOR not computed: it runs the Java program meteor-1.5.jar "
+                                                "and no working `java` was found on PATH")
+    assert "Java not found" in no_java["tokenizer"]
+
+
+def test_caption_reference_split_over_lines_is_the_same_answer():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    s = caption.caption_scores({"q": ["brown wooden\nchair"]}, {"q": "brown wooden chair"}, use_java=False)
+    assert s["BLEU-1"] == pytest.approx(100.0, rel=1e-6) and s["ROUGE-L"] == pytest.approx(100.0)
 
 
 def test_caption_scores_hand_computed_no_java():
@@ -201,14 +396,109 @@ def test_scanqa_score_uses_all_references_and_cleaning():
     assert "NOTE: METEOR not computed" in table
 
 
+def test_scanqa_missing_prediction_is_an_empty_answer():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    recs = [{"id": "1", "prediction": "chair", "answers": ["chair"]},
+            {"id": "2", "answers": ["sofa"]}]  # no prediction
+    s = scanqa.score(recs, use_java=False)
+    assert s["EM@1"] == 50.0 and s["EM@1-refined"] == 50.0 and s["num_samples"] == 2
+    # corpus BLEU-1 over both questions: 1 hypothesis word, all matched (precision 1), against 2 reference
+    # words: brevity penalty exp(1 - 2/1).  ROUGE-L: mean of 1 and 0.
+    assert s["BLEU-1"] == pytest.approx(100 * math.exp(-1), rel=1e-6)
+    assert s["ROUGE-L"] == pytest.approx(50.0)
+
+
+def test_scanqa_single_question_and_nothing_to_score():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    s = scanqa.score([{"id": "7", "prediction": "Brown.", "answers": ["brown"]}], use_java=False, meteor=False)
+    assert s["EM@1"] == 100.0 and s["num_samples"] == 1
+    assert s["meteor_missing_reason"] == "METEOR disabled by the caller"  # the caller's choice is passed on
+    with pytest.raises(ValueError, match="no ScanQA predictions"):
+        scanqa.score([], use_java=False)
+
+
+def test_scanqa_table_layout():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    s = scanqa.score([{"id": "1", "prediction": "brown chair", "answers": ["brown chair"]},
+                      {"id": "2", "prediction": "table", "answers": ["table"]}], use_java=False)
+    title, row, rest = read_table(scanqa.format_table(s))
+    assert f"n={s['num_samples']}" in title and f"tokenizer: {s['tokenizer']}" in title
+    assert row == {c: f"{s[c]:.1f}" for c in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "EM@1")} | {"METEOR": "n/a"}
+    assert list(row) == ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM@1"]
+    assert row["EM@1"] == "100.0"
+    assert len(rest) == 2 and rest[0].startswith("EM@1-refined") and rest[0].endswith(f": {s['EM@1-refined']:.1f}")
+    assert rest[1] == "NOTE: " + s["meteor_missing_reason"]
+
+
+def test_close_meteor_stops_the_process_and_frees_the_lock():
+    # compute_score() raised while holding the scorer's lock (e.g. the JVM died mid-answer): closing must stop
+    # the process and leave a free lock, else pycocoevalcap's __del__ (which takes the lock) hangs at exit.
+    meteor = pytest.importorskip("pycocoevalcap.meteor.meteor")
+    scorer = meteor.Meteor.__new__(meteor.Meteor)  # a stand-in process instead of the JVM
+    scorer.meteor_p = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.stdin.read(); time.sleep(60)"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    scorer.lock = threading.Lock()
+    scorer.lock.acquire()
+    try:
+        caption._close_meteor(scorer)
+        assert scorer.meteor_p.returncode is not None  # stopped and reaped (it ignores a closed stdin)
+        assert scorer.lock.acquire(blocking=False)
+        scorer.lock.release()
+        scorer.__del__()  # pycocoevalcap's own cleanup now returns
+    finally:
+        if scorer.meteor_p.poll() is None:
+            scorer.meteor_p.kill()
+            scorer.meteor_p.wait()
+
+
+def test_close_meteor_never_raises():
+    # the process died with input still buffered: closing its stdin raises BrokenPipeError, which must not
+    # replace the error that is propagating from compute_score()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    proc.wait()
+    proc.stdin.write(b"SCORE ||| brown chair ||| chair\n")
+    held = threading.Lock()
+    held.acquire()
+    scorer = types.SimpleNamespace(meteor_p=proc, lock=held)
+    caption._close_meteor(scorer)
+    assert scorer.lock.acquire(blocking=False)
+    caption._close_meteor(types.SimpleNamespace())  # a scorer without a METEOR process is left alone
+
+
+@pytest.mark.skipif(not caption.java_available(), reason="the PTB tokenizer needs Java")
+def test_java_tokenizes_predictions_and_references_alike():
+    # PTB splits "don't" into "do n't", the Python stand-in does not: with Java (auto-detected) both sides go
+    # through PTB, so an answer identical to its reference scores 100.
+    s = caption.caption_scores({"q": ["don't know"]}, {"q": "don't know"}, meteor=False)
+    assert s["tokenizer"].startswith("ptb")
+    assert s["BLEU-1"] == pytest.approx(100.0, rel=1e-6) and s["ROUGE-L"] == pytest.approx(100.0)
+
+
 @pytest.mark.skipif(not caption.java_available(), reason="METEOR and the PTB tokenizer need Java")
-def test_caption_scores_with_java_meteor():
+def test_caption_scores_with_java_meteor(monkeypatch):
+    from pycocoevalcap.meteor import meteor
+
+    scorers, raw = [], []
+
+    class RecordingMeteor(meteor.Meteor):
+        def __init__(self):
+            super().__init__()
+            scorers.append(self)
+
+        def compute_score(self, gts, res):
+            out = super().compute_score(gts, res)
+            raw.append(out[0])
+            return out
+
+    monkeypatch.setattr(meteor, "Meteor", RecordingMeteor)
     refs = {"a": ["brown wooden chair"], "b": ["white table"], "c": ["left"]}
     preds = {"a": "brown wooden chair", "b": "table", "c": ""}
     s = caption.caption_scores(refs, preds, use_java=True)
     assert s["tokenizer"].startswith("ptb")
     assert "meteor_missing_reason" not in s
     assert 0.0 < s["METEOR"] < 100.0
+    assert s["METEOR"] == pytest.approx(100.0 * raw[0], rel=1e-12)  # x100 like the other metrics
+    assert scorers[0].meteor_p.poll() is not None  # the METEOR JVM is not left running
     # PTB tokenisation of these lower-case, punctuation-free answers equals the Python one.
     s2 = caption.caption_scores(refs, preds, use_java=False)
     for k in ("BLEU-1", "ROUGE-L", "CIDEr"):

@@ -1,11 +1,14 @@
 """End-to-end runner tests on generated miniature datasets, with the deterministic fake predictor."""
+import builtins
 import json
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
 
-from geoalign.eval import cli, media, runner, tasks
+from geoalign.eval import cli, media, runner, scanqa, sqa3d, tasks, vsibench
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
 
@@ -115,6 +118,177 @@ def test_parquet_annotations(vsi_dir, tmp_path):
     samples = tasks.load_samples("vsibench", str(d), media_dir=vsi_dir)
     assert [s.id for s in samples] == [str(r["id"]) for r in rows]
     assert samples[4].meta["options"] == rows[4]["options"]
+
+
+# ----------------------------------------------------------------------------- annotation files
+@pytest.fixture
+def latin1_locale(monkeypatch):
+    """``open`` as on a machine whose locale encoding is Latin-1: a text file opened without an explicit
+    encoding is decoded as Latin-1 (so UTF-8 annotations would come out garbled)."""
+    def open_latin1(file, mode="r", *args, encoding=None, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "latin-1"
+        return builtins.open(file, mode, *args, encoding=encoding, **kwargs)
+    for module in (vsibench, scanqa, sqa3d):
+        monkeypatch.setattr(module, "open", open_latin1, raising=False)
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def vsi_rows(split, n, start=0):
+    return [{"id": start + i, "dataset": "scannet", "scene_name": "scene0000_00", "question_type": "route_planning",
+             "question": f"{split} question {start + i}?", "options": ["A. left", "B. right"], "ground_truth": "A"}
+            for i in range(n)]
+
+
+def test_vsibench_alternative_jsonl_name_and_utf8(tmp_path, latin1_locale):
+    rows = [{"id": 0, "question_type": "object_counting", "question": "How many caf\u00e9 chairs?",
+             "ground_truth": "3", "dataset": "scannet", "scene_name": "scene0000_00"}]
+    (tmp_path / "test_vsibench.jsonl").write_text(json.dumps(rows[0], ensure_ascii=False) + "\n\n", encoding="utf-8")
+    docs = vsibench.load_docs(str(tmp_path))
+    assert [d["question"] for d in docs] == ["How many caf\u00e9 chairs?"] and docs[0]["options"] is None
+
+
+def test_vsibench_parquet_only_the_test_split(tmp_path):
+    pytest.importorskip("pyarrow")
+    # the HF dataset repo layout: data/{split}-*.parquet; every test shard is read, in order, and no other split
+    hf = tmp_path / "hf"
+    write_parquet(str(hf / "data" / "test-00001-of-00002.parquet"), vsi_rows("test", 2, start=2))
+    write_parquet(str(hf / "data" / "test-00000-of-00002.parquet"), vsi_rows("test", 2))
+    write_parquet(str(hf / "data" / "train-00000-of-00001.parquet"), vsi_rows("train", 3, start=10))
+    docs = vsibench.load_docs(str(hf))
+    assert [d["id"] for d in docs] == [0, 1, 2, 3] and all(d["question"].startswith("test") for d in docs)
+    # the same with the shards at the top level
+    top = tmp_path / "top"
+    write_parquet(str(top / "test-00000-of-00001.parquet"), vsi_rows("test", 2))
+    write_parquet(str(top / "train-00000-of-00001.parquet"), vsi_rows("train", 3, start=10))
+    assert [d["id"] for d in vsibench.load_docs(str(top))] == [0, 1]
+    # shards not named by split: all of them
+    plain = tmp_path / "plain"
+    write_parquet(str(plain / "data" / "vsibench.parquet"), vsi_rows("test", 3))
+    assert [d["id"] for d in vsibench.load_docs(str(plain))] == [0, 1, 2]
+
+
+def test_vsibench_missing_annotations_say_what_is_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"test\.jsonl or \*\.parquet") as e:
+        vsibench.load_docs(str(tmp_path))
+    assert repr(str(tmp_path)) in str(e.value) and "nyu-visionx/VSI-Bench" in str(e.value)
+
+
+def fake_pandas(pq):
+    """A stand-in for pandas (not a dependency) with pandas' behaviour for what VSI-Bench loading uses:
+    ``read_parquet(path)``, ``DataFrame.to_dict(orient)`` (orient case-insensitive, default "dict"); list
+    columns come back as numpy arrays, as pandas returns them."""
+    class DataFrame:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def to_dict(self, orient="dict"):
+            orient = orient.lower()
+            if orient == "records":
+                return [{k: np.array(v) if isinstance(v, list) else v for k, v in r.items()} for r in self.rows]
+            if orient == "dict":
+                return {k: {i: r[k] for i, r in enumerate(self.rows)} for k in self.rows[0]}
+            raise ValueError(f"orient '{orient}' not understood")
+
+    module = types.ModuleType("pandas")
+    module.read_parquet = lambda path: DataFrame(pq.read_table(path).to_pylist())
+    return module
+
+
+def test_vsibench_parquet_through_pandas(tmp_path, monkeypatch):
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = vsi_rows("test", 2) + [dict(vsi_rows("test", 1, start=2)[0], question_type="object_counting",
+                                       options=None, ground_truth="3")]
+    write_parquet(str(tmp_path / "test-00000-of-00002.parquet"), rows[:2])
+    write_parquet(str(tmp_path / "test-00001-of-00002.parquet"), rows[2:])
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # no pyarrow: pandas reads the shards
+    monkeypatch.setitem(sys.modules, "pandas", fake_pandas(pq))
+    docs = vsibench.load_docs(str(tmp_path))
+    assert [d["id"] for d in docs] == [0, 1, 2]
+    assert type(docs[0]["options"]) is list and docs[0]["options"] == ["A. left", "B. right"]
+    assert docs[2]["options"] is None
+    assert vsibench.build_prompt(docs[0]).endswith("Options:\nA. left\nB. right\n"
+                                                   "Answer with the option's letter from the given choices directly.")
+
+
+def test_vsibench_parquet_without_a_reader_says_what_to_install(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    path = str(tmp_path / "test-00000-of-00001.parquet")
+    write_parquet(path, vsi_rows("test", 1))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="`pip install pyarrow`, or provide test.jsonl") as e:
+        vsibench.load_docs(str(tmp_path))
+    assert f"reading {path} needs 'pyarrow'" in str(e.value)
+
+
+def scanqa_doc(qid, answer="caf\u00e9 table"):
+    return {"question_id": qid, "scene_id": "scene0011_00", "question": "What is it?", "answers": [answer]}
+
+
+def test_scanqa_annotation_files(tmp_path, latin1_locale):
+    (tmp_path / "qa").mkdir()
+    (tmp_path / "qa" / "ScanQA_v1.0_val.json").write_text(json.dumps([scanqa_doc("val-0")], ensure_ascii=False),
+                                                          encoding="utf-8")
+    (tmp_path / "qa" / "ScanQA_v1.0_test_w_obj.json").write_text("[]")
+    (tmp_path / "ScanQA_v1.0_train.json").write_text(json.dumps([scanqa_doc("train-0", "two")]))
+    d = str(tmp_path)
+    assert scanqa.annotation_file(d) == os.path.join(d, "qa", "ScanQA_v1.0_val.json")  # val by default
+    assert scanqa.load_docs(d) == [scanqa_doc("val-0")]  # read as UTF-8 whatever the locale
+    assert [x["question_id"] for x in scanqa.load_docs(d, "train")] == ["train-0"]
+    with pytest.raises(FileNotFoundError, match="ScanQA_v1.0_test.json") as e:
+        scanqa.load_docs(d, "test")
+    assert repr(d) in str(e.value)
+
+
+def test_scanqa_split_without_answers_names_the_question(tmp_path):
+    docs = [scanqa_doc("test-0"), {"question_id": "test-1", "scene_id": "scene0011_00", "question": "What?"}]
+    (tmp_path / "ScanQA_v1.0_test.json").write_text(json.dumps(docs))
+    with pytest.raises(ValueError, match="test-1: no 'answers'"):
+        scanqa.load_docs(str(tmp_path), "test")
+
+
+def write_sqa3d(folder, split, answers, question="Where is the caf\u00e9 table?"):
+    """SQA3D question + annotation files of ``split`` in ``folder``; ``answers``: per question, its answers
+    as stored (dicts as in the official release, or plain strings); None leaves the question unannotated."""
+    os.makedirs(folder, exist_ok=True)
+    qs = [{"question_id": 100 + i, "scene_id": "scene0050_00", "situation": "I sit.", "question": question}
+          for i in range(len(answers))]
+    anns = [{"question_id": q["question_id"], "scene_id": q["scene_id"], "answers": a}
+            for q, a in zip(qs, answers) if a is not None]
+    with open(os.path.join(folder, f"v1_balanced_questions_{split}_scannetv2.json"), "w", encoding="utf-8") as f:
+        json.dump({"questions": qs}, f, ensure_ascii=False)
+    with open(os.path.join(folder, f"v1_balanced_sqa_annotations_{split}_scannetv2.json"), "w",
+              encoding="utf-8") as f:
+        json.dump({"annotations": anns}, f, ensure_ascii=False)
+
+
+def test_sqa3d_annotation_layouts_and_answer_formats(tmp_path, latin1_locale):
+    official = [[{"answer": "caf\u00e9 table", "answer_confidence": "yes", "answer_id": 1}]]
+    write_sqa3d(str(tmp_path / "flat"), "test", official)
+    write_sqa3d(str(tmp_path / "flat"), "val", [["sofa"]])
+    docs = sqa3d.load_docs(str(tmp_path / "flat"))  # test split by default, files directly in the folder
+    assert [(d["question_id"], d["answers"], d["question"]) for d in docs] == [
+        (100, ["caf\u00e9 table"], "Where is the caf\u00e9 table?")]
+    assert docs[0]["question_type"] == "others"
+    assert sqa3d.load_docs(str(tmp_path / "flat"), "val")[0]["answers"] == ["sofa"]  # plain-string answers
+    write_sqa3d(str(tmp_path / "release" / "sqa_task" / "balanced"), "test", [["left", "left side"]])
+    assert sqa3d.load_docs(str(tmp_path / "release"))[0]["answers"] == ["left", "left side"]
+
+
+def test_sqa3d_missing_files_and_annotations_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="v1_balanced_questions_test_scannetv2.json") as e:
+        sqa3d.load_docs(str(tmp_path))
+    assert repr(str(tmp_path)) in str(e.value)
+    write_sqa3d(str(tmp_path / "balanced"), "test", [["yes"], None])
+    with pytest.raises(ValueError, match="question 101 has no annotation"):
+        sqa3d.load_docs(str(tmp_path))
 
 
 def test_vsibench_missing_video(vsi_dir, tmp_path):

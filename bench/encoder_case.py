@@ -45,7 +45,7 @@ def run_encoder_case(frames: int, fusion_backend: str, dtype: torch.dtype, devic
     torch.manual_seed(0)
     aggregator = VGGTAggregator(agg_cfg).to(device)  # fp32 weights; bf16 autocast on GPU inside iter_layers
     fusion = GeoAlignFusion(fcfg).to(device=device, dtype=dtype)
-    fusion.check_finite = False
+    fusion.check_inputs = False
     images = torch.rand(1, frames, 3, H, W, device=device)
     grid = (H // agg_cfg.patch_size, W // agg_cfg.patch_size)
     gather_index = build_gather_index(frames, grid).to(device)

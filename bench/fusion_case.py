@@ -29,7 +29,8 @@ BASELINE_MODE = {"infer-fold": "infer"}  # the reference has no folded path: com
 
 @dataclass(frozen=True)
 class FusionShape:
-    """Widths of the fusion op. `paper` is Qwen2.5-VL-3B + VGGT-1B; `cpu` keeps the paper's ratios at 1/4 width."""
+    """Widths of the fusion op. `paper` is Qwen2.5-VL-3B + VGGT-1B; `cpu` keeps the paper's ratios at 1/4 width;
+    `tiny` is for counting launches and syncs (width-independent) where kernels run slowly (the interpreter)."""
 
     name: str
     hidden_size: int
@@ -62,6 +63,7 @@ class FusionShape:
 SHAPES = {
     "paper": FusionShape("paper", 2048, 2048, 4096, 512),
     "cpu": FusionShape("cpu", 512, 512, 1024, 128),
+    "tiny": FusionShape("tiny", 64, 48, 96, 32),  # launch / sync counts of Triton under the interpreter
 }
 
 
@@ -72,7 +74,7 @@ def make_case(shape: FusionShape, frames: int, dtype: torch.dtype, device: torch
         raise ValueError("the benchmark builds frame-wise G=4 gather indices only")
     torch.manual_seed(seed)
     fusion = GeoAlignFusion(shape.config()).to(device=device, dtype=dtype)
-    fusion.check_finite = False
+    fusion.check_inputs = False
     gather_index = build_gather_index(frames, VGGT_GRID).to(device)
     L, N = gather_index.shape[0], frames * VGGT_GRID[0] * VGGT_GRID[1]
     q = torch.randn(L, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)

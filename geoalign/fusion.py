@@ -65,7 +65,8 @@ class FusionStream:
         M = fusion.config.num_bank_layers
         self._added = [False] * M
         self._finished = False
-        self._max_row = int(gather_index.max())  # one device->host copy; checked against each layer's rows
+        # one device->host copy, checked against each layer's row count (skipped with check_inputs off)
+        self._max_row = int(gather_index.max()) if fusion.check_inputs else None
         if backend == "reference":
             if fold_output:
                 raise ValueError("fold_output is a fast-path option (torch, triton); the reference backend computes "
@@ -80,9 +81,10 @@ class FusionStream:
         # Top-K routes from the backend's router; single/mean/dense are the same bank op with fixed routes (exact)
         self.routing = self._backend.route(fusion, q) if cfg.feature_usage == "dynamic" else route_fixed(fusion, q)
         self._rows = self._backend.bank_rows(self.routing.topk_idx, M)
-        self._h_bar = self._f_hat = None
+        self._bank = self._f_hat = None
         if cfg.projector == "shared":
-            self._h_bar = self._backend.new_accumulator(fusion, q)
+            self._bank = self._backend.open_bank(fusion, self.routing.alpha, gather_index, self._rows, range(M),
+                                                 fusion.projector.fc1)
         else:  # split: W2 differs per layer, so each layer's W2 output accumulates into F_hat [L, D] (fp32/fp64)
             self._f_hat = torch.zeros(q.shape[0], cfg.hidden_size, dtype=self.routing.alpha.dtype, device=q.device)
         if backend != "torch" and not cfg.is_paper_default_path:
@@ -104,14 +106,12 @@ class FusionStream:
         if self.backend_name == "reference":
             self._reference.add(i, layer)
             return
-        tokens, slots = self._rows.layer(i)
-        alpha = self.routing.alpha
-        if self._h_bar is not None:
-            self._h_bar = self._backend.accumulate(self.fusion, self._h_bar, alpha, i, layer, tokens, slots,
-                                                   self.gather_index)
+        if self._bank is not None:
+            self._backend.add_layer(self._bank, i, layer)
         else:
-            self._f_hat = self._backend.accumulate_split(self.fusion, self._f_hat, alpha, i, layer, tokens, slots,
-                                                         self.gather_index)
+            tokens, slots = self._rows.layer(i)
+            self._f_hat = self._backend.accumulate_split(self.fusion, self._f_hat, self.routing.alpha, i, layer,
+                                                         tokens, slots, self.gather_index)
 
     def finish(self) -> tuple[torch.Tensor, Routing]:
         """Q_hat [L, D] and the Routing. Every bank layer must have been added."""
@@ -124,8 +124,9 @@ class FusionStream:
         self._finished = True
         if self.backend_name == "reference":
             return self._reference.finish()
-        q_hat = self._backend.finish(self.fusion, self.q, self._h_bar, self._f_hat)
-        self._h_bar = self._f_hat = None
+        h_bar = self._backend.close_bank(self._bank) if self._bank is not None else None
+        q_hat = self._backend.finish(self.fusion, self.q, h_bar, self._f_hat)
+        self._bank = self._f_hat = None
         return q_hat, self.routing
 
 
@@ -162,8 +163,10 @@ class GeoAlignFusion(nn.Module):
         elif config.fusion in ("gated_2d", "gated_2d3d"):
             width = D if config.gate_granularity == "channel" else 1
             self.gate = nn.Linear(D if config.fusion == "gated_2d" else 2 * D, width)
-        #: check q for NaN/inf on every call (one reduction and one device sync); switch off when compiling
-        self.check_finite = True
+        #: check input values too: q finite, gather_index rows in [0, N). Three device->host syncs per forward;
+        #: switch off for CUDA graphs and torch.compile (shapes, dtypes and devices are always checked, and the
+        #: kernels never read or write through an out-of-range row: they give NaN rows instead)
+        self.check_inputs = True
 
     def router_hidden(self, q: torch.Tensor) -> torch.Tensor:
         """The router's hidden layer GELU(V1 q + c1) [L, R] (its fc2 gives the logits: ``self.router(q)``)."""
@@ -238,7 +241,7 @@ class GeoAlignFusion(nn.Module):
             raise TypeError(f"q must have the fusion's parameter dtype {p.dtype}, got {q.dtype}")
         if q.device != p.device:
             raise ValueError(f"q must be on the fusion's device {p.device}, got {q.device}")
-        if self.check_finite and not bool(torch.isfinite(q).all()):
+        if self.check_inputs and not bool(torch.isfinite(q).all()):
             raise ValueError("q contains NaN or inf")
 
     def check_gather_index(self, gather_index, q: torch.Tensor) -> None:
@@ -251,11 +254,11 @@ class GeoAlignFusion(nn.Module):
             raise ValueError(f"gather_index must have shape [L, G]=[{L}, {G}], got {tuple(gather_index.shape)}")
         if gather_index.device != q.device:
             raise ValueError(f"gather_index must be on q's device {q.device}, got {gather_index.device}")
-        low = int(gather_index.min())
+        low = int(gather_index.min()) if self.check_inputs else 0
         if low < 0:
             raise ValueError(f"gather_index out of range: expected rows >= 0, got {low}")
 
-    def check_layer(self, i: int, layer, q: torch.Tensor, max_row: int) -> None:
+    def check_layer(self, i: int, layer, q: torch.Tensor, max_row: int | None) -> None:
         Dg = self.config.geo_dim
         if not isinstance(layer, torch.Tensor):
             raise TypeError(f"bank layer {i} must be a torch.Tensor [N, {Dg}], got {_describe(layer)}")
@@ -265,7 +268,7 @@ class GeoAlignFusion(nn.Module):
             raise TypeError(f"bank layer {i} must be a floating-point tensor, got {layer.dtype}")
         if layer.device != q.device:
             raise ValueError(f"bank layer {i} must be on q's device {q.device}, got {layer.device}")
-        if max_row >= layer.shape[0]:
+        if max_row is not None and max_row >= layer.shape[0]:
             raise ValueError(f"gather_index out of range: it points at row {max_row}, but bank layer {i} has "
                              f"{layer.shape[0]} rows")
         if layer.requires_grad and torch.is_grad_enabled():

@@ -25,20 +25,36 @@ class Routing(NamedTuple):
     alpha: torch.Tensor
 
 
-class BankRows(NamedTuple):
-    """The (token, slot) pairs routed to each bank layer, grouped by layer.
+class BankRows:
+    """The (token, slot) pairs routed to each bank layer, grouped by layer (vLLM fused_moe's sorted-pairs layout).
 
-    tokens  [L*K] int64   token id of each pair, pairs of layer i at offsets[i]:offsets[i+1]
-    slots   [L*K] int64   which of the token's K slots the pair is
-    offsets list[int] of length M+1 (host ints; one device->host copy per forward)
+    tokens   [P] int64   token id of each pair (P = L*K); layer i's pairs at offsets[i]:offsets[i+1], tokens
+                         ascending within a layer
+    slots    [P] int64   which of the token's K slots the pair is
+    offsets  [M+1] int64 on the device: built without a device->host copy, so the Triton path never syncs;
+                         host_offsets() copies them to the host once (the torch and cuda backends slice with them)
     """
 
-    tokens: torch.Tensor
-    slots: torch.Tensor
-    offsets: list
+    __slots__ = ("tokens", "slots", "offsets", "_host")
+
+    def __init__(self, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor, host_offsets=None):
+        self.tokens, self.slots, self.offsets = tokens, slots, offsets
+        self._host = list(host_offsets) if host_offsets is not None else None
+
+    @property
+    def num_layers(self) -> int:
+        return self.offsets.shape[0] - 1
+
+    def host_offsets(self) -> list:
+        """offsets as M+1 host ints (one device->host copy, then cached)."""
+        if self._host is None:
+            self._host = self.offsets.tolist()
+        return self._host
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = self.offsets[i], self.offsets[i + 1]
+        """(tokens, slots) of bank layer i's pairs."""
+        offsets = self.host_offsets()
+        lo, hi = offsets[i], offsets[i + 1]
         return self.tokens[lo:hi], self.slots[lo:hi]
 
 
@@ -52,12 +68,14 @@ def topk_lower_index(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def bank_rows(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
-    """Group the L*K routed pairs by bank layer (a stable sort keeps tokens ascending within a layer)."""
+    """Group the L*K routed pairs by bank layer: a stable sort keeps tokens ascending within a layer, and
+    offsets[m] = the number of pairs routed below layer m (a binary search of the sorted ids). No device->host
+    copy and no data-dependent shape, so it runs inside a CUDA graph."""
     L, K = topk_idx.shape
     flat = topk_idx.reshape(-1).to(torch.int64)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_layers)
-    offsets = [0] + torch.cumsum(counts, 0).tolist()
+    layer_of_pair, order = torch.sort(flat, stable=True)
+    bounds = torch.arange(num_layers + 1, dtype=torch.int64, device=flat.device)
+    offsets = torch.searchsorted(layer_of_pair, bounds)
     return BankRows(tokens=order // K, slots=order % K, offsets=offsets)
 
 

@@ -197,7 +197,7 @@ class EmulatedExt:
         tokens.copy_(rows.tokens)
         slots.copy_(rows.slots)
         counts.copy_(torch.bincount(flat, minlength=num_layers))
-        offsets.copy_(torch.tensor(rows.offsets))
+        offsets.copy_(rows.offsets)
 
     def gather_layer_norm(self, layer, gather_index, tokens, weight, bias, eps, use_saved_stats, group_size, x,
                           mean, rstd, raw_out, stream):
@@ -226,11 +226,10 @@ def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
     M = fusion.config.num_bank_layers
     routing = backend.route(fusion, q) if fusion.config.feature_usage == "dynamic" else route_fixed(fusion, q)
     rows = backend.bank_rows(routing.topk_idx, M)
-    h_bar = backend.new_accumulator(fusion, q)
+    bank = backend.open_bank(fusion, routing.alpha, gather_index, rows, range(M), fusion.projector.fc1)
     for i in (order if order is not None else range(M)):
-        tokens, slots = rows.layer(i)
-        h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
-    q_hat = backend.output(fusion, q, h_bar)
+        backend.add_layer(bank, i, layers[i])
+    q_hat = backend.output(fusion, q, backend.close_bank(bank))
     q_hat.backward(grad_out)
     grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in fusion.named_parameters()}
     return q_hat.detach(), routing, q.grad.detach().clone(), grads
@@ -351,15 +350,15 @@ def assert_compiled_matches_eager(backend, fusion, q, layers, gather_index) -> N
     import torch._dynamo.testing
 
     M = fusion.config.num_bank_layers
-    per_layer = [bank_rows(backend.route(fusion, q).topk_idx, M).layer(i) for i in range(M)]  # host-side grouping
+    rows = backend.bank_rows(backend.route(fusion, q).topk_idx, M)
+    rows.host_offsets()  # the torch/cuda backends slice on the host: copy the offsets outside the graph
 
     def fused(q, layers, gather_index):
         routing = backend.route(fusion, q)
-        h_bar = backend.new_accumulator(fusion, q)
+        bank = backend.open_bank(fusion, routing.alpha, gather_index, rows, range(M), fusion.projector.fc1)
         for i in range(M):
-            tokens, slots = per_layer[i]
-            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], tokens, slots, gather_index)
-        return backend.output(fusion, q, h_bar), routing.alpha
+            backend.add_layer(bank, i, layers[i])
+        return backend.output(fusion, q, backend.close_bank(bank)), routing.alpha
 
     def run(fn):
         fusion.zero_grad(set_to_none=True)

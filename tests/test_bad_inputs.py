@@ -87,17 +87,21 @@ def config(**kw):
     return call
 
 
-def bank_forward_with(**change):
+def bank_layer_forward_with(**change):
     def call(_tmp):
-        from geoalign_kernels.bank import bank_forward
+        from geoalign_kernels.bank import bank_layer_forward
 
         L, K, G, Dg, H, N = 6, 2, 4, 8, 16, 30
         args = dict(h_bar=torch.zeros(L, H), alpha=torch.rand(L, K), ln_weight=torch.ones(Dg),
                     ln_bias=torch.zeros(Dg), fc1_weight=torch.randn(H, G * Dg), fc1_bias=torch.zeros(H),
                     layer=torch.randn(N, Dg), tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64),
-                    gather_index=torch.randint(0, N, (L, G)), eps=1e-5, save=False)
+                    offsets=torch.tensor([0, L]), layer_pos=0, gather_index=torch.randint(0, N, (L, G)), eps=1e-5,
+                    x_hat=torch.zeros(L, G * Dg), z=torch.zeros(0, H), tape=False)
         args.update({k: v() if callable(v) else v for k, v in change.items()})
-        bank_forward(**args)
+        n = args["tokens"].shape[0]
+        if n != L and "offsets" not in change:
+            args["offsets"], args["x_hat"] = torch.tensor([0, n]), torch.zeros(min(L, n), G * Dg)
+        bank_layer_forward(**args)
     return call
 
 
@@ -357,22 +361,28 @@ CASES: dict[str, Case] = {
                          config(feature_usage="single", single_layer=7), ValueError,
                          "GeoAlignConfig.single_layer=7 is not in the bank"),
     # ---- kernel launchers (host checks, no device sync; ids checked in guard mode)
-    "launch-h-dtype": Case("kernels", "bank_forward: h_bar not fp32", bank_forward_with(h_bar=lambda: torch.zeros(6, 16,
-                           dtype=torch.float16)), TypeError, "bank_forward: h_bar must be float32, got float16", True),
-    "launch-h-shape": Case("kernels", "bank_forward: h_bar not [L, H]", bank_forward_with(h_bar=lambda: torch.zeros(7, 16)),
-                           ValueError, "bank_forward: h_bar must have shape [6, 16], got [7, 16]", True),
-    "launch-w1": Case("kernels", "bank_forward: fc1_weight not [H, G*D']",
-                      bank_forward_with(fc1_weight=lambda: torch.randn(16, 31)), ValueError,
-                      "bank_forward: fc1_weight must have shape [*, 32], got [16, 31]", True),
-    "launch-pairs": Case("kernels", "bank_forward: more pairs than L*K",
-                         bank_forward_with(tokens=lambda: torch.arange(13) % 6, slots=lambda: torch.zeros(13, dtype=torch.int64)),
-                         ValueError, "bank_forward: 13 routed pairs for L=6 tokens with K=2 slots each", True),
-    "launch-token-range": Case("kernels", "bank_forward: a token id past h_bar (guard mode)",
-                               bank_forward_with(tokens=lambda: torch.tensor([0, 1, 2, 3, 4, 6])), GuardError,
-                               "bank_forward: tokens must lie in [0, 6) (rows of h_bar), got values in [0, 6]", True),
-    "launch-gather-range": Case("kernels", "bank_forward: a gather row past the layer (guard mode)",
-                                bank_forward_with(gather_index=lambda: torch.full((6, 4), 30)), GuardError,
-                                "bank_forward: gather_index must lie in [0, 30) (rows of the layer)", True),
+    "launch-h-dtype": Case("kernels", "bank_layer_forward: h_bar not fp32", bank_layer_forward_with(h_bar=lambda: torch.zeros(6, 16,
+                           dtype=torch.float16)), TypeError, "bank_layer_forward: h_bar must be float32, got float16", True),
+    "launch-h-shape": Case("kernels", "bank_layer_forward: h_bar not [L, H]", bank_layer_forward_with(h_bar=lambda: torch.zeros(7, 16)),
+                           ValueError, "bank_layer_forward: h_bar must have shape [6, 16], got [7, 16]", True),
+    "launch-w1": Case("kernels", "bank_layer_forward: fc1_weight not [H, G*D']",
+                      bank_layer_forward_with(fc1_weight=lambda: torch.randn(16, 31)), ValueError,
+                      "bank_layer_forward: fc1_weight must have shape [*, 32], got [16, 31]", True),
+    "launch-pairs": Case("kernels", "bank_layer_forward: more pairs than L*K",
+                         bank_layer_forward_with(tokens=lambda: torch.arange(13) % 6, slots=lambda: torch.zeros(13, dtype=torch.int64)),
+                         ValueError, "bank_layer_forward: 13 routed pairs for L=6 tokens with K=2 slots each", True),
+    "launch-token-range": Case("kernels", "bank_layer_forward: a token id past h_bar (guard mode)",
+                               bank_layer_forward_with(tokens=lambda: torch.tensor([0, 1, 2, 3, 4, 6])), GuardError,
+                               "bank_layer_forward: tokens must lie in [0, 6) (rows of h_bar), got values in [0, 6]", True),
+    "launch-gather-range": Case("kernels", "bank_layer_forward: a gather row past the layer (guard mode)",
+                                bank_layer_forward_with(gather_index=lambda: torch.full((6, 4), 30)), GuardError,
+                                "bank_layer_forward: gather_index must lie in [0, 30) (rows of the layer)", True),
+    "launch-x-hat": Case("kernels", "bank_layer_forward: x_hat buffer too small",
+                         bank_layer_forward_with(x_hat=lambda: torch.zeros(5, 32)), ValueError,
+                         "bank_layer_forward: x_hat must have shape [6, 32], got [5, 32]", True),
+    "launch-layer-pos": Case("kernels", "bank_layer_forward: a bank layer past the offsets",
+                             bank_layer_forward_with(layer_pos=1), ValueError,
+                             "bank_layer_forward: layer_pos must be in [0, 0], got 1", True),
     "launch-k": Case("kernels", "route_forward: K > M", route_forward_k(4), ValueError,
                      "route_forward: k must be in [1, 3], got 4", True),
     "launch-matmul": Case("kernels", "matmul: inner dimensions differ", matmul_mismatch, ValueError,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from geoalign.backends import cuda_extension, cuda_ops
+from geoalign_kernels import guard
 from geoalign_kernels.runtime import acc_dtype
 from geoalign.routing import bank_rows, topk_lower_index
 
@@ -112,18 +113,23 @@ def test_bank_rows_matches_torch(L, M, K):
     topk_idx = topk_lower_index(logits, K)
     got = cuda_ops.bank_rows_cuda(topk_idx, M)
     want = bank_rows(topk_idx, M)
-    assert got.offsets == want.offsets
+    assert torch.equal(got.offsets, want.offsets)
     assert torch.equal(got.tokens, want.tokens)
     assert torch.equal(got.slots, want.slots)
     _tok, _sl, counts, offsets = cuda_ops.cuda_bank_rows(topk_idx, M)
     assert counts.tolist() == torch.bincount(topk_idx.reshape(-1), minlength=M).tolist()
-    assert offsets.tolist() == want.offsets
+    assert torch.equal(offsets, want.offsets)
 
 
-def test_bank_rows_rejects_out_of_range_ids():
+def test_bank_rows_out_of_range_ids(monkeypatch):
+    """Guard mode rejects ids outside [0, M); without it they are dropped (the offsets count only placed pairs),
+    never written anywhere."""
     topk_idx = torch.tensor([[0, 1], [5, 1]], device=DEV)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(guard.GuardError, match=r"topk_idx must lie in \[0, 3\)"):
         cuda_ops.bank_rows_cuda(topk_idx, 3)
+    monkeypatch.setattr(guard, "ENABLED", False)
+    rows = cuda_ops.bank_rows_cuda(topk_idx, 3)
+    assert rows.offsets.tolist() == [0, 1, 3, 3]
 
 
 # ------------------------------------------------------------------------------------------------- gather + LN

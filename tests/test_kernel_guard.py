@@ -17,7 +17,7 @@ pytestmark = pytest.mark.triton
 import triton.language as tl  # noqa: E402
 
 from geoalign_kernels import guard  # noqa: E402
-from geoalign_kernels.bank import bank_forward  # noqa: E402
+from geoalign_kernels.bank import bank_layer_forward  # noqa: E402
 from geoalign_kernels.guard import GuardError, guarded  # noqa: E402
 
 
@@ -83,8 +83,9 @@ def bank_args(L=6, K=2, G=4, Dg=8, H=16, N=30, seed=0):
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     return dict(h_bar=torch.zeros(L, H), alpha=torch.rand(L, K, generator=gen), ln_weight=1 + r(Dg),
                 ln_bias=r(Dg), fc1_weight=r(H, G * Dg) / 4, fc1_bias=r(H), layer=r(N, Dg),
-                tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64),
-                gather_index=torch.randint(0, N, (L, G), generator=gen), eps=1e-5, save=True)
+                tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64), offsets=torch.tensor([0, L]),
+                layer_pos=0, gather_index=torch.randint(0, N, (L, G), generator=gen), eps=1e-5,
+                x_hat=torch.zeros(L, G * Dg), z=torch.zeros(L, H), tape=True)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -92,12 +93,13 @@ def bank_args(L=6, K=2, G=4, Dg=8, H=16, N=30, seed=0):
     ("tokens", torch.tensor([0, -1, 2, 3, 4, 5]), r"tokens must lie in \[0, 6\)"),
     ("slots", torch.tensor([0, 0, 2, 0, 0, 0]), r"slots must lie in \[0, 2\) \(columns of alpha\)"),
     ("gather_index", torch.full((6, 4), 30), r"gather_index must lie in \[0, 30\) \(rows of the layer\)"),
+    ("offsets", torch.tensor([0, 7]), r"offsets must lie in \[0, 7\) \(pair positions\), got values in \[0, 7\]"),
 ])
 def test_out_of_range_ids_are_caught_in_guard_mode(guard_on, field, value, message):
     args = bank_args()
     args[field] = value
     with pytest.raises(GuardError, match=message):
-        bank_forward(**args)
+        bank_layer_forward(**args)
 
 
 def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
@@ -107,12 +109,12 @@ def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
     monkeypatch.setattr(guard, "check_index_range", lambda *a, **k: None)
     good = bank_args()
     h_good = good["h_bar"]
-    bank_forward(**good)
+    bank_layer_forward(**good)
     bad = bank_args()
     bad["tokens"] = torch.tensor([0, 1, 2, 3, 4, 9])  # pair 5: token 9 of 6
     bad["slots"] = torch.tensor([0, 0, 0, 5, 0, 0])  # pair 3: slot 5 of 2
     bad["gather_index"][2, 1] = 10**6  # pair 2: a row far past the layer's 30
-    bank_forward(**bad)  # the canaries around h_bar, z, raw, mean and rstd must hold
+    bank_layer_forward(**bad)  # the canaries around h_bar, x_hat and z must hold
     h_bad = bad["h_bar"]
     assert torch.equal(h_bad[[0, 1, 4]], h_good[[0, 1, 4]])
     assert h_bad[2].isnan().all()

@@ -38,12 +38,14 @@ CALL_EVERY_OP = textwrap.dedent('''
     r = lambda *s: torch.randn(*s, generator=g)
     layer, gi = r(20, Dg), torch.randint(0, 20, (L, G), generator=g)
     alpha, tokens, slots = torch.rand(L, K, generator=g), torch.arange(L), torch.zeros(L, dtype=torch.long)
+    offsets = torch.tensor([0, L])
     lw, lb, w1, b1 = 1 + r(Dg), r(Dg), r(H, G * Dg), r(H)
     calls = {
-        "geoalign::triton_bank_accumulate": lambda: bank.bank_accumulate_op(
-            torch.zeros(L, H), alpha, lw, lb, w1, b1, layer, tokens, slots, gi, 1e-5, True),
+        "geoalign::triton_bank_layer_forward": lambda: bank.bank_layer_forward_op(
+            torch.zeros(L, H), alpha, lw, lb, w1, b1, layer, tokens, slots, offsets, 0, gi, 1e-5,
+            torch.empty(L, G * Dg), torch.empty(L, H), True),
         "geoalign::triton_bank_backward": lambda: bank.bank_backward_op(
-            r(L, H), alpha, lw, lb, w1, tokens, slots, r(L, G * Dg), r(L, H), True, True),
+            r(L, H), alpha, lw[None], lb[None], w1, tokens, slots, offsets, r(L, G * Dg), r(L, H), True, True),
         "geoalign::triton_route": lambda: routing.route_op(r(L, R), r(M, R), r(M), K),
         "geoalign::triton_route_backward": lambda: routing.route_backward_op(
             r(L, K), torch.softmax(r(L, K), -1), torch.zeros(L, K, dtype=torch.int32), r(L, R), r(M, R)),
@@ -102,7 +104,7 @@ def test_second_import_of_the_kernel_sources_reuses_the_ops(tmp_path):
         sys.path.insert(0, {str(tmp_path)!r})
         import alias_kernels.bank, alias_kernels.output, alias_kernels.routing
     ''') + CALL_EVERY_OP + textwrap.dedent('''
-        assert alias_kernels.bank.bank_accumulate_op is geoalign_kernels.bank.bank_accumulate_op
+        assert alias_kernels.bank.bank_layer_forward_op is geoalign_kernels.bank.bank_layer_forward_op
         assert alias_kernels.routing.route_op is geoalign_kernels.routing.route_op
         assert alias_kernels.output.output_op is geoalign_kernels.output.output_op
     ''')

@@ -150,3 +150,22 @@ def test_layer_norm_of_rows_with_a_large_offset(emulated, backend):
     assert rel_err(fast[0], ref[0]) <= 1e-3, rel_err(fast[0], ref[0])
     for name, g in fast[3].items():
         assert rel_err(g, ref[3][name]) <= 5e-3, (name, rel_err(g, ref[3][name]))
+
+
+# ----------------------------------------------------------------------------------------- 3. grad modes
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
+@pytest.mark.parametrize("fold_output", [False, True])
+def test_inference_mode(backend, fold_output):
+    """Under torch.inference_mode (what evaluation and generate run) with inference tensors as inputs: inference
+    tensors have no version counter, so nothing may read one; the output equals the reference's."""
+    shape = Shape(L=9, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gi = make_inputs(shape, torch.float32)
+    with torch.no_grad():
+        expected = fusion(q, layers, gi, backend="reference")
+    with torch.inference_mode():
+        q_i, layers_i, gi_i = q.clone(), [x.clone() for x in layers], gi.clone()
+        assert q_i.is_inference()
+        out = fusion(q_i, layers_i, gi_i, backend=backend, fold_output=fold_output)
+    assert out.is_inference()
+    assert rel_err(out, expected) < TOL[torch.float32]

@@ -22,11 +22,11 @@ import geoalign_kernels.utils as kutils  # noqa: E402
 import helpers  # noqa: E402
 from helpers import TRITON_TOL, rel_err  # noqa: E402
 from geoalign import GeoAlignConfig, GeoAlignFusion  # noqa: E402
-from geoalign.backends.torch_sparse import BankAccumulate as TorchBankAccumulate  # noqa: E402
+from geoalign.backends.base import Bank  # noqa: E402
+from geoalign.backends.torch_sparse import TorchBackend  # noqa: E402
 from geoalign.routing import bank_rows, topk_lower_index  # noqa: E402
 from geoalign_kernels import configs  # noqa: E402
 from geoalign.backends.triton_backend import TritonBackend  # noqa: E402
-from geoalign_kernels.bank import bank_accumulate  # noqa: E402
 from geoalign_kernels.output import fold_output_weights, output as triton_output, output_folded_op  # noqa: E402
 from geoalign_kernels.routing import route_op  # noqa: E402
 
@@ -214,76 +214,111 @@ def test_route_kernel_partial_ties():
     torch.testing.assert_close(alpha[:, 0], alpha[:, 1], rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------------------------ bank kernel
+# ------------------------------------------------------------------------------------------------ bank kernels
 def _bank_case(dtype, G, L=23, Dg=37, H=48, K=2, M=3, seed=0, layer_dtype=None):
+    """M layers with their own random LayerNorm affine, a random routing, random alpha / W1 / b1, and a random
+    (not zero) starting h_bar, so the kernels must read-add-write."""
     gen = torch.Generator().manual_seed(seed)
     N = L * G + 3
-    layer = (torch.randn(N, Dg, generator=gen, dtype=torch.float64) * 2 + 0.5).to(layer_dtype or dtype)
+
+    def rnd(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + shift).to(dt)
+
+    layers = [rnd(N, Dg, scale=2.0, shift=0.5, dt=layer_dtype or dtype) for _ in range(M)]
     gather_index = torch.randint(0, N, (L, G), generator=gen)
-    logits = torch.randn(L, M, generator=gen)
-    topk = topk_lower_index(logits, K)
+    topk = topk_lower_index(torch.randn(L, M, generator=gen), K)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     alpha = torch.softmax(torch.randn(L, K, generator=gen, dtype=acc), -1).requires_grad_()
-    ln_w = (1 + 0.3 * torch.randn(Dg, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
-    ln_b = (0.3 * torch.randn(Dg, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
-    w1 = (torch.randn(H, G * Dg, generator=gen, dtype=torch.float64) / (G * Dg) ** 0.5).to(dtype).requires_grad_()
-    b1 = (0.3 * torch.randn(H, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
-    h0 = torch.randn(L, H, generator=gen, dtype=acc)  # not zeros: the kernel must read-add-write
-    return layer, gather_index, bank_rows(topk, M), alpha, ln_w, ln_b, w1, b1, h0
+    ln_ws = [rnd(Dg, scale=0.3, shift=1.0).requires_grad_() for _ in range(M)]
+    ln_bs = [rnd(Dg, scale=0.3).requires_grad_() for _ in range(M)]
+    w1 = rnd(H, G * Dg, scale=(G * Dg) ** -0.5).requires_grad_()
+    b1 = rnd(H, scale=0.3).requires_grad_()
+    h0 = torch.randn(L, H, generator=gen, dtype=acc)
+    return dict(layers=layers, gather_index=gather_index, rows=bank_rows(topk, M), alpha=alpha, ln_ws=ln_ws,
+                ln_bs=ln_bs, w1=w1, b1=b1, h0=h0)
 
 
-def _run_bank(fn, case, i, eps=1e-5, seed=2):
-    layer, gather_index, rows, alpha, ln_w, ln_b, w1, b1, h0 = case
-    tokens, slots = rows.layer(i)
-    params = (alpha, ln_w, ln_b, w1, b1)
-    h = h0.clone()
-    h = fn(h, alpha, ln_w, ln_b, w1, b1, layer, tokens, slots, gather_index, eps)
+def _run_bank(backend, case, order=None, eps=1e-5, seed=2, grad=True):
+    """Drive a Bank through ``backend`` (layers in ``order``); -> (h_bar, grads of alpha, W1, b1, every LN affine)."""
+    c = case
+    M = len(c["layers"])
+    with torch.set_grad_enabled(grad):
+        bank = Bank(c["h0"].clone(), c["alpha"], c["gather_index"], c["rows"], c["ln_ws"], c["ln_bs"], c["w1"],
+                    c["b1"], eps)
+        backend.prepare_bank(bank)
+        for j in order if order is not None else range(M):
+            backend.add_layer(bank, j, c["layers"][j])
+        h = backend.close_bank(bank)
+    if not grad:
+        return h, None
+    params = (c["alpha"], c["w1"], c["b1"], *c["ln_ws"], *c["ln_bs"])
     g = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=h.dtype)
     grads = torch.autograd.grad((h * g).sum(), params, allow_unused=True)
-    grads = [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
-    return h.detach(), grads, tokens
+    return h.detach(), [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
+
+
+def _grad_names(M):
+    return ["d_alpha", "d_w1", "d_b1"] + [f"d_ln_w{j}" for j in range(M)] + [f"d_ln_b{j}" for j in range(M)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("G", [4, 8])
-def test_bank_layer_parity(G, dtype):
-    case = _bank_case(dtype, G, Dg=37 if G == 4 else 19, seed=G)
-    exp_h, exp_g, tokens = _run_bank(TorchBankAccumulate.apply, case, 1)
-    got_h, got_g, _ = _run_bank(bank_accumulate, case, 1)
-    assert tokens.numel() > 0
-    untouched = torch.ones(got_h.shape[0], dtype=torch.bool)
-    untouched[tokens] = False
-    assert torch.equal(got_h[untouched], case[-1][untouched]), "rows without a routed pair must be left as they are"
+def test_bank_parity(G, dtype):
+    """The whole bank (layers streamed in a scrambled order, one grouped backward) against the torch backend."""
+    case = _bank_case(dtype, G, Dg=37 if G == 4 else 19, M=4, seed=G)
+    exp_h, exp_g = _run_bank(TorchBackend(), case, order=[2, 0, 3, 1])
+    got_h, got_g = _run_bank(TritonBackend(), case, order=[2, 0, 3, 1])
     assert_close(got_h, exp_h, dtype, "h_bar")
-    for name, a, e in zip(("d_alpha", "d_ln_w", "d_ln_b", "d_w1", "d_b1"), got_g, exp_g):
+    for name, a, e in zip(_grad_names(4), got_g, exp_g):
         assert_close(a, e, dtype, name)
 
 
-def test_bank_layer_noncontiguous_and_mixed_dtype():
-    """A strided layer view (copied once in the launcher), int32 gather_index, fp32 layer with fp16 parameters."""
+def test_bank_inference_uses_a_scratch_buffer():
+    """Without a gradient nothing is taped: x_hat goes to one min(L, L*K)-row scratch buffer reused by each layer."""
+    case = _bank_case(torch.float32, 4, L=19, Dg=21, H=40, M=3, seed=5)
+    exp_h, _ = _run_bank(TorchBackend(), case, grad=False)
+    got_h, _ = _run_bank(TritonBackend(), case, grad=False)
+    assert not got_h.requires_grad
+    assert_close(got_h, exp_h, torch.float32, "h_bar")
+    with torch.no_grad():
+        bank = Bank(case["h0"].clone(), case["alpha"], case["gather_index"], case["rows"], case["ln_ws"],
+                    case["ln_bs"], case["w1"], case["b1"], 1e-5)
+        TritonBackend().prepare_bank(bank)
+    assert not bank.save and bank.tape == [] and bank.scratch[0].shape == (19, 4 * 21)
+
+
+def test_bank_noncontiguous_and_mixed_dtype():
+    """A strided layer view (copied once in the launcher), int32 gather_index, fp32 layers with fp16 parameters."""
     dtype = torch.float16
-    case = list(_bank_case(dtype, 4, L=17, Dg=21, H=40, seed=9, layer_dtype=torch.float32))
-    wide = torch.randn(case[0].shape[0], 2 * case[0].shape[1])
-    wide[:, ::2] = case[0]
-    case[0] = wide[:, ::2]
-    assert not case[0].is_contiguous()
-    exp_h, exp_g, _ = _run_bank(TorchBankAccumulate.apply, case, 0)
-    case[1] = case[1].to(torch.int32)
-    got_h, got_g, _ = _run_bank(bank_accumulate, case, 0)
+    case = _bank_case(dtype, 4, L=17, Dg=21, H=40, seed=9, layer_dtype=torch.float32)
+    strided = []
+    for layer in case["layers"]:
+        wide = torch.randn(layer.shape[0], 2 * layer.shape[1])
+        wide[:, ::2] = layer
+        strided.append(wide[:, ::2])
+    case["layers"] = strided
+    assert not strided[0].is_contiguous()
+    exp_h, exp_g = _run_bank(TorchBackend(), case)
+    case["gather_index"] = case["gather_index"].to(torch.int32)
+    got_h, got_g = _run_bank(TritonBackend(), case)
     assert_close(got_h, exp_h, dtype, "h_bar")
-    for name, a, e in zip(("d_alpha", "d_ln_w", "d_ln_b", "d_w1", "d_b1"), got_g, exp_g):
+    for name, a, e in zip(_grad_names(3), got_g, exp_g):
         assert_close(a, e, dtype, name)
 
 
-def test_bank_layer_without_pairs():
-    """No pair routed to the layer: h_bar unchanged, zero LayerNorm grads, zero alpha grad."""
-    case = list(_bank_case(torch.float32, 4, L=9, Dg=16, H=16, M=3, K=1, seed=4))
-    case[2] = bank_rows(torch.zeros(9, 1, dtype=torch.int64), 3)  # everything on layer 0
-    got_h, got_g, tokens = _run_bank(bank_accumulate, case, 2)
-    assert tokens.numel() == 0
-    assert torch.equal(got_h, case[-1])
-    for g in got_g[:3]:
-        assert torch.count_nonzero(g) == 0
+def test_bank_layers_without_pairs():
+    """Every pair on layer 0: layers 1 and 2 leave h_bar alone and get exactly zero LayerNorm grads."""
+    case = _bank_case(torch.float32, 4, L=9, Dg=16, H=16, M=3, K=1, seed=4)
+    case["rows"] = bank_rows(torch.zeros(9, 1, dtype=torch.int64), 3)
+    exp_h, exp_g = _run_bank(TorchBackend(), case)
+    got_h, got_g = _run_bank(TritonBackend(), case)
+    assert_close(got_h, exp_h, torch.float32, "h_bar")
+    names = _grad_names(3)
+    for name, a, e in zip(names, got_g, exp_g):
+        assert_close(a, e, torch.float32, name)
+    for name, g in zip(names, got_g):
+        if name in ("d_ln_w1", "d_ln_w2", "d_ln_b1", "d_ln_b2"):
+            assert torch.count_nonzero(g) == 0, name
 
 
 # ------------------------------------------------------------------------------------------------ output stage
@@ -322,9 +357,10 @@ def test_backend_fold_output_flag():
     with torch.no_grad():
         routing = backend.route(fusion, q)
         rows = bank_rows(routing.topk_idx, 2)
-        h_bar = backend.new_accumulator(fusion, q)
+        bank = backend.open_bank(fusion, routing.alpha, gather_index, rows, range(2), fusion.projector.fc1)
         for i in range(2):
-            h_bar = backend.accumulate(fusion, h_bar, routing.alpha, i, layers[i], *rows.layer(i), gather_index)
+            backend.add_layer(bank, i, layers[i])
+        h_bar = backend.close_bank(bank)
         folded = backend.output(fusion, q, h_bar)
         assert backend._fold is not None
         expected = fusion(q, layers, gather_index, backend="torch")
@@ -373,3 +409,65 @@ def test_int64_offsets_gpu():
     assert rel_err(out[0], ref[0]) < TRITON_TOL[dtype]
     for name in ("projector.fc1.weight", "layer_norms.0.weight", "layer_norms.1.bias"):
         assert rel_err(out[3][name], ref[3][name]) < TRITON_TOL[dtype], name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fusion_step_in_a_cuda_graph_gpu(monkeypatch):
+    """Forward + backward of the triton fusion with input value checks off and guard mode off: no host sync
+    (torch.cuda.set_sync_debug_mode("error") raises on one), so the whole step is captured in one CUDAGraph; a
+    replay on new inputs copied into the static ones gives the eager torch backend's output and gradients."""
+    from geoalign_kernels import guard
+
+    monkeypatch.setattr(guard, "ENABLED", False)
+    dtype = torch.float32
+    fusion, q, layers, gather_index = make_fusion(dtype, L=301, D=128, Dg=96, H=160, M=6, K=2, G=4, R=64, seed=31)
+    fusion = fusion.cuda()
+    fusion.check_inputs = False
+    static_q = q.cuda().requires_grad_()
+    static_layers, static_gi = [x.cuda() for x in layers], gather_index.cuda()
+    static_g = torch.randn_like(static_q)
+
+    def step():
+        fusion.zero_grad(set_to_none=True)
+        static_q.grad = None
+        out = fusion(static_q, static_layers, static_gi, backend="triton")
+        out.backward(static_g)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) on a side stream, as CUDA graph capture requires
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()  # eager, no sync
+        fusion.zero_grad(set_to_none=True)
+        static_q.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = fusion(static_q, static_layers, static_gi, backend="triton")
+            static_out.backward(static_g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _, q2, layers2, gi2 = make_fusion(dtype, L=301, D=128, Dg=96, H=160, M=6, K=2, G=4, R=64, seed=32)
+    with torch.no_grad():
+        static_q.copy_(q2.cuda())
+        for s, x in zip(static_layers, layers2):
+            s.copy_(x.cuda())
+        static_gi.copy_(gi2.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    got = (static_out.detach().clone(), static_q.grad.clone(),
+           {n: p.grad.clone() for n, p in fusion.named_parameters() if p.grad is not None})
+    fusion.check_inputs = True
+    fusion.zero_grad(set_to_none=True)
+    q_ref = q2.cuda().requires_grad_()
+    out_ref = fusion(q_ref, [x.cuda() for x in layers2], gi2.cuda(), backend="torch")
+    out_ref.backward(static_g)
+    assert rel_err(got[0], out_ref.detach()) < TRITON_TOL[dtype]
+    assert rel_err(got[1], q_ref.grad) < TRITON_TOL[dtype]
+    for name, p in fusion.named_parameters():
+        assert rel_err(got[2][name], p.grad) < TRITON_TOL[dtype], name

@@ -5,7 +5,7 @@ torch      exact sparse + streaming in plain PyTorch                            
 triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)        backends/triton_backend.py
 cuda       CUDA kernels from csrc/ for routing, row lists and gather + LayerNorm          backends/cuda_backend.py
 
-Every sparse backend is a :class:`geoalign.backends.base.SparseBackend` (route, bank_rows, new_accumulator,
+Every sparse backend is a :class:`geoalign.backends.base.SparseBackend` (route, bank_rows, open_bank, add_layer,
 accumulate, accumulate_split, finish / output), driven by :class:`geoalign.fusion.FusionStream`.
 """
 from __future__ import annotations

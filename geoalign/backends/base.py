@@ -1,19 +1,21 @@
 """SparseBackend: the one protocol that :class:`geoalign.fusion.FusionStream` drives, with the shared defaults.
 
 A forward is: ``route`` (Top-K routes from Q alone), ``bank_rows`` (the routed (token, slot) pairs grouped by bank
-layer), ``new_accumulator`` (h_bar [L, H], zero, fp32/fp64), then per bank layer as it arrives ``accumulate``
-(h_bar += alpha * GELU(W1 x + b1) for that layer's pairs, in place), then ``finish`` (eq. 8 and its variants).
+layer), ``open_bank`` (a :class:`Bank`: h_bar [L, H], zero, fp32/fp64), then per bank layer as it arrives
+``add_layer`` (h_bar += alpha * GELU(W1 x + b1) for that layer's pairs, in place, no autograd), then ``close_bank``
+(one autograd node for the whole bank, whose backward is one grouped ``bank_backward`` over every layer), then
+``finish`` (eq. 8 and its variants).
 
 The defaults here are plain PyTorch and exact; a backend overrides what it accelerates:
 
-  torch   accumulate (a custom autograd.Function saving only the routed rows)
-  triton  route (fused fc2 + Top-K + softmax), accumulate (gathered GEMM1 with LN in the A-load), output (GEMMs),
-          fold (the W_out.W2 product)
-  cuda    route (warp Top-K), bank_rows (counting sort on the device), accumulate (CUDA gather + LayerNorm)
+  torch   bank_layer / bank_backward in torch (the backward loops over the layers, dW1 accumulated in fp32)
+  triton  route (fused fc2 + Top-K + softmax), bank_layer (gather + normalise, then GEMM1 with the fused epilogue,
+          into a pair-sorted tape), bank_backward (two launches for all layers), output (GEMMs), fold
+  cuda    route (warp Top-K), bank_rows (counting sort on the device), the gather + normalise of bank_layer
 
-Variants (paper Table 4) need no backend code: single / mean / dense use fixed routes through the same bank op
-(:func:`geoalign.routing.route_fixed`); the split projector accumulates per layer (:meth:`accumulate_split`); FiLM and
-the gated fusions apply :meth:`geoalign.GeoAlignFusion.inject` to F_hat.
+Variants (paper Table 4) need no backend code: single / mean / dense use fixed routes through the same bank
+(:func:`geoalign.routing.route_fixed`); the split projector runs a one-layer bank per layer
+(:meth:`SparseBackend.accumulate_split`); FiLM and the gated fusions apply :meth:`geoalign.GeoAlignFusion.inject`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,81 @@ from geoalign_kernels.runtime import acc_dtype
 from ..routing import BankRows, Routing, bank_rows, topk_lower_index
 
 
+class Bank:
+    """The routed bank of one forward (docs/architecture.md, "Backends").
+
+    h_bar        [L, H] fp32 (fp64 for fp64 parameters), filled in place one bank layer at a time
+    alpha        [L, K] routing weights (differentiable); gather_index [L, G] rows into each layer
+    rows         :class:`geoalign.routing.BankRows`, the pairs grouped by bank layer j = 0..M-1
+    ln_weights   M LayerNorm weights [D'] (ln_biases likewise), one per bank layer of this bank
+    fc1_weight   [H, G*D'] and fc1_bias [H], shared by the bank's layers
+    save         whether backward will run (grad mode on and something needs a gradient): then the backend keeps
+                 ``tape``, the tensors its ``bank_backward`` needs (backend-specific list)
+    """
+
+    def __init__(self, h_bar, alpha, gather_index, rows: BankRows, ln_weights, ln_biases, fc1_weight, fc1_bias,
+                 eps: float):
+        self.h_bar, self.alpha, self.gather_index, self.rows = h_bar, alpha, gather_index, rows
+        self.ln_weights, self.ln_biases = list(ln_weights), list(ln_biases)
+        self.fc1_weight, self.fc1_bias, self.eps = fc1_weight, fc1_bias, eps
+        self.save = torch.is_grad_enabled() and any(t.requires_grad for t in (alpha,) + self.params)
+        self.tape: list = []
+        self.scratch = None  # the backend's forward-only buffers, if it needs any
+        self.added = [False] * len(self.ln_weights)
+        # (inference tensors have no version counter; without a backward there is nothing to disagree with)
+        self._versions = [t._version for t in (alpha,) + self.params] if self.save else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.ln_weights)
+
+    @property
+    def params(self) -> tuple:
+        """(fc1_weight, fc1_bias, *ln_weights, *ln_biases): the bank's differentiable inputs besides alpha."""
+        return (self.fc1_weight, self.fc1_bias, *self.ln_weights, *self.ln_biases)
+
+    def check_unchanged(self) -> None:
+        """The layers were computed with alpha and the parameters as they were at open_bank: an in-place update
+        since then would make the forward and its backward disagree. (Not under torch.compile, which traces
+        versions symbolically; its functionalisation orders the updates anyway.)"""
+        if self._versions is None or torch.compiler.is_compiling():
+            return
+        for t, version in zip((self.alpha,) + self.params, self._versions):
+            if t._version != version:
+                raise RuntimeError("a bank parameter or alpha was modified in place between begin() and finish() "
+                                   "of a fused forward; update parameters only between forwards")
+
+
+class BankFunction(torch.autograd.Function):
+    """The whole bank as one autograd node. The forward has already run layer by layer into h_bar (under no_grad,
+    as the layers streamed in); this node hands back h_bar (marked dirty: it was updated in place) and saves the
+    backend's tape, so backward is one grouped ``bank_backward`` over every layer. Autograd frees the tape after
+    backward like any saved tensor (retain_graph keeps it). Only tensors, a backend name and ints cross the
+    boundary (plus the host copy of the offsets when the forward made one), so torch.compile traces it."""
+
+    @staticmethod
+    def forward(ctx, backend_name: str, host_offsets: tuple | None, h_bar, alpha, tokens, slots, offsets,
+                fc1_weight, fc1_bias, *ln_params_and_tape):
+        ctx.mark_dirty(h_bar)
+        ctx.backend_name, ctx.host_offsets = backend_name, host_offsets
+        ctx.save_for_backward(alpha, tokens, slots, offsets, fc1_weight, fc1_bias, *ln_params_and_tape)
+        return h_bar
+
+    @staticmethod
+    def backward(ctx, d_h_bar):
+        alpha, tokens, slots, offsets, fc1_weight, fc1_bias, *rest = ctx.saved_tensors
+        M = offsets.shape[0] - 1
+        rows = BankRows(tokens, slots, offsets, ctx.host_offsets)
+        ln_weights, ln_biases, tape = rest[:M], rest[M:2 * M], rest[2 * M:]
+        need = ctx.needs_input_grad  # (name, host offsets, h_bar, alpha, tokens, slots, offsets, fc1_w, fc1_b, ln..., tape...)
+        need_alpha, need_w1, need_b1, need_ln = need[3], need[7], need[8], any(need[9:9 + 2 * M])
+        d_alpha, d_w1, d_b1, d_ln_w, d_ln_b = SparseBackend.by_name[ctx.backend_name].bank_backward(
+            rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar,
+            need_alpha=need_alpha, need_ln=need_ln, need_w1=need_w1, need_b1=need_b1)
+        ln_grads = list(d_ln_w.unbind(0)) + list(d_ln_b.unbind(0)) if need_ln else [None] * (2 * M)
+        return (None, None, None, d_alpha, None, None, None, d_w1, d_b1, *ln_grads, *([None] * len(tape)))
+
+
 class SparseBackend:
     """Exact sparse streaming GeoAlign. Stateless apart from the W_out.W2 fold cache: the fusion module holds the
     parameters and is passed to every call.
@@ -35,6 +112,12 @@ class SparseBackend:
     two; cached per weight version). With a gradient needed the unfolded path runs."""
 
     name = "base"
+    #: every SparseBackend subclass by its name (the bank's autograd node finds its backward here)
+    by_name: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        SparseBackend.by_name[cls.name] = cls
 
     def __init__(self, fold_output: bool = False):
         self.fold_output = fold_output
@@ -54,23 +137,65 @@ class SparseBackend:
         return bank_rows(topk_idx, num_layers)
 
     # ------------------------------------------------------------------ the bank
-    def new_accumulator(self, fusion, q: torch.Tensor) -> torch.Tensor:
-        """h_bar [L, H], zero, in the accumulation dtype."""
-        return torch.zeros(q.shape[0], fusion.config.projector_hidden, dtype=acc_dtype(q.dtype), device=q.device)
+    def open_bank(self, fusion, alpha: torch.Tensor, gather_index: torch.Tensor, rows: BankRows,
+                  positions, fc1) -> Bank:
+        """A bank over the fusion's bank positions ``positions`` (their LayerNorms) with projector layer ``fc1``:
+        h_bar [L, H] zero in the accumulation dtype, and the backend's tape allocated."""
+        L, dtype = alpha.shape[0], fc1.weight.dtype
+        h_bar = torch.zeros(L, fc1.weight.shape[0], dtype=acc_dtype(dtype), device=alpha.device)
+        norms = [fusion.layer_norms[i] for i in positions]
+        bank = Bank(h_bar, alpha, gather_index, rows, [n.weight for n in norms], [n.bias for n in norms],
+                    fc1.weight, fc1.bias, fusion.config.layer_norm_eps)
+        self.prepare_bank(bank)
+        return bank
 
-    def accumulate(self, fusion, h_bar, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
-        """h_bar[t] += alpha[t, s] * GELU(W1 . concat_g LN_i(layer[gather_index[t, g]]) + b1) for bank layer i's
-        pairs (t, s) (W1, b1: projector_for(i).fc1); in place, autograd-aware; returns h_bar."""
+    def add_layer(self, bank: Bank, j: int, layer: torch.Tensor) -> None:
+        """Bank layer j's pairs: h_bar[t] += alpha[t, s] * GELU(W1 . concat_g LN_j(layer[gather_index[t, g]]) + b1),
+        in place, recording on the tape what backward needs. No autograd here (close_bank adds the one node)."""
+        if bank.added[j]:
+            raise RuntimeError(f"bank layer {j} was already added to this bank")
+        bank.added[j] = True
+        with torch.no_grad():
+            self.bank_layer(bank, j, layer)
+
+    def close_bank(self, bank: Bank) -> torch.Tensor:
+        """h_bar [L, H], with the bank's autograd node attached when a gradient is needed."""
+        bank.check_unchanged()
+        if not bank.save:
+            return bank.h_bar
+        tape, bank.tape = bank.tape, []  # autograd owns the tape from here
+        rows = bank.rows
+        host = tuple(rows._host) if rows._host is not None else None  # what the forward already copied
+        return BankFunction.apply(self.name, host, bank.h_bar, bank.alpha, rows.tokens, rows.slots,
+                                  rows.offsets, bank.fc1_weight, bank.fc1_bias, *bank.ln_weights, *bank.ln_biases,
+                                  *tape)
+
+    def prepare_bank(self, bank: Bank) -> None:
+        """Allocate what ``bank_layer`` writes besides h_bar (the torch backend needs nothing)."""
+
+    def bank_layer(self, bank: Bank, j: int, layer: torch.Tensor) -> None:
+        """The forward of bank layer j (see add_layer), under no_grad; appends to / fills bank.tape when bank.save."""
+        raise NotImplementedError
+
+    @classmethod
+    def bank_backward(cls, rows: BankRows, alpha: torch.Tensor, ln_weights, ln_biases, fc1_weight: torch.Tensor,
+                      tape: list, d_h_bar: torch.Tensor, need_alpha: bool, need_ln: bool, need_w1: bool,
+                      need_b1: bool):
+        """Every layer's gradients at once, from d_h_bar [L, H] (fp32/fp64) and the tape: (d_alpha [L, K] alpha's
+        dtype, d_fc1_weight [H, G*D'], d_fc1_bias [H], d_ln_weight [M, D'], d_ln_bias [M, D']) in the parameter
+        dtype; None where not needed. No gradient goes into the frozen layers."""
         raise NotImplementedError
 
     def accumulate_split(self, fusion, f_hat, alpha, i, layer, tokens, slots, gather_index) -> torch.Tensor:
-        """projector="split": W2 differs per layer, so layer i's pairs go through their own [n_i, H] accumulator
+        """projector="split": W2 differs per layer, so layer i's pairs go through a one-layer bank of their own
         (rows renumbered 0..n_i-1) and F_hat[t] += W2_i h_i + alpha b2_i for those tokens. Returns the new F_hat."""
         n = tokens.numel()
         a = alpha[tokens, slots].unsqueeze(1)  # [n, 1], differentiable
-        rows = torch.arange(n, device=tokens.device)
-        h_i = torch.zeros(n, fusion.config.projector_hidden, dtype=a.dtype, device=a.device)
-        h_i = self.accumulate(fusion, h_i, a, i, layer, rows, torch.zeros_like(rows), gather_index[tokens])
+        rows = BankRows(torch.arange(n, device=tokens.device), torch.zeros_like(tokens),
+                        torch.tensor([0, n], dtype=torch.int64, device=tokens.device))
+        bank = self.open_bank(fusion, a, gather_index[tokens], rows, [i], fusion.projectors[i].fc1)
+        self.add_layer(bank, 0, layer)
+        h_i = self.close_bank(bank)
         fc2 = fusion.projectors[i].fc2
         dtype = fc2.weight.dtype
         contrib = F.linear(h_i.to(dtype), fc2.weight) + a.to(dtype) * fc2.bias

@@ -5,7 +5,6 @@ the host before the launch (the binding checks them again with TORCH_CHECK); out
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from geoalign_kernels import guard
@@ -96,6 +95,7 @@ def cuda_bank_rows(topk_idx: torch.Tensor, num_layers: int) -> tuple[torch.Tenso
     if not 1 <= num_layers <= MAX_BANK_LAYERS:
         raise ValueError(f"cuda_bank_rows: handles 1..{MAX_BANK_LAYERS} bank layers, got {num_layers}")
     require_cuda(("topk_idx", topk_idx))
+    guard.check_index_range("cuda_bank_rows", "topk_idx", topk_idx, num_layers, "bank layers")
     topk_idx = topk_idx.to(torch.int64).contiguous()
     P, dev = topk_idx.numel(), topk_idx.device
     tokens = torch.empty(P, dtype=torch.int64, device=dev)
@@ -115,12 +115,9 @@ def _cuda_bank_rows_fake(topk_idx, num_layers):
 
 
 def bank_rows_cuda(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
-    """geoalign.routing.bank_rows on the GPU: same BankRows (one device->host copy of the M+1 offsets)."""
+    """geoalign.routing.bank_rows on the GPU: the same BankRows, built by one counting-sort launch with no
+    device->host copy (the routers only emit positions in [0, M); guard mode checks that)."""
     tokens, slots, _counts, offsets = cuda_bank_rows(topk_idx, num_layers)
-    offsets = offsets.tolist()
-    if offsets[-1] != topk_idx.numel():
-        raise ValueError(f"topk_idx holds bank positions outside [0, {num_layers}): only {offsets[-1]} of "
-                         f"{topk_idx.numel()} routed pairs were placed")
     return BankRows(tokens=tokens, slots=slots, offsets=offsets)
 
 

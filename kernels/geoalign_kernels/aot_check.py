@@ -70,23 +70,23 @@ def main():
                        4, 1)
         rows = _HOPPER[("rows", "large")]
         compile_kernel(bank._gather_normalize_kernel, dict(layer_ptr="param", gather_ptr="i64", tokens_ptr="i64",
-                                                           x_hat_ptr="param"), {"eps": "fp32"},
-                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
+                                                           offsets_ptr="i64", x_hat_ptr="param"), {"eps": "fp32"},
+                       dict(TAPE=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
                             BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
         blocks, warps, stages = tile("bank_fwd")
         compile_kernel(bank._bank_fwd_kernel, dict(
             x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
-            tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc", z_ptr="param"), {},
-            dict(SAVE_Z=True, **types, **blocks), warps, stages)
+            tokens_ptr="i64", slots_ptr="i64", offsets_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc", z_ptr="param"),
+            {}, dict(TAPE=True, SAVE_Z=True, **types, **blocks), warps, stages)
         compile_kernel(bank._bank_dz_kernel, dict(
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
-            d_alpha_ptr="acc", db1_partial_ptr="acc"), {},
+            d_alpha_partial_ptr="acc"), {},
             dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
                  BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
         blocks, warps, stages = tile("bank_dw1")
         compile_kernel(bank._bank_weight_grad_kernel, dict(
-            dz_ptr="param", x_hat_ptr="param", db1_ptr="acc", ln_weight_ptr="param", ln_bias_ptr="param",
-            w1_ptr="param", dw1_ptr="param", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {},
+            dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
+            w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {},
             dict(STORE_DW1=True, **types, **blocks), warps, stages)
 
 if __name__ == "__main__":

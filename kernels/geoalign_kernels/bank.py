@@ -1,25 +1,29 @@
-"""Routed feature bank, one VGGT layer at a time: normalise first, then GEMM1 with a fused epilogue
+"""Routed feature bank: every VGGT layer's forward as it streams in, and one grouped backward for all of them
 (docs/architecture.md, "Backends").
 
-For bank layer i and its n routed (token, slot) pairs (``tokens``/``slots`` from geoalign.routing.bank_rows):
+The L*K routed (token, slot) pairs are sorted by bank layer once per forward (``tokens``, ``slots``, ``offsets``
+from geoalign.routing.bank_rows, vLLM fused_moe's sorted-pairs layout): layer j owns pairs offsets[j]:offsets[j+1].
+The offsets stay on the device; every grid is sized for the worst case (a layer gets at most min(L, L*K) pairs:
+a token's K slots go to distinct layers) and programs past a layer's last pair exit at once. So nothing here makes
+the host wait for the device, and a forward can be captured in a CUDA graph.
 
-  forward   h_bar[t] += alpha[t, s] * GELU(W1 . (gamma x_hat + beta) + b1)                      (in place)
-    _gather_normalize_kernel  one pass over the n*G gathered patch rows: two-pass mean / rstd (fp32) and the
-                              normalised rows x_hat [n, G*D'] in the parameter dtype: GEMM1's operand, and the one
-                              tensor backward keeps
-    _bank_fwd_kernel          a dense GEMM x_hat [n, G*D'] @ W1^T with the LayerNorm affine in its A-load and
-                              + b1, exact GELU, * alpha, read-add-write into h_bar in the epilogue (a token's pairs
-                              of one layer are distinct: no atomics, deterministic); optionally stores z
-  backward  (VGGT is frozen: no gradient into the layer, so dx = dz W1 is never formed)
-    _bank_dz_kernel           dz = alpha * dh_bar[t] * GELU'(z) (parameter dtype), d_alpha[t, s] = <dh_bar[t], GELU(z)>,
-                              per-program partial sums of db1
-    _bank_weight_grad_kernel  the one GEMM M = dz^T x_hat [H, G*D'] (fp32 accumulator) with the epilogue
-                                dW1 = gamma M + beta db1,  partial dgamma = sum_h W1 M,  partial dbeta = sum_h W1 db1
-                              (per-program fp32 partial rows, summed on the host; no locks or atomics)
+  forward, per bank layer j    h_bar[t] += alpha[t, s] * GELU(W1 . (gamma_j x_hat + beta_j) + b1)   (in place)
+    _gather_normalize_kernel   one pass over the layer's n_j*G gathered patch rows: two-pass mean / rstd (fp32),
+                               normalised rows x_hat in the parameter dtype, written at the pairs' tape rows
+    _bank_fwd_kernel           a dense GEMM x_hat [n_j, G*D'] @ W1^T with the LayerNorm affine in its A-load and
+                               + b1, exact GELU, * alpha, read-add-write into h_bar in the epilogue (a layer's pairs
+                               have distinct tokens: no atomics, deterministic); stores z at the tape rows
+  backward, all layers at once (VGGT is frozen: no gradient into a layer, so dx = dz W1 is never formed)
+    _bank_dz_kernel            dz = alpha * dh_bar[t] * GELU'(z) for all L*K pairs (2-D grid: pairs x H tiles) and
+                               per-tile partial sums of d_alpha[t, s] = <dh_bar[t], GELU(z)>
+    _bank_weight_grad_kernel   per [H, G*D'] tile, a loop over the layers: M_j = dz_j^T x_hat_j (fp32), db1_j,
+                               then dW1 += gamma_j M_j + beta_j db1_j held in fp32 registers across every layer
+                               (one rounding to the parameter dtype), and the tile's partial rows of
+                               dgamma_j = sum_h W1 M_j and dbeta_j = sum_h W1 db1_j (no atomics)
 
-Saved for backward (per layer, only when a gradient is needed): x_hat [n, G*D'] and z [n, H], both in the parameter
-dtype (the same bytes as the raw rows; nothing about LayerNorm is recomputed). Row indices are cast to int64 before
-being multiplied by strides (n*G*D' and N*D' can pass 2^31).
+The tape (only when a gradient is needed): x_hat [L*K, G*D'] and z [L*K, H] in the parameter dtype, rows in pair
+order. Without a gradient x_hat goes to a scratch buffer of min(L, L*K) rows reused by every layer. Row indices are
+int64 before they meet a stride (L*K*G*D' and N*D' can pass 2^31).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import guard
-from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
 from .configs import get_config, launch_kwargs
 from .guard import guarded
 from .library import custom_op
@@ -39,22 +43,27 @@ from .utils import alloc, dot_dtype, dot_precision, gelu, gelu_grad, rows_contig
 # --------------------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _gather_normalize_kernel(
-        layer_ptr, stride_layer_row, N,  # bank layer i [N, D'] (unit column stride), its row stride and row count
+        layer_ptr, stride_layer_row, N,  # bank layer j [N, D'] (unit column stride), its row stride and row count
         gather_ptr, stride_gather_l, stride_gather_g, L,  # gather_index [L, G] and its strides; L tokens
-        tokens_ptr,  # [n] token id of each routed pair
-        x_hat_ptr,  # output: x_hat [n*G, D'] normalised rows (parameter dtype), row-major
-        n_rows, G, D_geo, eps,  # n*G gathered rows, patch rows per token, row width D', LayerNorm eps
+        tokens_ptr, offsets_ptr, layer_pos,  # [P] token id of each pair; [M+1] layer offsets; this layer's position
+        x_hat_ptr,  # output: normalised rows [rows, G*D'] (parameter dtype), row-major
+        G, D_geo, eps,  # patch rows per token, row width D', LayerNorm eps
+        TAPE: tl.constexpr,  # x_hat rows at the pairs' tape positions (else at 0..n_j-1, a scratch buffer)
         PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # rows per program, column chunk
-    """Row r = p*G + g: x_hat[r] = (v - mean) * rstd with v = R_i[gather_index[tokens[p], g]] rounded to the
-    parameter dtype (as torch's layer_norm(raw.to(param dtype))), two-pass statistics in ACC_DTYPE.
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # gathered rows per program, column chunk
+    """Gathered row r = p*G + g of layer j's pair p: x_hat = (v - mean) * rstd with v = R_j[gather_index[token, g]]
+    rounded to the parameter dtype (as torch's layer_norm(raw.to(param dtype))), two-pass statistics in ACC_DTYPE.
     A token id outside [0, L) or a gather row outside [0, N) reads nothing and gives a NaN row (visible)."""
     pid = tl.program_id(0)
+    first = tl.load(offsets_ptr + layer_pos).to(tl.int64)
+    n_rows = (tl.load(offsets_ptr + layer_pos + 1).to(tl.int64) - first) * G
+    if pid * BLOCK_SIZE_M >= n_rows:  # the grid is sized for the largest possible layer
+        return
     offs_r = (pid * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
     mask_r = offs_r < n_rows
     pair = offs_r // G
     group = offs_r % G
-    token = tl.load(tokens_ptr + pair, mask=mask_r, other=0).to(tl.int64)
+    token = tl.load(tokens_ptr + first + pair, mask=mask_r, other=0).to(tl.int64)
     valid = mask_r & (token >= 0) & (token < L)
     src = tl.load(gather_ptr + token * stride_gather_l + group * stride_gather_g, mask=valid, other=0).to(tl.int64)
     valid = valid & (src >= 0) & (src < N)
@@ -72,7 +81,11 @@ def _gather_normalize_kernel(
         centred = tl.where(mask, v - mean[:, None], 0.0)
         sq += tl.sum(centred * centred, axis=1)
     rstd = tl.where(valid, 1.0 / tl.sqrt(sq / D_geo + eps), float("nan"))
-    out_ptrs = x_hat_ptr + offs_r[:, None] * D_geo + offs_d[None, :]
+    if TAPE:
+        out_rows = first * G + offs_r
+    else:
+        out_rows = offs_r
+    out_ptrs = x_hat_ptr + out_rows[:, None] * D_geo + offs_d[None, :]
     for d0 in range(0, D_geo, BLOCK_SIZE_N):  # third pass: write the normalised row
         mask = offs_d[None, :] < D_geo - d0
         v = tl.load(row_ptrs + d0, mask=mask & valid[:, None], other=0.0).to(PARAM_DTYPE).to(ACC_DTYPE)
@@ -82,28 +95,36 @@ def _gather_normalize_kernel(
 
 @triton.jit
 def _bank_fwd_kernel(
-        x_hat_ptr,  # normalised rows [n, G*D'] (parameter dtype), row-major
-        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D'], applied in the A-load (column c uses entry c % D')
+        x_hat_ptr,  # normalised rows [rows, G*D'] (parameter dtype), row-major
+        ln_weight_ptr, ln_bias_ptr,  # LN_j affine [D'], applied in the A-load (column c uses entry c % D')
         w1_ptr, stride_w1_h, stride_w1_k, b1_ptr,  # GEMM1 weight [H, G*D'] and bias [H]
-        tokens_ptr, slots_ptr,  # [n] token id and slot of each routed pair
+        tokens_ptr, slots_ptr, offsets_ptr, layer_pos,  # [P] pairs' token ids and slots; [M+1] offsets; layer j
         alpha_ptr, stride_alpha_l,  # alpha [L, K] (unit column stride)
         h_bar_ptr, stride_h_bar_l,  # h_bar [L, H] (accumulation dtype), read-add-written
-        z_ptr,  # output: z [n, H] pre-activations (when SAVE_Z)
-        n, H, D_geo, G, L, K,  # pairs, hidden width, D', patch rows per token, tokens, slots per token
-        SAVE_Z: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        z_ptr,  # output: z [P, H] pre-activations at the pairs' tape rows (when SAVE_Z)
+        H, D_geo, G, L, K,  # hidden width, D', patch rows per token, tokens, slots per token
+        TAPE: tl.constexpr, SAVE_Z: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # pairs, H, G*D'
-    """A dense GEMM over pairs (rows) x H (columns), K-dim = G*D' (x = gamma x_hat + beta in the A-load); epilogue:
-    + b1, exact GELU, * alpha, read-add-write into h_bar at the pair's token."""
+    """A dense GEMM over layer j's pairs (rows) x H (columns), K-dim = G*D' (x = gamma x_hat + beta in the A-load);
+    epilogue: + b1, exact GELU, * alpha, read-add-write into h_bar at the pair's token."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)  # pairs
+    first = tl.load(offsets_ptr + layer_pos).to(tl.int64)
+    n = tl.load(offsets_ptr + layer_pos + 1).to(tl.int64) - first
+    if pid_m * BLOCK_SIZE_M >= n:  # the grid is sized for the largest possible layer
+        return
+    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)  # the layer's pairs
     mask_m = offs_m < n
     offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)  # hidden columns
     mask_n = offs_n < H
     offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
     width = G * D_geo
-    a_ptrs = x_hat_ptr + offs_m[:, None] * width + offs_k[None, :]
+    if TAPE:
+        rows = first + offs_m
+    else:
+        rows = offs_m
+    a_ptrs = x_hat_ptr + rows[:, None] * width + offs_k[None, :]
     w_ptrs = w1_ptr + offs_n[None, :] * stride_w1_h + offs_k[:, None] * stride_w1_k
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
     for k0 in range(0, width, BLOCK_SIZE_K):
@@ -119,9 +140,9 @@ def _bank_fwd_kernel(
         w_ptrs += BLOCK_SIZE_K * stride_w1_k
     z = (acc + tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]).to(PARAM_DTYPE)
     if SAVE_Z:
-        tl.store(z_ptr + offs_m[:, None] * H + offs_n[None, :], z, mask=mask_m[:, None] & mask_n[None, :])
-    token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        tl.store(z_ptr + (first + offs_m)[:, None] * H + offs_n[None, :], z, mask=mask_m[:, None] & mask_n[None, :])
+    token = tl.load(tokens_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
     valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
     alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
     h_bar_ptrs = h_bar_ptr + token[:, None] * stride_h_bar_l + offs_n[None, :]
@@ -133,54 +154,51 @@ def _bank_fwd_kernel(
 @triton.jit
 def _bank_dz_kernel(
         d_h_bar_ptr, stride_d_h_bar_l,  # dL/dh_bar [L, H] (accumulation dtype)
-        tokens_ptr, slots_ptr,  # [n] token id and slot of each routed pair
+        tokens_ptr, slots_ptr,  # [P] token id and slot of each pair
         alpha_ptr, stride_alpha_l,  # alpha [L, K]
-        z_ptr,  # saved pre-activations z [n, H]
-        dz_ptr,  # output: dz [n, H] (parameter dtype)
-        d_alpha_ptr, stride_d_alpha_l,  # output: d alpha [L, K] (this layer's pairs only)
-        db1_partial_ptr,  # output: per-program partial sums of db1 [programs, H]
-        n, H, L, K,  # pairs, hidden width, tokens, slots per token
+        z_ptr,  # the tape's pre-activations z [P, H]
+        dz_ptr,  # output: dz [P, H] (parameter dtype)
+        d_alpha_partial_ptr,  # output: [H tiles, L, K] partial sums of d alpha (accumulation dtype)
+        P, H, L, K,  # pairs, hidden width, tokens, slots per token
         PARAM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # pairs per program, column chunk
-    """dz = alpha * dh_bar[t] * GELU'(z), d_alpha[t, s] = <dh_bar[t], GELU(z)>, partial sums of db1."""
-    pid = tl.program_id(0)
-    offs_m = (pid * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    mask_m = offs_m < n
+        BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr):  # pairs, hidden columns per program
+    """One [pairs, H] tile: dz = alpha * dh_bar[t] * GELU'(z) and this tile's share of <dh_bar[t], GELU(z)>."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    mask_m = offs_m < P
+    offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
+    mask = mask_m[:, None] & (offs_n[None, :] < H)
     token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
     alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
-    d_alpha = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
-    offs_n = tl.arange(0, BLOCK_SIZE_N).to(tl.int64)
-    for h0 in range(0, H, BLOCK_SIZE_N):
-        cols = h0 + offs_n
-        mask = mask_m[:, None] & (cols[None, :] < H)
-        dh = tl.load(d_h_bar_ptr + token[:, None] * stride_d_h_bar_l + cols[None, :], mask=mask & valid[:, None],
-                     other=0.0).to(ACC_DTYPE)
-        z = tl.load(z_ptr + offs_m[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        d_alpha += tl.sum(dh * gelu(z), axis=1)
-        dz = (alpha[:, None] * dh * gelu_grad(z)).to(PARAM_DTYPE)
-        tl.store(dz_ptr + offs_m[:, None] * H + cols[None, :], dz, mask=mask)
-        tl.store(db1_partial_ptr + pid.to(tl.int64) * H + cols, tl.sum(tl.where(mask, dz.to(ACC_DTYPE), 0.0), axis=0),
-                 mask=cols < H)
-    tl.store(d_alpha_ptr + token * stride_d_alpha_l + slot, d_alpha, mask=valid)
+    dh = tl.load(d_h_bar_ptr + token[:, None] * stride_d_h_bar_l + offs_n[None, :], mask=mask & valid[:, None],
+                 other=0.0).to(ACC_DTYPE)
+    z = tl.load(z_ptr + offs_m[:, None] * H + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    dz = (alpha[:, None] * dh * gelu_grad(z)).to(PARAM_DTYPE)
+    tl.store(dz_ptr + offs_m[:, None] * H + offs_n[None, :], dz, mask=mask)
+    d_alpha = tl.sum(tl.where(mask, dh * gelu(z), 0.0), axis=1)
+    tl.store(d_alpha_partial_ptr + (pid_n.to(tl.int64) * L + token) * K + slot, d_alpha, mask=valid)
 
 
 @triton.jit
 def _bank_weight_grad_kernel(
-        dz_ptr,  # dz [n, H] (parameter dtype), row-major
-        x_hat_ptr,  # saved normalised rows [n, G*D'] (parameter dtype), row-major
-        db1_ptr,  # db1 [H] (accumulation dtype), complete
-        ln_weight_ptr, ln_bias_ptr,  # LN_i affine [D'] (column c uses entry c % D')
+        dz_ptr,  # dz [P, H] (parameter dtype), rows in pair order
+        x_hat_ptr,  # the tape's normalised rows [P, G*D'] (parameter dtype)
+        offsets_ptr, num_layers,  # [M+1] layer offsets into the pairs; M
+        ln_weight_ptr, ln_bias_ptr, stride_ln_layer,  # every layer's LN affine [M, D'] (unit column stride)
         w1_ptr, stride_w1_h, stride_w1_k,  # GEMM1 weight [H, G*D']
         dw1_ptr,  # output: dW1 [H, G*D'] (parameter dtype), when STORE_DW1
-        dgamma_partial_ptr, dbeta_partial_ptr,  # outputs: [programs_h, G*D'] partial sums (accumulation dtype)
-        n, H, D_geo, G,  # pairs, hidden width, D', patch rows per token
+        db1_ptr,  # output: db1 [H] (accumulation dtype), written by the programs of the first column tile
+        dgamma_partial_ptr, dbeta_partial_ptr,  # outputs: [H tiles, M, G*D'] partial sums (accumulation dtype)
+        H, D_geo, G,  # hidden width, D', patch rows per token
         STORE_DW1: tl.constexpr, PARAM_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):  # H, G*D', pairs
-    """M = dz^T x_hat for an [H, G*D'] tile (reduction over the pairs), then dW1 = gamma M + beta db1 and this tile's
-    row of partial sums dgamma[c] = sum_h W1[h, c] M[h, c], dbeta[c] = sum_h W1[h, c] db1[h]."""
+    """One [H, G*D'] tile of dW1 for every layer: M_j = dz_j^T x_hat_j (reduction over layer j's pairs) and
+    db1_j = sum of dz_j, then dW1 += gamma_j M_j + beta_j db1_j and this tile's partial rows
+    dgamma_j[c] = sum_h W1[h, c] M_j[h, c], dbeta_j[c] = sum_h W1[h, c] db1_j[h]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     width = G * D_geo
@@ -188,29 +206,38 @@ def _bank_weight_grad_kernel(
     mask_h = offs_h < H
     offs_c = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
     mask_c = offs_c < width
-    offs_p = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
-    dz_ptrs = dz_ptr + offs_p[None, :] * H + offs_h[:, None]  # dz^T tile [BLOCK_H, BLOCK_P]
-    x_ptrs = x_hat_ptr + offs_p[:, None] * width + offs_c[None, :]  # x_hat tile [BLOCK_P, BLOCK_C]
-    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
-    for p0 in range(0, n, BLOCK_SIZE_K):
-        mask_p = offs_p < n - p0
-        dz = tl.load(dz_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
-        x_hat = tl.load(x_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-        acc = tl.dot(dz.to(DOT_DTYPE), x_hat.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
-        dz_ptrs += BLOCK_SIZE_K * H
-        x_ptrs += BLOCK_SIZE_K * width
     mask = mask_h[:, None] & mask_c[None, :]
-    db1 = tl.load(db1_ptr + offs_h, mask=mask_h, other=0.0).to(ACC_DTYPE)
-    ln_w = tl.load(ln_weight_ptr + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    ln_b = tl.load(ln_bias_ptr + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    offs_p = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
+    dw1 = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+    db1_all = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
+    for j in range(0, num_layers):
+        lo = tl.load(offsets_ptr + j).to(tl.int64)
+        hi = tl.load(offsets_ptr + j + 1).to(tl.int64)
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+        db1 = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
+        dz_ptrs = dz_ptr + (lo + offs_p)[None, :] * H + offs_h[:, None]  # dz_j^T tile [BLOCK_H, BLOCK_P]
+        x_ptrs = x_hat_ptr + (lo + offs_p)[:, None] * width + offs_c[None, :]  # x_hat_j tile [BLOCK_P, BLOCK_C]
+        for p0 in range(lo, hi, BLOCK_SIZE_K):
+            mask_p = offs_p < hi - p0
+            dz = tl.load(dz_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
+            x_hat = tl.load(x_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+            acc = tl.dot(dz.to(DOT_DTYPE), x_hat.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            db1 += tl.sum(dz.to(ACC_DTYPE), axis=1)
+            dz_ptrs += BLOCK_SIZE_K * H
+            x_ptrs += BLOCK_SIZE_K * width
+        ln_w = tl.load(ln_weight_ptr + j * stride_ln_layer + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        ln_b = tl.load(ln_bias_ptr + j * stride_ln_layer + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        dw1 += acc * ln_w[None, :] + db1[:, None] * ln_b[None, :]
+        db1_all += db1
+        w1 = tl.load(w1_ptr + offs_h[:, None] * stride_w1_h + offs_c[None, :] * stride_w1_k, mask=mask,
+                     other=0.0).to(ACC_DTYPE)
+        offs_out = (pid_m.to(tl.int64) * num_layers + j) * width + offs_c
+        tl.store(dgamma_partial_ptr + offs_out, tl.sum(w1 * acc, axis=0), mask=mask_c)
+        tl.store(dbeta_partial_ptr + offs_out, tl.sum(w1 * db1[:, None], axis=0), mask=mask_c)
     if STORE_DW1:
-        dw1 = acc * ln_w[None, :] + db1[:, None] * ln_b[None, :]
         tl.store(dw1_ptr + offs_h[:, None] * width + offs_c[None, :], dw1.to(PARAM_DTYPE), mask=mask)
-    w1 = tl.load(w1_ptr + offs_h[:, None] * stride_w1_h + offs_c[None, :] * stride_w1_k, mask=mask,
-                 other=0.0).to(ACC_DTYPE)
-    offs_out = pid_m.to(tl.int64) * width + offs_c
-    tl.store(dgamma_partial_ptr + offs_out, tl.sum(w1 * acc, axis=0), mask=mask_c)
-    tl.store(dbeta_partial_ptr + offs_out, tl.sum(w1 * db1[:, None], axis=0), mask=mask_c)
+    if pid_n == 0:
+        tl.store(db1_ptr + offs_h, db1_all, mask=mask_h)
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
@@ -220,209 +247,177 @@ def _dtypes(dtype: torch.dtype) -> dict:
                 DOT_PRECISION=dot_precision(dtype))
 
 
-def _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev):
-    """LN_i [D'] and GEMM1 [H, G*D'] parameters, one float dtype, on dev. Returns H."""
-    check_tensor(op, "fc1_weight", fc1_weight, shape=(None, G * Dg), dtype=FLOAT_DTYPES, device=dev)
-    dtype = fc1_weight.dtype
-    check_tensor(op, "ln_weight", ln_weight, shape=(Dg,), dtype=dtype, device=dev)
-    check_tensor(op, "ln_bias", ln_bias, shape=(Dg,), dtype=dtype, device=dev)
-    return fc1_weight.shape[0]
-
-
-def _check_pairs(op, tokens, slots, L, K, dev):
-    """tokens/slots [n] int ids of the (token, slot) pairs: n <= L*K (a token's K slots go to distinct layers)."""
+def _check_pairs(op, tokens, slots, offsets, L, K, dev):
+    """tokens/slots [P] int ids of the pairs sorted by layer, offsets [M+1] int64: P <= L*K. Returns (P, M)."""
     check_tensor(op, "tokens", tokens, shape=(None,), dtype=INDEX_DTYPES, device=dev)
-    n = tokens.shape[0]
-    check_tensor(op, "slots", slots, shape=(n,), dtype=INDEX_DTYPES, device=dev)
-    if n > L * K:
-        raise ValueError(f"{op}: {n} routed pairs for L={L} tokens with K={K} slots each; expected at most {L * K}")
+    P = tokens.shape[0]
+    check_tensor(op, "slots", slots, shape=(P,), dtype=INDEX_DTYPES, device=dev)
+    check_tensor(op, "offsets", offsets, shape=(None,), dtype=torch.int64, device=dev)
+    if offsets.shape[0] < 2:
+        raise ValueError(f"{op}: offsets must have M+1 >= 2 entries (layer j's pairs at offsets[j]:offsets[j+1]), "
+                         f"got {offsets.shape[0]}")
+    if P > L * K:
+        raise ValueError(f"{op}: {P} routed pairs for L={L} tokens with K={K} slots each; expected at most {L * K}")
     guard.check_index_range(op, "tokens", tokens, L, "rows of h_bar")
     guard.check_index_range(op, "slots", slots, K, "columns of alpha")
-    return n
+    guard.check_index_range(op, "offsets", offsets, P + 1, "pair positions")
+    return P, offsets.shape[0] - 1
 
 
-def bank_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                 fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
-                 slots: torch.Tensor, gather_index: torch.Tensor, eps: float, save: bool):
-    """Adds layer i's contribution into h_bar [L, H] (fp32/fp64, in place). alpha [L, K]; ln_* [D']; fc1_weight
-    [H, G*D'], fc1_bias [H]; layer [N, D'] (any float dtype); tokens/slots [n] int64; gather_index [L, G].
-    Returns (x_hat [n, G*D'], z [n, H]) in the parameter dtype, what backward needs; z is empty ([0, H]) unless
-    save (x_hat is GEMM1's operand, so it always exists)."""
-    op = "bank_forward"
+def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                       fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
+                       slots: torch.Tensor, offsets: torch.Tensor, layer_pos: int, gather_index: torch.Tensor,
+                       eps: float, x_hat: torch.Tensor, z: torch.Tensor, tape: bool) -> None:
+    """Adds bank layer ``layer_pos``'s pairs into h_bar [L, H] (fp32/fp64, in place). alpha [L, K]; ln_* [D'] (that
+    layer's); fc1_weight [H, G*D'], fc1_bias [H]; layer [N, D'] (any float dtype); tokens/slots [P], offsets [M+1];
+    gather_index [L, G]. Writes x_hat [P, G*D'] (tape=True: at the pairs' rows) or [min(L, P), G*D'] (tape=False:
+    rows 0..n_j-1, a scratch buffer) and z [P, H] (tape=True; else pass an empty [0, H]), parameter dtype."""
+    op = "bank_layer_forward"
     dev = h_bar.device
     check_tensor(op, "gather_index", gather_index, shape=(None, None), dtype=INDEX_DTYPES, device=dev)
     L, G = gather_index.shape
     check_tensor(op, "layer", layer, shape=(None, None), dtype=FLOAT_DTYPES, device=dev)
     N, Dg = layer.shape
-    H = _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
-    dtype = fc1_weight.dtype
+    check_tensor(op, "fc1_weight", fc1_weight, shape=(None, G * Dg), dtype=FLOAT_DTYPES, device=dev)
+    H, dtype = fc1_weight.shape[0], fc1_weight.dtype
+    check_tensor(op, "ln_weight", ln_weight, shape=(Dg,), dtype=dtype, device=dev)
+    check_tensor(op, "ln_bias", ln_bias, shape=(Dg,), dtype=dtype, device=dev)
     check_tensor(op, "fc1_bias", fc1_bias, shape=(H,), dtype=dtype, device=dev)
     check_tensor(op, "h_bar", h_bar, shape=(L, H), dtype=acc_dtype(dtype), unit_stride=True)
     check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
     K = alpha.shape[1]
-    n = _check_pairs(op, tokens, slots, L, K, dev)
+    P, M = _check_pairs(op, tokens, slots, offsets, L, K, dev)
+    check_int(op, "layer_pos", layer_pos, 0, M - 1)
+    max_pairs = min(L, P)  # a layer's pairs have distinct tokens
+    check_tensor(op, "x_hat", x_hat, shape=(P if tape else max_pairs, G * Dg), dtype=dtype, device=dev)
+    check_tensor(op, "z", z, shape=(P if tape else 0, H), dtype=dtype, device=dev)
+    for name, t in (("x_hat", x_hat), ("z", z)):
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
     guard.check_index_range(op, "gather_index", gather_index, N, "rows of the layer")
     layer = rows_contiguous(layer)  # one explicit copy if the rows are strided
     alpha = rows_contiguous(alpha)
     tokens, slots = tokens.contiguous(), slots.contiguous()
     ln_weight, ln_bias, fc1_bias = ln_weight.contiguous(), ln_bias.contiguous(), fc1_bias.contiguous()
-    x_hat = alloc((n, G * Dg), dtype, dev)
-    z = alloc((n, H), dtype, dev) if save else fc1_weight.new_empty((0, H))
-    if n == 0:
-        return x_hat, z
     types = _dtypes(dtype)
-    rcfg = get_config("rows", n * G, dev)
-    with guarded("bank_forward/normalize", x_hat=x_hat) as out:
-        _gather_normalize_kernel[(triton.cdiv(n * G, rcfg["BLOCK_SIZE_M"]),)](
+    rcfg = get_config("rows", max_pairs * G, dev)
+    with guarded("bank_layer_forward/normalize", x_hat=x_hat) as out:
+        _gather_normalize_kernel[(triton.cdiv(max_pairs * G, rcfg["BLOCK_SIZE_M"]),)](
             layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), L, tokens,
-            out.x_hat, n * G, G, Dg, eps, PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"],
-            BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
+            offsets, layer_pos, out.x_hat, G, Dg, eps, TAPE=tape, PARAM_DTYPE=types["PARAM_DTYPE"],
+            ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"],
+            num_warps=rcfg["num_warps"],
         )
-    cfg = get_config("bank_fwd", n, dev, dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
-    with guarded("bank_forward/gemm1", h_bar=h_bar, z=z) as out:
+    cfg = get_config("bank_fwd", max_pairs, dev, dtype)
+    grid = (triton.cdiv(max_pairs, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
+    with guarded("bank_layer_forward/gemm1", h_bar=h_bar, z=z) as out:
         _bank_fwd_kernel[grid](
             x_hat, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias, tokens,
-            slots, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), out.z, n, H, Dg, G, L, K,
-            SAVE_Z=save, **types, **launch_kwargs(cfg),
+            slots, offsets, layer_pos, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), out.z, H, Dg, G, L, K,
+            TAPE=tape, SAVE_Z=tape, **types, **launch_kwargs(cfg),
         )
-    return x_hat, z
 
 
-def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                  fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, x_hat: torch.Tensor,
-                  z: torch.Tensor, need_ln: bool = True, need_w1: bool = True):
-    """-> (d_alpha [L, K] (alpha's dtype, zero off this layer's pairs), d_ln_weight, d_ln_bias [D'],
-    d_fc1_weight [H, G*D'], d_fc1_bias [H]) in the parameter dtype; LN/W1 grads are zeros when not needed."""
+def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weights: torch.Tensor, ln_biases: torch.Tensor,
+                  fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
+                  x_hat: torch.Tensor, z: torch.Tensor, need_ln: bool = True, need_w1: bool = True):
+    """Every bank layer's gradients from d_h_bar [L, H] (fp32/fp64) and the tape (x_hat [P, G*D'], z [P, H]):
+    -> (d_alpha [L, K] (alpha's dtype), d_ln_weights, d_ln_biases [M, D'], d_fc1_weight [H, G*D'],
+    d_fc1_bias [H]) in the parameter dtype. ln_weights / ln_biases: every layer's LayerNorm affine stacked [M, D'].
+    Two kernel launches for all layers; dW1 and db1 summed over the layers in fp32."""
     op = "bank_backward"
     dev = d_h_bar.device
     check_tensor(op, "fc1_weight", fc1_weight, shape=(None, None), dtype=FLOAT_DTYPES, device=dev)
     H, width = fc1_weight.shape
     dtype = fc1_weight.dtype
-    check_tensor(op, "ln_weight", ln_weight, shape=(None,), dtype=dtype, device=dev)
-    Dg = ln_weight.shape[0]
+    check_tensor(op, "ln_weights", ln_weights, shape=(None, None), dtype=dtype, device=dev)
+    M, Dg = ln_weights.shape
+    check_tensor(op, "ln_biases", ln_biases, shape=(M, Dg), dtype=dtype, device=dev)
     if Dg == 0 or width % Dg:
-        raise ValueError(f"{op}: fc1_weight's width {width} is not a multiple of D'={Dg} (ln_weight's size)")
+        raise ValueError(f"{op}: fc1_weight's width {width} is not a multiple of D'={Dg} (ln_weights' width)")
     G = width // Dg
-    _check_bank_params(op, ln_weight, ln_bias, fc1_weight, Dg, G, dev)
     acc = acc_dtype(dtype)
     check_tensor(op, "d_h_bar", d_h_bar, shape=(None, H), dtype=acc)
     L = d_h_bar.shape[0]
     check_tensor(op, "alpha", alpha, shape=(L, None), dtype=FLOAT_DTYPES, device=dev)
     K = alpha.shape[1]
-    n = _check_pairs(op, tokens, slots, L, K, dev)
-    check_tensor(op, "x_hat", x_hat, shape=(n, width), dtype=dtype, device=dev)
-    check_tensor(op, "z", z, shape=(n, H), dtype=dtype, device=dev)
-    d_alpha = torch.zeros(alpha.shape, dtype=alpha.dtype, device=dev)  # non-zero only at this layer's pairs
-    if n == 0:
-        return (d_alpha, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias), torch.zeros_like(fc1_weight),
-                fc1_weight.new_zeros((H,)))
+    P, M_offsets = _check_pairs(op, tokens, slots, offsets, L, K, dev)
+    if M_offsets != M:
+        raise ValueError(f"{op}: offsets has {M_offsets + 1} entries but ln_weights has {M} layers; expected {M + 1}")
+    check_tensor(op, "x_hat", x_hat, shape=(P, width), dtype=dtype, device=dev)
+    check_tensor(op, "z", z, shape=(P, H), dtype=dtype, device=dev)
     d_h_bar = rows_contiguous(d_h_bar)
     alpha = rows_contiguous(alpha)
     tokens, slots = tokens.contiguous(), slots.contiguous()
     x_hat, z = x_hat.contiguous(), z.contiguous()
-    ln_weight, ln_bias = ln_weight.contiguous(), ln_bias.contiguous()
+    ln_weights, ln_biases = ln_weights.contiguous(), ln_biases.contiguous()
     types = _dtypes(dtype)
-    rcfg = get_config("rows", n, dev)
-    n_blocks = triton.cdiv(n, rcfg["BLOCK_SIZE_M"])
-    dz = alloc((n, H), dtype, dev)
-    db1_part = alloc((n_blocks, H), acc, dev)
-    with guarded("bank_backward/dz", dz=dz, d_alpha=d_alpha, db1_part=db1_part) as out:
-        _bank_dz_kernel[(n_blocks,)](
-            d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, out.dz, out.d_alpha,
-            d_alpha.stride(0), out.db1_part, n, H, L, K,
-            PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"],
+    rcfg = get_config("rows", P, dev)
+    n_dz_tiles = triton.cdiv(H, rcfg["BLOCK_SIZE_N"])
+    dz = alloc((P, H), dtype, dev)
+    # every (t, s) is one pair when the pairs are all L*K of a routing (always, from bank_rows): no zero-fill
+    d_alpha_part = (alloc if P == L * K else torch.zeros)((n_dz_tiles, L, K), dtype=acc, device=dev)
+    with guarded("bank_backward/dz", dz=dz, d_alpha_part=d_alpha_part) as out:
+        _bank_dz_kernel[(triton.cdiv(P, rcfg["BLOCK_SIZE_M"]), n_dz_tiles)](
+            d_h_bar, d_h_bar.stride(0), tokens, slots, alpha, alpha.stride(0), z, out.dz, out.d_alpha_part, P, H,
+            L, K, PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"],
             BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
         )
-    db1 = db1_part.sum(0)
-    d_b1 = db1.to(dtype)
-    if not (need_w1 or need_ln):
-        return d_alpha, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias), torch.zeros_like(fc1_weight), d_b1
+    d_alpha = d_alpha_part.sum(0).to(alpha.dtype)
     cfg = get_config("bank_dw1", H, dev, dtype)
-    n_h_blocks = triton.cdiv(H, cfg["BLOCK_SIZE_M"])
+    n_h_tiles = triton.cdiv(H, cfg["BLOCK_SIZE_M"])
     d_w1 = alloc((H, width), dtype, dev) if need_w1 else fc1_weight.new_empty((0, width))
-    dgamma_part = alloc((n_h_blocks, width), acc, dev)
-    dbeta_part = alloc((n_h_blocks, width), acc, dev)
-    grid = (n_h_blocks, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
-    with guarded("bank_backward/weight_grad", d_w1=d_w1, dgamma_part=dgamma_part, dbeta_part=dbeta_part) as out:
+    db1 = alloc((H,), acc, dev)
+    dgamma_part = alloc((n_h_tiles, M, width), acc, dev)
+    dbeta_part = alloc((n_h_tiles, M, width), acc, dev)
+    grid = (n_h_tiles, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
+    with guarded("bank_backward/weight_grad", d_w1=d_w1, db1=db1, dgamma_part=dgamma_part,
+                 dbeta_part=dbeta_part) as out:
         _bank_weight_grad_kernel[grid](
-            dz, x_hat, db1, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), out.d_w1,
-            out.dgamma_part, out.dbeta_part, n, H, Dg, G, STORE_DW1=need_w1, **types, **launch_kwargs(cfg),
+            dz, x_hat, offsets, M, ln_weights, ln_biases, ln_weights.stride(0), fc1_weight, fc1_weight.stride(0),
+            fc1_weight.stride(1), out.d_w1, out.db1, out.dgamma_part, out.dbeta_part, H, Dg, G,
+            STORE_DW1=need_w1, **types, **launch_kwargs(cfg),
         )
     if not need_w1:
         d_w1 = torch.zeros_like(fc1_weight)
-    d_ln_w = dgamma_part.reshape(n_h_blocks * G, Dg).sum(0).to(dtype)
-    d_ln_b = dbeta_part.reshape(n_h_blocks * G, Dg).sum(0).to(dtype)
-    return d_alpha, d_ln_w, d_ln_b, d_w1, d_b1
+    if need_ln:
+        d_ln_w = dgamma_part.reshape(n_h_tiles, M, G, Dg).sum((0, 2)).to(dtype)
+        d_ln_b = dbeta_part.reshape(n_h_tiles, M, G, Dg).sum((0, 2)).to(dtype)
+    else:
+        d_ln_w = d_ln_b = torch.zeros_like(ln_weights)
+    return d_alpha, d_ln_w, d_ln_b, d_w1, db1.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------ torch.library custom ops
-@custom_op("geoalign::triton_bank_accumulate", mutates_args=("h_bar",))
-def bank_accumulate_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                       fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor, tokens: torch.Tensor,
-                       slots: torch.Tensor, gather_index: torch.Tensor, eps: float,
-                       save: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-place h_bar update for one bank layer; returns what backward needs (x_hat, z)."""
-    return bank_forward(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index,
-                        eps, save)
+@custom_op("geoalign::triton_bank_layer_forward", mutates_args=("h_bar", "x_hat", "z"))
+def bank_layer_forward_op(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                          fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, layer: torch.Tensor,
+                          tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor, layer_pos: int,
+                          gather_index: torch.Tensor, eps: float, x_hat: torch.Tensor, z: torch.Tensor,
+                          tape: bool) -> None:
+    """One bank layer's forward (see bank_layer_forward): h_bar, x_hat and z updated in place."""
+    bank_layer_forward(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, offsets,
+                       layer_pos, gather_index, eps, x_hat, z, tape)
 
 
-@bank_accumulate_op.register_fake
-def _bank_accumulate_fake(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots,
-                          gather_index, eps, save):
-    n, G, Dg, H = tokens.shape[0], gather_index.shape[1], layer.shape[1], fc1_weight.shape[0]
-    return fc1_weight.new_empty((n, G * Dg)), fc1_weight.new_empty((n if save else 0, H))
+@bank_layer_forward_op.register_fake
+def _bank_layer_forward_fake(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, offsets,
+                             layer_pos, gather_index, eps, x_hat, z, tape):
+    return None
 
 
 @custom_op("geoalign::triton_bank_backward", mutates_args=())
-def bank_backward_op(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                     fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, x_hat: torch.Tensor,
-                     z: torch.Tensor, need_ln: bool,
+def bank_backward_op(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weights: torch.Tensor, ln_biases: torch.Tensor,
+                     fc1_weight: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor,
+                     x_hat: torch.Tensor, z: torch.Tensor, need_ln: bool,
                      need_w1: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_alpha, d_ln_weight, d_ln_bias, d_fc1_weight, d_fc1_bias) of one bank layer."""
-    return bank_backward(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, need_ln, need_w1)
+    """(d_alpha, d_ln_weights [M, D'], d_ln_biases [M, D'], d_fc1_weight, d_fc1_bias) of the whole bank."""
+    return bank_backward(d_h_bar, alpha, ln_weights, ln_biases, fc1_weight, tokens, slots, offsets, x_hat, z,
+                         need_ln, need_w1)
 
 
 @bank_backward_op.register_fake
-def _bank_backward_fake(d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, need_ln, need_w1):
-    return (torch.empty_like(alpha), torch.empty_like(ln_weight), torch.empty_like(ln_bias),
+def _bank_backward_fake(d_h_bar, alpha, ln_weights, ln_biases, fc1_weight, tokens, slots, offsets, x_hat, z,
+                        need_ln, need_w1):
+    return (torch.empty_like(alpha), torch.empty_like(ln_weights), torch.empty_like(ln_biases),
             torch.empty_like(fc1_weight), fc1_weight.new_empty((fc1_weight.shape[0],)))
-
-
-class BankAccumulate(torch.autograd.Function):
-    """h_bar[t] += alpha[t, s] * GELU(W1 . concat_g LN_i(R_i[gather_index[t, g]]) + b1) for layer i's pairs (t, s),
-    in place (no [L, H] copy per layer; hence an autograd.Function with mark_dirty: torch.library refuses autograd
-    formulas on mutating ops). Same signature and gradients as geoalign.backends.torch_sparse.BankAccumulate."""
-
-    @staticmethod
-    def forward(ctx, h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index, eps):
-        ctx.mark_dirty(h_bar)
-        x_hat, z = bank_accumulate_op(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots,
-                                      gather_index, eps, True)
-        ctx.save_for_backward(alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z)
-        return h_bar
-
-    @staticmethod
-    def backward(ctx, d_h_bar):
-        alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if not any(need[1:6]):
-            return (d_h_bar,) + (None,) * 10
-        d_alpha, d_ln_w, d_ln_b, d_w1, d_b1 = bank_backward_op(
-            d_h_bar, alpha, ln_weight, ln_bias, fc1_weight, tokens, slots, x_hat, z, bool(need[2] or need[3]),
-            bool(need[4]))
-        return (d_h_bar, d_alpha if need[1] else None, d_ln_w if need[2] else None, d_ln_b if need[3] else None,
-                d_w1 if need[4] else None, d_b1 if need[5] else None, None, None, None, None, None)
-
-
-def bank_accumulate(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index,
-                    eps: float) -> torch.Tensor:
-    """Autograd-aware in-place accumulation of one bank layer into h_bar; returns h_bar. Saves nothing when no
-    gradient is needed (inference / streaming under no_grad)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (h_bar, alpha, ln_weight, ln_bias, fc1_weight,
-                                                                   fc1_bias)):
-        return BankAccumulate.apply(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots,
-                                    gather_index, eps)
-    bank_accumulate_op(h_bar, alpha, ln_weight, ln_bias, fc1_weight, fc1_bias, layer, tokens, slots, gather_index,
-                       eps, False)
-    return h_bar

@@ -41,24 +41,17 @@ def affine(x_hat: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) 
     return torch.addcmul(ln_bias, x_hat, ln_weight).reshape(x_hat.shape[0], x_hat.shape[1] * x_hat.shape[2])
 
 
-def layer_grads(dh, a, z, x_hat, fc1_weight, need_alpha, need_params):
-    """One bank layer's share of the gradients, in the accumulation dtype (fp32/fp64), for its n pairs:
-    dh = dL/dh_bar at the pairs' tokens [n, H], a = their alpha [n], z [n, H] and x_hat [n, G, D'] from the tape.
-    Returns (d_alpha_pairs [n] or None, M = dz^T x_hat [H, G, D'] or None, db1 [H] or None, dgamma [D'] or None,
-    dbeta [D'] or None): one GEMM and the module docstring's epilogue, no dx GEMM, no LayerNorm recompute."""
-    acc, dtype = dh.dtype, fc1_weight.dtype
+def layer_grads(dh, a, z, need_alpha, need_params):
+    """One bank layer's pair gradients for its n pairs, from dh = dL/dh_bar at the pairs' tokens [n, H] (fp32/fp64),
+    a = their alpha [n] and z [n, H] from the tape: (d_alpha_pairs [n] or None, dz [n, H] in z's dtype (the GEMM
+    operand) or None, db1 = sum_p dz [H] in dh's dtype or None)."""
+    acc = dh.dtype
     z_acc = z.to(acc)
     d_alpha = (dh * F.gelu(z_acc)).sum(1) if need_alpha else None  # d alpha_{t,s} = <d h_bar_t, GELU(z_{t,s})>
     if not need_params:
-        return d_alpha, None, None, None, None
-    dz = (a.to(acc).unsqueeze(1) * dh * gelu_grad(z_acc)).to(dtype)  # [n, H], the GEMM operand
-    db1 = dz.to(acc).sum(0)  # [H]
-    n, G, Dg = x_hat.shape
-    m = (dz.t() @ x_hat.reshape(n, G * Dg)).to(acc).reshape(-1, G, Dg)  # M = dz^T x_hat: the one GEMM
-    w1 = fc1_weight.to(acc).reshape(-1, G, Dg)
-    d_gamma = (w1 * m).sum((0, 1))
-    d_beta = (w1.sum(1) * db1[:, None]).sum(0)
-    return d_alpha, m, db1, d_gamma, d_beta
+        return d_alpha, None, None
+    dz = (a.to(acc).unsqueeze(1) * dh * gelu_grad(z_acc)).to(z.dtype)
+    return d_alpha, dz, dz.to(acc).sum(0)
 
 
 class TorchBackend(SparseBackend):
@@ -92,29 +85,41 @@ class TorchBackend(SparseBackend):
     @classmethod
     def bank_backward(cls, rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar, need_alpha, need_ln,
                       need_w1, need_b1):
+        """A loop over the layers, one GEMM each (M_j = dz_j^T x_hat_j), with the module docstring's epilogue done
+        in as few passes over [H, G, D'] as torch allows: dW1 += gamma_j M_j in place, dgamma_j = sum W1 M_j; the
+        beta terms (sum_j beta_j db1_j into dW1, dbeta_j = (sum_g W1) db1_j) are two small GEMMs after the loop."""
         acc, dtype, dev = d_h_bar.dtype, fc1_weight.dtype, d_h_bar.device
-        M = len(ln_weights)
+        M, Dg = len(ln_weights), ln_weights[0].shape[0]
+        H = fc1_weight.shape[0]
+        G = fc1_weight.shape[1] // Dg
         need_params = need_ln or need_w1 or need_b1
+        w1 = fc1_weight.to(acc).reshape(H, G, Dg)
         d_alpha = torch.zeros_like(alpha) if need_alpha else None
-        d_w1 = torch.zeros(fc1_weight.shape, dtype=acc, device=dev) if need_w1 else None
-        d_b1 = torch.zeros(fc1_weight.shape[0], dtype=acc, device=dev) if need_b1 else None
-        d_ln = torch.zeros(2, M, ln_weights[0].shape[0], dtype=acc, device=dev) if need_ln else None
+        d_w1 = torch.zeros(H, G, Dg, dtype=acc, device=dev) if need_w1 else None
+        db1 = torch.zeros(M, H, dtype=acc, device=dev)  # per layer; a layer without pairs keeps zeros (not None)
+        d_gamma = torch.zeros(M, Dg, dtype=acc, device=dev) if need_ln else None
         for j in range(M):
             x_hat, z = tape[2 * j], tape[2 * j + 1]
             if x_hat is None or x_hat.shape[0] == 0:
-                continue  # no pair routed to layer j: its LayerNorm gets zero (not None) grads, as the dense bank
+                continue
             tokens, slots = rows.layer(j)
-            d_a, m, db1, d_gamma, d_beta = layer_grads(d_h_bar[tokens], alpha[tokens, slots], z, x_hat,
-                                                       fc1_weight, need_alpha, need_params)
+            d_a, dz, db1_j = layer_grads(d_h_bar[tokens], alpha[tokens, slots], z, need_alpha, need_params)
             if need_alpha:
                 d_alpha[tokens, slots] = d_a.to(alpha.dtype)
-            if need_w1:  # dW1 = sum_j (gamma_j M_j + beta_j db1_j), kept in fp32 across the layers
-                gamma, beta = ln_weights[j].to(acc), ln_biases[j].to(acc)
-                d_w1 += (m * gamma + beta * db1[:, None, None]).reshape(d_w1.shape)
-            if need_b1:
-                d_b1 += db1
-            if need_ln:
-                d_ln[0, j], d_ln[1, j] = d_gamma, d_beta
+            if not need_params:
+                continue
+            db1[j] = db1_j
+            if need_w1 or need_ln:
+                n = x_hat.shape[0]
+                m = (dz.t() @ x_hat.reshape(n, G * Dg)).to(acc).reshape(H, G, Dg)  # M_j = dz^T x_hat: the one GEMM
+                if need_w1:
+                    d_w1.addcmul_(m, ln_weights[j].to(acc))
+                if need_ln:
+                    d_gamma[j] = torch.linalg.vecdot(w1.reshape(H * G, Dg), m.reshape(H * G, Dg), dim=0)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return (d_alpha, cast(d_w1), cast(d_b1), cast(d_ln[0]) if need_ln else None,
-                cast(d_ln[1]) if need_ln else None)
+        if need_w1:
+            betas = torch.stack([b.to(acc) for b in ln_biases])  # [M, D']
+            d_w1 += (db1.t() @ betas).unsqueeze(1)  # sum_j db1_j beta_j^T, the same for every g
+            d_w1 = d_w1.reshape(fc1_weight.shape)
+        d_beta = db1 @ w1.sum(1) if need_ln else None  # [M, D']
+        return (d_alpha, cast(d_w1), cast(db1.sum(0)) if need_b1 else None, cast(d_gamma), cast(d_beta))

@@ -41,16 +41,17 @@ def affine(x_hat: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor) 
     return torch.addcmul(ln_bias, x_hat, ln_weight).reshape(x_hat.shape[0], x_hat.shape[1] * x_hat.shape[2])
 
 
-def layer_grads(dh, a, z, need_alpha, need_params):
+def layer_grads(dh, a, z, need_alpha, need_params, dtype):
     """One bank layer's pair gradients for its n pairs, from dh = dL/dh_bar at the pairs' tokens [n, H] (fp32/fp64),
-    a = their alpha [n] and z [n, H] from the tape: (d_alpha_pairs [n] or None, dz [n, H] in z's dtype (the GEMM
-    operand) or None, db1 = sum_p dz [H] in dh's dtype or None)."""
+    a = their alpha [n] and z [n, H] from the tape (z is bf16 under a bf16 autocast even for fp32 parameters):
+    (d_alpha_pairs [n] or None, dz [n, H] in ``dtype``, the parameter dtype of the GEMM with x_hat, or None,
+    db1 = sum_p dz [H] in dh's dtype or None)."""
     acc = dh.dtype
     z_acc = z.to(acc)
     d_alpha = (dh * F.gelu(z_acc)).sum(1) if need_alpha else None  # d alpha_{t,s} = <d h_bar_t, GELU(z_{t,s})>
     if not need_params:
         return d_alpha, None, None
-    dz = (a.to(acc).unsqueeze(1) * dh * gelu_grad(z_acc)).to(z.dtype)
+    dz = (a.to(acc).unsqueeze(1) * dh * gelu_grad(z_acc)).to(dtype)
     return d_alpha, dz, dz.to(acc).sum(0)
 
 
@@ -103,7 +104,8 @@ class TorchBackend(SparseBackend):
             if x_hat is None or x_hat.shape[0] == 0:
                 continue
             tokens, slots = rows.layer(j)
-            d_a, dz, db1_j = layer_grads(d_h_bar[tokens], alpha[tokens, slots], z, need_alpha, need_params)
+            d_a, dz, db1_j = layer_grads(d_h_bar[tokens], alpha[tokens, slots], z, need_alpha, need_params,
+                                          dtype)
             if need_alpha:
                 d_alpha[tokens, slots] = d_a.to(alpha.dtype)
             if not need_params:

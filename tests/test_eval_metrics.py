@@ -503,3 +503,44 @@ def test_caption_scores_with_java_meteor(monkeypatch):
     s2 = caption.caption_scores(refs, preds, use_java=False)
     for k in ("BLEU-1", "ROUGE-L", "CIDEr"):
         assert s[k] == pytest.approx(s2[k], rel=1e-9)
+
+
+# --- the remaining messages a user reads, exactly (mutation survivors of eval-metrics) ---------------------------
+def test_scoring_errors_read_exactly():
+    with pytest.raises(ValueError, match="^refs and preds must have the same ids$"):
+        caption.caption_scores({"a": ["x"]}, {"b": "x"}, use_java=False)
+    with pytest.raises(ValueError, match="^no samples to score$"):
+        caption.caption_scores({}, {}, use_java=False)
+    with pytest.raises(ValueError, match="^no ScanQA predictions to score$"):
+        scanqa.score([], use_java=False)
+    with pytest.raises(ValueError, match="^no SQA3D predictions to score$"):
+        sqa3d.score([])
+
+
+def test_vsibench_table_counts_and_note_read_exactly():
+    table = vsibench.format_table({"per_type": {"route_planning": 30.5, "obj_appearance_order": 40.0},
+                                   "counts": {"obj_appearance_order": 7}, "missing_tasks": ["room_size_estimation"]})
+    lines = table.splitlines()
+    assert any(ln.split() == ["route_planning", "30.50", "(n=0)"] for ln in lines), table  # no count known: 0
+    assert any(ln.split() == ["obj_appearance_order", "40.00", "(n=7)"] for ln in lines), table
+    assert lines[-1] == ("NOTE: tasks absent from the predictions: room_size_estimation; 'Avg.' is over the present "
+                         "tasks only.")
+
+
+def test_vsibench_file_errors_read_exactly(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"expected test\.jsonl or \*\.parquet \(the files of the "
+                                                r"nyu-visionx/VSI-Bench dataset repo\)$"):
+        vsibench.find_annotation_files(str(tmp_path))
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_parquet(name, *args, **kwargs):
+        if name.startswith(("pyarrow", "pandas")):
+            raise ImportError(f"no {name} here")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_parquet)
+    with pytest.raises(ImportError, match=r"^reading x\.parquet needs 'pyarrow' \(or 'pandas' with a parquet "
+                                          r"engine\); install one with `pip install pyarrow`, or provide test\.jsonl "
+                                          r"instead$"):
+        vsibench._read_parquet(["x.parquet"])

@@ -386,3 +386,15 @@ def test_concat_gather_indices_returns_int64_from_narrower_indices():
     out = concat_gather_indices([a.to(torch.int32), a.to(torch.int32)], [30, 30])
     assert out.dtype == torch.int64
     assert torch.equal(out, torch.cat([a, a + 30]))
+
+
+def test_grid_thw_of_any_integer_dtype_is_accepted():
+    """Qwen's processor gives int64, but a grid read back from int32 storage is the same grid."""
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        check_grid_thw(torch.tensor([[1, 4, 4], [1, 4, 4]], dtype=dtype), 2, (4, 4), 4)
+        check_grid_thw(torch.tensor([[1, 3, 5]], dtype=dtype), 2, (3, 5), 8)
+
+
+def test_concat_of_no_indices_is_a_clear_error():
+    with pytest.raises(ValueError, match="^need at least one gather_index$"):
+        concat_gather_indices([], [])

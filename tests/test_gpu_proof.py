@@ -25,7 +25,7 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     out = tmp_path / "proof"
     report = run_proof(out, "--total-s", "1200", "--stage-s", "400")
     stages = report["stages"]
-    assert list(stages) == ["ceilings", "parity", "fusion", "encoder", "training", "pytest"]
+    assert list(stages) == ["ceilings", "parity", "fusion", "encoder", "training", "pytest", "tune"]
     log = (out / "gpu_proof.log").read_text()
     for name, r in stages.items():
         assert r["status"] == "ok", (name, r.get("error"), log[-3000:])
@@ -53,7 +53,8 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     assert train["finite"] and len(train["losses"]) == 2
     assert stages["training"]["generate"]["sdpa"]["generated_shape"][0] == 2
     assert stages["training"]["generate"]["sdpa"]["finite"]
-    assert "collected" in stages["pytest"]["summary"]
+    assert "CUDA" in stages["tune"]["skipped"]
+    assert stages["pytest"]["summary"].count("collected") == 2
     # what comes back from the device tool: at most 8 files, no folders
     files = sorted(p.name for p in out.iterdir())
     assert files == ["encoder.png", "fusion.png", "gpu_proof.json", "gpu_proof.log"], files

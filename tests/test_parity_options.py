@@ -169,3 +169,23 @@ def test_inference_mode(backend, fold_output):
         out = fusion(q_i, layers_i, gi_i, backend=backend, fold_output=fold_output)
     assert out.is_inference()
     assert rel_err(out, expected) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", backend_params(fast_backends()))
+def test_bf16_autocast(backend):
+    """Under a bf16 autocast with fp32 parameters (what training with precision="bf16" runs): the router's hidden
+    layer comes out bf16 while its fc2 stays fp32. Every backend runs forward and backward, and agrees with its
+    own fp32 run within bf16's rounding (a few 2^-8 through the chain)."""
+    shape = Shape(L=11, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gi = make_inputs(shape, torch.float32)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    expected = run_backend(fusion, backend, q, layers, gi, grad_out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_backend(fusion, backend, q, layers, gi, grad_out)
+    assert torch.equal(got[1].topk_idx, expected[1].topk_idx)
+    assert rel_err(got[0].float(), expected[0]) < 5e-2
+    assert rel_err(got[2].float(), expected[2]) < 5e-2
+    for name, g in expected[3].items():
+        if g is not None:
+            assert rel_err(got[3][name].float(), g) < 1e-1, name

@@ -192,7 +192,7 @@ class SparseBackend:
         n = tokens.numel()
         a = alpha[tokens, slots].unsqueeze(1)  # [n, 1], differentiable
         rows = BankRows(torch.arange(n, device=tokens.device), torch.zeros_like(tokens),
-                        torch.tensor([0, n], dtype=torch.int64, device=tokens.device))
+                        torch.arange(2, dtype=torch.int64, device=tokens.device) * n)  # [0, n], no host copy
         bank = self.open_bank(fusion, a, gather_index[tokens], rows, [i], fusion.projectors[i].fc1)
         self.add_layer(bank, 0, layer)
         h_i = self.close_bank(bank)

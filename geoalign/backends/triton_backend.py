@@ -25,7 +25,9 @@ class TritonBackend(SparseBackend):
     def route(self, fusion, q: torch.Tensor) -> Routing:
         """topk_idx [L, K] int64, alpha [L, K] fp32 (fp64 for fp64 parameters)."""
         fc2 = fusion.router.fc2
-        topk_idx, alpha = route_op(fusion.router_hidden(q), fc2.weight, fc2.bias, fusion.config.top_k)
+        # under a bf16 autocast the hidden layer comes out bf16 while fc2 stays fp32: the kernel takes one dtype
+        hidden = fusion.router_hidden(q).to(fc2.weight.dtype)
+        topk_idx, alpha = route_op(hidden, fc2.weight, fc2.bias, fusion.config.top_k)
         return Routing(topk_idx.long(), alpha)
 
     def prepare_bank(self, bank) -> None:

@@ -59,8 +59,12 @@ def main():
         blocks, warps, stages = tile("gemm")
         compile_kernel(gemm._matmul_kernel, dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param",
                                                  residual_ptr="param"), {},
-                       dict(HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, PARAM_DTYPE=param, **dot, **blocks,
-                            GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+                       dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, PARAM_DTYPE=param, **dot,
+                            **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        compile_kernel(gemm._matmul_kernel, dict(a_ptr="param", b_ptr="param", c_ptr="acc", bias_ptr="param",
+                                                 residual_ptr="param"), {},  # split-K: fp32 partials, no epilogue
+                       dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, PARAM_DTYPE=param,
+                            **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
         compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
                                                    topk_idx_ptr="i32", alpha_ptr="acc"), {},
                        dict(K=2, K_POW2=2, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), 4, 1)

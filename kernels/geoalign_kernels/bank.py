@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import guard
 from .checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_tensor
-from .configs import get_config, launch_kwargs
+from .configs import get_config, launch_kwargs, tune
 from .guard import guarded
 from .library import custom_op
 from .runtime import acc_dtype
@@ -308,14 +308,17 @@ def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
             ACC_DTYPE=types["ACC_DTYPE"], BLOCK_SIZE_M=rcfg["BLOCK_SIZE_M"], BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"],
             num_warps=rcfg["num_warps"],
         )
-    cfg = get_config("bank_fwd", max_pairs, dev, dtype)
-    grid = (triton.cdiv(max_pairs, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
-    with guarded("bank_layer_forward/gemm1", h_bar=h_bar, z=z) as out:
-        _bank_fwd_kernel[grid](
-            x_hat, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias, tokens,
-            slots, offsets, layer_pos, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), out.z, H, Dg, G, L, K,
-            TAPE=tape, SAVE_Z=tape, **types, **launch_kwargs(cfg),
-        )
+
+    def gemm1(cfg):
+        grid = (triton.cdiv(max_pairs, cfg["BLOCK_SIZE_M"]), triton.cdiv(H, cfg["BLOCK_SIZE_N"]))
+        with guarded("bank_layer_forward/gemm1", h_bar=h_bar, z=z) as out:
+            _bank_fwd_kernel[grid](
+                x_hat, ln_weight, ln_bias, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias,
+                tokens, slots, offsets, layer_pos, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), out.z, H, Dg,
+                G, L, K, TAPE=tape, SAVE_Z=tape, **types, **launch_kwargs(cfg),
+            )
+
+    gemm1(tune("bank_fwd", max_pairs, dev, dtype, gemm1, restore=(h_bar,)))  # h_bar is read-add-written
 
 
 def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weights: torch.Tensor, ln_biases: torch.Tensor,
@@ -364,20 +367,24 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, ln_weights: torch.
             BLOCK_SIZE_N=rcfg["BLOCK_SIZE_N"], num_warps=rcfg["num_warps"],
         )
     d_alpha = d_alpha_part.sum(0).to(alpha.dtype)
-    cfg = get_config("bank_dw1", H, dev, dtype)
-    n_h_tiles = triton.cdiv(H, cfg["BLOCK_SIZE_M"])
-    d_w1 = alloc((H, width), dtype, dev) if need_w1 else fc1_weight.new_empty((0, width))
-    db1 = alloc((H,), acc, dev)
-    dgamma_part = alloc((n_h_tiles, M, width), acc, dev)
-    dbeta_part = alloc((n_h_tiles, M, width), acc, dev)
-    grid = (n_h_tiles, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
-    with guarded("bank_backward/weight_grad", d_w1=d_w1, db1=db1, dgamma_part=dgamma_part,
-                 dbeta_part=dbeta_part) as out:
-        _bank_weight_grad_kernel[grid](
-            dz, x_hat, offsets, M, ln_weights, ln_biases, ln_weights.stride(0), fc1_weight, fc1_weight.stride(0),
-            fc1_weight.stride(1), out.d_w1, out.db1, out.dgamma_part, out.dbeta_part, H, Dg, G,
-            STORE_DW1=need_w1, **types, **launch_kwargs(cfg),
-        )
+
+    def weight_grad(cfg):
+        n_h_tiles = triton.cdiv(H, cfg["BLOCK_SIZE_M"])
+        d_w1 = alloc((H, width), dtype, dev) if need_w1 else fc1_weight.new_empty((0, width))
+        db1 = alloc((H,), acc, dev)
+        dgamma_part = alloc((n_h_tiles, M, width), acc, dev)
+        dbeta_part = alloc((n_h_tiles, M, width), acc, dev)
+        grid = (n_h_tiles, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
+        with guarded("bank_backward/weight_grad", d_w1=d_w1, db1=db1, dgamma_part=dgamma_part,
+                     dbeta_part=dbeta_part) as out:
+            _bank_weight_grad_kernel[grid](
+                dz, x_hat, offsets, M, ln_weights, ln_biases, ln_weights.stride(0), fc1_weight, fc1_weight.stride(0),
+                fc1_weight.stride(1), out.d_w1, out.db1, out.dgamma_part, out.dbeta_part, H, Dg, G,
+                STORE_DW1=need_w1, **types, **launch_kwargs(cfg),
+            )
+        return n_h_tiles, d_w1, db1, dgamma_part, dbeta_part
+
+    n_h_tiles, d_w1, db1, dgamma_part, dbeta_part = weight_grad(tune("bank_dw1", H, dev, dtype, weight_grad))
     if not need_w1:
         d_w1 = torch.zeros_like(fc1_weight)
     if need_ln:

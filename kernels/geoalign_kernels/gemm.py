@@ -4,6 +4,10 @@ Used by the output stage (projector.fc2, out_proj, the folded W_out.W2) and by b
 A and B may be any strided views (transposes cost nothing); accumulation is fp32 (fp64 for fp64 inputs). Programs
 are launched on a 1-D grid in grouped order (Triton tutorial 03): GROUP_SIZE_M row blocks share each column block,
 so a band of A stays in L2 while the N tiles are walked, instead of A being re-read from DRAM for every N tile.
+
+Split-K: when C has too few tiles to fill the device and K is long (the router's dW2 = dS^T H is [M, R] = 12 x 512
+summed over L = 8064 tokens: 4 tiles of 126 K-steps on a 132-SM GPU), a second grid axis splits K into SPLIT_K
+ranges, each program writes an fp32 partial C, and one sum reduces them (no atomics, deterministic).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .checks import FLOAT_DTYPES, check_tensor
-from .configs import get_config, launch_kwargs
+from .configs import launch_kwargs, tune
 from .guard import guarded
 from .runtime import acc_dtype
 from .utils import alloc, dot_dtype, dot_precision, gelu, tl_dtype
@@ -25,6 +29,8 @@ def _matmul_kernel(
         M, N, K,  # problem sizes
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # element strides
         stride_rm, stride_rn,  # residual strides
+        stride_cs,  # element stride between the SPLIT_K partial C's (program_id(1) picks one)
+        SPLIT_K: tl.constexpr,  # K ranges over grid axis 1; > 1 only without an epilogue
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_GELU: tl.constexpr,  # epilogue
         DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # operand / accumulator types
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,  # tile
@@ -39,16 +45,21 @@ def _matmul_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
+    # this program's K range: whole BLOCK_SIZE_K steps, split as evenly as possible (the last ranges may be empty)
+    k_steps = tl.cdiv(tl.cdiv(K, BLOCK_SIZE_K), SPLIT_K)
+    k_start = tl.program_id(1).to(tl.int64) * k_steps * BLOCK_SIZE_K
+    k_end = tl.minimum(k_start + k_steps * BLOCK_SIZE_K, K)
+
     offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_SIZE_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(k_start, k_end, BLOCK_SIZE_K):
+        mask_k = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
@@ -62,15 +73,27 @@ def _matmul_kernel(
     if HAS_RESIDUAL:
         residual_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(residual_ptrs, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    c_ptr += tl.program_id(1).to(tl.int64) * stride_cs  # this program's partial C (stride 0 without split-K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
+def split_k_for(M: int, N: int, K: int, cfg: dict, num_sms: int) -> int:
+    """How many K ranges to split C = A @ B into: 1 unless C's tiles fill less than half the device; then enough
+    ranges to reach about one program per SM, each at least 4 K-steps long, at most 32."""
+    tiles = triton.cdiv(M, cfg["BLOCK_SIZE_M"]) * triton.cdiv(N, cfg["BLOCK_SIZE_N"])
+    if 2 * tiles >= num_sms:
+        return 1
+    by_k = triton.cdiv(K, cfg["BLOCK_SIZE_K"]) // 4
+    return max(1, min(32, num_sms // tiles, by_k))
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            gelu: bool = False, out_dtype: torch.dtype | None = None, op_dtype: torch.dtype | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] (+ bias [N]) (GELU) (+ residual [M, N]) -> [M, N] in out_dtype (default a's dtype).
-    op_dtype: dtype the operands are cast to before tl.dot (default: a's dtype)."""
+    op_dtype: dtype the operands are cast to before tl.dot (default: a's dtype). split_k: K ranges reduced by a sum
+    (only without bias / GELU / residual); None picks it from the device's SM count (1 off CUDA)."""
     op = "matmul"
     check_tensor(op, "a", a, shape=(None, None), dtype=FLOAT_DTYPES)
     M, K = a.shape
@@ -81,6 +104,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         check_tensor(op, "bias", bias, shape=(N,), dtype=FLOAT_DTYPES, device=dev)
     if residual is not None:
         check_tensor(op, "residual", residual, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
+    epilogue = bias is not None or residual is not None or gelu
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1 or (split_k > 1 and epilogue)):
+        raise ValueError(f"{op}: split_k must be an int >= 1, and 1 with a bias, GELU or residual; got {split_k!r}")
     op_dtype = op_dtype or a.dtype
     out_dtype = out_dtype or a.dtype
     if out is None:
@@ -89,17 +115,28 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         check_tensor(op, "out", out, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
     if M == 0 or N == 0:
         return out
-    cfg = get_config("gemm", M, dev, op_dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_SIZE_M"]) * triton.cdiv(N, cfg["BLOCK_SIZE_N"]),)
-    with guarded(op, out=out) as w:
-        bias_t = bias if bias is not None else w.out
-        res_t = residual if residual is not None else w.out
-        _matmul_kernel[grid](
-            a, b, w.out, bias_t, res_t, M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-            res_t.stride(0), res_t.stride(1),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_GELU=gelu,
-            DOT_DTYPE=dot_dtype(op_dtype), ACC_DTYPE=tl_dtype(acc_dtype(op_dtype)),
-            DOT_PRECISION=dot_precision(op_dtype), **launch_kwargs(cfg, group=True),
-        )
+    acc = acc_dtype(op_dtype)
+
+    def launch(cfg):
+        splits = split_k or (1 if epilogue or dev.type != "cuda" else
+                             split_k_for(M, N, K, cfg, torch.cuda.get_device_properties(dev).multi_processor_count))
+        grid = (triton.cdiv(M, cfg["BLOCK_SIZE_M"]) * triton.cdiv(N, cfg["BLOCK_SIZE_N"]), splits)
+        target = out if splits == 1 else alloc((splits, M, N), acc, dev)  # fp32 partials
+        stride_cs = 0 if splits == 1 else target.stride(0)
+        with guarded(op, out=target) as w:
+            bias_t = bias if bias is not None else w.out
+            res_t = residual if residual is not None else w.out
+            _matmul_kernel[grid](
+                a, b, w.out, bias_t, res_t, M, N, K,
+                a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(-2), target.stride(-1),
+                res_t.stride(-2), res_t.stride(-1), stride_cs, SPLIT_K=splits,
+                HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_GELU=gelu,
+                DOT_DTYPE=dot_dtype(op_dtype), ACC_DTYPE=tl_dtype(acc), DOT_PRECISION=dot_precision(op_dtype),
+                **launch_kwargs(cfg, group=True),
+            )
+        if splits > 1:
+            torch.sum(target, dim=0, out=out) if out.dtype == acc else out.copy_(target.sum(0))
+
+    # (out may be the residual itself: put it back after autotune's timing runs)
+    launch(tune("gemm", M, dev, op_dtype, launch, restore=(out,) if residual is not None else ()))
     return out

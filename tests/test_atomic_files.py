@@ -270,3 +270,89 @@ def test_no_direct_writers():
                 if DIRECT_WRITE.search(code):
                     found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "files written outside geoalign.atomic_files:\n" + "\n".join(found)
+
+
+# ------------------------------------------------------------------------------------ exact formats and edge cases
+def test_write_json_format_is_two_space_sorted_utf8(tmp_path):
+    path = tmp_path / "meta.json"
+    atomic_files.write_json(path, {"task": "scanqa", "answer": "café", "n": [1, 2]})
+    assert path.read_bytes() == ('{\n  "answer": "café",\n  "n": [\n    1,\n    2\n  ],\n  "task": "scanqa"\n}\n'
+                                 ).encode("utf-8")
+    atomic_files.write_json(path, {"b": 1, "a": 2}, indent=None)
+    assert path.read_bytes() == b'{"a": 2, "b": 1}\n'
+
+
+def test_save_safetensors_keeps_metadata(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "w.safetensors"
+    atomic_files.save_safetensors(path, {"x": torch.arange(6.0)}, metadata={"format": "pt", "global_step": "12"})
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "global_step": "12"}
+        assert torch.equal(f.get_tensor("x"), torch.arange(6.0))
+
+
+def test_fsync_tree_is_bottom_up(tmp_path, monkeypatch):
+    """Every file and directory under the tree is fsync'ed once, and a directory only after everything in it."""
+    (tmp_path / "t" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "t" / "c").mkdir()
+    for rel in ("top.bin", "a/x.bin", "a/b/y.bin", "c/z.bin"):
+        (tmp_path / "t" / rel).write_bytes(b"1")
+    order = []
+    monkeypatch.setattr(atomic_files, "fsync_file", lambda p: order.append(os.path.relpath(p, tmp_path / "t")))
+    monkeypatch.setattr(atomic_files, "fsync_dir", lambda p: order.append(os.path.relpath(p, tmp_path / "t") + "/"))
+    atomic_files.fsync_tree(str(tmp_path / "t"))
+    expected = {"top.bin", "a/x.bin", "a/b/y.bin", "c/z.bin", "./", "a/", "a/b/", "c/"}
+    assert sorted(order) == sorted(expected)
+    for i, entry in enumerate(order):
+        if entry.endswith("/"):
+            inside = [e for e in expected if e != entry and (entry == "./" or e.startswith(entry))]
+            assert all(order.index(e) < i for e in inside), order
+
+
+def test_append_jsonl_writes_utf8_not_escapes(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    atomic_files.append_jsonl(path, [{"id": "q1", "prediction": "café ☕"}, {"id": "q2", "prediction": "été"}])
+    assert path.read_bytes() == ('{"id": "q1", "prediction": "café ☕"}\n{"id": "q2", "prediction": "été"}\n'
+                                 ).encode("utf-8")
+
+
+def test_append_after_a_cut_line_keeps_every_whole_line(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    path.write_bytes(b'{"step": 8}\n{"step": 16}\n{"step": 24, "lo')  # the third append was cut by a crash
+    atomic_files.append_jsonl(path, [{"step": 24}])
+    assert path.read_bytes() == b'{"step": 8}\n{"step": 16}\n{"step": 24}\n'
+    atomic_files.drop_cut_tail(path)  # nothing to cut: unchanged
+    assert path.read_bytes() == b'{"step": 8}\n{"step": 16}\n{"step": 24}\n'
+
+
+def test_read_jsonl_is_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """On a machine whose locale encoding is not UTF-8 (Windows' cp1252) an open() without an encoding would read
+    UTF-8 text as mojibake; read_jsonl must not depend on the locale."""
+    import builtins
+
+    path = tmp_path / "predictions.jsonl"
+    atomic_files.append_jsonl(path, [{"id": "q1", "prediction": "café"}])
+
+    def cp1252_locale_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "cp1252"
+        return builtins.open(file, mode, buffering, encoding, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_files, "open", cp1252_locale_open, raising=False)
+    assert atomic_files.read_jsonl(path) == [{"id": "q1", "prediction": "café"}]
+
+
+def test_read_jsonl_skips_blank_lines_and_numbers_lines(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n\n   \n{"step": 2}\n')  # blank lines (e.g. from hand editing) in the middle
+    assert atomic_files.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert atomic_files.read_jsonl(path, line_numbers=True) == [(1, {"step": 1}), (4, {"step": 2})]
+
+
+def test_read_jsonl_corrupt_line_before_the_end_names_file_and_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    message = (f"{path}:2: not valid JSON (a corrupt line before the end; only a cut last line is recovered)")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        atomic_files.read_jsonl(path)

@@ -13,6 +13,8 @@ def test_supervised_tokens_skips_position_zero_and_ignored_labels():
     b = torch.tensor([[1, IGNORE_INDEX, IGNORE_INDEX]])
     # after the shift: [6, -100, 7] -> 2 and [-100, 8, 9] -> 2; [-100, -100] -> 0. Position 0 never counts.
     assert supervised_tokens([{"labels": a}, {"labels": b}]) == 4
+    assert supervised_tokens([{"labels": a}]) == 4  # 2 ignored positions after the shift: counting those gives 2
+    assert supervised_tokens([{"labels": b}]) == 0
     assert supervised_tokens([]) == 0
 
 

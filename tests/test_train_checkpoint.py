@@ -124,7 +124,8 @@ def test_resave_clears_the_leftover_of_an_earlier_crashed_resave(tmp_path):
 def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp_path, elsewhere, monkeypatch):
     """Re-saving checkpoint-3: the old one is renamed aside inside the output directory (same file system, so the
     rename is atomic and the copy is found by the clean-up), then the stage is renamed into place. A crash between
-    the two leaves the earlier checkpoints valid and the old checkpoint-3 aside in the run, removed by the next save."""
+    the two leaves the old checkpoint-3 aside in the run, still step 3's checkpoint (the newest one to resume from,
+    even with save_total_limit=1), and the next save renames it back."""
     out = tmp_path / "run"
     save(out, 2, {"model.safetensors": "w2"})
     save(out, 3, {"model.safetensors": "first"})
@@ -143,9 +144,39 @@ def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp
     monkeypatch.setattr(os, "rename", real_rename)
     aside = out / ".staging-old-checkpoint-3"
     assert (aside / "model.safetensors").read_text() == "first" and os.listdir(elsewhere) == []
-    assert ckpt.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert ckpt.latest_checkpoint(str(out)) == str(aside)
+    assert ckpt.resolve_resume("latest", str(out)) == str(aside) == ckpt.resolve_resume(str(aside), str(out))
     save(out, 4, {"model.safetensors": "w4"})
-    assert hidden(out) == [] and [s for s, _ in ckpt.list_checkpoints(str(out))] == [2, 4]
+    assert hidden(out) == [] and [s for s, _ in ckpt.list_checkpoints(str(out))] == [2, 3, 4]
+    assert (out / "checkpoint-3" / "model.safetensors").read_text() == "first"
+
+
+def test_a_crashed_resave_with_save_total_limit_1_still_leaves_a_checkpoint(tmp_path, elsewhere, monkeypatch):
+    out = tmp_path / "run"
+    save(out, 3, {"model.safetensors": "first"}, limit=1)
+    stage = ckpt.begin(str(out), 3, True)
+    Path(stage, "model.safetensors").write_text("second")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(src) == stage:
+            raise OSError(errno.EIO, "injected")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        ckpt.commit(str(out), 3, {"global_step": 3}, save_total_limit=1)
+    monkeypatch.setattr(os, "rename", real_rename)
+    latest = ckpt.latest_checkpoint(str(out))
+    assert latest is not None and Path(latest, "model.safetensors").read_text() == "first"
+
+
+def test_a_state_file_that_is_not_an_object_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-5"
+    path.mkdir()
+    for text in ("[1, 2]", "true", "\"complete\""):
+        (path / "trainer_state.json").write_text(text)
+        assert ckpt.is_valid_checkpoint(str(path)) is False
 
 
 # -------------------------------------------------------------------------------------- pruning and clean-up

@@ -5,7 +5,10 @@ A checkpoint is the directory ``<output_dir>/checkpoint-<step>``. It is written 
 RNG states; plus ``trainer_state.json``, written last), every file is fsync'ed, and rank 0 then ``os.rename`` s the
 staging directory into place and fsyncs ``output_dir``. A checkpoint is valid iff its name is ``checkpoint-<step>``
 and it holds a ``trainer_state.json`` whose ``complete`` is true; a crash at any moment leaves either the previous
-valid checkpoints or a staging directory that is ignored (and cleaned up on the next save). Needs a file system
+valid checkpoints or a staging directory that is ignored (and cleaned up on the next save). Re-saving a step moves the existing
+``checkpoint-<step>`` aside to ``.staging-old-checkpoint-<step>`` first; a crash between that rename and the next
+leaves the aside copy, which still counts as that step's checkpoint (latest_checkpoint finds it) and is renamed
+back by the next save, so even save_total_limit=1 always leaves one to resume from. Needs a file system
 shared by all ranks (the usual set-up for multi-node training too).
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ STATE_FILE = "trainer_state.json"
 PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_ASIDE = re.compile(r"^\.staging-old-checkpoint-(\d+)$")  # a checkpoint moved aside by a re-save that crashed
 
 
 def checkpoint_dir(output_dir: str, step: int) -> str:
@@ -32,26 +36,41 @@ def staging_dir(output_dir: str, step: int) -> str:
 
 
 def is_valid_checkpoint(path: str) -> bool:
-    if not _NAME.match(os.path.basename(os.path.normpath(path))):
+    name = os.path.basename(os.path.normpath(path))
+    if not (_NAME.match(name) or _ASIDE.match(name)):
         return False
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
-            return bool(json.load(f).get("complete"))
+            state = json.load(f)
     except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and bool(state.get("complete"))
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Valid checkpoints under ``output_dir``, oldest first, as (step, path)."""
     if not os.path.isdir(output_dir):
         return []
-    out = []
+    found: dict = {}
     for name in os.listdir(output_dir):
-        m = _NAME.match(name)
+        m = _NAME.match(name) or _ASIDE.match(name)
         path = os.path.join(output_dir, name)
         if m and is_valid_checkpoint(path):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
+            step = int(m.group(1))
+            if step not in found or _NAME.match(name):  # checkpoint-<step> wins over an aside copy
+                found[step] = path
+    return sorted(found.items())
+
+
+def _restore_asides(output_dir: str) -> None:
+    """Rename back the checkpoints a crashed re-save left aside (their checkpoint-<step> is missing)."""
+    for name in os.listdir(output_dir):
+        m = _ASIDE.match(name)
+        if m and is_valid_checkpoint(os.path.join(output_dir, name)):
+            final = checkpoint_dir(output_dir, int(m.group(1)))
+            if not os.path.exists(final):
+                os.rename(os.path.join(output_dir, name), final)
+                fsync_dir(output_dir)
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -95,6 +114,7 @@ def commit(output_dir: str, step: int, state: dict, save_total_limit: int | None
     fsync, rename into place, fsync the parent, prune old checkpoints. Returns the checkpoint path."""
     stage = staging_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
+    _restore_asides(output_dir)
     write_json(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step)))
     fsync_tree(stage)
     if os.path.exists(final):                 # re-saving a step: move the old one out of the way first

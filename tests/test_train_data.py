@@ -209,8 +209,10 @@ def test_missing_media_message_lists_three(synth, tmp_path, n_missing):
 def test_bad_json_line_and_missing_id(synth, tmp_path):
     _, root = synth
     path = _write(tmp_path, [_ok("good"), "{not json", json.dumps({"video": "media/f001"})])
-    with pytest.raises(RecordError, match=r"d.jsonl:2.*invalid JSON"):
+    with pytest.raises(RecordError) as ei:
         load_records([path], root)
+    assert str(ei.value) == (f"record '{path}:2': invalid JSON at {path}:2: "
+                             "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")
     recs, skipped = load_records([path], root, skip_bad=True)
     assert len(recs) == 1 and len(skipped) == 2 and any(k.endswith("d.jsonl:3") for k in skipped)
 
@@ -364,6 +366,13 @@ def test_tokenize_conversation_template_and_errors(tok):
                 "{{ m.content }}{% else %}{% for c in m.content %}{% if c.type == 'text' %}{{ c.text }}{% else %}"
                 "<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    # a template that dispatches on each content part's "type": text parts of every user turn are typed "text"
+    typed = GeoAlignProcessor(tok, None, num_frames=4, chat_template=counting.split("}}", 1)[1])
+    ids5, labels5 = tokenize_conversation(typed, turns, [2], "r2")
+    assert tok.decode(ids5) == ("<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>Q1?"
+                                "<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2?<|im_end|>\n"
+                                "<|im_start|>assistant\nA2<|im_end|>")
+    assert tok.decode(ids5[labels5 != -100]) == "A1<|im_end|>A2<|im_end|>"
     odd = GeoAlignProcessor(tok, None, num_frames=4, chat_template=counting)
     ids4, labels4 = tokenize_conversation(odd, turns[:2], [2], "r2")       # one answer: fine
     assert tok.decode(ids4) == "1<|im_start|>user\n<|vision_start|><|image_pad|><|image_pad|><|vision_end|>Q1?" \
@@ -432,12 +441,13 @@ def test_skip_bad_takes_the_next_record_and_warns_once(synth, tmp_path, tok, cap
     proc = GeoAlignProcessor(tok, None, num_frames=4)
     ds = GeoAlignSFTDataset.from_files(path, proc, root, skip_bad=True)
     caplog.set_level(logging.WARNING, logger="geoalign.training")
-    assert ds[1]["id"] == "next" and ds[1]["id"] == "next" and ds[2]["id"] == "next"
-    assert list(ds.skipped) == ["broken"]
+    logged = lambda: [r.getMessage() for r in caplog.records if r.name == "geoalign.training"]  # noqa: E731
+    assert ds[1]["id"] == "next" and list(ds.skipped) == ["broken"]
     reason = ds.skipped["broken"]
     assert reason.startswith(f"record 'broken': cannot load media {str(broken)!r}: ")
-    logged = [r.getMessage() for r in caplog.records if r.name == "geoalign.training"]
-    assert logged == [f"skipping bad record: {reason}"]                        # once, not at every access
+    assert logged() == [f"skipping bad record: {reason}"]                     # at the first failure
+    assert ds[1]["id"] == "next" and ds[2]["id"] == "next" and ds[0]["id"] == "first"
+    assert logged() == [f"skipping bad record: {reason}"]                     # once, not at every access
     # every record bad: a clear error counting them
     path2 = _write(tmp_path, [_ok("b1", video=str(broken)), _ok("b2", video=str(broken))], "allbad.jsonl")
     ds = GeoAlignSFTDataset.from_files(path2, proc, root, skip_bad=True)

@@ -56,7 +56,7 @@ GROUPS = {
         "mutate": ["geoalign/training/data.py", "geoalign/training/checkpoint.py", "geoalign/training/loss_scaling.py",
                    "geoalign/atomic_files.py"],
         "tests": ["tests/test_train_data.py", "tests/test_train_loss_scaling.py", "tests/test_atomic_files.py",
-                  "tests/test_bad_inputs.py", "tests/test_train_loop.py"],
+                  "tests/test_train_checkpoint.py", "tests/test_bad_inputs.py", "tests/test_train_loop.py"],
     },
 }
 

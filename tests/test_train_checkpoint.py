@@ -226,3 +226,17 @@ def test_an_undeletable_file_in_a_replaced_checkpoint_does_not_fail_the_resave(t
     assert Path(path, "model.safetensors").read_text() == "second"
     assert sorted(os.listdir(path)) == ["model.safetensors", "trainer_state.json"]
     assert os.listdir(out / ".staging-old-checkpoint-3") == [".nfs0000000000c3"]
+
+
+def test_a_checkpoint_wins_over_an_aside_copy_of_the_same_step(tmp_path, monkeypatch):
+    """Both checkpoint-3 and a leftover aside copy of step 3 (its re-save finished, the clean-up did not): the
+    checkpoint is the step's, whichever order the directory lists them in."""
+    out = tmp_path / "run"
+    save(out, 3, {"model.safetensors": "new"})
+    aside = out / ".staging-old-checkpoint-3"
+    aside.mkdir()
+    (aside / "trainer_state.json").write_text(json.dumps({"global_step": 3, "complete": True, "step": 3}))
+    real = os.listdir
+    for reverse in (False, True):
+        monkeypatch.setattr(os, "listdir", lambda path, r=reverse: sorted(real(path), reverse=r))
+        assert ckpt.list_checkpoints(str(out)) == [(3, str(out / "checkpoint-3"))]

@@ -121,15 +121,10 @@ def test_resave_clears_the_leftover_of_an_earlier_crashed_resave(tmp_path):
     assert Path(path, "model.safetensors").read_text() == "second" and hidden(out) == []
 
 
-def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp_path, elsewhere, monkeypatch):
-    """Re-saving checkpoint-3: the old one is renamed aside inside the output directory (same file system, so the
-    rename is atomic and the copy is found by the clean-up), then the stage is renamed into place. A crash between
-    the two leaves the old checkpoint-3 aside in the run, still step 3's checkpoint (the newest one to resume from,
-    even with save_total_limit=1), and the next save renames it back."""
-    out = tmp_path / "run"
-    save(out, 2, {"model.safetensors": "w2"})
-    save(out, 3, {"model.safetensors": "first"})
-    stage = ckpt.begin(str(out), 3, True)
+def crash_resave_before_the_stage_rename(monkeypatch, out, step: int, limit: int | None = None) -> None:
+    """Re-save ``step`` with the process dying between its two renames: the old checkpoint is already aside, the
+    new stage never reaches its final name."""
+    stage = ckpt.begin(str(out), step, True)
     Path(stage, "model.safetensors").write_text("second")
     real_rename = os.rename
 
@@ -140,8 +135,19 @@ def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="injected"):
-        ckpt.commit(str(out), 3, {"global_step": 3})
+        ckpt.commit(str(out), step, {"global_step": step}, save_total_limit=limit)
     monkeypatch.setattr(os, "rename", real_rename)
+
+
+def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp_path, elsewhere, monkeypatch):
+    """Re-saving checkpoint-3: the old one is renamed aside inside the output directory (same file system, so the
+    rename is atomic and the copy is found by the clean-up), then the stage is renamed into place. A crash between
+    the two leaves the old checkpoint-3 aside in the run, still step 3's checkpoint (the newest one to resume from,
+    even with save_total_limit=1), and the next save renames it back."""
+    out = tmp_path / "run"
+    save(out, 2, {"model.safetensors": "w2"})
+    save(out, 3, {"model.safetensors": "first"})
+    crash_resave_before_the_stage_rename(monkeypatch, out, 3)
     aside = out / ".staging-old-checkpoint-3"
     assert (aside / "model.safetensors").read_text() == "first" and os.listdir(elsewhere) == []
     assert ckpt.latest_checkpoint(str(out)) == str(aside)
@@ -154,19 +160,7 @@ def test_crash_between_the_renames_of_a_resave_keeps_the_old_copy_in_the_run(tmp
 def test_a_crashed_resave_with_save_total_limit_1_still_leaves_a_checkpoint(tmp_path, elsewhere, monkeypatch):
     out = tmp_path / "run"
     save(out, 3, {"model.safetensors": "first"}, limit=1)
-    stage = ckpt.begin(str(out), 3, True)
-    Path(stage, "model.safetensors").write_text("second")
-    real_rename = os.rename
-
-    def rename(src, dst):
-        if os.fspath(src) == stage:
-            raise OSError(errno.EIO, "injected")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(OSError, match="injected"):
-        ckpt.commit(str(out), 3, {"global_step": 3}, save_total_limit=1)
-    monkeypatch.setattr(os, "rename", real_rename)
+    crash_resave_before_the_stage_rename(monkeypatch, out, 3, limit=1)
     latest = ckpt.latest_checkpoint(str(out))
     assert latest is not None and Path(latest, "model.safetensors").read_text() == "first"
 

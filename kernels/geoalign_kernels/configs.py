@@ -167,17 +167,14 @@ def choose(candidates: list, launch, restore=(), bench=None) -> tuple[dict, list
             return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
     saved = [t.clone() for t in restore]
     timings = []
-    try:
-        for cfg in candidates:
-            try:
-                timings.append((cfg, float(bench(lambda: launch(cfg)))))
-            except Exception as exc:  # out of resources, compile errors: not a candidate here
-                timings.append((cfg, f"{type(exc).__name__}: {exc}"[:200]))
-            finally:
-                for t, s in zip(restore, saved):
-                    t.copy_(s)
-    finally:
-        del saved
+    for cfg in candidates:
+        try:
+            timings.append((cfg, float(bench(lambda: launch(cfg)))))
+        except Exception as exc:  # out of resources, compile errors: not a candidate here
+            timings.append((cfg, f"{type(exc).__name__}: {exc}"[:200]))
+        finally:
+            for t, s in zip(restore, saved):
+                t.copy_(s)
     measured = [(cfg, ms) for cfg, ms in timings if isinstance(ms, float)]
     if not measured:
         raise RuntimeError(f"geoalign_kernels autotune: every candidate failed: {timings}")

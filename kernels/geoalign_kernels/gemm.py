@@ -135,7 +135,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
                 **launch_kwargs(cfg, group=True),
             )
         if splits > 1:
-            torch.sum(target, dim=0, out=out) if out.dtype == acc else out.copy_(target.sum(0))
+            if out.dtype == acc:
+                torch.sum(target, dim=0, out=out)
+            else:
+                out.copy_(target.sum(0))  # the partials' sum, rounded once to out's dtype
 
     # (out may be the residual itself: put it back after autotune's timing runs)
     launch(tune("gemm", M, dev, op_dtype, launch, restore=(out,) if residual is not None else ()))

@@ -56,10 +56,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "eval": ["pycocoevalcap", "pyarrow"],
-        "train": ["accelerate>=1.0", "peft"],
+        "train": ["accelerate>=1.0", "peft", "tensorboard"],
         "deepspeed": ["deepspeed"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
-                "accelerate>=1.0", "peft"],
+                "accelerate>=1.0", "peft", "tensorboard"],
         "plots": ["matplotlib"],
     },
     package_data={"geoalign.geometry": ["*.json"], "geoalign.training": ["*.json"]},

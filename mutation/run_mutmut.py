@@ -42,6 +42,8 @@ GROUPS = {
         "tests": ["tests/test_parity.py", "tests/test_routing_policy.py", "tests/test_parity_options.py",
                   "tests/test_variants.py", "tests/test_inputs.py", "tests/test_memory.py", "tests/test_fuzz_parity.py",
                   "tests/test_bad_inputs.py", "tests/test_cuda_backend.py"],
+        # torch.compile cannot trace mutmut's trampolines (a contextvar lookup): the stats run fails on it
+        "deselect": ["tests/test_cuda_backend.py::test_compiled_matches_eager"],
     },
     "alignment": {
         "mutate": ["geoalign/geometry/alignment.py"],
@@ -70,6 +72,7 @@ def write_config(copy: Path, group: dict) -> None:
               "pytest_add_cli_args_test_selection ="]
     lines += [f"    {t}" for t in group["tests"]]
     lines += ["pytest_add_cli_args =", "    -p", "    no:cacheprovider", "    -m", "    not triton and not slow and not gpu",
+              *[f"    --deselect={t}" for t in group.get("deselect", [])],
               "timeout_multiplier = 30.0", "timeout_constant = 20.0"]
     (copy / "setup.cfg").write_text("\n".join(lines) + "\n")
 

@@ -19,3 +19,20 @@ def test_paper_config_file_holds_the_defaults():
             d.distributed) == (1.0, 64, 1e-5, "cosine", 0.03, "bf16", "deepspeed")
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"lr": 1})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("fsdp_sharding", "HYBRID", "fsdp_sharding: must be one of"),
+    ("save_dtype", "float32", "save_dtype: must be one of"),
+    ("report_to", ["tensorboard", "mlflow"], "report_to: trackers must be among"),
+    ("eval_steps", -1, "eval_steps must be >= 0"),
+])
+def test_engine_and_output_options_are_checked(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value})
+
+
+def test_single_strings_become_lists():
+    c = TrainConfig(eval_data="held_out.jsonl", report_to="tensorboard")
+    assert (c.eval_data, c.report_to) == (["held_out.jsonl"], ["tensorboard"])
+    assert TrainConfig(report_to="none").report_to == []

@@ -25,17 +25,23 @@ DRIVER = textwrap.dedent('''
     import json, os, sys, torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
+    from geoalign.training import fsdp
     from geoalign.training.config import TrainConfig
     from geoalign.training.trainer import GeoAlignTrainer
-    cfg = TrainConfig.from_yaml(sys.argv[1], {"output_dir": sys.argv[2]})
+    overrides = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    cfg = TrainConfig.from_yaml(sys.argv[1], {"output_dir": sys.argv[2], **overrides})
     t = GeoAlignTrainer(cfg)
     res = t.train()
     m = t.accelerator.unwrap_model(t.model_ddp)
     rank = t.accelerator.process_index
-    save_file({n: p.detach().contiguous() for n, p in m.named_parameters() if p.requires_grad},
-              os.path.join(cfg.output_dir, f"params_rank{rank}.safetensors"))
+    trainable = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous() for n, p in trainable.items()}
+    save_file(full, os.path.join(cfg.output_dir, f"params_rank{rank}.safetensors"))
     with open(os.path.join(cfg.output_dir, f"losses_rank{rank}.json"), "w") as f:
         json.dump({str(k): v for k, v in res.losses.items()}, f)
+    with open(os.path.join(cfg.output_dir, f"shards_rank{rank}.json"), "w") as f:
+        json.dump({"local": fsdp.local_numel(trainable.values()), "total": sum(p.numel() for p in trainable.values()),
+                   "eval": {str(k): v for k, v in res.eval_losses.items()}}, f)
 ''')
 
 
@@ -149,3 +155,85 @@ def test_deepspeed_config_is_filled_from_the_train_config():
         (64, 2, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def _torchrun(setup, out, overrides: dict, nproc: int = 2):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(setup / "driver.py"), str(setup / "train.yaml"),
+           str(out), json.dumps(overrides)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_two_process_fsdp2_shards_and_matches_single_process(setup, tmp_path):
+    """distributed: fsdp on 2 CPU processes (gloo) shards for real: each rank holds half of the trainable elements;
+    losses, pre-clip gradient norms, the eval loss (5 records: one rank runs an uncounted forward) and the trained
+    parameters equal a 1-process run's; a resume from the sharded checkpoint continues exactly; the final directory
+    (gathered on rank 0) loads with from_pretrained and generates."""
+    from safetensors.torch import load_file
+
+    from geoalign.modeling import GeoAlignForConditionalGeneration
+
+    records = (setup / "data" / "train.jsonl").read_text().splitlines()
+    (setup / "data" / "eval5.jsonl").write_text("\n".join(records[:5]) + "\n")
+    over = {"distributed": "fsdp", "save_final_model": True, "eval_data": [str(setup / "data" / "eval5.jsonl")]}
+    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    _torchrun(setup, two, over)
+    r1 = subprocess.run([sys.executable, str(setup / "driver.py"), str(setup / "train.yaml"), str(one),
+                         json.dumps(over)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-5000:]
+
+    shards = [json.loads((two / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
+    total = shards[0]["total"]
+    assert shards[1]["total"] == total > 100_000
+    assert all(abs(s["local"] - total / 2) <= 0.01 * total for s in shards), shards     # sharded, not replicated
+    single = json.loads((one / "shards_rank0.json").read_text())
+    assert single["local"] == single["total"] == total
+
+    l0, l1, ls = (json.loads((d / f"losses_rank{r}.json").read_text()) for d, r in ((two, 0), (two, 1), (one, 0)))
+    assert l0 == l1 and list(l0) == ["1", "2", "3"]
+    for s in l0:
+        assert l0[s] == pytest.approx(ls[s], rel=1e-4), (l0, ls)
+    log_two, log_one = read_jsonl(two / "train_log.jsonl"), read_jsonl(one / "train_log.jsonl")
+    norms_two = {r["step"]: r["grad_norm"] for r in log_two if "grad_norm" in r}
+    norms_one = {r["step"]: r["grad_norm"] for r in log_one if "grad_norm" in r}
+    assert list(norms_two) == [1, 2, 3] and norms_two.keys() == norms_one.keys()
+    for s in norms_two:
+        assert norms_two[s] == pytest.approx(norms_one[s], rel=1e-4), (norms_two, norms_one)
+    assert (log_two[0]["distributed_type"], log_two[0]["world_size"]) == ("FSDP2", 2)
+    assert log_one[0]["distributed_type"] == "NO"
+    ev_two, ev_one = shards[0]["eval"], single["eval"]
+    assert list(ev_two) == ["3"] and ev_two == shards[1]["eval"]
+    assert ev_two["3"] == pytest.approx(ev_one["3"], rel=1e-4)
+
+    p0, p1, ps = (load_file(str(d / f"params_rank{r}.safetensors")) for d, r in ((two, 0), (two, 1), (one, 0)))
+    assert p0.keys() == p1.keys() == ps.keys() and any(k.startswith("model.fusion.") for k in p0)
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+        torch.testing.assert_close(p0[k], ps[k], rtol=1e-3, atol=1e-5)
+
+    state = json.loads((two / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["distributed_type"] == "FSDP2" and state["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(two / "checkpoint-2" / "fsdp"))
+
+    _torchrun(setup, resumed, {**over, "resume_from_checkpoint": str(two / "checkpoint-2")})
+    lr = json.loads((resumed / "losses_rank0.json").read_text())
+    assert list(lr) == ["3"] and lr["3"] == pytest.approx(l0["3"], rel=1e-6), (lr, l0)
+
+    model = GeoAlignForConditionalGeneration.from_pretrained(str(two / "final")).eval()
+    params = dict(model.named_parameters())
+    for k in p0:
+        assert torch.equal(params[k], p0[k]), k
+    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+    # a 1-process run must not resume from sharded FSDP2 states (they are not a DDP / single-process checkpoint)
+    with pytest.raises(ValueError, match="FSDP2"):
+        from geoalign.training.config import TrainConfig
+        from geoalign.training.trainer import GeoAlignTrainer
+
+        cfg = TrainConfig.from_yaml(setup / "train.yaml", {"output_dir": str(tmp_path / "x"),
+                                                           "resume_from_checkpoint": str(two / "checkpoint-2")})
+        GeoAlignTrainer(cfg).train()

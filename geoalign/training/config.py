@@ -17,6 +17,9 @@ from ..atomic_files import write_json
 PRECISIONS = ("bf16", "fp16", "no")
 DISTRIBUTED = ("ddp", "deepspeed", "fsdp")
 TRAIN_MODES = ("full", "frozen_llm", "lora")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP")
+SAVE_DTYPES = ("bf16", "fp16", "fp32")
+TRACKERS = ("tensorboard", "wandb")
 FLOAT_KEYS = ("lora_dropout", "num_train_epochs", "learning_rate", "fusion_learning_rate", "weight_decay",
               "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "warmup_ratio")
 
@@ -45,12 +48,19 @@ class TrainConfig:
       lr_scheduler "cosine", warmup_ratio 0.03, max_steps 0 (0 = from epochs)
     Engine
       precision "bf16" (accelerate mixed precision; with DeepSpeed its bf16 mode), distributed "deepspeed" / "ddp" /
-      "fsdp", deepspeed_config (default: the package data geoalign/training/deepspeed_zero2.json), gradient_checkpointing True,
+      "fsdp" (FSDP2; fsdp_sharding "FULL_SHARD" or "SHARD_GRAD_OP"), deepspeed_config (default: the package data
+      geoalign/training/deepspeed_zero2.json), gradient_checkpointing True,
       cast_frozen_to_bf16 True (frozen VGGT + Qwen vision tower held in bf16 when precision is bf16)
+    Evaluation
+      eval_data             optional held-out JSON/JSONL files (same media_root); their token-mean loss is logged as
+                            eval_loss every eval_steps optimizer steps (0 = only at the end)
     Checkpoints / logs
       output_dir, save_steps 500 (0 = only at the end), save_total_limit 2, resume_from_checkpoint
       (None, "latest" or a checkpoint directory), save_frozen_weights False (checkpoints hold only the trainable
-      parameters), logging_steps 10, seed 42, num_workers 2, progress_bar True
+      parameters), save_final_model True (``output_dir/final``, loadable with from_pretrained in every mode),
+      save_dtype None (final weights in the dtype each trained in; or "bf16" / "fp16" / "fp32"), logging_steps 10,
+      report_to [] ("tensorboard", "wandb": accelerate's trackers, under output_dir/runs), seed 42,
+      num_workers 2, progress_bar True
     """
 
     # model
@@ -73,6 +83,8 @@ class TrainConfig:
     num_frames: int | None = 32
     max_length: int = 0
     skip_bad_records: bool = False
+    eval_data: list[str] = field(default_factory=list)
+    eval_steps: int = 0
     # optimisation
     num_train_epochs: float = 1.0
     max_steps: int = 0
@@ -102,7 +114,9 @@ class TrainConfig:
     save_frozen_weights: bool = False
     resume_from_checkpoint: str | None = None
     save_final_model: bool = True
+    save_dtype: str | None = None
     logging_steps: int = 10
+    report_to: list[str] = field(default_factory=list)
     seed: int = 42
     num_workers: int = 2
     progress_bar: bool = True
@@ -119,6 +133,11 @@ class TrainConfig:
         if isinstance(self.train_data, (str, os.PathLike)):
             self.train_data = [os.fspath(self.train_data)]
         self.train_data = [os.fspath(p) for p in self.train_data]
+        if isinstance(self.eval_data, (str, os.PathLike)):
+            self.eval_data = [os.fspath(self.eval_data)]
+        self.eval_data = [os.fspath(p) for p in self.eval_data]
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else [self.report_to]
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
         self.validate()
@@ -135,6 +154,13 @@ class TrainConfig:
             bad("precision", f"must be one of {PRECISIONS}")
         if self.distributed not in DISTRIBUTED:
             bad("distributed", f"must be one of {DISTRIBUTED}")
+        if self.fsdp_sharding not in FSDP_SHARDING:
+            bad("fsdp_sharding", f"must be one of {FSDP_SHARDING}")
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            bad("save_dtype", f"must be one of {SAVE_DTYPES} or null")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            bad("report_to", f"trackers must be among {TRACKERS}")
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
             bad("lr_scheduler", "must be 'cosine', 'linear' or 'constant'")
         for key in ("global_batch_size", "per_device_batch_size"):
@@ -151,8 +177,8 @@ class TrainConfig:
             bad("warmup_ratio", "must be in [0, 1)")
         if self.num_frames is not None and self.num_frames < 1:
             bad("num_frames", "must be >= 1 or null (all frames)")
-        if self.max_steps < 0 or self.save_steps < 0 or self.logging_steps < 0:
-            raise ValueError("TrainConfig: max_steps, save_steps and logging_steps must be >= 0")
+        if self.max_steps < 0 or self.save_steps < 0 or self.logging_steps < 0 or self.eval_steps < 0:
+            raise ValueError("TrainConfig: max_steps, save_steps, logging_steps and eval_steps must be >= 0")
 
     def check_model_source(self) -> None:
         if self.model_path is None and (self.qwen_path is None or self.vggt_path is None):

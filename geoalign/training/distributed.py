@@ -1,5 +1,5 @@
-"""Distributed set-up on Hugging Face accelerate: DDP, DeepSpeed ZeRO-2 (the paper's default) or FSDP, mixed
-precision and gradient accumulation. The DeepSpeed config is package data (``deepspeed_zero2.json`` beside this
+"""Distributed set-up on Hugging Face accelerate: DDP, DeepSpeed ZeRO-2 (the paper's default) or FSDP2 (fsdp.py),
+mixed precision and gradient accumulation. The DeepSpeed config is package data (``deepspeed_zero2.json`` beside this
 module), the one source of truth; ``TrainConfig.deepspeed_config`` may name another file.
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ def deepspeed_config_dict(cfg: TrainConfig, grad_accum: int) -> dict:
 
 
 def build_accelerator(cfg: TrainConfig, grad_accum: int):
-    """accelerate's Accelerator for ``cfg.distributed`` (DDP; DeepSpeed ZeRO-2; FSDP) and ``cfg.precision``."""
+    """accelerate's Accelerator for ``cfg.distributed`` and ``cfg.precision``: DDP, DeepSpeed ZeRO-2, or (FSDP) a plain
+    multi-process accelerator whose model the trainer shards itself with FSDP2 (fsdp.py)."""
     try:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
@@ -53,6 +54,9 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
                               step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(
                                   find_unused_parameters=cfg.ddp_find_unused_parameters)])
+    if cfg.report_to:
+        kw["log_with"] = list(cfg.report_to)
+        kw["project_dir"] = os.path.join(cfg.output_dir, "runs")
     if not torch.cuda.is_available():
         kw["cpu"] = True            # accelerate only sets up multi-process CPU (gloo) runs when told cpu=True
     if cfg.distributed == "deepspeed" and world_size() > 1:
@@ -64,13 +68,6 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
         from accelerate.utils import DeepSpeedPlugin
 
         kw["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config_dict(cfg, grad_accum))
-    elif cfg.distributed == "fsdp" and world_size() > 1:
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            sharding_strategy=cfg.fsdp_sharding, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["Qwen2_5_VLDecoderLayer"], use_orig_params=True,
-            state_dict_type="SHARDED_STATE_DICT", activation_checkpointing=False)
     if world_size() == 1:
         # accelerate keeps one process-wide state; a second trainer in the same process (notebooks, tests) with
         # another precision would be refused. Single process only: nothing distributed to tear down.
@@ -84,3 +81,14 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_type(accelerator, fsdp: bool) -> str:
+    """What the run's engine is, for trainer_state.json and the first log record: "FSDP2", "DEEPSPEED", "DDP"
+    (several processes, any device) or "NO" (one process)."""
+    if fsdp:
+        return "FSDP2"
+    kind = accelerator.distributed_type.value
+    if kind.startswith("MULTI_"):
+        return "DDP"
+    return kind

@@ -90,9 +90,22 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
                              eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
 
-def fusion_lr(optimizer) -> float:
-    """The fusion's current learning rate (the first group's when the fusion has none)."""
-    for g in optimizer.param_groups:
-        if str(g.get("name", "")).startswith("fusion"):
-            return float(g["lr"])
-    return float(optimizer.param_groups[0]["lr"])
+def merge_lora_state_dict(state: dict[str, torch.Tensor], scale: float, adapter: str = "default") -> dict:
+    """A LoRA model's state dict with every adapter folded into its base weight, under the plain model's names:
+    ``<m>.base_layer.weight`` [out, in] + scale * ``<m>.lora_B.<adapter>.weight`` [out, r] @ ``<m>.lora_A.<adapter>.weight``
+    [r, in] becomes ``<m>.weight`` (in the base weight's dtype, summed in fp32); ``scale`` = lora_alpha / r."""
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." not in key:
+            merged[key] = value
+            continue
+        module, leaf = key.split(".base_layer.", 1)
+        if leaf == "weight":
+            a, b = state.get(f"{module}.lora_A.{adapter}.weight"), state.get(f"{module}.lora_B.{adapter}.weight")
+            if a is None or b is None:
+                raise KeyError(f"LoRA module {module!r} has no adapter {adapter!r} (lora_A / lora_B weights)")
+            value = (value.float() + scale * (b.float() @ a.float())).to(value.dtype)
+        merged[f"{module}.{leaf}"] = value
+    return merged

@@ -1,7 +1,8 @@
 """GeoAlignTrainer: supervised fine-tuning of GeoAlign on Hugging Face ``accelerate``.
 
-accelerate supplies the engine (distributed.py): DDP, DeepSpeed ZeRO-2 or FSDP, bf16 mixed precision, gradient
-accumulation and ``save_state`` / ``load_state`` (model, optimizer, scheduler, RNG states). On top of it:
+accelerate supplies the engine (distributed.py): DDP or DeepSpeed ZeRO-2, bf16 mixed precision, gradient
+accumulation and ``save_state`` / ``load_state`` (model, optimizer, scheduler, RNG states). FSDP is PyTorch's FSDP2,
+applied by the trainer (fsdp.py; accelerate then keeps the RNG states and the schedule). On top of it:
 
 * the data order is a pure function of (seed, epoch, global step, global batch size) (sampler.py), so a resume
   starts exactly where the run stopped;
@@ -20,15 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..atomic_files import append_jsonl, save_safetensors, staged_directory
+from ..atomic_files import append_jsonl
 from ..memory import peak_memory_bytes
-from ..serialization import write_fusion_files
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import GeoAlignCollator, GeoAlignSFTDataset
-from .distributed import build_accelerator, world_size
+from . import fsdp
+from .distributed import build_accelerator, distributed_type, world_size
 from .loss_scaling import backward_scale, supervised_tokens
-from .optimization import build_optimizer, configure_trainable, fusion_lr, lr_lambda
+from .optimization import build_optimizer, configure_trainable, lr_lambda, merge_lora_state_dict
 from .sampler import StepSampler
 
 logger = logging.getLogger("geoalign.training")
@@ -42,6 +43,7 @@ class TrainResult:
     final_model_dir: str | None = None
     skipped_records: dict[str, str] = field(default_factory=dict)
     train_time_s: float = 0.0
+    eval_losses: dict[int, float] = field(default_factory=dict)  # step -> token-mean loss on eval_data
 
 
 def build_model_and_processor(cfg: TrainConfig):
@@ -77,6 +79,7 @@ class GeoAlignTrainer:
         self.log_fn = log_fn
         self.accelerator = None
         self.log_history: list[dict] = []
+        self._engine_logged = False
 
     # ------------------------------------------------------------------ set-up
     def _setup(self):
@@ -98,7 +101,9 @@ class GeoAlignTrainer:
             raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by per_device_batch_size="
                              f"{cfg.per_device_batch_size} x {world} processes")
         self.grad_accum = cfg.global_batch_size // (cfg.per_device_batch_size * world)
+        self.fsdp = cfg.distributed == "fsdp" and world > 1
         self.accelerator = build_accelerator(cfg, self.grad_accum)
+        self.distributed_type = distributed_type(self.accelerator, self.fsdp)
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
@@ -134,6 +139,11 @@ class GeoAlignTrainer:
                 cfg.train_data, self.processor, cfg.media_root, num_frames=cfg.num_frames,
                 max_length=cfg.max_length, skip_bad=cfg.skip_bad_records)
         self.collator = GeoAlignCollator.for_processor(self.processor)
+        self.eval_dataset = None
+        if cfg.eval_data:
+            self.eval_dataset = GeoAlignSFTDataset.from_files(
+                cfg.eval_data, self.processor, cfg.media_root, num_frames=cfg.num_frames, max_length=cfg.max_length,
+                skip_bad=cfg.skip_bad_records)
         self.steps_per_epoch = math.ceil(len(self.train_dataset) / cfg.global_batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
@@ -141,10 +151,16 @@ class GeoAlignTrainer:
     def _prepare_optimisation(self) -> None:
         """AdamW's groups and the schedule, wrapped by accelerate with the model."""
         cfg, acc = self.cfg, self.accelerator
+        if self.fsdp:       # shard first: AdamW must hold the sharded parameters
+            fsdp.shard_model(self.model.to(acc.device), sharding=cfg.fsdp_sharding, precision=cfg.precision)
         optimizer = build_optimizer(self.model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, self.warmup_steps, self.total_steps))
-        self.model_ddp, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
+        if self.fsdp:       # model and AdamW state go to sharded checkpoints (fsdp.py); accelerate keeps the rest
+            self.model_ddp, self.optimizer, self.scheduler = self.model, optimizer, scheduler
+            acc.register_for_checkpointing(scheduler)
+        else:
+            self.model_ddp, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self._trainable = {n for n, p in acc.unwrap_model(self.model_ddp).named_parameters() if p.requires_grad}
         if not cfg.save_frozen_weights:
             acc.register_save_state_pre_hook(self._drop_frozen_weights)
@@ -166,8 +182,12 @@ class GeoAlignTrainer:
         if state.get("total_steps") != self.total_steps:
             raise ValueError(f"checkpoint {path!r} belongs to a run of {state.get('total_steps')} steps; this config "
                              f"gives {self.total_steps} (the schedule would differ)")
+        if state.get("distributed_type", self.distributed_type) != self.distributed_type and \
+                "FSDP2" in (state.get("distributed_type"), self.distributed_type):
+            raise ValueError(f"checkpoint {path!r} was written by a {state.get('distributed_type')} run; this run is "
+                             f"{self.distributed_type} (FSDP2 checkpoints hold sharded states; the others do not)")
         strict = bool(state.get("saved_frozen_weights", True))
-        if not strict and acc.distributed_type.value not in ("DEEPSPEED", "FSDP"):
+        if not strict and self.distributed_type not in ("DEEPSPEED", "FSDP2"):
             from safetensors import safe_open
 
             f = os.path.join(path, "model.safetensors")
@@ -177,8 +197,11 @@ class GeoAlignTrainer:
             if missing:
                 raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:5]} (different train_mode "
                                  "or model?)")
-        if acc.distributed_type.value in ("DEEPSPEED", "FSDP"):
-            acc.load_state(path)            # their own checkpoint formats (full module states)
+        if self.distributed_type == "FSDP2":
+            acc.load_state(path)            # RNG states and the schedule
+            fsdp.load_sharded(self.model_ddp, self.optimizer, path, trainable_only=not strict)
+        elif self.distributed_type == "DEEPSPEED":
+            acc.load_state(path)            # its own checkpoint format (full module states)
         else:
             acc.load_state(path, strict=strict)
         self.start_step = int(state["global_step"])
@@ -191,13 +214,16 @@ class GeoAlignTrainer:
         stage = ckpt.begin(cfg.output_dir, step, acc.is_main_process)
         acc.wait_for_everyone()
         acc.save_state(stage)
+        if self.fsdp:
+            fsdp.save_sharded(self.model_ddp, self.optimizer, stage, trainable_only=not cfg.save_frozen_weights)
         acc.wait_for_everyone()
         path = ckpt.checkpoint_dir(cfg.output_dir, step)
         if acc.is_main_process:
             state = {"global_step": step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                      "global_batch_size": cfg.global_batch_size, "seed": cfg.seed, "world_size": acc.num_processes,
-                     "saved_frozen_weights": cfg.save_frozen_weights or
-                     acc.distributed_type.value in ("DEEPSPEED", "FSDP"), "config": cfg.to_dict(),
+                     "distributed_type": self.distributed_type,
+                     "saved_frozen_weights": cfg.save_frozen_weights or self.distributed_type == "DEEPSPEED",
+                     "config": cfg.to_dict(),
                      "log_history": self.log_history[-1000:]}
             state.update(extra or {})
             path = ckpt.commit(cfg.output_dir, step, state, cfg.save_total_limit)
@@ -205,24 +231,26 @@ class GeoAlignTrainer:
         return path
 
     def save_final_model(self) -> str:
-        acc = self.accelerator
-        out = os.path.join(self.cfg.output_dir, "final")
-        if acc.distributed_type.value == "FSDP":
-            sd = acc.get_state_dict(self.model_ddp)
-            if acc.is_main_process:
-                with staged_directory(out, "trainable.safetensors") as stage:
-                    save_safetensors(os.path.join(stage, "trainable.safetensors"),
-                                     {k: v.contiguous().cpu() for k, v in sd.items() if _strip(k) in self._trainable})
-        elif acc.is_main_process:
-            model = acc.unwrap_model(self.model_ddp)
-            if self.cfg.train_mode == "lora":
-                with staged_directory(out, "lora.safetensors") as stage:
-                    write_fusion_files(model.fusion, stage)
-                    save_safetensors(os.path.join(stage, "lora.safetensors"),
-                                     {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                                      if "lora_" in k})
-            else:
-                model.save_pretrained(out, processor=self.processor)
+        """``<output_dir>/final``: a GeoAlign directory that ``GeoAlignForConditionalGeneration.from_pretrained`` loads,
+        whatever the mode: the whole model (LoRA adapters merged into the LLM's weights; FSDP2 shards and ZeRO-2
+        partitions gathered on rank 0) and the processor. Floating tensors keep the dtype they trained in (fp32
+        masters, bf16 frozen encoders) unless ``save_dtype`` names one."""
+        acc, cfg = self.accelerator, self.cfg
+        out = os.path.join(cfg.output_dir, "final")
+        model = acc.unwrap_model(self.model_ddp)
+        if self.fsdp:
+            state = fsdp.full_state_dict(self.model_ddp)              # collective: every rank takes part
+        elif self.distributed_type == "DEEPSPEED":
+            state = acc.get_state_dict(self.model_ddp)                 # ZeRO-2: full parameters on every rank
+        else:
+            state = model.state_dict()
+        if acc.is_main_process:
+            if cfg.train_mode == "lora":
+                state = merge_lora_state_dict(state, cfg.lora_alpha / cfg.lora_r)
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(cfg.save_dtype)
+            state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+                     for k, v in state.items()}
+            model.save_pretrained(out, processor=self.processor, state_dict=state)
         acc.wait_for_everyone()
         return out
 
@@ -232,6 +260,9 @@ class GeoAlignTrainer:
         if not self.accelerator.is_main_process:
             return
         append_jsonl(os.path.join(self.cfg.output_dir, "train_log.jsonl"), [record])
+        if self.cfg.report_to:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=record["step"])
         msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         logger.info(msg)
         if self.log_fn is not None:
@@ -244,6 +275,7 @@ class GeoAlignTrainer:
         cfg = self.cfg
         end = self.total_steps if stop_after is None else min(self.total_steps, self.start_step + stop_after)
         self._announce()
+        self._start_trackers()
         batches = iter(self._loader())
         meter = _ThroughputMeter()
         result = TrainResult(global_step=self.start_step)
@@ -260,6 +292,9 @@ class GeoAlignTrainer:
                 bar.set_postfix(loss=f"{step_loss:.4f}")
             if cfg.logging_steps and (step % cfg.logging_steps == 0 or step == end):
                 self._log(self._log_record(step, step_loss, grad_norm, meter))
+            if self.eval_dataset is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == end):
+                result.eval_losses[step] = self.evaluate()
+                self._log({"step": step, "eval_loss": result.eval_losses[step]})
             if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
                 result.last_checkpoint = last_saved = self.save_checkpoint(step)
         result.global_step = step
@@ -271,7 +306,44 @@ class GeoAlignTrainer:
             bar.close()
         result.train_time_s = time.perf_counter() - t_start
         result.skipped_records = self._report_skipped()
+        if cfg.report_to:
+            self.accelerator.end_training()
         return result
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The token-mean loss over every record of ``eval_data`` (all ranks together; one record per forward).
+        Ranks take records round-robin; a rank with one record fewer runs a last forward it does not count, so that
+        every rank makes the same collective calls (FSDP, ZeRO)."""
+        from accelerate.utils import send_to_device
+
+        acc, model = self.accelerator, self.model_ddp
+        ds, world, rank = self.eval_dataset, acc.num_processes, acc.process_index
+        per_rank = math.ceil(len(ds) / world)
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)       # (sum of token losses, tokens)
+        for i in range(per_rank):
+            index = i * world + rank
+            mb = self.collator([ds[min(index, len(ds) - 1)]])
+            mb.pop("ids", None)
+            n = supervised_tokens([mb])
+            mb = send_to_device(mb, acc.device)
+            with acc.autocast():
+                loss = model(**mb, num_items_in_batch=torch.tensor(float(max(n, 1)), device=acc.device)).loss
+            if index < len(ds):
+                totals += torch.stack([loss.double() * n, torch.tensor(float(n), device=acc.device)])
+        model.train(was_training)
+        totals = acc.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp_min(1.0))
+
+    def _start_trackers(self) -> None:
+        """accelerate's trackers (``report_to``), with the run's config as their hyper-parameters."""
+        if not self.cfg.report_to:
+            return
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in self.cfg.to_dict().items()}
+        self.accelerator.init_trackers(os.path.basename(os.path.normpath(self.cfg.output_dir)) or "geoalign",
+                                       config=config)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         """This rank's micro-batches from ``start_step`` on (StepSampler: the resumable data order)."""
@@ -298,13 +370,19 @@ class GeoAlignTrainer:
             meter.add(mb)
             mb = send_to_device(mb, acc.device)
             with acc.accumulate(model):
-                loss = model(**mb, num_items_in_batch=n_global).loss
+                if self.fsdp:      # reduce-scatter in the last micro-batch's backward only
+                    fsdp.set_gradient_sync(model, acc.sync_gradients)
+                with acc.autocast():
+                    loss = model(**mb, num_items_in_batch=n_global).loss
                 loss_sum += loss.detach().float()
                 acc.backward(loss * backward_scale(acc.num_processes, self.grad_accum))  # see loss_scaling.py
                 if acc.sync_gradients:
-                    if cfg.max_grad_norm and acc.distributed_type.value != "DEEPSPEED":
-                        grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    if cfg.max_grad_norm and self.distributed_type != "DEEPSPEED":   # DeepSpeed clips itself
+                        grad_norm = fsdp.to_float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                     self.optimizer.step()
+                    if self.distributed_type == "DEEPSPEED":        # the engine's pre-clip norm of this step
+                        norm = model.get_global_grad_norm()
+                        grad_norm = None if norm is None else float(norm)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
         return float(acc.reduce(loss_sum, reduction="sum")), grad_norm
@@ -312,9 +390,16 @@ class GeoAlignTrainer:
     def _log_record(self, step: int, loss: float, grad_norm: float | None, meter: "_ThroughputMeter") -> dict:
         acc = self.accelerator
         samples_per_s, tokens_per_s = meter.rates(acc.num_processes)
-        rec = {"step": step, "loss": loss, "lr": float(self.scheduler.get_last_lr()[0]),
-               "fusion_lr": fusion_lr(self.optimizer), "samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
-               "peak_mem_gb": peak_memory_bytes(acc.device) / 2**30, "epoch": step / self.steps_per_epoch}
+        rec = {"step": step, "loss": loss}
+        rec.update({f"lr/{g.get('name', i)}": float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)})
+        rec.update({"samples_per_s": samples_per_s, "tokens_per_s": tokens_per_s,
+                         "peak_mem_gb": peak_memory_bytes(acc.device) / 2**30, "epoch": step / self.steps_per_epoch})
+        if acc.device.type == "cuda":          # so that the next record's peak is that of its own steps
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        if not self._engine_logged:            # the first record of this process says what engine ran it
+            rec["distributed_type"] = self.distributed_type
+            rec["world_size"] = acc.num_processes
+            self._engine_logged = True
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
         return rec

@@ -83,6 +83,13 @@ def qwen_patchify(frames: torch.Tensor, group_size: int = 4, mean: Sequence[floa
     raise ValueError(f"group_size must be 4 (images) or 8 (video), got {group_size}")
 
 
+def second_per_grid(sampled_fps: float | None) -> float:
+    """Seconds per temporal patch of Qwen's video path (G = 8), as Qwen2.5-VL's processor computes
+    ``second_per_grid_ts``: temporal_patch_size / the sampled frames' rate. Frames without a rate (image folders,
+    image lists) get 1.0, the default of Qwen's rope index."""
+    return TEMPORAL_PATCH / sampled_fps if sampled_fps else 1.0
+
+
 def _expand_placeholders(text: str, pad: str, counts: Sequence[int]) -> str:
     parts = text.split(pad)
     if len(parts) - 1 != len(counts):
@@ -216,7 +223,7 @@ class GeoAlignProcessor:
             raise ValueError(f"got {len(sources)} frame sources, {len(questions)} questions, {len(answers)} answers")
         G = self.group_size
         pad = IMAGE_PAD if G == 4 else VIDEO_PAD
-        texts, prompts_len, pvs, grids, vggt, gis = [], [], [], [], [], []
+        texts, prompts_len, pvs, grids, vggt, gis, seconds = [], [], [], [], [], [], []
         for src, q, a in zip(sources, questions, answers):
             af = self.prepare(src, num_frames)
             pv, grid = self._pixels(af.qwen_images)
@@ -231,6 +238,7 @@ class GeoAlignProcessor:
             grids.append(grid)
             vggt.append(af.vggt_images)
             gis.append(af.gather_index)
+            seconds.append(second_per_grid(af.sampled_fps))
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"
@@ -243,6 +251,7 @@ class GeoAlignProcessor:
             out["pixel_values"], out["image_grid_thw"] = torch.cat(pvs), torch.cat(grids)
         else:
             out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(pvs), torch.cat(grids)
+            out["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         from .modeling import forward_accepts
 
         if forward_accepts("mm_token_type_ids"):

@@ -58,13 +58,13 @@ def test_sample_indices():
 
 def test_load_video_uniform(tmp_path):
     path = write_video(tmp_path / "v.mkv", 13)
-    frames, idx = load_video_frames(path, 5)
-    assert idx == [0, 3, 6, 9, 12]
+    frames, idx, fps = load_video_frames(path, 5)
+    assert idx == [0, 3, 6, 9, 12] and fps == pytest.approx(5 / 13 * 10)     # 5 of 13 frames at 10 fps
     assert [int(f[0, 0, 0]) for f in frames] == [0, 30, 60, 90, 120]
     assert frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
     mp4 = write_video(tmp_path / "v.mp4", 9, codec="mpeg4", pix_fmt="yuv420p")
-    frames, idx = load_video_frames(mp4, 3)
-    assert idx == [0, 4, 8] and abs(float(frames[2].mean()) - 80) < 4
+    frames, idx, fps = load_video_frames(mp4, 3)
+    assert idx == [0, 4, 8] and fps == pytest.approx(3 / 9 * 10) and abs(float(frames[2].mean()) - 80) < 4
 
 
 def test_prepare_video_end_to_end(tmp_path):

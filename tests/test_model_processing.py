@@ -115,3 +115,43 @@ def test_processor_to_model_generate(tok):
     gen = m.generate(**out, max_new_tokens=2, do_sample=False)
     assert gen.shape[1] == out["input_ids"].shape[1] + 2
     assert m.vggt_calls == 1
+
+
+def test_video_timing_matches_qwen_processor(tok, tmp_path):
+    """G = 8: ``second_per_grid_ts`` is what Qwen2.5-VL's own processor computes from the clip's metadata
+    (temporal_patch_size / VideoMetadata.sampled_fps) -- from a video path, from evaluation's decoded frames and in
+    the training collator; frames without a rate get Qwen's default 1.0; and it reaches the model's rope index."""
+    from transformers.video_utils import VideoMetadata
+
+    from geoalign.eval.media import MediaRef, load_frames
+    from geoalign.geometry.frames import sample_frame_indices
+    from geoalign.tiny import tiny_model
+    from geoalign.training.data import GeoAlignCollator, GeoAlignSFTDataset
+    from helpers import write_video
+
+    video = str(tmp_path / "clip.mp4")
+    write_video(video, n=12, size=56)                                                  # 12 frames at 10 fps
+    qwen = VideoMetadata(total_num_frames=12, fps=10.0, frames_indices=sample_frame_indices(12, 4))
+    want = 2 / qwen.sampled_fps                                                        # Qwen's formula: 0.6 s
+    assert want == pytest.approx(0.6)
+    p = GeoAlignProcessor(tok, None, group_size=8, num_frames=4)
+    out = p(video, "how many chairs?")
+    assert out["second_per_grid_ts"].tolist() == pytest.approx([want])
+    decoded = p(load_frames(MediaRef(video, "video"), 4), "how many chairs?")            # evaluation's path
+    assert decoded["second_per_grid_ts"].tolist() == pytest.approx([want])
+    assert p(torch.rand(4, 3, 56, 56), "q")["second_per_grid_ts"].tolist() == [1.0]  # no rate: Qwen's default
+
+    (tmp_path / "train.jsonl").write_text(
+        '{"id": "v", "video": "clip.mp4", "conversations": [{"from": "human", "value": "<video>\\nhow many?"}, '
+        '{"from": "gpt", "value": "two"}]}\n')
+    ds = GeoAlignSFTDataset.from_files(str(tmp_path / "train.jsonl"), p, str(tmp_path), num_frames=4)
+    batch = GeoAlignCollator.for_processor(p)([ds[0], ds[0]])
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([want, want])
+
+    model, _ = tiny_model(group_size=8)
+    model.eval()
+    with torch.no_grad():
+        timed = model(**out).logits
+        out["second_per_grid_ts"] = torch.tensor([1.0])
+        untimed = model(**out).logits
+    assert not torch.allclose(timed, untimed)          # the temporal rope positions of the second frame pair moved

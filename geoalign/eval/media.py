@@ -65,12 +65,13 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
 
 def load_frames(media: MediaRef, num_frames: int | None = 32) -> list:
     """``num_frames`` uniformly sampled RGB frames (uint8 ``[H, W, 3]`` arrays for videos, ``PIL``
-    images for frame folders), ready for ``GeoAlignProcessor``; None: all frames."""
-    from geoalign.geometry.frames import load_image, load_video_frames, sample_frame_indices
+    images for frame folders), ready for ``GeoAlignProcessor``; None: all frames. A video's frames come as
+    :class:`SampledFrames`, which keeps their rate."""
+    from geoalign.geometry.frames import SampledFrames, load_image, load_video_frames, sample_frame_indices
 
     if media.kind == "video":
-        frames, _ = load_video_frames(media.path, num_frames)
-        return frames
+        frames, _, sampled_fps = load_video_frames(media.path, num_frames)
+        return SampledFrames(frames, sampled_fps)        # the rate goes on to Qwen's video path (G = 8)
     if media.kind == "frames":
         files = list_frame_files(media.path)
         if not files:

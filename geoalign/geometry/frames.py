@@ -85,10 +85,13 @@ def _video_error(path: str, e: BaseException) -> ValueError:
     return ValueError(f"cannot read video {path!r} (unreadable or corrupt): {type(e).__name__}: {e}")
 
 
-def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32) -> tuple[list[np.ndarray], list[int]]:
+def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32
+                      ) -> tuple[list[np.ndarray], list[int], float | None]:
     """Decode a video with PyAV and sample ``num_frames`` frames uniformly (None: all frames).
 
-    Returns (frames, indices): frames are uint8 RGB arrays [H, W, 3]; indices are the decoded-frame indices.
+    Returns (frames, indices, sampled_fps): frames are uint8 RGB arrays [H, W, 3]; indices are the decoded-frame
+    indices; sampled_fps = len(indices) / total frames * the stream's frame rate (transformers'
+    ``VideoMetadata.sampled_fps``), or None when the container gives no frame rate.
     Raises FileNotFoundError for a missing file, ValueError for an unreadable/corrupt file or a video without frames.
     """
     import av
@@ -113,6 +116,8 @@ def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32) -> t
     container = open_stream()
     try:
         stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
         total = 0
         try:
             for pkt in container.demux(stream):
@@ -152,10 +157,12 @@ def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32) -> t
             raise ValueError(f"video {p!r} is empty: no decodable frames")
         logger.warning("video %s: %d packets but %d decodable frames; resampling", p, total, decoded)
         indices = sample_frame_indices(decoded, num_frames)
+        total = decoded
         got, _ = decode(indices)
         if len(got) < len(set(indices)):
             raise ValueError(f"video {p!r}: could not decode frames {sorted(set(indices) - set(got))}")
-    return [got[i] for i in indices], indices
+    sampled_fps = len(indices) / total * fps if fps and fps > 0 else None
+    return [got[i] for i in indices], indices, sampled_fps
 
 
 def _natural_key(name: str):
@@ -298,6 +305,7 @@ class AlignedFrames:
     grid_thw       int64: the image_grid_thw (G=4) / video_grid_thw (G=8) Qwen should report
     num_tokens     L
     frame_indices  indices of the sampled frames in the source (video frames / sorted files), or None
+    sampled_fps    frames per second of the sampled frames (videos with a frame rate), or None
     """
 
     vggt_images: torch.Tensor
@@ -309,6 +317,7 @@ class AlignedFrames:
     grid_thw: torch.Tensor
     num_tokens: int
     frame_indices: list[int] | None = None
+    sampled_fps: float | None = None
 
     @property
     def num_frames(self) -> int:
@@ -320,16 +329,26 @@ class AlignedFrames:
         return self.num_frames * self.vggt_grid[0] * self.vggt_grid[1]
 
 
+class SampledFrames(list):
+    """A list of frames sampled from a video that keeps their rate (``sampled_fps``, None if unknown), so that a
+    caller who decodes frames itself (evaluation) hands Qwen's video path the same timing as a video path would."""
+
+    def __init__(self, frames, sampled_fps: float | None = None):
+        super().__init__(frames)
+        self.sampled_fps = sampled_fps
+
+
 def load_frames(source: FrameSource, num_frames: int | None = 32):
-    """Raw frames and their indices from a video path, an image folder, a tensor or a list of images."""
+    """(frames, indices, sampled_fps) from a video path, an image folder, a tensor or a list of images; indices
+    and sampled_fps are None where the source has none (sampled_fps: videos only)."""
     if isinstance(source, (str, os.PathLike)):
         p = os.fspath(source)
         if os.path.isdir(p):
-            return load_image_folder(p, num_frames)
+            return (*load_image_folder(p, num_frames), None)
         if not os.path.exists(p):
             raise FileNotFoundError(f"frame source not found: {p!r} (expected a video file or an image folder)")
         return load_video_frames(p, num_frames)
-    return source, None
+    return source, None, getattr(source, "sampled_fps", None)
 
 
 def prepare_frames(source: FrameSource, num_frames: int | None = 32, group_size: int = 4,
@@ -339,7 +358,7 @@ def prepare_frames(source: FrameSource, num_frames: int | None = 32, group_size:
     for VGGT, crop for Qwen and build gather_index for G = ``group_size``."""
     if group_size not in (4, 8):
         raise ValueError(f"group_size must be 4 (images) or 8 (video, temporal patch 2), got {group_size}")
-    frames, indices = load_frames(source, num_frames)
+    frames, indices, sampled_fps = load_frames(source, num_frames)
     vggt = resize_for_vggt(frames)
     h_v, w_v = vggt.shape[-2] // PATCH_SIZE, vggt.shape[-1] // PATCH_SIZE
     qwen = crop_for_qwen(vggt)
@@ -354,5 +373,5 @@ def prepare_frames(source: FrameSource, num_frames: int | None = 32, group_size:
     return AlignedFrames(
         vggt_images=vggt, qwen_images=qwen, vggt_grid=(h_v, w_v), qwen_grid=qgrid, group_size=group_size,
         gather_index=gi, grid_thw=qwen_grid_thw(s, qgrid, group_size),
-        num_tokens=num_visual_tokens(s, qgrid, group_size), frame_indices=indices,
+        num_tokens=num_visual_tokens(s, qgrid, group_size), frame_indices=indices, sampled_fps=sampled_fps,
     )

@@ -286,8 +286,11 @@ class GeoAlignSFTDataset(torch.utils.data.Dataset):
         if self.max_length and input_ids.numel() > self.max_length:
             raise RecordError(rec.id, f"{input_ids.numel()} tokens exceed max_length={self.max_length} "
                                       "(fewer frames, or a larger max_length)")
+        from ..processing import second_per_grid
+
         return {"id": rec.id, "input_ids": input_ids, "labels": labels, "pixel_values": pv, "grid_thw": grid,
-                "vggt_pixel_values": af.vggt_images, "gather_index": af.gather_index}
+                "vggt_pixel_values": af.vggt_images, "gather_index": af.gather_index,
+                "second_per_grid_t": second_per_grid(af.sampled_fps)}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.records)
@@ -346,6 +349,7 @@ class GeoAlignCollator:
             out["pixel_values"], out["image_grid_thw"] = pv, grid
         else:
             out["pixel_values_videos"], out["video_grid_thw"] = pv, grid
+            out["second_per_grid_ts"] = torch.tensor([float(s.get("second_per_grid_t", 1.0)) for s in samples])
         use_mm = self.mm_token_type_ids
         if use_mm is None:
             from ..modeling import forward_accepts

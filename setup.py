@@ -59,7 +59,7 @@ setup(
         "train": ["accelerate>=1.0", "peft", "tensorboard"],
         "deepspeed": ["deepspeed"],
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
-                "accelerate>=1.0", "peft", "tensorboard"],
+                "accelerate>=1.0", "peft", "tensorboard", "deepspeed"],
         "plots": ["matplotlib"],
     },
     package_data={"geoalign.geometry": ["*.json"], "geoalign.training": ["*.json"]},

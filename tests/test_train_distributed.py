@@ -1,6 +1,6 @@
-"""The CLI on a saved tiny model, and a 2-process DDP run on CPU (torchrun, gloo; ~25-50 s on 2 cores): both ranks
-end with the same parameters, and the per-step loss and pre-clip gradient norm equal a 1-process run's with the same
-global batch."""
+"""The CLI on a saved tiny model; and on CPU (torchrun, gloo) every distributed engine against a plain 1-process run
+with the same global batch: 2-process DDP, 2-process FSDP2 (sharded for real) and DeepSpeed ZeRO-2 (one process, on
+DeepSpeed's CPU accelerator) -- per-step losses, pre-clip gradient norms, parameters, resume and the final model."""
 from __future__ import annotations
 
 import json
@@ -157,6 +157,20 @@ def test_deepspeed_config_is_filled_from_the_train_config():
     assert "optimizer" not in ds and "scheduler" not in ds
 
 
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """A plain 1-process run (3 steps, checkpoints at 2 and 3, eval on 5 records, final model): the baseline the
+    FSDP2 and DeepSpeed runs must equal. Returns (output dir, the overrides every run shares)."""
+    records = (setup / "data" / "train.jsonl").read_text().splitlines()
+    (setup / "data" / "eval5.jsonl").write_text("\n".join(records[:5]) + "\n")
+    over = {"save_final_model": True, "eval_data": [str(setup / "data" / "eval5.jsonl")]}
+    one = tmp_path_factory.mktemp("one")
+    r = subprocess.run([sys.executable, str(setup / "driver.py"), str(setup / "train.yaml"), str(one),
+                        json.dumps(over)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return one, over
+
+
 def _torchrun(setup, out, overrides: dict, nproc: int = 2):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", str(setup / "driver.py"), str(setup / "train.yaml"),
@@ -167,7 +181,7 @@ def _torchrun(setup, out, overrides: dict, nproc: int = 2):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
-def test_two_process_fsdp2_shards_and_matches_single_process(setup, tmp_path):
+def test_two_process_fsdp2_shards_and_matches_single_process(setup, one_process, tmp_path):
     """distributed: fsdp on 2 CPU processes (gloo) shards for real: each rank holds half of the trainable elements;
     losses, pre-clip gradient norms, the eval loss (5 records: one rank runs an uncounted forward) and the trained
     parameters equal a 1-process run's; a resume from the sharded checkpoint continues exactly; the final directory
@@ -176,14 +190,10 @@ def test_two_process_fsdp2_shards_and_matches_single_process(setup, tmp_path):
 
     from geoalign.modeling import GeoAlignForConditionalGeneration
 
-    records = (setup / "data" / "train.jsonl").read_text().splitlines()
-    (setup / "data" / "eval5.jsonl").write_text("\n".join(records[:5]) + "\n")
-    over = {"distributed": "fsdp", "save_final_model": True, "eval_data": [str(setup / "data" / "eval5.jsonl")]}
-    two, one, resumed = tmp_path / "two", tmp_path / "one", tmp_path / "resumed"
+    one, over = one_process
+    over = {**over, "distributed": "fsdp"}
+    two, resumed = tmp_path / "two", tmp_path / "resumed"
     _torchrun(setup, two, over)
-    r1 = subprocess.run([sys.executable, str(setup / "driver.py"), str(setup / "train.yaml"), str(one),
-                         json.dumps(over)], env=_env(), capture_output=True, text=True, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-5000:]
 
     shards = [json.loads((two / f"shards_rank{r}.json").read_text()) for r in (0, 1)]
     total = shards[0]["total"]
@@ -237,3 +247,49 @@ def test_two_process_fsdp2_shards_and_matches_single_process(setup, tmp_path):
         cfg = TrainConfig.from_yaml(setup / "train.yaml", {"output_dir": str(tmp_path / "x"),
                                                            "resume_from_checkpoint": str(two / "checkpoint-2")})
         GeoAlignTrainer(cfg).train()
+
+
+def test_deepspeed_needs_cuda_for_several_processes(monkeypatch):
+    from geoalign.training.config import TrainConfig
+    from geoalign.training.distributed import build_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only refusal")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="needs CUDA devices"):
+        build_accelerator(TrainConfig(distributed="deepspeed"), 1)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_deepspeed_zero2_engine_matches_single_process(setup, one_process, tmp_path):
+    """DeepSpeed ZeRO-2 (the paper's engine, the package's JSON config) in one process on DeepSpeed's CPU
+    accelerator: batches reach the engine, its losses and pre-clip gradient norms (``get_global_grad_norm``) equal
+    the plain run's, its checkpoint resumes exactly, and the final directory (consolidated) loads with
+    from_pretrained. Several processes need CUDA (accelerate's CPU path is DDP only)."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from geoalign.modeling import GeoAlignForConditionalGeneration
+
+    one, over = one_process
+    over = {**over, "distributed": "deepspeed"}
+    ds, resumed = tmp_path / "ds", tmp_path / "resumed"
+    _torchrun(setup, ds, over, nproc=1)
+    log_ds, log_one = read_jsonl(ds / "train_log.jsonl"), read_jsonl(one / "train_log.jsonl")
+    assert log_ds[0]["distributed_type"] == "DEEPSPEED"
+    losses = {r["step"]: r["loss"] for r in log_ds if "loss" in r}
+    norms = {r["step"]: r["grad_norm"] for r in log_ds if "grad_norm" in r}
+    assert list(losses) == list(norms) == [1, 2, 3]
+    for r in log_one:
+        if "loss" in r:
+            assert losses[r["step"]] == pytest.approx(r["loss"], rel=1e-5)
+            assert norms[r["step"]] == pytest.approx(r["grad_norm"], rel=1e-5)
+    state = json.loads((ds / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["distributed_type"] == "DEEPSPEED" and state["saved_frozen_weights"] is True
+    _torchrun(setup, resumed, {**over, "resume_from_checkpoint": str(ds / "checkpoint-2")}, nproc=1)
+    assert json.loads((resumed / "losses_rank0.json").read_text())["3"] == pytest.approx(losses[3], rel=1e-6)
+    trained = load_file(str(ds / "params_rank0.safetensors"))
+    params = dict(GeoAlignForConditionalGeneration.from_pretrained(str(ds / "final")).named_parameters())
+    for k, v in trained.items():
+        assert torch.equal(params[k], v), k

@@ -187,6 +187,17 @@ def test_lora_final_model_is_merged_and_loads(train_data, tmp_path):
         deltas = [m.lora_B["default"].weight.abs().max() for m in without.modules() if hasattr(m, "lora_B")]
     assert deltas and max(deltas) > 0                          # the adapters trained, so merging changes weights
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and it answers, through generate() and the CLI
+    from PIL import Image
+
+    from geoalign.model_cli import main as cli
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(2):
+        Image.fromarray(torch.randint(0, 255, (56, 56, 3), dtype=torch.uint8).numpy()).save(frames / f"{i}.png")
+    assert cli(["answer", "--model", res.final_model_dir, "--images", str(frames), "--question", "what colour?",
+                "--num-frames", "2", "--max-new-tokens", "2", "--json", "--device", "cpu"]) == 0
 
     t2 = tiny_trainer(train_config(train_data, tmp_path / "bf16", max_steps=1, save_final_model=True,
                                    save_dtype="bf16"))

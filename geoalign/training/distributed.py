@@ -57,9 +57,13 @@ def build_accelerator(cfg: TrainConfig, grad_accum: int):
     if cfg.report_to:
         kw["log_with"] = list(cfg.report_to)
         kw["project_dir"] = os.path.join(cfg.output_dir, "runs")
-    if not torch.cuda.is_available():
+    deepspeed = cfg.distributed == "deepspeed"
+    if deepspeed and not torch.cuda.is_available() and world_size() > 1:
+        raise ValueError("distributed='deepspeed' with several processes needs CUDA devices (accelerate runs "
+                         "multi-process CPU jobs as DDP only); on CPU use distributed: ddp or fsdp")
+    if not torch.cuda.is_available() and not deepspeed:
         kw["cpu"] = True            # accelerate only sets up multi-process CPU (gloo) runs when told cpu=True
-    if cfg.distributed == "deepspeed" and world_size() > 1:
+    if deepspeed:
         try:
             import deepspeed  # noqa: F401
         except ImportError as e:

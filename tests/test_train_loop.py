@@ -36,8 +36,16 @@ def test_loss_decreases(train_data, tmp_path):
     assert any(k.startswith("model.fusion.") for k in keys)
     from geoalign.modeling import GeoAlignForConditionalGeneration
 
-    m = GeoAlignForConditionalGeneration.from_pretrained(res.final_model_dir)
+    m = GeoAlignForConditionalGeneration.from_pretrained(res.final_model_dir).eval()
     assert m.fusion.config.group_size == 4
+    trained = t.accelerator.unwrap_model(t.model_ddp)
+    assert torch.equal(m.fusion.out_proj.weight, trained.fusion.out_proj.weight)
+    assert torch.equal(m.lm_head.weight, trained.lm_head.weight)                 # full mode: the LLM trained too
+    mb = t.collator([t.train_dataset[0]])
+    mb.pop("ids")
+    mb.pop("labels")
+    out = m.generate(**mb, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, mb["input_ids"].shape[1] + 2)
     log = [json.loads(x) for x in open(tmp_path / "train_log.jsonl")]
     assert [r["step"] for r in log] == [8, 16, 24]
     groups = {f"lr/{g['name']}": g["lr"] for g in t.optimizer.param_groups}      # every group, by name
@@ -88,8 +96,12 @@ def test_train_modes(train_data, tmp_path, mode):
     if mode == "lora":
         pytest.importorskip("peft")
     t = tiny_trainer(train_config(train_data, tmp_path, max_steps=2, train_mode=mode, fusion_learning_rate=1e-2, lora_r=4,
-                      lora_alpha=8))
+                      lora_alpha=8, save_final_model=True))
     res = t.train()
+    from geoalign.modeling import GeoAlignForConditionalGeneration
+
+    final = GeoAlignForConditionalGeneration.from_pretrained(res.final_model_dir)        # every mode loads back
+    assert torch.equal(final.fusion.out_proj.weight, t.accelerator.unwrap_model(t.model_ddp).fusion.out_proj.weight)
     m = t.accelerator.unwrap_model(t.model_ddp)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any(n.startswith("model.fusion.") for n in trainable)

@@ -91,6 +91,7 @@ class GeoAlignModel(Qwen2_5_VLModel):
         self.vggt_calls = 0
         self._pending: _PendingGeometry | None = None
         self._bypass = False
+        self._routing_recorder = None  # a RoutingRecorder while record_routing() is active
         self.injection = InLLMInjection(lambda: self.fusion, lambda: self._bypass)
         self.injection.install(self.language_model.layers, config.text_config.hidden_size)
 
@@ -153,6 +154,22 @@ class GeoAlignModel(Qwen2_5_VLModel):
             yield
         finally:
             self._bypass = prev
+
+    @contextlib.contextmanager
+    def record_routing(self, keep_tensors: bool = False):
+        """Context that records each fused sample's routing (prefill only) into a RoutingRecorder it yields."""
+        from .routing_analysis import RoutingRecorder
+
+        if self.fusion.config.injection_layers:
+            raise ValueError("routing recording covers the pre-LLM fusion; this model injects geometry inside the "
+                             f"LLM (injection_layers={list(self.fusion.config.injection_layers)})")
+        if self._routing_recorder is not None:
+            raise RuntimeError("record_routing() is already active on this model")
+        self._routing_recorder = recorder = RoutingRecorder(keep_tensors=keep_tensors)
+        try:
+            yield recorder
+        finally:
+            self._routing_recorder = None
 
     # ------------------------------------------------------------------ transformers' extension points
     def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
@@ -218,7 +235,9 @@ class GeoAlignModel(Qwen2_5_VLModel):
         for position, rows in self._bank_layers(images, fp.dtype):  # the router read only Q: routes known now
             stream.add(position, rows.to(fp.device))
             del rows
-        q_hat, _ = stream.finish()
+        q_hat, routing = stream.finish()
+        if self._routing_recorder is not None:
+            self._routing_recorder.add(routing, gather_index, images, self.fusion.config.bank_layers)
         return q_hat
 
     def _keep_for_injection(self, q: torch.Tensor, grid_thw: torch.Tensor, pending: _PendingGeometry) -> None:
@@ -304,6 +323,12 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """Context in which the model is plain Qwen2.5-VL."""
         return self.model.without_fusion()
 
+    def record_routing(self, keep_tensors: bool = False):
+        """Context yielding a :class:`~geoalign.routing_analysis.RoutingRecorder`: every sample fused inside it (a
+        forward, or a generate's prefill) appends its routing summary, plus topk_idx / alpha / the token layout with
+        ``keep_tensors``. See geoalign/routing_analysis.py."""
+        return self.model.record_routing(keep_tensors)
+
     def fuse_visual_tokens(self, q, grid_thw, samples, gather_index=None, backend=None) -> torch.Tensor:
         return self.model.fuse_visual_tokens(q, grid_thw, samples, gather_index, backend)
 
@@ -317,8 +342,15 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ forward / generate
     def forward(self, input_ids: torch.Tensor | None = None, *args, vggt_pixel_values=None, gather_index=None,
-                fusion_backend: str | None = None, **kwargs):
-        """Qwen2.5-VL's forward (all its arguments), with the visual tokens fused with VGGT geometry."""
+                fusion_backend: str | None = None, return_routing: bool = False, **kwargs):
+        """Qwen2.5-VL's forward (all its arguments), with the visual tokens fused with VGGT geometry. With
+        ``return_routing=True`` the output's ``routing`` attribute lists each sample's SampleRouting (tensors kept)."""
+        if return_routing:
+            with self.record_routing(keep_tensors=True) as recorder:
+                out = self.forward(input_ids, *args, vggt_pixel_values=vggt_pixel_values, gather_index=gather_index,
+                                   fusion_backend=fusion_backend, **kwargs)
+            out.routing = recorder.samples
+            return out
         with self.model.geometry(vggt_pixel_values, gather_index, pixel_values=kwargs.get("pixel_values"),
                                  pixel_values_videos=kwargs.get("pixel_values_videos"), backend=fusion_backend,
                                  input_ids=input_ids):
@@ -437,14 +469,20 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                           **_base_kwargs(kwargs))
         if not os.path.exists(os.fspath(path)) and os.fspath(path).startswith((".", "/", "~")):
             raise FileNotFoundError(f"GeoAlign model directory not found: {os.fspath(path)!r}")
+        _check_geoalign_directory(os.fspath(path))
         device = kwargs.pop("device", None)  # a single device: transformers' device_map names it
         if device is not None and kwargs.get("device_map") is None:
             kwargs["device_map"] = torch.device(device)
-        model = super().from_pretrained(path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        missing = [k for k in info.get("missing_keys", ()) if k.startswith(("model.fusion.", "model.vggt."))]
+        if missing and geoalign is None:
+            raise ValueError(f"{os.fspath(path)!r} lacks GeoAlign weights {sorted(missing)[:4]} (of {len(missing)}): "
+                             "a model saved without its fusion / VGGT encoder would run with random ones")
         model.model.vggt.reset_buffers()  # its non-persistent buffers are not in the checkpoint
         if geoalign is not None:
             model.load_fusion(geoalign)
-        return model
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, processor=None, **kwargs):
         """transformers' ``save_pretrained``, written atomically (a staged directory renamed into place); with
@@ -457,13 +495,31 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 processor.save_pretrained(stage)
 
 
+def _check_geoalign_directory(path: str) -> None:
+    """A local directory's config.json must be a GeoAlign model's (a plain Qwen2.5-VL checkpoint would load with a
+    random VGGT and fusion)."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        return                                   # not a local directory: transformers reports what it finds
+    try:
+        with open(cfg) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    if model_type != GeoAlignModelConfig.model_type:
+        raise ValueError(f"{path!r} holds a {model_type!r} checkpoint, not a GeoAlign model (config.json model_type "
+                         f"{GeoAlignModelConfig.model_type!r}): it has no VGGT encoder or fusion. Build one with "
+                         f"from_pretrained(qwen={path!r}, vggt=VGGT_PATH, geoalign=FUSION_DIR), or pass a directory "
+                         "written by GeoAlignForConditionalGeneration.save_pretrained")
+
+
 def _with_geometry_parameters(qwen_forward) -> inspect.Signature:
     """Qwen's forward signature with GeoAlign's keyword-only geometry parameters before its ``**kwargs``."""
     sig = inspect.signature(qwen_forward)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     var_kw = [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
     ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-            for name in ("vggt_pixel_values", "gather_index", "fusion_backend")]
+            for name in ("vggt_pixel_values", "gather_index", "fusion_backend", "return_routing")]
     return sig.replace(parameters=params + ours + var_kw)
 
 

@@ -235,6 +235,28 @@ def test_missing_files_raise_clear_errors(model4, tmp_path):
         GeoAlignForConditionalGeneration.from_pretrained(qwen=tmp_path / "qwen", vggt=tmp_path / "vggt")
 
 
+def test_a_directory_without_geoalign_weights_is_refused(model4, tmp_path):
+    """A plain Qwen2.5-VL checkpoint, or a GeoAlign directory whose fusion weights are gone, would otherwise load
+    with a random VGGT / fusion and answer garbage."""
+    from safetensors.torch import load_file, save_file
+
+    from geoalign.tiny import make_tokenizer, tiny_qwen_config
+
+    Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(make_tokenizer())).save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match="'qwen2_5_vl' checkpoint, not a GeoAlign model"):
+        GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "qwen")
+    m, _ = model4
+    m.save_pretrained(tmp_path / "geo")
+    weights = tmp_path / "geo" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("model.fusion.")}, str(weights),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks GeoAlign weights .*model.fusion"):
+        GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "geo")
+    m.save_fusion(tmp_path / "fusion")                    # ... unless the fusion comes from elsewhere
+    loaded = GeoAlignForConditionalGeneration.from_pretrained(tmp_path / "geo", geoalign=tmp_path / "fusion")
+    assert torch.equal(loaded.fusion.out_proj.weight, m.fusion.out_proj.weight)
+
+
 def test_grid_mismatch_and_bad_inputs_raise(model4, model8):
     m, tok = model4
     inputs = build_inputs(tok, [random_frames(2, 70, 84)], 4)

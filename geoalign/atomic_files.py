@@ -68,6 +68,13 @@ def fsync_tree(path: str) -> None:
         fsync_dir(root)
 
 
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the process umask (mkstemp makes 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _parent(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
@@ -81,6 +88,7 @@ def _temporary_beside(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _new_file_mode())   # readable like any output file (mkstemp's is private to this user)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

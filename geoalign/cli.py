@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_answer_parser(sub)
     add_convert_parser(sub)
+    from geoalign.routes_cli import add_routes_parser
+
+    add_routes_parser(sub)
     from geoalign.training.cli import add_train_parser
 
     add_train_parser(sub)

@@ -19,55 +19,65 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 def add_answer_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("answer", help="answer a question about a video or image folder with a GeoAlign model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_argument_group("model (a saved GeoAlign directory, or the base checkpoints)")
-    src.add_argument("--model", help="directory written by GeoAlignForConditionalGeneration.save_pretrained")
-    src.add_argument("--qwen", help="local Qwen2.5-VL checkpoint directory (with its tokenizer)")
-    src.add_argument("--vggt", help="local VGGT checkpoint (directory or model.safetensors / model.pt)")
-    src.add_argument("--fusion", help="trained fusion directory (geoalign_config.json + fusion.safetensors)")
+    add_model_arguments(p)
     media = p.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", help="video file")
     media.add_argument("--images", help="folder of frames (natural sort order)")
     p.add_argument("--question", required=True)
     p.add_argument("--num-frames", type=int, default=32, help="frames sampled uniformly (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--attn", default=None, help="attn_implementation, e.g. sdpa or flash_attention_2")
     p.add_argument("--backend", default=None, choices=["reference", "torch", "triton"], help="fusion backend")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
     p.set_defaults(func=run_answer)
     return p
 
 
-def run_answer(args: argparse.Namespace) -> int:
+def load_model_and_processor(args: argparse.Namespace):
+    """(model in eval mode, processor, device) from --model or --qwen/--vggt (+ --fusion), --device, --dtype,
+    --attn and --num-frames. Raises FileNotFoundError / ValueError for missing or wrong checkpoints."""
     import torch
 
     from .modeling import GeoAlignForConditionalGeneration
     from .processing import GeoAlignProcessor
 
     if args.model is None and (args.qwen is None or args.vggt is None):
-        print("geoalign answer: give --model DIR, or --qwen and --vggt (and optionally --fusion)", file=sys.stderr)
-        return 2
+        raise ValueError("give --model DIR, or --qwen and --vggt (and optionally --fusion)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
+    if args.model is not None:
+        model = GeoAlignForConditionalGeneration.from_pretrained(
+            args.model, geoalign=args.fusion, dtype=dtype, device=device, attn_implementation=args.attn)
+        processor_dir = args.model
+    else:
+        model = GeoAlignForConditionalGeneration.from_pretrained(
+            qwen=args.qwen, vggt=args.vggt, geoalign=args.fusion, dtype=dtype, device=device,
+            attn_implementation=args.attn)
+        processor_dir = args.qwen
+    processor = GeoAlignProcessor.from_pretrained(processor_dir, group_size=model.group_size,
+                                                  num_frames=args.num_frames)
+    return model.eval(), processor, device
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model | --qwen/--vggt/--fusion, --device, --dtype, --attn (what load_model_and_processor reads)."""
+    src = p.add_argument_group("model (a saved GeoAlign directory, or the base checkpoints)")
+    src.add_argument("--model", help="directory written by GeoAlignForConditionalGeneration.save_pretrained")
+    src.add_argument("--qwen", help="local Qwen2.5-VL checkpoint directory (with its tokenizer)")
+    src.add_argument("--vggt", help="local VGGT checkpoint (directory or model.safetensors / model.pt)")
+    src.add_argument("--fusion", help="trained fusion directory (geoalign_config.json + fusion.safetensors)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--attn", default=None, help="attn_implementation, e.g. sdpa or flash_attention_2")
+
+
+def run_answer(args: argparse.Namespace) -> int:
     try:
-        if args.model is not None:
-            model = GeoAlignForConditionalGeneration.from_pretrained(
-                args.model, geoalign=args.fusion, dtype=dtype, device=device, attn_implementation=args.attn)
-            processor_dir = args.model
-        else:
-            model = GeoAlignForConditionalGeneration.from_pretrained(
-                qwen=args.qwen, vggt=args.vggt, geoalign=args.fusion, dtype=dtype, device=device,
-                attn_implementation=args.attn)
-            processor_dir = args.qwen
-        processor = GeoAlignProcessor.from_pretrained(processor_dir, group_size=model.group_size,
-                                                      num_frames=args.num_frames)
+        model, processor, device = load_model_and_processor(args)
         inputs = processor(args.video or args.images, args.question)
     except (FileNotFoundError, ValueError) as e:
         print(f"geoalign answer: {e}", file=sys.stderr)
         return 2
-    model.eval()
     inputs = {k: _to(v, device) for k, v in inputs.items()}
     out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                          fusion_backend=args.backend)

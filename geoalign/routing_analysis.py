@@ -113,6 +113,20 @@ class RoutingRecorder:
                                       bank_layers, self.keep_tensors))
 
 
+def _save_png(fig, path: str, dpi: int) -> None:
+    """Render to memory, then write atomically (geoalign.atomic_files); closes the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from .atomic_files import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+
+
 def _colours(m: int):
     import matplotlib
 
@@ -143,8 +157,7 @@ def plot_layer_bars(summaries: list[dict], names: list[str], path: str) -> None:
     ax.axhline(100 / len(layers), color="grey", lw=0.8, ls="--", label="uniform")
     ax.legend(fontsize=8, ncol=min(4, len(summaries) + 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_png(fig, path, dpi=120)
 
 
 def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], names: list[str], path: str,
@@ -189,5 +202,4 @@ def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], name
                loc="lower center", ncol=min(len(layers), 8), fontsize=8)
     fig.suptitle("Highest-α bank layer per token", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_png(fig, path, dpi=110)

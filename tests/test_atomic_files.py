@@ -356,3 +356,17 @@ def test_read_jsonl_corrupt_line_before_the_end_names_file_and_line(tmp_path):
     message = (f"{path}:2: not valid JSON (a corrupt line before the end; only a cut last line is recovered)")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         atomic_files.read_jsonl(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_usual_mode(tmp_path, umask):
+    """mkstemp's private 0o600 must not leak into outputs (results others read): files get 0o666 less the umask,
+    as open() gives them."""
+    old = os.umask(umask)
+    try:
+        atomic_files.write_json(tmp_path / "a.json", {"x": 1})
+        atomic_files.save_safetensors(tmp_path / "w.safetensors", {"t": torch.ones(2)})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     from geoalign.routes_cli import add_routes_parser
 
     add_routes_parser(sub)
+    from geoalign.gap.cli import add_gap_data_parser
+
+    add_gap_data_parser(sub)
     from geoalign.training.cli import add_train_parser
 
     add_train_parser(sub)

@@ -1,0 +1,75 @@
+"""``geoalign gap-data``: GAP-MLLM pre-training records from posed RGB-D scenes (ScanNet's exported layout).
+
+    geoalign gap-data --scenes scans/ --out data/gap_pretrain.json [--prompts-per-sample 4 --frames 4
+                      --samples-per-scene 8 --seed 0]
+
+Every sub-directory of ``--scenes`` holding ``color/`` is a scene. Marked frames go to ``<out stem>_media/`` beside
+``--out``; image paths in the records are relative to the directory of ``--out`` (the trainer's ``media_root``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("gap-data", help="GAP-MLLM pre-training data: numbered visual prompts with their label "
+                              "and 3D point, from posed RGB-D scenes", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenes", required=True, help="directory of scenes in ScanNet's exported layout")
+    p.add_argument("--out", required=True, help="output JSON file (LLaVA-style records)")
+    p.add_argument("--prompts-per-sample", type=int, default=4)
+    p.add_argument("--frames", type=int, default=4, help="frames per sample (default 4)")
+    p.add_argument("--samples-per-scene", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_gap_data)
+    return p
+
+
+def scene_dirs(root: str) -> list[str]:
+    """Sub-directories of ``root`` that hold a ``color/`` folder, sorted by name."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"scenes directory not found: {root!r}")
+    found = sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "color")))
+    if not found:
+        raise ValueError(f"no scenes in {root!r}: expected sub-directories with color/, depth/, pose/, intrinsic/")
+    return found
+
+
+def run_gap_data(args: argparse.Namespace) -> int:
+    from ..atomic_files import write_json
+    from .pretrain_data import make_pretrain_records
+    from .scenes import load_scannet_scene
+
+    try:
+        scenes = scene_dirs(args.scenes)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"geoalign gap-data: {e}", file=sys.stderr)
+        return 2
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    media = os.path.join(out_dir, os.path.splitext(os.path.basename(args.out))[0] + "_media")
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(scenes), desc="gap-data", unit="scene")
+    records = []
+    try:
+        for path in scenes:
+            try:
+                scene = load_scannet_scene(path)
+                records += make_pretrain_records(scene, media, out_dir, samples=args.samples_per_scene,
+                                                 frames=args.frames, prompts=args.prompts_per_sample, seed=args.seed)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"geoalign gap-data: {e}", file=sys.stderr)
+                return 2
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    write_json(args.out, records)
+    print(f"wrote {len(records)} records from {len(scenes)} scenes to {args.out} (media: {media})")
+    return 0

@@ -397,12 +397,13 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     @classmethod
     def from_qwen_and_vggt(cls, qwen: str | os.PathLike, vggt: str | os.PathLike, fusion: str | os.PathLike | None = None,
                            *, vggt_config: VGGTAggregatorConfig | None = None,
-                           geoalign_config: GeoAlignConfig | None = None, dtype: torch.dtype | None = None,
+                           geoalign_config: GeoAlignConfig | dict | None = None, dtype: torch.dtype | None = None,
                            device: torch.device | str | None = None, attn_implementation: str | None = None,
                            freeze_vision: bool = True):
         """Build from the base models (local files only): a Qwen2.5-VL directory, a VGGT checkpoint (file or
         directory; ``vggt_config.json`` beside it, else VGGT-1B) and a fusion directory written by
-        :meth:`save_fusion` (else a fresh fusion from ``geoalign_config``, default: the paper's settings)."""
+        :meth:`save_fusion` (else a fresh fusion from ``geoalign_config``: a GeoAlignConfig, or a dict of overrides of
+        the paper's settings such as ``{"fusion": "gated_2d3d"}``; default: the paper's settings)."""
         qdir = os.fspath(qwen)
         if not os.path.isfile(os.path.join(qdir, "config.json")):
             raise FileNotFoundError(f"Qwen2.5-VL checkpoint directory not found or without config.json: {qdir!r} "
@@ -424,6 +425,9 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         vggt_model = VGGTAggregator.from_pretrained(vpath, vggt_config, dtype=base.dtype)
         fusion_model = load_fusion(fusion) if fusion is not None else None
         fusion_config = fusion_model.config if fusion_model is not None else geoalign_config
+        if isinstance(fusion_config, dict):      # overrides of the paper's defaults, e.g. {"fusion": "gated_2d3d"}
+            fusion_config = GeoAlignConfig.from_dict(
+                {**default_fusion_config(base.config, vggt_model.config).to_dict(), **fusion_config})
         config = GeoAlignModelConfig.from_parts(base.config, vggt_model.config, fusion_config,
                                                 freeze_vision_tower=freeze_vision)
         with torch.device("meta"):

@@ -404,3 +404,26 @@ def tiny_trainer(cfg, seed=0, perturb=False):
                     p.add_(torch.randn_like(p) * 0.1)
     proc = GeoAlignProcessor(tok, None, group_size=4, num_frames=cfg.num_frames)
     return GeoAlignTrainer(cfg, model=model, processor=proc)
+
+
+def write_base_checkpoints(root, seed: int = 0):
+    """A tiny Qwen2.5-VL directory (with tokenizer and chat template) and a VGGT checkpoint (official
+    ``aggregator.*`` names + vggt_config.json) under ``root``: what ``qwen_path`` / ``vggt_path`` name. Returns
+    (qwen_dir, vggt_dir)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from geoalign.atomic_files import save_safetensors, write_json
+    from geoalign.geometry.aggregator import VGGTAggregator
+    from geoalign.processing import GeoAlignProcessor
+    from geoalign.tiny import make_tokenizer, tiny_qwen_config, tiny_vggt_config
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer()
+    qwen_dir, vggt_dir = os.path.join(root, "qwen"), os.path.join(root, "vggt")
+    Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(tok)).save_pretrained(qwen_dir)
+    GeoAlignProcessor(tok, None, group_size=4).save_pretrained(qwen_dir)
+    vggt = VGGTAggregator(tiny_vggt_config())
+    save_safetensors(os.path.join(vggt_dir, "model.safetensors"),
+                     {"aggregator." + k: v.contiguous() for k, v in vggt.state_dict().items()})
+    write_json(os.path.join(vggt_dir, "vggt_config.json"), vggt.config.to_dict())
+    return qwen_dir, vggt_dir

@@ -1,7 +1,9 @@
-"""``geoalign gap-data``: GAP-MLLM pre-training records from posed RGB-D scenes (ScanNet's exported layout).
+"""``geoalign gap-data``: GAP-MLLM training records from posed RGB-D scenes (ScanNet's exported layout).
 
     geoalign gap-data --scenes scans/ --out data/gap_pretrain.json [--prompts-per-sample 4 --frames 4
-                      --samples-per-scene 8 --seed 0]
+                      --samples-per-scene 8 --seed 0]                            # stage 1: the pre-training task
+    geoalign gap-data --task finetune --scenes scans/ --out data/gap_finetune.json [--grounding-per-sample 2]
+                                                                               # stage 2: detection + grounding
 
 Every sub-directory of ``--scenes`` holding ``color/`` is a scene. Marked frames go to ``<out stem>_media/`` beside
 ``--out``; image paths in the records are relative to the directory of ``--out`` (the trainer's ``media_root``).
@@ -19,7 +21,10 @@ def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenes", required=True, help="directory of scenes in ScanNet's exported layout")
     p.add_argument("--out", required=True, help="output JSON file (LLaVA-style records)")
-    p.add_argument("--prompts-per-sample", type=int, default=4)
+    p.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain",
+                   help="pretrain: visual prompts -> label + 3D point; finetune: 3D detection and grounding")
+    p.add_argument("--prompts-per-sample", type=int, default=4, help="pretrain: numbered markers per sample")
+    p.add_argument("--grounding-per-sample", type=int, default=2, help="finetune: grounding queries per sample")
     p.add_argument("--frames", type=int, default=4, help="frames per sample (default 4)")
     p.add_argument("--samples-per-scene", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -40,8 +45,20 @@ def scene_dirs(root: str) -> list[str]:
 
 def run_gap_data(args: argparse.Namespace) -> int:
     from ..atomic_files import write_json
-    from .pretrain_data import make_pretrain_records
     from .scenes import load_scannet_scene
+
+    if args.task == "pretrain":
+        from .pretrain_data import make_pretrain_records
+
+        def make(scene, media, out_dir):
+            return make_pretrain_records(scene, media, out_dir, samples=args.samples_per_scene, frames=args.frames,
+                                         prompts=args.prompts_per_sample, seed=args.seed)
+    else:
+        from .finetune_data import make_finetune_records
+
+        def make(scene, media, out_dir):
+            return make_finetune_records(scene, media, out_dir, samples=args.samples_per_scene, frames=args.frames,
+                                         grounding_per_sample=args.grounding_per_sample, seed=args.seed)
 
     try:
         scenes = scene_dirs(args.scenes)
@@ -60,8 +77,7 @@ def run_gap_data(args: argparse.Namespace) -> int:
         for path in scenes:
             try:
                 scene = load_scannet_scene(path)
-                records += make_pretrain_records(scene, media, out_dir, samples=args.samples_per_scene,
-                                                 frames=args.frames, prompts=args.prompts_per_sample, seed=args.seed)
+                records += make(scene, media, out_dir)
             except (FileNotFoundError, ValueError) as e:
                 print(f"geoalign gap-data: {e}", file=sys.stderr)
                 return 2

@@ -31,6 +31,8 @@ class TrainConfig:
     Model
       model_path            a saved GeoAlign directory (``save_pretrained``); or give qwen_path + vggt_path
       qwen_path, vggt_path  base checkpoints (local); fusion_path: optional trained fusion (``save_fusion``)
+      fusion_config         with qwen_path + vggt_path and no fusion_path: GeoAlignConfig overrides of the paper's
+                            fusion for a fresh one, e.g. {fusion: gated_2d3d, gate_granularity: token} (GAP-MLLM)
       group_size            G: 4 = frames as images (VG-LLM), 8 = Qwen's video path
       fusion_backend        "auto" (Triton on CUDA, else the sparse torch backend), "torch", "triton", "reference"
       attn_implementation   Qwen's attention ("sdpa", "flash_attention_2", ...); None = transformers' default
@@ -68,6 +70,7 @@ class TrainConfig:
     qwen_path: str | None = None
     vggt_path: str | None = None
     fusion_path: str | None = None
+    fusion_config: dict[str, Any] | None = None
     group_size: int = 4
     fusion_backend: str | None = "auto"
     attn_implementation: str | None = None
@@ -154,6 +157,8 @@ class TrainConfig:
             bad("precision", f"must be one of {PRECISIONS}")
         if self.distributed not in DISTRIBUTED:
             bad("distributed", f"must be one of {DISTRIBUTED}")
+        if self.fusion_config is not None and not isinstance(self.fusion_config, dict):
+            bad("fusion_config", "must be a mapping of GeoAlignConfig fields to values, or null")
         if self.fsdp_sharding not in FSDP_SHARDING:
             bad("fsdp_sharding", f"must be one of {FSDP_SHARDING}")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
@@ -183,6 +188,9 @@ class TrainConfig:
     def check_model_source(self) -> None:
         if self.model_path is None and (self.qwen_path is None or self.vggt_path is None):
             raise ValueError("TrainConfig: set model_path (a saved GeoAlign directory) or both qwen_path and vggt_path")
+        if self.fusion_config and (self.model_path is not None or self.fusion_path is not None):
+            raise ValueError("TrainConfig.fusion_config builds a fresh fusion from qwen_path + vggt_path; it cannot "
+                             "change the fusion of model_path or fusion_path")
         if not self.train_data:
             raise ValueError("TrainConfig.train_data: give at least one JSON/JSONL file")
 

@@ -56,6 +56,8 @@ def build_model_and_processor(cfg: TrainConfig):
         model = GeoAlignForConditionalGeneration.from_pretrained(cfg.model_path, geoalign=cfg.fusion_path, **kw)
         proc_src = cfg.model_path
     else:
+        if cfg.fusion_config:
+            kw["geoalign_config"] = dict(cfg.fusion_config)
         model = GeoAlignForConditionalGeneration.from_pretrained(qwen=cfg.qwen_path, vggt=cfg.vggt_path,
                                                                  geoalign=cfg.fusion_path, **kw)
         proc_src = cfg.qwen_path

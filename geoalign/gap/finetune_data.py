@@ -1,0 +1,120 @@
+"""GAP-MLLM's object-level fine-tuning data: 3D video object detection and 3D visual grounding as text, from posed
+RGB-D scenes with instance masks.
+
+A clip's objects are the instances visible in its frames, except the room's shell (wall / floor / ceiling, as
+ScanNet's detection benchmark leaves them out). Each object's box is the axis-aligned box, in the first frame's
+camera coordinates, of its back-projected valid-depth pixels over the clip (our choice: the paper says only "3D
+video object detection"; boxes of what the clip shows, from the same depth and poses as the pre-training task, need
+no mesh annotation). Answers use geoalign.eval.boxes3d's text form (``label: [x, y, z, dx, dy, dz]``), which
+``geoalign score`` parses back.
+
+Detection records: "Detect ..." -> every object, one per line. Grounding records: "Where is the <label> marked
+<n>?" with the object's centre pixel marked on its first frame -> that object's box (ScanRefer-style queries name
+the object by a marker instead of a description: our choice, the procedural scenes have no language).
+"""
+from __future__ import annotations
+
+import io
+import os
+import zlib
+
+import numpy as np
+
+from ..eval.boxes3d import Box3D, format_boxes
+from .pretrain_data import depth_to_colour_pixel, draw_markers
+from .scenes import PosedScene, backproject, to_first_camera
+
+SHELL = ("wall", "floor", "ceiling")
+DETECT_QUESTION = ("Detect every object in these frames. For each, give its category and its 3D box "
+                   "[x, y, z, dx, dy, dz] (centre and size in metres, in the camera coordinates of the first frame).")
+GROUND_QUESTION = ("Where is the {label} marked {n}? Give its 3D box [x, y, z, dx, dy, dz] (centre and size in "
+                   "metres, in the camera coordinates of the first frame).")
+
+
+def clip_objects(scene: PosedScene, frames: list[int], min_pixels: int = 20) -> list[dict]:
+    """Objects visible in ``frames`` (scene frame indices; the first is the anchor): per instance with at least
+    ``min_pixels`` valid-depth pixels, {"instance", "label", "box": Box3D, "first": (frame position, u, v) of the
+    pixel nearest its 2D centroid in the first frame showing it}, sorted by instance id."""
+    points: dict[int, list[np.ndarray]] = {}
+    label_of: dict[int, int] = {}
+    first: dict[int, tuple[int, float, float]] = {}
+    for k, i in enumerate(frames):
+        depth, labels, inst = scene.depth(i), scene.labels(i), scene.instances(i)
+        valid = (depth > 0) & (inst > 0) & (labels > 0)
+        for n in np.unique(inst[valid]):
+            if scene.label_name(int(labels[valid & (inst == n)][0])) in SHELL:
+                continue
+            vd, ud = np.nonzero(valid & (inst == n))
+            cam = backproject(scene.K_depth, ud, vd, depth[vd, ud])
+            points.setdefault(int(n), []).append(to_first_camera(scene, i, cam, anchor=frames[0]))
+            label_of[int(n)] = int(labels[vd[0], ud[0]])
+            if int(n) not in first:
+                j = int(np.argmin((ud - ud.mean()) ** 2 + (vd - vd.mean()) ** 2))
+                first[int(n)] = (k, *depth_to_colour_pixel(scene, int(ud[j]), int(vd[j])))
+    out = []
+    for n in sorted(points):
+        p = np.concatenate(points[n])
+        if len(p) < min_pixels:
+            continue
+        lo, hi = p.min(0), p.max(0)
+        size = np.maximum(hi - lo, 1e-3)                       # a flat patch still gets a positive extent
+        out.append({"instance": n, "label": scene.label_name(label_of[n]),
+                    "box": Box3D(scene.label_name(label_of[n]), tuple(((lo + hi) / 2).tolist()), tuple(size.tolist())),
+                    "first": first[n]})
+    return out
+
+
+def _box_json(b: Box3D) -> dict:
+    return {"label": b.label, "center": [round(c, 4) for c in b.center], "size": [round(s, 4) for s in b.size]}
+
+
+def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *, samples: int = 1, frames: int = 4,
+                          grounding_per_sample: int = 1, seed: int = 0) -> list[dict]:
+    """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` grounding records
+    (images under ``media_dir``, paths relative to ``media_root``). ``metadata.objects`` / ``metadata.target`` keep
+    the boxes as numbers for scoring."""
+    from PIL import Image
+
+    from ..atomic_files import write_bytes
+
+    if len(scene) < frames:
+        raise ValueError(f"scene {scene.root!r} has {len(scene)} frames, fewer than frames={frames}")
+    rng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 1])
+    records = []
+
+    def save(img: np.ndarray, name: str) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=92)
+        path = os.path.join(media_dir, name)
+        write_bytes(path, buf.getvalue())
+        return os.path.relpath(path, media_root)
+
+    for s in range(samples):
+        window = int(rng.integers(frames, len(scene) + 1))
+        start = int(rng.integers(0, len(scene) - window + 1))
+        chosen = [start + int(round(x)) for x in np.linspace(0, window - 1, frames)]
+        objects = clip_objects(scene, chosen)
+        if not objects:
+            continue
+        colours = [scene.color(i) for i in chosen]
+        base = f"{scene.name}_{seed}_{s}"
+        images = [save(c, f"{base}_{k}.jpg") for k, c in enumerate(colours)]
+        meta = {"scene": scene.name, "frame_ids": [scene.frame_ids[i] for i in chosen]}
+        records.append({"id": f"{scene.name}/{seed}/{s}/det", "images": images,
+                        "conversations": [{"from": "human", "value": "<image>\n" + DETECT_QUESTION},
+                                          {"from": "gpt", "value": format_boxes([o["box"] for o in objects])}],
+                        "metadata": {**meta, "task": "gap_detection",
+                                     "objects": [_box_json(o["box"]) for o in objects]}})
+        order = rng.permutation(len(objects))[:grounding_per_sample]
+        for q, j in enumerate(order):
+            obj = objects[int(j)]
+            k, u, v = obj["first"]
+            marked = list(images)
+            marked[k] = save(draw_markers(colours[k], [(u, v, 1)]), f"{base}_g{q}_{k}.jpg")
+            records.append({"id": f"{scene.name}/{seed}/{s}/ground{q}", "images": marked,
+                            "conversations": [{"from": "human",
+                                               "value": "<image>\n" + GROUND_QUESTION.format(label=obj["label"], n=1)},
+                                              {"from": "gpt", "value": format_boxes([obj["box"]])}],
+                            "metadata": {**meta, "task": "gap_grounding", "target": _box_json(obj["box"]),
+                                         "marker": {"frame": k, "u": round(float(u), 3), "v": round(float(v), 3)}}})
+    return records

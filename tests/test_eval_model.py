@@ -87,7 +87,7 @@ def test_load_predictor(model_dir, predictor):
     with pytest.raises(ValueError, match="dtype"):
         load_predictor(model_dir, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="fusion backend"):
-        load_predictor(model_dir, device="cpu", fusion_backend="cuda")
+        load_predictor(model_dir, device="cpu", fusion_backend="bogus")
     p = load_predictor(model_dir, device="cpu", dtype="bf16", attn_implementation="eager", fusion_backend="reference")
     assert p.model.dtype == torch.bfloat16 and p.model.fusion.out_proj.weight.dtype == torch.bfloat16
     assert p.model.config._attn_implementation == "eager" and p.fusion_backend == "reference"

@@ -337,6 +337,12 @@ def test_cli_parsers_register_func():
     a = p.parse_args(["eval", "vsibench", "--data", "d", "--model", "m", "--attn", "eager", "--fusion-backend",
                       "triton", "--dtype", "bf16"])
     assert (a.attn, a.fusion_backend, a.dtype) == ("eager", "triton", "bf16")
+    from geoalign.backends import ALL_BACKENDS
+    from geoalign.eval.predictor import FUSION_BACKENDS
+    assert FUSION_BACKENDS == ALL_BACKENDS
+    for name in ALL_BACKENDS:  # cuda included
+        assert p.parse_args(["eval", "vsibench", "--data", "d", "--model", "m", "--fusion-backend",
+                             name]).fusion_backend == name
     assert p.parse_args(["score", "scanqa", "x.jsonl"]).func is cli.run_score_command
 
 

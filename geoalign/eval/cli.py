@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..atomic_files import write_json
+from .predictor import FUSION_BACKENDS
 from .tasks import DEFAULT_SPLIT, TASKS
 
 _META_KEYS = ("task", "split", "num_frames", "max_new_tokens", "prompt_suffix", "model", "predictor")
@@ -41,7 +42,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
-    p.add_argument("--fusion-backend", choices=["reference", "torch", "triton"],
+    p.add_argument("--fusion-backend", choices=FUSION_BACKENDS,
                    help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
     p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
     p.add_argument("--no-score", action="store_true", help="only write predictions")

@@ -48,7 +48,7 @@ class Predictor(Protocol):
 #: ``--dtype`` names -> torch dtype names ("auto": bfloat16 on CUDA, float32 on CPU)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-FUSION_BACKENDS = ("reference", "torch", "triton")
+FUSION_BACKENDS = ("reference", "torch", "triton", "cuda")  # geoalign.backends.ALL_BACKENDS (a test checks)
 
 
 def _to_device(v: Any, device):
@@ -146,7 +146,7 @@ def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | No
 
     ``device``: default cuda when available; ``dtype``: auto (bf16 on CUDA, fp32 on CPU), bf16,
     fp16, fp32; ``attn_implementation``: Qwen's (e.g. sdpa, flash_attention_2, eager);
-    ``fusion_backend``: reference, torch or triton (default: the fusion config's).
+    ``fusion_backend``: reference, torch, triton or cuda (default: the fusion config's).
     Raises FileNotFoundError / ValueError for a missing or malformed directory.
     """
     from geoalign.modeling import GeoAlignForConditionalGeneration

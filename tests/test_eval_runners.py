@@ -12,7 +12,7 @@ from geoalign.eval import cli, media, runner, scanqa, sqa3d, tasks, vsibench
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
 
-from helpers import VSI_DOCS, lines, make_scanqa, make_sqa3d, make_vsibench
+from helpers import VSI_DOCS, RecordingPredictor, frame_means, lines, make_scanqa, make_sqa3d, make_vsibench
 
 FAKE = "geoalign.eval.fake:FakePredictor"
 
@@ -50,6 +50,42 @@ def test_frame_folder_prefers_jpg_colour(scanqa_dir):
     frames = media.load_frames(media.MediaRef(folder, "frames"), 3)
     assert [float(np.asarray(f).mean()) for f in frames] == pytest.approx([0, 80, 180], abs=6)
     assert all(f.mode == "RGB" for f in frames)
+
+
+def test_frame_sampling_reaches_frame_loading(vsi_dir, scanqa_dir):
+    # 12-frame clip: linspace(0, 11, 4) = [0, 3.67, 7.33, 11] -> floor [0, 3, 7, 11] (VG-LLM), round [0, 4, 7, 11]
+    floor = tasks.load_samples("vsibench", vsi_dir, num_frames=4, frame_sampling="linspace-floor")
+    assert floor[0].frame_sampling == "linspace-floor"
+    assert frame_means(floor[0].load_frames()) == pytest.approx([0, 60, 140, 220], abs=6)
+    rounded = tasks.load_samples("vsibench", vsi_dir, num_frames=4)[0]
+    assert rounded.frame_sampling == "linspace-round"
+    assert frame_means(rounded.load_frames()) == pytest.approx([0, 80, 140, 220], abs=6)
+    # a 10-frame folder: linspace(0, 9, 5) = [0, 2.25, 4.5, 6.75, 9] -> floor [0, 2, 4, 6, 9], round [0, 2, 4, 7, 9]
+    folder = tasks.load_samples("scanqa", scanqa_dir, num_frames=5, frame_sampling="linspace-floor")[0]
+    assert folder.media.kind == "frames"
+    assert frame_means(folder.load_frames()) == pytest.approx([0, 40, 80, 120, 180], abs=6)
+    with pytest.raises(ValueError, match=r"unknown frame sampling 'nearest'; expected one of "
+                                         r"\('linspace-round', 'linspace-floor'\)"):
+        tasks.load_samples("vsibench", vsi_dir, frame_sampling="nearest")
+
+
+def test_cli_frame_sampling_reaches_the_predictor_and_the_meta(scanqa_dir, tmp_path, capsys):
+    out = str(tmp_path / "p.jsonl")
+    args = ["eval", "scanqa", "--data", scanqa_dir, "--predictor", "helpers:RecordingPredictor", "--model", "x",
+            "--out", out, "--no-progress", "--no-score", "--num-frames", "5"]
+    RecordingPredictor.seen.clear()
+    assert cli.main(args + ["--frame-sampling", "linspace-floor"]) == 0
+    assert [s.frame_sampling for s in RecordingPredictor.seen] == ["linspace-floor"] * 3
+    assert frame_means(RecordingPredictor.seen[0].load_frames()) == pytest.approx([0, 40, 80, 120, 180], abs=6)
+    assert json.load(open(out + ".meta.json"))["frame_sampling"] == "linspace-floor"
+    capsys.readouterr()
+    assert cli.main(args) == 2  # answers of the other sampling are not mixed in
+    assert "'frame_sampling': ('linspace-floor', 'linspace-round')" in capsys.readouterr().err
+    # a meta file from before the option existed stands for the default sampling
+    meta = json.load(open(out + ".meta.json"))
+    del meta["frame_sampling"]
+    json.dump(meta, open(out + ".meta.json", "w"))
+    assert cli.main(args) == 0 and cli.main(args + ["--frame-sampling", "linspace-floor"]) == 2
 
 
 def test_missing_scene_media_is_clear(tmp_path):

@@ -11,10 +11,14 @@ import os
 import sys
 
 from ..atomic_files import write_json
+from ..geometry.frames import FRAME_SAMPLING
 from .predictor import FUSION_BACKENDS
 from .tasks import DEFAULT_SPLIT, TASKS
 
-_META_KEYS = ("task", "split", "num_frames", "max_new_tokens", "prompt_suffix", "model", "predictor")
+_META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "model",
+              "predictor")
+#: the value of a setting that a meta file written before the setting existed implies
+_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0]}
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,6 +38,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: vsibench test, scanqa val, sqa3d test)")
     p.add_argument("--out", help="predictions JSONL (default: eval_results/TASK/predictions.jsonl)")
     p.add_argument("--num-frames", type=int, default=32, help="frames uniformly sampled per question (32)")
+    p.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=FRAME_SAMPLING[0],
+                   help="indices round(linspace(0, n-1, N)) (linspace-round, default) or truncated as VG-LLM's "
+                        "np.linspace(...).astype(int) (linspace-floor)")
     p.add_argument("--batch-size", type=int, default=1, help="questions per predict() call (capped by the predictor)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: vsibench 16, others 32)")
     p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
@@ -87,6 +94,7 @@ def run_eval_command(args) -> int:
         return 2
     out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
     meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
+            "frame_sampling": args.frame_sampling,
             "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
             "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
             "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
@@ -98,7 +106,8 @@ def run_eval_command(args) -> int:
     if os.path.exists(out) and os.path.exists(_meta_path(out)):
         with open(_meta_path(out)) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), meta[k]) for k in _META_KEYS if old.get(k) != meta[k]}
+        diff = {k: (old.get(k, _META_DEFAULTS.get(k)), meta[k]) for k in _META_KEYS
+                if old.get(k, _META_DEFAULTS.get(k)) != meta[k]}
         if diff:
             print(f"error: {out} was written with other settings {diff}; use --restart or another --out",
                   file=sys.stderr)
@@ -106,7 +115,8 @@ def run_eval_command(args) -> int:
     try:
         samples = load_samples(args.task, args.data, media_dir=args.media, split=args.split,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
-                               prompt_suffix=args.prompt_suffix, limit=args.limit)
+                               prompt_suffix=args.prompt_suffix, limit=args.limit,
+                               frame_sampling=args.frame_sampling)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,12 +26,13 @@ class Sample:
     num_frames: int = 32
     max_new_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)  # ground truth etc., for the record
+    frame_sampling: str = "linspace-round"  # geoalign.geometry.frames.FRAME_SAMPLING
 
     def load_frames(self) -> list:
         """This question's ``num_frames`` uniformly sampled RGB frames (lazy; see :mod:`.media`)."""
         if self.media is None:
             raise RuntimeError(f"sample {self.id} has no media")
-        return load_frames(self.media, self.num_frames)
+        return load_frames(self.media, self.num_frames, self.frame_sampling)
 
 
 @runtime_checkable

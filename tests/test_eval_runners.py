@@ -144,6 +144,89 @@ def test_crash_loses_nothing_and_rerun_resumes(vsi_dir, tmp_path):
     assert runner.run_eval(samples, again, out, progress=False)["written"] == 0 and again.batches == []
 
 
+class SpacedOracle(FakePredictor):
+    """Oracle answers with a leading space and a trailing newline, as a decoder may return them."""
+
+    def predict(self, samples):
+        return [f" {a}\n" for a in super().predict(samples)]
+
+
+def test_predictions_are_stored_raw_and_scoring_decides_to_strip(vsi_dir, tmp_path, capsys):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    out = str(tmp_path / "p.jsonl")
+    runner.run_eval(samples, SpacedOracle(mode="oracle"), out, progress=False)
+    assert lines(out)[4]["prediction"] == " B.\n" and lines(out)[0]["prediction"] == " 3\n"
+    assert runner.score_file("vsibench", out)["overall"] == pytest.approx(100.0)
+    raw = runner.score_file("vsibench", out, vsibench_strip=False)  # lmms-eval: " B.".split(" ")[0] == ""
+    assert raw["overall"] == 0.0 and raw["stripped"] is False
+    js = str(tmp_path / "raw.json")
+    assert cli.main(["score", "vsibench", out, "--vsibench-no-strip", "--json", js]) == 0
+    assert json.load(open(js))["overall"] == 0.0 and "answers not stripped" in capsys.readouterr().out
+    assert cli.main(["score", "vsibench", out, "--json", js]) == 0 and json.load(open(js))["overall"] == 100.0
+
+
+def debiased_copy(vsi_dir, tmp_path, name, content):
+    """A VSI-Bench folder with the annotations of ``vsi_dir`` plus ``name`` (a debiased-subset file)."""
+    d = tmp_path / "vsi"
+    d.mkdir(exist_ok=True)
+    (d / "test.jsonl").write_text(open(os.path.join(vsi_dir, "test.jsonl")).read())
+    if name.endswith(".parquet"):
+        write_parquet(str(d / name), content)
+    else:
+        (d / name).write_text(content)
+    return str(d)
+
+
+def test_vsibench_debiased_subset(vsi_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--vsibench-subset debiased needs test_debiased\.parquet or "
+                                                r"pruned_ids\.txt in ") as e:
+        tasks.load_samples("vsibench", vsi_dir, vsibench_subset="debiased")
+    assert repr(vsi_dir) in str(e.value) and "nyu-visionx/VSI-Bench" in str(e.value)
+    with pytest.raises(ValueError, match=r"unknown VSI-Bench subset 'easy'; expected one of \('full', 'debiased'\)"):
+        vsibench.load_docs(vsi_dir, "easy")
+    # pruned_ids.txt: the debiased set is every question not listed, in the test set's order
+    d = debiased_copy(vsi_dir, tmp_path, "pruned_ids.txt", "1\n4\n\n7\n")
+    samples = tasks.load_samples("vsibench", d, media_dir=vsi_dir, vsibench_subset="debiased")
+    assert [s.id for s in samples] == ["0", "2", "3", "5", "6", "8", "9"]
+    assert len(tasks.load_samples("vsibench", d, media_dir=vsi_dir)) == len(VSI_DOCS)  # full by default
+    (tmp_path / "vsi" / "pruned_ids.txt").write_text("1\n99\n")
+    with pytest.raises(ValueError, match=r"pruned_ids\.txt lists 1 question id\(s\) that the test set does not "
+                                         r"have \(e\.g\. \['99'\]\)"):
+        vsibench.load_docs(d, "debiased")
+
+
+def test_vsibench_debiased_parquet(vsi_dir, tmp_path):
+    pytest.importorskip("pyarrow")
+    rows = [json.loads(x) for x in open(os.path.join(vsi_dir, "test.jsonl"))]
+    d = debiased_copy(vsi_dir, tmp_path, "test_debiased.parquet", [rows[i] for i in (2, 3, 9)])
+    assert [x["id"] for x in vsibench.load_docs(d, "debiased")] == [2, 3, 9]
+    # without test.jsonl the full set is the other test parquet, never the subset files
+    os.remove(os.path.join(d, "test.jsonl"))
+    write_parquet(os.path.join(d, "test_pruned.parquet"), [rows[i] for i in (0, 1)])
+    with pytest.raises(FileNotFoundError, match="no VSI-Bench annotations"):
+        vsibench.load_docs(d)
+    write_parquet(os.path.join(d, "test-00000-of-00001.parquet"), rows)
+    assert [x["id"] for x in vsibench.load_docs(d)] == list(range(len(VSI_DOCS)))
+    assert [x["id"] for x in vsibench.load_docs(d, "debiased")] == [2, 3, 9]
+
+
+def test_cli_debiased_subset_reuses_full_answers(vsi_dir, tmp_path, capsys):
+    d = debiased_copy(vsi_dir, tmp_path, "pruned_ids.txt", "0\n5\n")
+    out = str(tmp_path / "p.jsonl")
+    base = ["eval", "vsibench", "--data", d, "--media", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out,
+            "--no-progress"]
+    assert cli.main(base) == 0
+    full = json.load(open(str(tmp_path / "p.scores.json")))
+    assert full["num_samples"] == len(VSI_DOCS) and full["subset"] == "full"
+    capsys.readouterr()
+    assert cli.main(base + ["--vsibench-subset", "debiased"]) == 0   # same questions and prompts: nothing to redo
+    text = capsys.readouterr().out
+    assert "0 new predictions (8 already" in text and text.split("\n")[1].startswith("VSI-Bench-Debiased (")
+    scores = json.load(open(str(tmp_path / "p.scores.json")))
+    assert scores["num_samples"] == 8 and scores["subset"] == "debiased"
+    assert scores["counts"] == {qt: 1 for qt, *_ in VSI_DOCS[1:5] + VSI_DOCS[6:]}
+
+
 def test_parquet_annotations(vsi_dir, tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -414,6 +497,27 @@ def test_scanqa_end_to_end(scanqa_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "ScanQA" in text and "CIDEr" in text and "METEOR not computed" in text
     assert {"answers", "scene_id", "question", "prediction"} <= set(lines(out2)[0])
+
+
+def test_cli_sqa3d_vg_llm_style(sqa3d_dir, tmp_path, capsys):
+    out = str(tmp_path / "sqa.jsonl")
+    args = ["eval", "sqa3d", "--data", sqa3d_dir, "--predictor", "helpers:RecordingPredictor", "--model", "oracle",
+            "--out", out, "--no-progress", "--sqa3d-style", "vg-llm"]
+    RecordingPredictor.seen.clear()
+    assert cli.main(args) == 0
+    first = RecordingPredictor.seen[0]
+    assert first.prompt == ("Carefully watch the video and answer the question.\nI am sitting on the sofa. What is in "
+                            "front of me?\nPlease answer the question using a single word or phrase.")
+    assert [s.max_new_tokens for s in RecordingPredictor.seen] == [16] * 3  # VG-LLM's sqa3d.yaml budget
+    assert json.load(open(out + ".meta.json"))["sqa3d_style"] == "vg-llm"
+    s = json.load(open(str(tmp_path / "sqa.scores.json")))
+    assert s["style"] == "vg-llm" and s["EM-1"] == 100.0
+    assert "VG-LLM parsing" in capsys.readouterr().out
+    assert cli.main(args[:-2]) == 2  # the default style's prompts differ: not mixed into this file
+    assert "'sqa3d_style': ('vg-llm', 'default')" in capsys.readouterr().err
+    RecordingPredictor.seen.clear()
+    assert cli.main(args + ["--max-new-tokens", "8", "--restart", "--no-score"]) == 0
+    assert [s.max_new_tokens for s in RecordingPredictor.seen] == [8] * 3
 
 
 def test_sqa3d_end_to_end(sqa3d_dir, tmp_path, capsys):

@@ -13,12 +13,13 @@ import sys
 from ..atomic_files import write_json
 from ..geometry.frames import FRAME_SAMPLING
 from .predictor import FUSION_BACKENDS
+from . import sqa3d, vsibench
 from .tasks import DEFAULT_SPLIT, TASKS
 
-_META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "model",
-              "predictor")
+_META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "sqa3d_style",
+              "model", "predictor")
 #: the value of a setting that a meta file written before the setting existed implies
-_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0]}
+_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0], "sqa3d_style": "default"}
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,12 +52,29 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
     p.add_argument("--fusion-backend", choices=FUSION_BACKENDS,
                    help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
+    p.add_argument("--vsibench-subset", choices=vsibench.SUBSETS, default="full",
+                   help="VSI-Bench: every test question (full) or VSI-Bench-Debiased (debiased; needs "
+                        "test_debiased.parquet or pruned_ids.txt of the dataset repo in --data)")
     p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
     p.add_argument("--no-score", action="store_true", help="only write predictions")
-    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_scoring_options(p)
     p.set_defaults(func=run_eval_command)
     return p
+
+
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    p.add_argument("--vsibench-no-strip", action="store_true",
+                   help="VSI-Bench: parse each answer unstripped, as lmms-eval's task code does (default: stripped)")
+    p.add_argument("--sqa3d-style", choices=sqa3d.STYLES, default="default",
+                   help="SQA3D: prompt (eval) and answer parsing: default, or vg-llm (VG-LLM's prompt, first line "
+                        "of the answer, 16 new tokens)")
+
+
+def _scoring_options(args) -> dict:
+    return {"use_java": False if args.no_java else None, "vsibench_strip": not args.vsibench_no_strip,
+            "sqa3d_style": args.sqa3d_style}
 
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:
@@ -65,7 +83,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("task", choices=TASKS)
     p.add_argument("predictions", help="JSONL written by `geoalign eval` (or in the same record format)")
     p.add_argument("--json", dest="json_out", help="also write the scores as JSON to this path")
-    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    _add_scoring_options(p)
     p.set_defaults(func=run_score_command)
     return p
 
@@ -94,7 +112,7 @@ def run_eval_command(args) -> int:
         return 2
     out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
     meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
-            "frame_sampling": args.frame_sampling,
+            "frame_sampling": args.frame_sampling, "sqa3d_style": args.sqa3d_style,
             "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
             "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
             "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
@@ -116,7 +134,8 @@ def run_eval_command(args) -> int:
         samples = load_samples(args.task, args.data, media_dir=args.media, split=args.split,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
                                prompt_suffix=args.prompt_suffix, limit=args.limit,
-                               frame_sampling=args.frame_sampling)
+                               frame_sampling=args.frame_sampling, vsibench_subset=args.vsibench_subset,
+                               sqa3d_style=args.sqa3d_style)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -138,7 +157,9 @@ def run_eval_command(args) -> int:
     print(f"{info['written']} new predictions ({info['skipped']} already in {out}) in {info['seconds']:.1f}s")
     if args.no_score:
         return 0
-    scores = score_file(args.task, out, ids=[s.id for s in samples], use_java=False if args.no_java else None)
+    scores = score_file(args.task, out, ids=[s.id for s in samples], **_scoring_options(args))
+    if args.task == "vsibench":
+        scores["subset"] = args.vsibench_subset
     write_json(_scores_path(out), scores)
     _print_scores(args.task, scores)
     print(f"scores written to {_scores_path(out)}")
@@ -153,7 +174,7 @@ def run_score_command(args) -> int:
         print(f"error: no such file {args.predictions}", file=sys.stderr)
         return 2
     try:
-        scores = score_file(args.task, args.predictions, use_java=False if args.no_java else None)
+        scores = score_file(args.task, args.predictions, **_scoring_options(args))
     except (ValueError, KeyError) as e:
         print(f"error: cannot score {args.predictions} as {args.task}: {e!r}", file=sys.stderr)
         return 2

@@ -70,7 +70,8 @@ class GeoAlignPredictor:
     the model inputs (chat template, VGGT/Qwen frames, ``gather_index``; left-padded, samples may
     have different frame counts and resolutions), ``model.generate`` decodes greedily
     (``do_sample=False``, one beam, up to the largest ``max_new_tokens`` of the batch) and the new
-    tokens are decoded without the prompt and special tokens.
+    tokens are decoded without the prompt and special tokens, and not stripped (as lmms-eval's model
+    wrappers return them; scoring strips where the benchmark's code does).
     """
 
     def __init__(self, model, processor, *, device=None, max_batch_size: int = 1,
@@ -120,9 +121,8 @@ class GeoAlignPredictor:
             out = self.model.generate(**inputs, **self.generation_kwargs(samples))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         # each sample keeps only its own budget, so batching never changes an answer's length limit
-        texts = [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
-                 for i, s in enumerate(samples)]
-        return [t.strip() for t in texts]
+        return [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
+                for i, s in enumerate(samples)]
 
 
 def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):

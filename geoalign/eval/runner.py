@@ -2,7 +2,8 @@
 
 Each finished batch is appended as JSON lines and flushed to disk (fsync; geoalign.atomic_files.append_jsonl), so a
 crash loses at most the batch in flight; a rerun with the same output file skips every id already there (a cut last
-line from a crash is dropped first).
+line from a crash is dropped first). A prediction is stored as the predictor returned it (not stripped): each
+benchmark's scoring parses it the way its official code does.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def run_eval(samples: Sequence[Sample], predictor: Predictor, out_path: str, *,
             preds = predictor.predict(batch)
             if len(preds) != len(batch):
                 raise RuntimeError(f"predictor returned {len(preds)} answers for {len(batch)} samples")
-            append_jsonl(out_path, [make_record(s, str(p).strip()) for s, p in zip(batch, preds)])
+            append_jsonl(out_path, [make_record(s, str(p)) for s, p in zip(batch, preds)])
             written += len(batch)
             bar.update(len(batch))
     finally:
@@ -60,9 +61,8 @@ def run_eval(samples: Sequence[Sample], predictor: Predictor, out_path: str, *,
             "seconds": time.time() - t0, "batch_size": bs}
 
 
-def score_file(task: str, pred_path: str, ids: Sequence[str] | None = None,
-               use_java: bool | None = None) -> dict:
-    """Scores of the records in ``pred_path`` (only ``ids`` when given)."""
+def score_file(task: str, pred_path: str, ids: Sequence[str] | None = None, **options) -> dict:
+    """Scores of the records in ``pred_path`` (only ``ids`` when given); options: ``tasks.score_records``'."""
     records = read_predictions(pred_path)
     bad = {r.get("task") for r in records} - {task, None}
     if bad:
@@ -70,4 +70,4 @@ def score_file(task: str, pred_path: str, ids: Sequence[str] | None = None,
     if ids is not None:
         keep = set(ids)
         records = [r for r in records if r["id"] in keep]
-    return score_records(task, records, use_java=use_java)
+    return score_records(task, records, **options)

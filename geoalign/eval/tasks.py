@@ -61,35 +61,37 @@ def _scene_samples(task, docs, build_prompt, meta_keys, data_dir, media_dir, com
 def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: str | None = None,
                  num_frames: int = 32, max_new_tokens: int | None = None,
                  prompt_suffix: str | None = None, limit: int | None = None,
-                 frame_sampling: str = "linspace-round") -> list[Sample]:
+                 frame_sampling: str = "linspace-round", vsibench_subset: str = "full",
+                 sqa3d_style: str = "default") -> list[Sample]:
     """Samples of a task in dataset order (the first ``limit`` when given).
 
     Media are located eagerly (a missing scene fails here, with the paths tried) but
     frames are decoded only when a predictor calls ``Sample.load_frames()`` (``num_frames``
     sampled by ``frame_sampling``, one of ``geoalign.geometry.frames.FRAME_SAMPLING``).
+    ``vsibench_subset``: ``vsibench.SUBSETS``; ``sqa3d_style``: ``sqa3d.STYLES`` (prompt, and
+    VG-LLM's 16 new tokens when ``max_new_tokens`` is None).
     """
     if frame_sampling not in FRAME_SAMPLING:
         raise ValueError(f"unknown frame sampling {frame_sampling!r}; expected one of {FRAME_SAMPLING}")
+    sqa3d.check_style(sqa3d_style)
     split = split or DEFAULT_SPLIT[task]
+    if max_new_tokens is None and task == "sqa3d" and sqa3d_style == "vg-llm":
+        max_new_tokens = sqa3d.VG_LLM_MAX_NEW_TOKENS
     common = {"num_frames": num_frames, "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task],
               "frame_sampling": frame_sampling}
-
-    def prompt(build):
-        return build if prompt_suffix is None else (lambda d: build(d, prompt_suffix))
-
     if task == "vsibench":
-        docs = vsibench.load_docs(data_dir)
+        docs = vsibench.load_docs(data_dir, vsibench_subset)
         docs = docs[:limit] if limit else docs
         return _vsibench_samples(docs, data_dir, media_dir, common)
     if task == "scanqa":
         docs = scanqa.load_docs(data_dir, split)
         docs = docs[:limit] if limit else docs
-        return _scene_samples("scanqa", docs, prompt(scanqa.build_prompt), ("answers", "scene_id", "question"),
-                              data_dir, media_dir, common)
+        return _scene_samples("scanqa", docs, lambda d: scanqa.build_prompt(d, prompt_suffix),
+                              ("answers", "scene_id", "question"), data_dir, media_dir, common)
     if task == "sqa3d":
         docs = sqa3d.load_docs(data_dir, split)
         docs = docs[:limit] if limit else docs
-        return _scene_samples("sqa3d", docs, prompt(sqa3d.build_prompt),
+        return _scene_samples("sqa3d", docs, lambda d: sqa3d.build_prompt(d, prompt_suffix, sqa3d_style),
                               ("answers", "question_type", "scene_id", "question"), data_dir, media_dir, common)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
@@ -99,14 +101,15 @@ def make_record(sample: Sample, prediction: str) -> dict:
     return {"id": sample.id, "task": sample.task, "prediction": prediction, **sample.meta}
 
 
-def score_records(task: str, records: list[dict], use_java: bool | None = None) -> dict:
-    """Metrics of ``task`` from prediction records."""
+def score_records(task: str, records: list[dict], use_java: bool | None = None, vsibench_strip: bool = True,
+                  sqa3d_style: str = "default") -> dict:
+    """Metrics of ``task`` from prediction records (options: see ``vsibench.score`` / ``sqa3d.score``)."""
     if task == "vsibench":
-        return vsibench.score(records)
+        return vsibench.score(records, strip=vsibench_strip)
     if task == "scanqa":
         return scanqa.score(records, use_java=use_java)
     if task == "sqa3d":
-        return sqa3d.score(records)
+        return sqa3d.score(records, style=sqa3d_style)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 

@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+from geoalign import atomic_files
 from geoalign.eval import cli, media, runner, scanqa, sqa3d, tasks, vsibench
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
@@ -225,6 +226,155 @@ def test_cli_debiased_subset_reuses_full_answers(vsi_dir, tmp_path, capsys):
     scores = json.load(open(str(tmp_path / "p.scores.json")))
     assert scores["num_samples"] == 8 and scores["subset"] == "debiased"
     assert scores["counts"] == {qt: 1 for qt, *_ in VSI_DOCS[1:5] + VSI_DOCS[6:]}
+
+
+# ----------------------------------------------------------------------------- shards (several processes)
+def shard_names(out):
+    return [os.path.basename(p) for _, _, p in runner.shard_files(out)]
+
+
+def test_shards_merge_into_the_one_process_file(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    one = str(tmp_path / "one.jsonl")
+    runner.run_eval(samples, FakePredictor(), one, progress=False)
+    out = str(tmp_path / "two.jsonl")
+    for rank in (1, 0):  # any order
+        info = runner.run_eval(samples, FakePredictor(), out, batch_size=2, progress=False, rank=rank, world_size=2)
+        assert info["written"] == info["total"] == 5
+    assert not os.path.exists(out) and shard_names(out) == ["two.rank0-of-2.jsonl", "two.rank1-of-2.jsonl"]
+    assert [r["id"] for r in lines(str(tmp_path / "two.rank1-of-2.jsonl"))] == ["1", "3", "5", "7", "9"]
+    runner.write_status(out, 1, 2, {"ok": True})
+    assert runner.merge_shards(out, [s.id for s in samples]) == 2
+    assert open(out, "rb").read() == open(one, "rb").read()  # same records, same order, same bytes
+    assert runner.shard_files(out) == [] and runner.shard_files(out, "status.json") == []
+    assert runner.merge_shards(out, [s.id for s in samples]) == 0 and open(out, "rb").read() == open(one, "rb").read()
+
+
+def test_resume_across_a_change_of_the_number_of_processes(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    ids = [s.id for s in samples]
+    one = str(tmp_path / "one.jsonl")
+    runner.run_eval(samples, FakePredictor(), one, progress=False)
+    out = str(tmp_path / "p.jsonl")
+    # 2 processes: rank 1 crashes after 1 answer, rank 0 is stopped after 3 (a cut line left behind)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_eval(samples, FakePredictor(fail_after=1, max_batch_size=1), out, progress=False, rank=1,
+                        world_size=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_eval(samples, FakePredictor(fail_after=3, max_batch_size=1), out, progress=False, rank=0,
+                        world_size=2)
+    with open(str(tmp_path / "p.rank0-of-2.jsonl"), "a") as f:
+        f.write('{"id": "6", "task": "vsi')
+    assert runner.answered_ids(out, 0, 3) == {"0", "2", "4", "1"}
+    # 3 processes: only what is missing, each rank its positions i % 3
+    answered = []
+    for rank in range(3):
+        pred = FakePredictor()
+        info = runner.run_eval(samples, pred, out, progress=False, rank=rank, world_size=3)
+        answered += [s.id for s in samples[rank::3] if s.id not in {"0", "2", "4", "1"}]
+        assert pred.answered == info["written"] and info["skipped"] + info["written"] == info["total"]
+    assert sorted(answered, key=int) == ["3", "5", "6", "7", "8", "9"]
+    assert runner.merge_shards(out, ids) == 5 and open(out, "rb").read() == open(one, "rb").read()
+    # a partial 3-process run on top of a merged file, finished by one process
+    os.remove(out)
+    runner.run_eval(samples[:4], FakePredictor(), out, progress=False)  # answers 0-3 in the predictions file
+    runner.run_eval(samples, FakePredictor(), out, progress=False, rank=2, world_size=3)  # 5 and 8
+    pred = FakePredictor()
+    assert runner.run_eval(samples, pred, out, progress=False)["written"] == 4 and pred.answered == 4
+    runner.merge_shards(out, ids)
+    assert open(out, "rb").read() == open(one, "rb").read()
+
+
+def test_merge_keeps_other_records_and_first_occurrences(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    out = str(tmp_path / "p.jsonl")
+    atomic_files.append_jsonl(out, [{"id": "x", "task": "vsibench", "prediction": "extra"},
+                                    {"id": "3", "task": "vsibench", "prediction": "first"}])
+    atomic_files.append_jsonl(runner.shard_path(out, 1, 2), [{"id": "3", "task": "vsibench", "prediction": "later"},
+                                                             {"id": "1", "task": "vsibench", "prediction": "b"}])
+    runner.merge_shards(out, [s.id for s in samples])
+    assert [(r["id"], r["prediction"]) for r in lines(out)] == [("1", "b"), ("3", "first"), ("x", "extra")]
+
+
+def test_shard_names_and_discovery(tmp_path):
+    out = str(tmp_path / "preds.jsonl")
+    assert runner.shard_path(out, 3, 8) == str(tmp_path / "preds.rank3-of-8.jsonl")
+    assert runner.status_path(out, 3, 8) == str(tmp_path / "preds.rank3-of-8.status.json")
+    assert runner.shard_path(str(tmp_path / "preds"), 0, 2) == str(tmp_path / "preds.rank0-of-2.jsonl")
+    for name in ("preds.rank1-of-2.jsonl", "preds.rank0-of-2.jsonl", "preds.rank10-of-12.jsonl",
+                 "preds.rank0-of-2.status.json", "preds.rank0-of-2.jsonl.tmp", "preds.rankX-of-2.jsonl",
+                 "other.rank0-of-2.jsonl", "preds.jsonl"):
+        (tmp_path / name).write_text("")
+    assert runner.shard_files(out) == [(2, 0, str(tmp_path / "preds.rank0-of-2.jsonl")),
+                                       (2, 1, str(tmp_path / "preds.rank1-of-2.jsonl")),
+                                       (12, 10, str(tmp_path / "preds.rank10-of-12.jsonl"))]
+    assert shard_names(str(tmp_path / "nowhere" / "p.jsonl")) == []
+    runner.remove_shards(out, kinds=("status.json",))
+    assert not (tmp_path / "preds.rank0-of-2.status.json").exists() and len(runner.shard_files(out)) == 3
+
+
+def test_rank0_waits_for_every_rank_and_stops_at_a_failure(tmp_path):
+    out = str(tmp_path / "p.jsonl")
+    runner.write_status(out, 2, 3, {"ok": True, "written": 1})
+    done = []
+
+    def finish_rank1():  # rank 1 finishes while rank 0 waits
+        runner.write_status(out, 1, 3, {"ok": True, "written": 2})
+        done.append(1)
+    import threading
+    t = threading.Timer(0.05, finish_rank1)
+    t.start()
+    assert runner.wait_for_ranks(out, 3, poll_s=0.01) == {1: {"ok": True, "written": 2}, 2: {"ok": True, "written": 1}}
+    t.join()
+    assert done == [1]
+    out2 = str(tmp_path / "q.jsonl")
+    runner.write_status(out2, 2, 3, {"ok": False, "error": "RuntimeError: boom"})  # rank 1 still running
+    assert runner.wait_for_ranks(out2, 3, poll_s=0.01) == {2: {"ok": False, "error": "RuntimeError: boom"}}
+
+
+def test_process_info_and_devices():
+    from geoalign.eval.distributed import ProcessInfo, process_info
+
+    assert process_info({}) == ProcessInfo(0, 1, 0) and not process_info({}).sharded
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    info = process_info(env)
+    assert info == ProcessInfo(3, 4, 1) and info.sharded
+    assert info.device(None, cuda_available=True) == "cuda:1" and info.device("cuda") == "cuda:1"
+    assert info.device(None, cuda_available=False) == "cpu"
+    assert info.device("cuda:0") == "cuda:0" and info.device("cpu") == "cpu"
+    assert ProcessInfo().device(None) is None and ProcessInfo().device("cuda") == "cuda"  # one process: as given
+    with pytest.raises(ValueError, match=r"RANK must be in \[0, WORLD_SIZE=4\), got RANK=4"):
+        process_info(dict(env, RANK="4"))
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE='two' must be an integer"):
+        process_info(dict(env, WORLD_SIZE="two"))
+    with pytest.raises(ValueError, match="WORLD_SIZE=4 but MASTER_ADDR and MASTER_PORT not set: start the ranks "
+                                         "with torchrun or accelerate launch"):
+        process_info({"RANK": "0", "WORLD_SIZE": "4"})
+
+
+def test_cli_settings_check_and_restart_cover_shards(vsi_dir, tmp_path, capsys):
+    out = str(tmp_path / "p.jsonl")
+    base = ["eval", "vsibench", "--data", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out, "--no-progress",
+            "--num-frames", "4"]
+    assert cli.main(base + ["--limit", "2"]) == 0
+    os.rename(out, runner.shard_path(out, 0, 2))  # as a stopped 2-process run leaves them
+    runner.write_status(out, 1, 2, {"ok": False, "error": "stale"})
+    assert cli.main(base[:-1] + ["8"]) == 2  # its answers are of 4 frames
+    assert "other settings {'num_frames': (4, 8)}" in capsys.readouterr().err
+    assert cli.main(base) == 0 and "8 new predictions (2 already" in capsys.readouterr().out
+    assert shard_names(out) == [] and runner.shard_files(out, "status.json") == [] and len(lines(out)) == 10
+    os.rename(out, runner.shard_path(out, 1, 3))
+    assert cli.main(base[:-1] + ["8", "--restart"]) == 0  # --restart discards the shards too
+    assert "10 new predictions (0 already" in capsys.readouterr().out and shard_names(out) == []
+
+
+def test_cli_without_a_launcher_says_so(vsi_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    out = str(tmp_path / "p.jsonl")
+    assert cli.main(["eval", "vsibench", "--data", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out]) == 2
+    assert "WORLD_SIZE=2 but MASTER_ADDR" in capsys.readouterr().err and not os.path.exists(out)
 
 
 def test_parquet_annotations(vsi_dir, tmp_path):

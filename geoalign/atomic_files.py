@@ -11,7 +11,9 @@ A reader of any path written here sees either the old content or the complete ne
       ``path`` is untouched;
   append_jsonl / read_jsonl
       line-oriented logs (predictions, training log): each append is flushed and fsync'ed; a crash can leave at
-      most a cut last line, which read_jsonl drops (and drop_cut_tail removes before the next append).
+      most a cut last line, which read_jsonl drops (and drop_cut_tail removes before the next append);
+  write_jsonl
+      a whole line-oriented file replaced at once (as write_bytes), in append_jsonl's line format.
 
 The two low-level writers ``_write`` and ``_save_file`` are module attributes so tests can make a write fail
 halfway (tests/test_atomic_files.py); nothing else in the package writes files directly.
@@ -168,13 +170,22 @@ def drop_cut_tail(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def _jsonl_bytes(records: list) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def write_jsonl(path: str | os.PathLike, records: list) -> None:
+    """Replace ``path`` with one JSON line per record, atomically (the lines append_jsonl writes)."""
+    write_bytes(path, _jsonl_bytes(records))
+
+
 def append_jsonl(path: str | os.PathLike, records: list) -> None:
     """Append one JSON line per record; flushed and fsync'ed before returning. A cut last line left by an earlier
     crash is removed first."""
     path = os.fspath(path)
     os.makedirs(_parent(path), exist_ok=True)
     drop_cut_tail(path)
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    data = _jsonl_bytes(records)
     with open(path, "ab") as f:
         _write(f, data)
         f.flush()

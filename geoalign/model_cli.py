@@ -14,6 +14,7 @@ import sys
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+FUSION_BACKENDS = ("reference", "torch", "triton", "cuda")  # geoalign.backends.ALL_BACKENDS (a test checks)
 
 
 def add_answer_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def add_answer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--question", required=True)
     p.add_argument("--num-frames", type=int, default=32, help="frames sampled uniformly (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--backend", default=None, choices=["reference", "torch", "triton"], help="fusion backend")
+    p.add_argument("--backend", default=None, choices=FUSION_BACKENDS, help="fusion backend")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
     p.set_defaults(func=run_answer)
     return p

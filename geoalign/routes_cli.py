@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from .model_cli import add_model_arguments, load_model_and_processor
+from .model_cli import FUSION_BACKENDS, add_model_arguments, load_model_and_processor
 
 
 def add_routes_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,8 +29,7 @@ def add_routes_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=32, help="frames sampled uniformly per input (default 32)")
     p.add_argument("--question", default="Describe the scene.", help="the prompt of the prefill forward")
     p.add_argument("--max-frames", type=int, default=4, help="frames per input in the heat map (default 4)")
-    p.add_argument("--backend", default=None, choices=["reference", "torch", "triton", "cuda"],
-                   help="fusion backend")
+    p.add_argument("--backend", default=None, choices=FUSION_BACKENDS, help="fusion backend")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_routes)
     return p

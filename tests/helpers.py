@@ -339,6 +339,28 @@ def lines(path):
         return [json.loads(x) for x in f if x.strip()]
 
 
+def frame_means(frames):
+    """Mean grey value of each frame (the builders above paint frame i with 20*i)."""
+    return [float(np.asarray(f).mean()) for f in frames]
+
+
+class RecordingPredictor:
+    """The fake predictor's hash answers; every sample asked about is kept in ``RecordingPredictor.seen`` (for a
+    ``--predictor helpers:RecordingPredictor`` run, whose predictor object the test never sees)."""
+
+    seen: list = []
+
+    def __init__(self, model_dir=None, **kwargs):
+        from geoalign.eval.fake import FakePredictor
+
+        self.fake = FakePredictor(model_dir, **kwargs)
+        self.max_batch_size = self.fake.max_batch_size
+
+    def predict(self, samples):
+        RecordingPredictor.seen.extend(samples)
+        return self.fake.predict(samples)
+
+
 # ----------------------------------------------------------------------------- media
 
 

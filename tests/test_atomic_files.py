@@ -317,6 +317,20 @@ def test_append_jsonl_writes_utf8_not_escapes(tmp_path):
                                  ).encode("utf-8")
 
 
+def test_write_jsonl_replaces_the_file_in_append_jsonls_format(tmp_path, monkeypatch):
+    appended, written = tmp_path / "a.jsonl", tmp_path / "w.jsonl"
+    records = [{"id": "q1", "prediction": "café ☕"}, {"id": "q2", "prediction": " A\n"}]
+    atomic_files.append_jsonl(appended, records)
+    written.write_text('{"id": "old"}\n')
+    atomic_files.write_jsonl(written, records)
+    assert written.read_bytes() == appended.read_bytes()
+    interrupt = Interrupt(monkeypatch)
+    with pytest.raises(OSError):
+        atomic_files.write_jsonl(written, [{"id": "q3"}])
+    assert interrupt.fired and written.read_bytes() == appended.read_bytes()  # old content whole, or the new
+    assert leftovers(tmp_path) == []
+
+
 def test_append_after_a_cut_line_keeps_every_whole_line(tmp_path):
     path = tmp_path / "train_log.jsonl"
     path.write_bytes(b'{"step": 8}\n{"step": 16}\n{"step": 24, "lo')  # the third append was cut by a crash

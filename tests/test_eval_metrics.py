@@ -93,6 +93,22 @@ def test_mca_letter_parsing(pred, gt, ok):
     assert vsibench.mca_accuracy(pred, gt) == ok
 
 
+def test_vsibench_no_strip_parses_the_raw_answer():
+    # lmms-eval's vsibench_process_results parses results[0] as it is: " A".split(" ")[0] == "" -> wrong
+    recs = [{"question_type": "route_planning", "prediction": " A", "ground_truth": "A"},
+            {"question_type": "object_counting", "prediction": " 3", "ground_truth": "3"},
+            {"question_type": "object_abs_distance", "prediction": "2.2\n", "ground_truth": "2"}]  # same either way
+    stripped, raw = vsibench.score(recs), vsibench.score(recs, strip=False)
+    assert (stripped["route_planning"], raw["route_planning"]) == (100.0, 0.0)
+    assert (stripped["object_counting"], raw["object_counting"]) == (100.0, 0.0)
+    assert stripped["object_abs_distance"] == raw["object_abs_distance"] == pytest.approx(90.0)
+    assert (stripped["stripped"], raw["stripped"]) == (True, False)
+    assert vsibench.format_table(raw).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100, answers not stripped "
+                                                 "(lmms-eval))\n")
+    assert vsibench.format_table(stripped).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100)\n")
+    assert vsibench.format_table(dict(raw, subset="debiased")).startswith("VSI-Bench-Debiased (")
+
+
 def test_vsibench_aggregation():
     recs = [
         # rel direction: easy 1/1, medium 0/1, hard 1/2 -> (100 + 0 + 50) / 3 = 50
@@ -223,6 +239,32 @@ def test_answer_match_em_and_refined():
     assert answer_match("brown wooden chair", ["wooden chair"]) == (0, 1)
 
 
+def test_leo_answer_match_is_leos_loop():
+    # LEO (evaluator/scanqa_eval.py answer_match): references in order, the first that equals the prediction
+    # (1, 1) or is a space-free substring of it / has it as one (0, 1) decides
+    assert textnorm.leo_answer_match("brown", ["brown wooden", "brown"]) == (0, 1)  # exact-first: (1, 1)
+    assert answer_match("brown", ["brown wooden", "brown"]) == (1, 1)
+    assert textnorm.leo_answer_match("brown", ["brown", "brown wooden"]) == (1, 1)
+    assert textnorm.leo_answer_match("coffeetable", ["chair", "coffee table"]) == (0, 1)
+    assert textnorm.leo_answer_match("table", ["chair"]) == (0, 0)
+    assert textnorm.leo_answer_match("", ["chair"]) == (0, 1)                         # "" is in every string
+    assert answer_match("", ["chair"]) == (0, 0)
+    assert textnorm.leo_answer_match("", []) == (0, 0)
+
+
+def test_scanqa_reports_both_em_rules():
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    recs = [{"id": "1", "prediction": "Brown.", "answers": ["brown wooden", "brown"]},  # exact-first 1/1, LEO 0/1
+            {"id": "2", "prediction": "", "answers": ["sofa"]},                       # exact-first 0/0, LEO 0/1
+            {"id": "3", "prediction": "the table", "answers": ["table", "desk"]},       # both 1/1
+            {"id": "4", "prediction": "lamp", "answers": ["window"]}]                   # both 0/0
+    s = scanqa.score(recs, use_java=False, meteor=False)
+    assert (s["EM@1"], s["EM@1-refined"]) == (50.0, 50.0)
+    assert (s["EM@1-LEO"], s["EM@1-refined-LEO"]) == (25.0, 75.0)
+    assert scanqa.format_table(s).split("\n")[5] == ("LEO's rule (first matching reference decides): EM@1-LEO 25.0, "
+                                                      "EM@1-refined-LEO 75.0")
+
+
 def test_typo_and_number_rules_apply_to_whole_words_only():
     # every typo / number-word rule is built by _word: "let" -> "left" must leave "letter", "outlet" alone
     assert textnorm._word("let").sub("left", "let the letter by the outlet") == "left the letter by the outlet"
@@ -276,6 +318,36 @@ def test_sqa3d_score_counts_and_types_from_questions():
     assert s["EM-1"] == 50.0 and s["EM-1-refined"] == 50.0 and s["num_samples"] == 4
     assert s["per_type"] == {"what": 0.0, "how": 0.0, "can": 100.0, "others": 100.0}
     assert s["counts"] == {"what": 1, "how": 1, "can": 1, "others": 1}
+
+
+def test_sqa3d_vg_llm_style_scores_the_first_line():
+    # VG-LLM sqa3d_process_results: clean_answer(pred.strip().split("\n")[0]) == clean_answer(answer)
+    assert sqa3d.parse_prediction("  left\nside\n", "vg-llm") == "left"
+    assert sqa3d.parse_prediction("  left\nside\n") == "left side"               # default: lines joined
+    assert sqa3d.parse_prediction("\nTwo.\nbecause", "vg-llm") == "two"          # stripped before the split
+    recs = [{"prediction": "yes\nThe door is open.", "answers": ["yes"], "question_type": "is"},
+            {"prediction": "left\nside", "answers": ["left side"], "question_type": "which"}]
+    default, vg = sqa3d.score(recs), sqa3d.score(recs, style="vg-llm")
+    assert (default["EM-1"], vg["EM-1"]) == (50.0, 50.0)
+    assert default["per_type"] == {"is": 0.0, "which": 100.0} and vg["per_type"] == {"is": 100.0, "which": 0.0}
+    assert (default["style"], vg["style"]) == ("default", "vg-llm")
+    assert "VG-LLM parsing: first line of the answer" in sqa3d.format_table(vg).split("\n")[0]
+    assert "VG-LLM" not in sqa3d.format_table(default)
+    with pytest.raises(ValueError, match=r"unknown SQA3D style 'leo'; expected one of \('default', 'vg-llm'\)"):
+        sqa3d.score(recs, style="leo")
+
+
+def test_sqa3d_vg_llm_prompt():
+    doc = {"situation": "I am sitting on the sofa.", "question": "What is in front of me?"}
+    # VG-LLM sqa3d_doc_to_text: "\n".join([pre_prompt, situation + " " + question, post_prompt]), sqa3d.yaml prompts
+    assert sqa3d.build_prompt(doc, style="vg-llm") == (
+        "Carefully watch the video and answer the question.\n"
+        "I am sitting on the sofa. What is in front of me?\n"
+        "Please answer the question using a single word or phrase.")
+    assert sqa3d.build_prompt(doc) == ("I am sitting on the sofa. What is in front of me? "
+                                       "Answer the question using a single word or phrase.")
+    assert sqa3d.build_prompt(doc, "", "vg-llm") == ("Carefully watch the video and answer the question.\n"
+                                                     "I am sitting on the sofa. What is in front of me?")
 
 
 def test_sqa3d_nothing_to_score():
@@ -426,8 +498,9 @@ def test_scanqa_table_layout():
     assert row == {c: f"{s[c]:.1f}" for c in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "EM@1")} | {"METEOR": "n/a"}
     assert list(row) == ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM@1"]
     assert row["EM@1"] == "100.0"
-    assert len(rest) == 2 and rest[0].startswith("EM@1-refined") and rest[0].endswith(f": {s['EM@1-refined']:.1f}")
-    assert rest[1] == "NOTE: " + s["meteor_missing_reason"]
+    assert len(rest) == 3 and rest[0].startswith("EM@1-refined") and rest[0].endswith(f": {s['EM@1-refined']:.1f}")
+    assert rest[1] == "LEO's rule (first matching reference decides): EM@1-LEO 100.0, EM@1-refined-LEO 100.0"
+    assert rest[2] == "NOTE: " + s["meteor_missing_reason"]
 
 
 def test_close_meteor_stops_the_process_and_frees_the_lock():

@@ -87,7 +87,7 @@ def test_load_predictor(model_dir, predictor):
     with pytest.raises(ValueError, match="dtype"):
         load_predictor(model_dir, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="fusion backend"):
-        load_predictor(model_dir, device="cpu", fusion_backend="cuda")
+        load_predictor(model_dir, device="cpu", fusion_backend="bogus")
     p = load_predictor(model_dir, device="cpu", dtype="bf16", attn_implementation="eager", fusion_backend="reference")
     assert p.model.dtype == torch.bfloat16 and p.model.fusion.out_proj.weight.dtype == torch.bfloat16
     assert p.model.config._attn_implementation == "eager" and p.fusion_backend == "reference"
@@ -243,7 +243,8 @@ def test_decoding_drops_prompt_special_tokens_and_respects_budgets(tmp_path):
         s.load_frames = lambda: frames[0]
     model = StubModel(tok, [" 2.5\n", "B. table"])
     pred = GeoAlignPredictor(model, proc, device="cpu", max_batch_size=2, fusion_backend="torch")
-    assert pred.predict(samples) == ["2.5", "B."]      # "b" keeps only its own 2-token budget
+    # "b" keeps only its own 2-token budget; answers come back as decoded (scoring strips where the benchmark does)
+    assert pred.predict(samples) == [" 2.5\n", "B."]
     kw = model.kw
     assert kw["do_sample"] is False and kw["num_beams"] == 1 and kw["max_new_tokens"] == 8
     assert kw["fusion_backend"] == "torch" and len(kw["vggt_pixel_values"]) == 2

@@ -8,11 +8,12 @@ import types
 import numpy as np
 import pytest
 
+from geoalign import atomic_files
 from geoalign.eval import cli, media, runner, scanqa, sqa3d, tasks, vsibench
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
 
-from helpers import VSI_DOCS, lines, make_scanqa, make_sqa3d, make_vsibench
+from helpers import VSI_DOCS, RecordingPredictor, frame_means, lines, make_scanqa, make_sqa3d, make_vsibench
 
 FAKE = "geoalign.eval.fake:FakePredictor"
 
@@ -50,6 +51,42 @@ def test_frame_folder_prefers_jpg_colour(scanqa_dir):
     frames = media.load_frames(media.MediaRef(folder, "frames"), 3)
     assert [float(np.asarray(f).mean()) for f in frames] == pytest.approx([0, 80, 180], abs=6)
     assert all(f.mode == "RGB" for f in frames)
+
+
+def test_frame_sampling_reaches_frame_loading(vsi_dir, scanqa_dir):
+    # 12-frame clip: linspace(0, 11, 4) = [0, 3.67, 7.33, 11] -> floor [0, 3, 7, 11] (VG-LLM), round [0, 4, 7, 11]
+    floor = tasks.load_samples("vsibench", vsi_dir, num_frames=4, frame_sampling="linspace-floor")
+    assert floor[0].frame_sampling == "linspace-floor"
+    assert frame_means(floor[0].load_frames()) == pytest.approx([0, 60, 140, 220], abs=6)
+    rounded = tasks.load_samples("vsibench", vsi_dir, num_frames=4)[0]
+    assert rounded.frame_sampling == "linspace-round"
+    assert frame_means(rounded.load_frames()) == pytest.approx([0, 80, 140, 220], abs=6)
+    # a 10-frame folder: linspace(0, 9, 5) = [0, 2.25, 4.5, 6.75, 9] -> floor [0, 2, 4, 6, 9], round [0, 2, 4, 7, 9]
+    folder = tasks.load_samples("scanqa", scanqa_dir, num_frames=5, frame_sampling="linspace-floor")[0]
+    assert folder.media.kind == "frames"
+    assert frame_means(folder.load_frames()) == pytest.approx([0, 40, 80, 120, 180], abs=6)
+    with pytest.raises(ValueError, match=r"unknown frame sampling 'nearest'; expected one of "
+                                         r"\('linspace-round', 'linspace-floor'\)"):
+        tasks.load_samples("vsibench", vsi_dir, frame_sampling="nearest")
+
+
+def test_cli_frame_sampling_reaches_the_predictor_and_the_meta(scanqa_dir, tmp_path, capsys):
+    out = str(tmp_path / "p.jsonl")
+    args = ["eval", "scanqa", "--data", scanqa_dir, "--predictor", "helpers:RecordingPredictor", "--model", "x",
+            "--out", out, "--no-progress", "--no-score", "--num-frames", "5"]
+    RecordingPredictor.seen.clear()
+    assert cli.main(args + ["--frame-sampling", "linspace-floor"]) == 0
+    assert [s.frame_sampling for s in RecordingPredictor.seen] == ["linspace-floor"] * 3
+    assert frame_means(RecordingPredictor.seen[0].load_frames()) == pytest.approx([0, 40, 80, 120, 180], abs=6)
+    assert json.load(open(out + ".meta.json"))["frame_sampling"] == "linspace-floor"
+    capsys.readouterr()
+    assert cli.main(args) == 2  # answers of the other sampling are not mixed in
+    assert "'frame_sampling': ('linspace-floor', 'linspace-round')" in capsys.readouterr().err
+    # a meta file from before the option existed stands for the default sampling
+    meta = json.load(open(out + ".meta.json"))
+    del meta["frame_sampling"]
+    json.dump(meta, open(out + ".meta.json", "w"))
+    assert cli.main(args) == 0 and cli.main(args + ["--frame-sampling", "linspace-floor"]) == 2
 
 
 def test_missing_scene_media_is_clear(tmp_path):
@@ -106,6 +143,238 @@ def test_crash_loses_nothing_and_rerun_resumes(vsi_dir, tmp_path):
     # nothing left to do: predictor is not called again
     again = FakePredictor()
     assert runner.run_eval(samples, again, out, progress=False)["written"] == 0 and again.batches == []
+
+
+class SpacedOracle(FakePredictor):
+    """Oracle answers with a leading space and a trailing newline, as a decoder may return them."""
+
+    def predict(self, samples):
+        return [f" {a}\n" for a in super().predict(samples)]
+
+
+def test_predictions_are_stored_raw_and_scoring_decides_to_strip(vsi_dir, tmp_path, capsys):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    out = str(tmp_path / "p.jsonl")
+    runner.run_eval(samples, SpacedOracle(mode="oracle"), out, progress=False)
+    assert lines(out)[4]["prediction"] == " B.\n" and lines(out)[0]["prediction"] == " 3\n"
+    assert runner.score_file("vsibench", out)["overall"] == pytest.approx(100.0)
+    raw = runner.score_file("vsibench", out, vsibench_strip=False)  # lmms-eval: " B.".split(" ")[0] == ""
+    assert raw["overall"] == 0.0 and raw["stripped"] is False
+    js = str(tmp_path / "raw.json")
+    assert cli.main(["score", "vsibench", out, "--vsibench-no-strip", "--json", js]) == 0
+    assert json.load(open(js))["overall"] == 0.0 and "answers not stripped" in capsys.readouterr().out
+    assert cli.main(["score", "vsibench", out, "--json", js]) == 0 and json.load(open(js))["overall"] == 100.0
+
+
+def debiased_copy(vsi_dir, tmp_path, name, content):
+    """A VSI-Bench folder with the annotations of ``vsi_dir`` plus ``name`` (a debiased-subset file)."""
+    d = tmp_path / "vsi"
+    d.mkdir(exist_ok=True)
+    (d / "test.jsonl").write_text(open(os.path.join(vsi_dir, "test.jsonl")).read())
+    if name.endswith(".parquet"):
+        write_parquet(str(d / name), content)
+    else:
+        (d / name).write_text(content)
+    return str(d)
+
+
+def test_vsibench_debiased_subset(vsi_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--vsibench-subset debiased needs test_debiased\.parquet or "
+                                                r"pruned_ids\.txt in ") as e:
+        tasks.load_samples("vsibench", vsi_dir, vsibench_subset="debiased")
+    assert repr(vsi_dir) in str(e.value) and "nyu-visionx/VSI-Bench" in str(e.value)
+    with pytest.raises(ValueError, match=r"unknown VSI-Bench subset 'easy'; expected one of \('full', 'debiased'\)"):
+        vsibench.load_docs(vsi_dir, "easy")
+    # pruned_ids.txt: the debiased set is every question not listed, in the test set's order
+    d = debiased_copy(vsi_dir, tmp_path, "pruned_ids.txt", "1\n4\n\n7\n")
+    samples = tasks.load_samples("vsibench", d, media_dir=vsi_dir, vsibench_subset="debiased")
+    assert [s.id for s in samples] == ["0", "2", "3", "5", "6", "8", "9"]
+    assert len(tasks.load_samples("vsibench", d, media_dir=vsi_dir)) == len(VSI_DOCS)  # full by default
+    (tmp_path / "vsi" / "pruned_ids.txt").write_text("1\n99\n")
+    with pytest.raises(ValueError, match=r"pruned_ids\.txt lists 1 question id\(s\) that the test set does not "
+                                         r"have \(e\.g\. \['99'\]\)"):
+        vsibench.load_docs(d, "debiased")
+
+
+def test_vsibench_debiased_parquet(vsi_dir, tmp_path):
+    pytest.importorskip("pyarrow")
+    rows = [json.loads(x) for x in open(os.path.join(vsi_dir, "test.jsonl"))]
+    d = debiased_copy(vsi_dir, tmp_path, "test_debiased.parquet", [rows[i] for i in (2, 3, 9)])
+    assert [x["id"] for x in vsibench.load_docs(d, "debiased")] == [2, 3, 9]
+    # without test.jsonl the full set is the other test parquet, never the subset files
+    os.remove(os.path.join(d, "test.jsonl"))
+    write_parquet(os.path.join(d, "test_pruned.parquet"), [rows[i] for i in (0, 1)])
+    with pytest.raises(FileNotFoundError, match="no VSI-Bench annotations"):
+        vsibench.load_docs(d)
+    write_parquet(os.path.join(d, "test-00000-of-00001.parquet"), rows)
+    assert [x["id"] for x in vsibench.load_docs(d)] == list(range(len(VSI_DOCS)))
+    assert [x["id"] for x in vsibench.load_docs(d, "debiased")] == [2, 3, 9]
+
+
+def test_cli_debiased_subset_reuses_full_answers(vsi_dir, tmp_path, capsys):
+    d = debiased_copy(vsi_dir, tmp_path, "pruned_ids.txt", "0\n5\n")
+    out = str(tmp_path / "p.jsonl")
+    base = ["eval", "vsibench", "--data", d, "--media", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out,
+            "--no-progress"]
+    assert cli.main(base) == 0
+    full = json.load(open(str(tmp_path / "p.scores.json")))
+    assert full["num_samples"] == len(VSI_DOCS) and full["subset"] == "full"
+    capsys.readouterr()
+    assert cli.main(base + ["--vsibench-subset", "debiased"]) == 0   # same questions and prompts: nothing to redo
+    text = capsys.readouterr().out
+    assert "0 new predictions (8 already" in text and text.split("\n")[1].startswith("VSI-Bench-Debiased (")
+    scores = json.load(open(str(tmp_path / "p.scores.json")))
+    assert scores["num_samples"] == 8 and scores["subset"] == "debiased"
+    assert scores["counts"] == {qt: 1 for qt, *_ in VSI_DOCS[1:5] + VSI_DOCS[6:]}
+
+
+# ----------------------------------------------------------------------------- shards (several processes)
+def shard_names(out):
+    return [os.path.basename(p) for _, _, p in runner.shard_files(out)]
+
+
+def test_shards_merge_into_the_one_process_file(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    one = str(tmp_path / "one.jsonl")
+    runner.run_eval(samples, FakePredictor(), one, progress=False)
+    out = str(tmp_path / "two.jsonl")
+    for rank in (1, 0):  # any order
+        info = runner.run_eval(samples, FakePredictor(), out, batch_size=2, progress=False, rank=rank, world_size=2)
+        assert info["written"] == info["total"] == 5
+    assert not os.path.exists(out) and shard_names(out) == ["two.rank0-of-2.jsonl", "two.rank1-of-2.jsonl"]
+    assert [r["id"] for r in lines(str(tmp_path / "two.rank1-of-2.jsonl"))] == ["1", "3", "5", "7", "9"]
+    runner.write_status(out, 1, 2, {"ok": True})
+    assert runner.merge_shards(out, [s.id for s in samples]) == 2
+    assert open(out, "rb").read() == open(one, "rb").read()  # same records, same order, same bytes
+    assert runner.shard_files(out) == [] and runner.shard_files(out, "status.json") == []
+    assert runner.merge_shards(out, [s.id for s in samples]) == 0 and open(out, "rb").read() == open(one, "rb").read()
+
+
+def test_resume_across_a_change_of_the_number_of_processes(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    ids = [s.id for s in samples]
+    one = str(tmp_path / "one.jsonl")
+    runner.run_eval(samples, FakePredictor(), one, progress=False)
+    out = str(tmp_path / "p.jsonl")
+    # 2 processes: rank 1 crashes after 1 answer, rank 0 is stopped after 3 (a cut line left behind)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_eval(samples, FakePredictor(fail_after=1, max_batch_size=1), out, progress=False, rank=1,
+                        world_size=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_eval(samples, FakePredictor(fail_after=3, max_batch_size=1), out, progress=False, rank=0,
+                        world_size=2)
+    with open(str(tmp_path / "p.rank0-of-2.jsonl"), "a") as f:
+        f.write('{"id": "6", "task": "vsi')
+    assert runner.answered_ids(out, 0, 3) == {"0", "2", "4", "1"}
+    # 3 processes: only what is missing, each rank its positions i % 3
+    answered = []
+    for rank in range(3):
+        pred = FakePredictor()
+        info = runner.run_eval(samples, pred, out, progress=False, rank=rank, world_size=3)
+        answered += [s.id for s in samples[rank::3] if s.id not in {"0", "2", "4", "1"}]
+        assert pred.answered == info["written"] and info["skipped"] + info["written"] == info["total"]
+    assert sorted(answered, key=int) == ["3", "5", "6", "7", "8", "9"]
+    assert runner.merge_shards(out, ids) == 5 and open(out, "rb").read() == open(one, "rb").read()
+    # a partial 3-process run on top of a merged file, finished by one process
+    os.remove(out)
+    runner.run_eval(samples[:4], FakePredictor(), out, progress=False)  # answers 0-3 in the predictions file
+    runner.run_eval(samples, FakePredictor(), out, progress=False, rank=2, world_size=3)  # 5 and 8
+    pred = FakePredictor()
+    assert runner.run_eval(samples, pred, out, progress=False)["written"] == 4 and pred.answered == 4
+    runner.merge_shards(out, ids)
+    assert open(out, "rb").read() == open(one, "rb").read()
+
+
+def test_merge_keeps_other_records_and_first_occurrences(vsi_dir, tmp_path):
+    samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
+    out = str(tmp_path / "p.jsonl")
+    atomic_files.append_jsonl(out, [{"id": "x", "task": "vsibench", "prediction": "extra"},
+                                    {"id": "3", "task": "vsibench", "prediction": "first"}])
+    atomic_files.append_jsonl(runner.shard_path(out, 1, 2), [{"id": "3", "task": "vsibench", "prediction": "later"},
+                                                             {"id": "1", "task": "vsibench", "prediction": "b"}])
+    runner.merge_shards(out, [s.id for s in samples])
+    assert [(r["id"], r["prediction"]) for r in lines(out)] == [("1", "b"), ("3", "first"), ("x", "extra")]
+
+
+def test_shard_names_and_discovery(tmp_path):
+    out = str(tmp_path / "preds.jsonl")
+    assert runner.shard_path(out, 3, 8) == str(tmp_path / "preds.rank3-of-8.jsonl")
+    assert runner.status_path(out, 3, 8) == str(tmp_path / "preds.rank3-of-8.status.json")
+    assert runner.shard_path(str(tmp_path / "preds"), 0, 2) == str(tmp_path / "preds.rank0-of-2.jsonl")
+    for name in ("preds.rank1-of-2.jsonl", "preds.rank0-of-2.jsonl", "preds.rank10-of-12.jsonl",
+                 "preds.rank0-of-2.status.json", "preds.rank0-of-2.jsonl.tmp", "preds.rankX-of-2.jsonl",
+                 "other.rank0-of-2.jsonl", "preds.jsonl"):
+        (tmp_path / name).write_text("")
+    assert runner.shard_files(out) == [(2, 0, str(tmp_path / "preds.rank0-of-2.jsonl")),
+                                       (2, 1, str(tmp_path / "preds.rank1-of-2.jsonl")),
+                                       (12, 10, str(tmp_path / "preds.rank10-of-12.jsonl"))]
+    assert shard_names(str(tmp_path / "nowhere" / "p.jsonl")) == []
+    runner.remove_shards(out, kinds=("status.json",))
+    assert not (tmp_path / "preds.rank0-of-2.status.json").exists() and len(runner.shard_files(out)) == 3
+
+
+def test_rank0_waits_for_every_rank_and_stops_at_a_failure(tmp_path):
+    out = str(tmp_path / "p.jsonl")
+    runner.write_status(out, 2, 3, {"ok": True, "written": 1})
+    done = []
+
+    def finish_rank1():  # rank 1 finishes while rank 0 waits
+        runner.write_status(out, 1, 3, {"ok": True, "written": 2})
+        done.append(1)
+    import threading
+    t = threading.Timer(0.05, finish_rank1)
+    t.start()
+    assert runner.wait_for_ranks(out, 3, poll_s=0.01) == {1: {"ok": True, "written": 2}, 2: {"ok": True, "written": 1}}
+    t.join()
+    assert done == [1]
+    out2 = str(tmp_path / "q.jsonl")
+    runner.write_status(out2, 2, 3, {"ok": False, "error": "RuntimeError: boom"})  # rank 1 still running
+    assert runner.wait_for_ranks(out2, 3, poll_s=0.01) == {2: {"ok": False, "error": "RuntimeError: boom"}}
+
+
+def test_process_info_and_devices():
+    from geoalign.eval.distributed import ProcessInfo, process_info
+
+    assert process_info({}) == ProcessInfo(0, 1, 0) and not process_info({}).sharded
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    info = process_info(env)
+    assert info == ProcessInfo(3, 4, 1) and info.sharded
+    assert info.device(None, cuda_available=True) == "cuda:1" and info.device("cuda") == "cuda:1"
+    assert info.device(None, cuda_available=False) == "cpu"
+    assert info.device("cuda:0") == "cuda:0" and info.device("cpu") == "cpu"
+    assert ProcessInfo().device(None) is None and ProcessInfo().device("cuda") == "cuda"  # one process: as given
+    with pytest.raises(ValueError, match=r"RANK must be in \[0, WORLD_SIZE=4\), got RANK=4"):
+        process_info(dict(env, RANK="4"))
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE='two' must be an integer"):
+        process_info(dict(env, WORLD_SIZE="two"))
+    with pytest.raises(ValueError, match="WORLD_SIZE=4 but MASTER_ADDR and MASTER_PORT not set: start the ranks "
+                                         "with torchrun or accelerate launch"):
+        process_info({"RANK": "0", "WORLD_SIZE": "4"})
+
+
+def test_cli_settings_check_and_restart_cover_shards(vsi_dir, tmp_path, capsys):
+    out = str(tmp_path / "p.jsonl")
+    base = ["eval", "vsibench", "--data", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out, "--no-progress",
+            "--num-frames", "4"]
+    assert cli.main(base + ["--limit", "2"]) == 0
+    os.rename(out, runner.shard_path(out, 0, 2))  # as a stopped 2-process run leaves them
+    runner.write_status(out, 1, 2, {"ok": False, "error": "stale"})
+    assert cli.main(base[:-1] + ["8"]) == 2  # its answers are of 4 frames
+    assert "other settings {'num_frames': (4, 8)}" in capsys.readouterr().err
+    assert cli.main(base) == 0 and "8 new predictions (2 already" in capsys.readouterr().out
+    assert shard_names(out) == [] and runner.shard_files(out, "status.json") == [] and len(lines(out)) == 10
+    os.rename(out, runner.shard_path(out, 1, 3))
+    assert cli.main(base[:-1] + ["8", "--restart"]) == 0  # --restart discards the shards too
+    assert "10 new predictions (0 already" in capsys.readouterr().out and shard_names(out) == []
+
+
+def test_cli_without_a_launcher_says_so(vsi_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    out = str(tmp_path / "p.jsonl")
+    assert cli.main(["eval", "vsibench", "--data", vsi_dir, "--predictor", FAKE, "--model", "x", "--out", out]) == 2
+    assert "WORLD_SIZE=2 but MASTER_ADDR" in capsys.readouterr().err and not os.path.exists(out)
 
 
 def test_parquet_annotations(vsi_dir, tmp_path):
@@ -337,6 +606,12 @@ def test_cli_parsers_register_func():
     a = p.parse_args(["eval", "vsibench", "--data", "d", "--model", "m", "--attn", "eager", "--fusion-backend",
                       "triton", "--dtype", "bf16"])
     assert (a.attn, a.fusion_backend, a.dtype) == ("eager", "triton", "bf16")
+    from geoalign.backends import ALL_BACKENDS
+    from geoalign.eval.predictor import FUSION_BACKENDS
+    assert FUSION_BACKENDS == ALL_BACKENDS
+    for name in ALL_BACKENDS:  # cuda included
+        assert p.parse_args(["eval", "vsibench", "--data", "d", "--model", "m", "--fusion-backend",
+                             name]).fusion_backend == name
     assert p.parse_args(["score", "scanqa", "x.jsonl"]).func is cli.run_score_command
 
 
@@ -372,6 +647,27 @@ def test_scanqa_end_to_end(scanqa_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "ScanQA" in text and "CIDEr" in text and "METEOR not computed" in text
     assert {"answers", "scene_id", "question", "prediction"} <= set(lines(out2)[0])
+
+
+def test_cli_sqa3d_vg_llm_style(sqa3d_dir, tmp_path, capsys):
+    out = str(tmp_path / "sqa.jsonl")
+    args = ["eval", "sqa3d", "--data", sqa3d_dir, "--predictor", "helpers:RecordingPredictor", "--model", "oracle",
+            "--out", out, "--no-progress", "--sqa3d-style", "vg-llm"]
+    RecordingPredictor.seen.clear()
+    assert cli.main(args) == 0
+    first = RecordingPredictor.seen[0]
+    assert first.prompt == ("Carefully watch the video and answer the question.\nI am sitting on the sofa. What is in "
+                            "front of me?\nPlease answer the question using a single word or phrase.")
+    assert [s.max_new_tokens for s in RecordingPredictor.seen] == [16] * 3  # VG-LLM's sqa3d.yaml budget
+    assert json.load(open(out + ".meta.json"))["sqa3d_style"] == "vg-llm"
+    s = json.load(open(str(tmp_path / "sqa.scores.json")))
+    assert s["style"] == "vg-llm" and s["EM-1"] == 100.0
+    assert "VG-LLM parsing" in capsys.readouterr().out
+    assert cli.main(args[:-2]) == 2  # the default style's prompts differ: not mixed into this file
+    assert "'sqa3d_style': ('vg-llm', 'default')" in capsys.readouterr().err
+    RecordingPredictor.seen.clear()
+    assert cli.main(args + ["--max-new-tokens", "8", "--restart", "--no-score"]) == 0
+    assert [s.max_new_tokens for s in RecordingPredictor.seen] == [8] * 3
 
 
 def test_sqa3d_end_to_end(sqa3d_dir, tmp_path, capsys):

@@ -56,6 +56,17 @@ def test_sample_indices():
         sample_frame_indices(0, 4)
 
 
+def test_sample_indices_floor_is_vg_llms_truncation():
+    # linspace(0, 99, 5) = [0, 24.75, 49.5, 74.25, 99]: rounded (half to even) vs VG-LLM's .astype(int)
+    assert sample_frame_indices(100, 5, "linspace-round") == [0, 25, 50, 74, 99]
+    assert sample_frame_indices(100, 5, "linspace-floor") == [0, 24, 49, 74, 99]
+    assert sample_frame_indices(12, 4, "linspace-floor") == [0, 3, 7, 11]   # [0, 3.67, 7.33, 11]; round: 4
+    assert sample_frame_indices(3, 8, "linspace-floor") == [0, 1, 2]          # shorter clip: every frame
+    with pytest.raises(ValueError, match=r"unknown frame sampling 'nearest'; expected one of "
+                                         r"\('linspace-round', 'linspace-floor'\)"):
+        sample_frame_indices(100, 5, "nearest")
+
+
 def test_load_video_uniform(tmp_path):
     path = write_video(tmp_path / "v.mkv", 13)
     frames, idx, fps = load_video_frames(path, 5)
@@ -65,6 +76,9 @@ def test_load_video_uniform(tmp_path):
     mp4 = write_video(tmp_path / "v.mp4", 9, codec="mpeg4", pix_fmt="yuv420p")
     frames, idx, fps = load_video_frames(mp4, 3)
     assert idx == [0, 4, 8] and fps == pytest.approx(3 / 9 * 10) and abs(float(frames[2].mean()) - 80) < 4
+    frames, idx, _ = load_video_frames(path, 6, "linspace-floor")            # [0, 2.4, 4.8, 7.2, 9.6, 12]
+    assert idx == [0, 2, 4, 7, 9, 12] and [int(f[0, 0, 0]) for f in frames] == [0, 20, 40, 70, 90, 120]
+    assert load_video_frames(path, 6)[1] == [0, 2, 5, 7, 10, 12]
 
 
 def test_prepare_video_end_to_end(tmp_path):

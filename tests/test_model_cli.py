@@ -21,6 +21,18 @@ def test_parser_registers_answer():
         parser.parse_args(["answer", "--model", "m", "--video", "v", "--images", "d", "--question", "q"])
 
 
+def test_backend_choices_are_every_fusion_backend():
+    from geoalign.backends import ALL_BACKENDS
+    from geoalign.model_cli import FUSION_BACKENDS
+
+    parser = argparse.ArgumentParser(prog="geoalign")
+    add_answer_parser(parser.add_subparsers(dest="command", required=True))
+    assert FUSION_BACKENDS == ALL_BACKENDS
+    for name in ALL_BACKENDS:
+        assert parser.parse_args(["answer", "--model", "m", "--video", "v", "--question", "q",
+                                  "--backend", name]).backend == name
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     rc = main(["answer", "--model", str(tmp_path / "nowhere"), "--video", "x.mp4", "--question", "q"])
     assert rc == 2

@@ -9,11 +9,18 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from ..atomic_files import write_json
+from ..geometry.frames import FRAME_SAMPLING
+from .predictor import FUSION_BACKENDS
+from . import sqa3d, vsibench
 from .tasks import DEFAULT_SPLIT, TASKS
 
-_META_KEYS = ("task", "split", "num_frames", "max_new_tokens", "prompt_suffix", "model", "predictor")
+_META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "sqa3d_style",
+              "model", "predictor")
+#: the value of a setting that a meta file written before the setting existed implies
+_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0], "sqa3d_style": "default"}
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,6 +40,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: vsibench test, scanqa val, sqa3d test)")
     p.add_argument("--out", help="predictions JSONL (default: eval_results/TASK/predictions.jsonl)")
     p.add_argument("--num-frames", type=int, default=32, help="frames uniformly sampled per question (32)")
+    p.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=FRAME_SAMPLING[0],
+                   help="indices round(linspace(0, n-1, N)) (linspace-round, default) or truncated as VG-LLM's "
+                        "np.linspace(...).astype(int) (linspace-floor)")
     p.add_argument("--batch-size", type=int, default=1, help="questions per predict() call (capped by the predictor)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget (default: vsibench 16, others 32)")
     p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
@@ -41,14 +51,31 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
-    p.add_argument("--fusion-backend", choices=["reference", "torch", "triton"],
+    p.add_argument("--fusion-backend", choices=FUSION_BACKENDS,
                    help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
+    p.add_argument("--vsibench-subset", choices=vsibench.SUBSETS, default="full",
+                   help="VSI-Bench: every test question (full) or VSI-Bench-Debiased (debiased; needs "
+                        "test_debiased.parquet or pruned_ids.txt of the dataset repo in --data)")
     p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
     p.add_argument("--no-score", action="store_true", help="only write predictions")
-    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_scoring_options(p)
     p.set_defaults(func=run_eval_command)
     return p
+
+
+def _add_scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    p.add_argument("--vsibench-no-strip", action="store_true",
+                   help="VSI-Bench: parse each answer unstripped, as lmms-eval's task code does (default: stripped)")
+    p.add_argument("--sqa3d-style", choices=sqa3d.STYLES, default="default",
+                   help="SQA3D: prompt (eval) and answer parsing: default, or vg-llm (VG-LLM's prompt, first line "
+                        "of the answer, 16 new tokens)")
+
+
+def _scoring_options(args) -> dict:
+    return {"use_java": False if args.no_java else None, "vsibench_strip": not args.vsibench_no_strip,
+            "sqa3d_style": args.sqa3d_style}
 
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,7 +84,7 @@ def add_score_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("task", choices=TASKS)
     p.add_argument("predictions", help="JSONL written by `geoalign eval` (or in the same record format)")
     p.add_argument("--json", dest="json_out", help="also write the scores as JSON to this path")
-    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    _add_scoring_options(p)
     p.set_defaults(func=run_score_command)
     return p
 
@@ -75,41 +102,55 @@ def _print_scores(task: str, scores: dict) -> None:
     print(format_scores(task, scores))
 
 
-def run_eval_command(args) -> int:
-    """Body of ``geoalign eval``."""
-    from .predictor import load_predictor, load_predictor_from_spec
-    from .runner import run_eval, score_file
-    from .tasks import load_samples
+class _Stop(Exception):
+    """A failure reported as ``error: <message>`` with exit code ``code``."""
 
-    if not args.model and not args.predictor:
-        print("error: give --model DIR (or --predictor module:factory)", file=sys.stderr)
-        return 2
-    out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
-    meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
-            "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
-            "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
-            "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
-            "fusion_backend": args.fusion_backend}
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _prepare_output(args, out: str, meta: dict) -> str | None:
+    """Rank 0, before any rank reads or writes: --restart, the settings check, stale status files. Returns why the
+    run must not go on, or None."""
+    from .runner import remove_shards, shard_files
+
     if args.restart:
         for p in (out, _meta_path(out), _scores_path(out)):
             if os.path.exists(p):
                 os.remove(p)
-    if os.path.exists(out) and os.path.exists(_meta_path(out)):
+        remove_shards(out)
+    if os.path.exists(_meta_path(out)) and (os.path.exists(out) or shard_files(out)):
         with open(_meta_path(out)) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), meta[k]) for k in _META_KEYS if old.get(k) != meta[k]}
+        diff = {k: (old.get(k, _META_DEFAULTS.get(k)), meta[k]) for k in _META_KEYS
+                if old.get(k, _META_DEFAULTS.get(k)) != meta[k]}
         if diff:
-            print(f"error: {out} was written with other settings {diff}; use --restart or another --out",
-                  file=sys.stderr)
-            return 2
+            return f"{out} was written with other settings {diff}; use --restart or another --out"
+    remove_shards(out, kinds=("status.json",))
+    return None
+
+
+def _answer(args, proc, out: str, meta: dict):
+    """Load the samples and this rank's predictor and answer its shard: (samples, run_eval's counts)."""
+    from .predictor import load_predictor, load_predictor_from_spec
+    from .runner import run_eval
+    from .tasks import load_samples
+
     try:
         samples = load_samples(args.task, args.data, media_dir=args.media, split=args.split,
                                num_frames=args.num_frames, max_new_tokens=args.max_new_tokens,
-                               prompt_suffix=args.prompt_suffix, limit=args.limit)
+                               prompt_suffix=args.prompt_suffix, limit=args.limit,
+                               frame_sampling=args.frame_sampling, vsibench_subset=args.vsibench_subset,
+                               sqa3d_style=args.sqa3d_style)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    opts = {"device": args.device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+        raise _Stop(2, str(e)) from e
+    device = proc.device(args.device)
+    if proc.sharded and device is not None and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    opts = {"device": device, "dtype": args.dtype, "max_batch_size": args.batch_size}
     # newer options go to --predictor factories only when given (older factories may not take them)
     opts.update({k: v for k, v in (("attn_implementation", args.attn), ("fusion_backend", args.fusion_backend))
                  if v is not None})
@@ -117,17 +158,92 @@ def run_eval_command(args) -> int:
         predictor = (load_predictor_from_spec(args.predictor, args.model, **opts) if args.predictor
                      else load_predictor(args.model, **opts))
     except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        raise _Stop(3, str(e)) from e
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        raise _Stop(2, f"cannot load the model: {e}") from e
+    if proc.rank == 0:
+        write_json(_meta_path(out), meta)
+    info = run_eval(samples, predictor, out, batch_size=args.batch_size,
+                    progress=not args.no_progress and proc.rank == 0, rank=proc.rank, world_size=proc.world_size)
+    return samples, info
+
+
+def _gather_ranks(out: str, proc, info: dict) -> dict:
+    """Rank 0 of a sharded run: every rank's counts summed, once all have finished; _Stop if one failed."""
+    from .runner import wait_for_ranks
+
+    print(f"rank 0 done; waiting for the other {proc.world_size - 1} rank(s)", file=sys.stderr)
+    statuses = wait_for_ranks(out, proc.world_size)
+    failed = {r: st for r, st in statuses.items() if not st.get("ok")}
+    if failed:
+        why = "; ".join(f"rank {r}: {st.get('error')}" for r, st in sorted(failed.items()))
+        raise _Stop(1, f"{len(failed)} of {proc.world_size} ranks failed ({why}); every answer written so far is "
+                       f"kept beside {out}: run the same command again (any number of processes) to resume")
+    total = dict(info)
+    for st in statuses.values():
+        total["written"] += st["written"]
+        total["skipped"] += st["skipped"]
+        total["seconds"] = max(total["seconds"], st["seconds"])
+    return total
+
+
+def run_eval_command(args) -> int:
+    """Body of ``geoalign eval``: one process, or one rank of a sharded run (geoalign.eval.distributed)."""
+    from .distributed import broadcast_from_rank0, process_info
+    from .runner import merge_shards, score_file, shard_path, write_status
+
+    try:
+        proc = process_info()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json(_meta_path(out), meta)
-    info = run_eval(samples, predictor, out, batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"{info['written']} new predictions ({info['skipped']} already in {out}) in {info['seconds']:.1f}s")
+    if not args.model and not args.predictor:
+        print("error: give --model DIR (or --predictor module:factory)", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
+    meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
+            "frame_sampling": args.frame_sampling, "sqa3d_style": args.sqa3d_style,
+            "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
+            "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
+            "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
+            "fusion_backend": args.fusion_backend}
+    verdict = broadcast_from_rank0(_prepare_output(args, out, meta) if proc.rank == 0 else None, proc)
+    if verdict is not None:
+        if proc.rank == 0:
+            print(f"error: {verdict}", file=sys.stderr)
+        return 2
+    try:
+        samples, info = _answer(args, proc, out, meta)
+    except Exception as e:
+        if not proc.sharded and not isinstance(e, _Stop):
+            raise
+        message = str(e) if isinstance(e, _Stop) else f"{type(e).__name__}: {e}"
+        if proc.sharded:
+            if not isinstance(e, _Stop):
+                traceback.print_exc()
+            if proc.rank != 0:
+                write_status(out, proc.rank, proc.world_size, {"ok": False, "error": message})
+            message = (f"rank {proc.rank} of {proc.world_size} failed: {message}; its answers so far are in "
+                       f"{shard_path(out, proc.rank, proc.world_size)}; run the same command again to resume")
+        print(f"error: {message}", file=sys.stderr)
+        return e.code if isinstance(e, _Stop) else 1
+    if proc.sharded:
+        if proc.rank != 0:
+            write_status(out, proc.rank, proc.world_size, {"ok": True, **info})
+            return 0
+        try:
+            info = _gather_ranks(out, proc, info)
+        except _Stop as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.code
+    merge_shards(out, [s.id for s in samples])
+    where = f" on {proc.world_size} processes" if proc.sharded else ""
+    print(f"{info['written']} new predictions ({info['skipped']} already in {out}) in {info['seconds']:.1f}s{where}")
     if args.no_score:
         return 0
-    scores = score_file(args.task, out, ids=[s.id for s in samples], use_java=False if args.no_java else None)
+    scores = score_file(args.task, out, ids=[s.id for s in samples], **_scoring_options(args))
+    if args.task == "vsibench":
+        scores["subset"] = args.vsibench_subset
     write_json(_scores_path(out), scores)
     _print_scores(args.task, scores)
     print(f"scores written to {_scores_path(out)}")
@@ -142,7 +258,7 @@ def run_score_command(args) -> int:
         print(f"error: no such file {args.predictions}", file=sys.stderr)
         return 2
     try:
-        scores = score_file(args.task, args.predictions, use_java=False if args.no_java else None)
+        scores = score_file(args.task, args.predictions, **_scoring_options(args))
     except (ValueError, KeyError) as e:
         print(f"error: cannot score {args.predictions} as {args.task}: {e!r}", file=sys.stderr)
         return 2

@@ -2,8 +2,8 @@
 
 Decoding and sampling are :mod:`geoalign.geometry.frames`' (the code ``GeoAlignProcessor`` and
 ``geoalign answer`` use): ``num_frames`` indices ``round(linspace(0, n - 1, num_frames))`` over the
-whole clip (first and last frame included), all frames when the clip is shorter; videos are decoded
-in one sequential pass with PyAV.
+whole clip (first and last frame included; ``sampling="linspace-floor"`` truncates instead, as VG-LLM),
+all frames when the clip is shorter; videos are decoded in one sequential pass with PyAV.
 
 The one thing added here is the benchmarks' folder layout: which files of a ScanNet scene folder are
 its colour frames (:func:`list_frame_files`; ``posed_images`` keeps depth ``.png`` next to the colour
@@ -63,18 +63,19 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
     raise FileNotFoundError(f"no video or frame folder for scene {scene_id!r}; tried: " + "; ".join(tried))
 
 
-def load_frames(media: MediaRef, num_frames: int | None = 32) -> list:
+def load_frames(media: MediaRef, num_frames: int | None = 32, sampling: str = "linspace-round") -> list:
     """``num_frames`` uniformly sampled RGB frames (uint8 ``[H, W, 3]`` arrays for videos, ``PIL``
-    images for frame folders), ready for ``GeoAlignProcessor``; None: all frames. A video's frames come as
-    :class:`SampledFrames`, which keeps their rate."""
+    images for frame folders), ready for ``GeoAlignProcessor``; None: all frames; ``sampling``: one of
+    ``geoalign.geometry.frames.FRAME_SAMPLING``. A video's frames come as :class:`SampledFrames`, which keeps
+    their rate."""
     from geoalign.geometry.frames import SampledFrames, load_image, load_video_frames, sample_frame_indices
 
     if media.kind == "video":
-        frames, _, sampled_fps = load_video_frames(media.path, num_frames)
+        frames, _, sampled_fps = load_video_frames(media.path, num_frames, sampling)
         return SampledFrames(frames, sampled_fps)        # the rate goes on to Qwen's video path (G = 8)
     if media.kind == "frames":
         files = list_frame_files(media.path)
         if not files:
             raise ValueError(f"frame folder {media.path!r} holds no .jpg/.png colour frames")
-        return [load_image(files[i]) for i in sample_frame_indices(len(files), num_frames)]
+        return [load_image(files[i]) for i in sample_frame_indices(len(files), num_frames, sampling)]
     raise ValueError(f"unknown media kind {media.kind!r}")

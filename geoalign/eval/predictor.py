@@ -26,12 +26,13 @@ class Sample:
     num_frames: int = 32
     max_new_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)  # ground truth etc., for the record
+    frame_sampling: str = "linspace-round"  # geoalign.geometry.frames.FRAME_SAMPLING
 
     def load_frames(self) -> list:
         """This question's ``num_frames`` uniformly sampled RGB frames (lazy; see :mod:`.media`)."""
         if self.media is None:
             raise RuntimeError(f"sample {self.id} has no media")
-        return load_frames(self.media, self.num_frames)
+        return load_frames(self.media, self.num_frames, self.frame_sampling)
 
 
 @runtime_checkable
@@ -48,7 +49,7 @@ class Predictor(Protocol):
 #: ``--dtype`` names -> torch dtype names ("auto": bfloat16 on CUDA, float32 on CPU)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-FUSION_BACKENDS = ("reference", "torch", "triton")
+FUSION_BACKENDS = ("reference", "torch", "triton", "cuda")  # geoalign.backends.ALL_BACKENDS (a test checks)
 
 
 def _to_device(v: Any, device):
@@ -69,7 +70,8 @@ class GeoAlignPredictor:
     the model inputs (chat template, VGGT/Qwen frames, ``gather_index``; left-padded, samples may
     have different frame counts and resolutions), ``model.generate`` decodes greedily
     (``do_sample=False``, one beam, up to the largest ``max_new_tokens`` of the batch) and the new
-    tokens are decoded without the prompt and special tokens.
+    tokens are decoded without the prompt and special tokens, and not stripped (as lmms-eval's model
+    wrappers return them; scoring strips where the benchmark's code does).
     """
 
     def __init__(self, model, processor, *, device=None, max_batch_size: int = 1,
@@ -119,9 +121,8 @@ class GeoAlignPredictor:
             out = self.model.generate(**inputs, **self.generation_kwargs(samples))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         # each sample keeps only its own budget, so batching never changes an answer's length limit
-        texts = [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
-                 for i, s in enumerate(samples)]
-        return [t.strip() for t in texts]
+        return [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
+                for i, s in enumerate(samples)]
 
 
 def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
@@ -146,7 +147,7 @@ def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | No
 
     ``device``: default cuda when available; ``dtype``: auto (bf16 on CUDA, fp32 on CPU), bf16,
     fp16, fp32; ``attn_implementation``: Qwen's (e.g. sdpa, flash_attention_2, eager);
-    ``fusion_backend``: reference, torch or triton (default: the fusion config's).
+    ``fusion_backend``: reference, torch, triton or cuda (default: the fusion config's).
     Raises FileNotFoundError / ValueError for a missing or malformed directory.
     """
     from geoalign.modeling import GeoAlignForConditionalGeneration

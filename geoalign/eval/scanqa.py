@@ -6,7 +6,9 @@ answers, ...}``); the val split is the one with answers that papers report.
 Metrics (as the LEO / LLaVA-3D / Video-3D-LLM / VG-LLM evaluation code): prediction and
 every reference go through :func:`~geoalign.eval.textnorm.clean_answer`, then
 BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, after PTB tokenisation) against all
-references of the question, and EM@1 / refined EM@1 via ``answer_match``.
+references of the question, and exact match two ways (``textnorm``): "EM@1" / "EM@1-refined"
+by the exact-first rule (``answer_match``), "EM@1-LEO" / "EM@1-refined-LEO" by LEO's
+first-matching-reference loop (``leo_answer_match``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 from typing import Iterable
 
 from .caption import caption_scores
-from .textnorm import answer_match, clean_answer, strip_special
+from .textnorm import answer_match, clean_answer, leo_answer_match, strip_special
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -41,28 +43,32 @@ def load_docs(data_dir: str, split: str = "val") -> list[dict]:
     return docs
 
 
-def build_prompt(doc: dict, suffix: str = PROMPT_SUFFIX) -> str:
-    """Question followed by the short-answer instruction."""
+def build_prompt(doc: dict, suffix: str | None = None) -> str:
+    """Question followed by the short-answer instruction (``suffix``: another one; "" drops it)."""
     q = doc["question"].strip()
+    suffix = PROMPT_SUFFIX if suffix is None else suffix
     return f"{q} {suffix}" if suffix else q
 
 
 def score(records: Iterable[dict], use_java: bool | None = None, meteor: bool = True) -> dict:
     """ScanQA scores (0-100) from records with ``id``, ``prediction`` and ``answers``."""
-    refs, preds, em, refined = {}, {}, 0, 0
+    refs, preds = {}, {}
+    em = {"EM@1": 0, "EM@1-refined": 0, "EM@1-LEO": 0, "EM@1-refined-LEO": 0}
     n = 0
     for r in records:
         key = str(r["id"])
         p = clean_answer(strip_special(str(r.get("prediction", ""))))
         gts = [clean_answer(a) for a in r["answers"]]
-        e, re_ = answer_match(p, gts)
-        em += e
-        refined += re_
+        for names, match in ((("EM@1", "EM@1-refined"), answer_match),
+                             (("EM@1-LEO", "EM@1-refined-LEO"), leo_answer_match)):
+            for name, hit in zip(names, match(p, gts)):
+                em[name] += hit
         refs[key], preds[key] = gts, p
         n += 1
     if n == 0:
         raise ValueError("no ScanQA predictions to score")
-    out = {"EM@1": 100.0 * em / n, "EM@1-refined": 100.0 * refined / n, "num_samples": n}
+    out = {name: 100.0 * hits / n for name, hits in em.items()}
+    out["num_samples"] = n
     out.update(caption_scores(refs, preds, use_java=use_java, meteor=meteor))
     return out
 
@@ -77,6 +83,9 @@ def format_table(scores: dict) -> str:
              "-+-".join("-" * x for x in w),
              " | ".join(c.rjust(x) for c, x in zip(cells, w)),
              f"EM@1-refined (reported separately): {scores['EM@1-refined']:.1f}"]
+    if "EM@1-LEO" in scores:
+        lines.append(f"LEO's rule (first matching reference decides): EM@1-LEO {scores['EM@1-LEO']:.1f}, "
+                     f"EM@1-refined-LEO {scores['EM@1-refined-LEO']:.1f}")
     if "meteor_missing_reason" in scores:
         lines.append("NOTE: " + scores["meteor_missing_reason"])
     return "\n".join(lines)

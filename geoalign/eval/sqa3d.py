@@ -10,6 +10,13 @@ EM-1: ``clean_answer(prediction)`` equals ``clean_answer`` of the answer; the re
 variant (substring match without spaces, see ``textnorm.answer_match``) is reported
 separately, labelled "EM-1-refined".  Breakdown by the question's first word
 (What / Is / How / Can / Which / Others) as in the SQA3D paper.
+
+Styles (prompt + answer parsing): ``"default"``: ``"{situation} {question} {suffix}"``, the
+prediction cleaned of chat-template leftovers with its lines joined (``textnorm.strip_special``);
+``"vg-llm"``: VG-LLM's lmms-eval task (``tasks/sqa3d``: ``sqa3d_doc_to_text`` with its yaml's
+prompts, ``sqa3d_process_results``): three lines, ``VG_LLM_PRE_PROMPT``, ``"{situation}
+{question}"`` and ``VG_LLM_POST_PROMPT``; only the first line of the stripped prediction is
+scored; 16 new tokens by default.
 """
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ from .textnorm import answer_match, clean_answer, strip_special
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."
 QUESTION_TYPES = ("what", "is", "how", "can", "which", "others")
+STYLES = ("default", "vg-llm")
+VG_LLM_PRE_PROMPT = "Carefully watch the video and answer the question."
+VG_LLM_POST_PROMPT = "Please answer the question using a single word or phrase."
+VG_LLM_MAX_NEW_TOKENS = 16
 
 
 def question_type(question: str) -> str:
@@ -62,17 +73,38 @@ def load_docs(data_dir: str, split: str = "test") -> list[dict]:
     return docs
 
 
-def build_prompt(doc: dict, suffix: str = PROMPT_SUFFIX) -> str:
-    """``"{situation} {question} {suffix}"``."""
+def check_style(style: str) -> None:
+    """ValueError unless ``style`` is one of :data:`STYLES`."""
+    if style not in STYLES:
+        raise ValueError(f"unknown SQA3D style {style!r}; expected one of {STYLES}")
+
+
+def build_prompt(doc: dict, suffix: str | None = None, style: str = "default") -> str:
+    """The question's prompt in ``style`` (module docstring); ``suffix`` replaces the style's answer instruction
+    ("" drops it)."""
+    check_style(style)
+    if style == "vg-llm":
+        post = VG_LLM_POST_PROMPT if suffix is None else suffix
+        return "\n".join([VG_LLM_PRE_PROMPT, doc["situation"] + " " + doc["question"]] + ([post] if post else []))
+    suffix = PROMPT_SUFFIX if suffix is None else suffix
     parts = [doc["situation"].strip(), doc["question"].strip()] + ([suffix] if suffix else [])
     return " ".join(parts)
 
 
-def score(records: Iterable[dict]) -> dict:
-    """EM-1, refined EM-1 and per-type EM-1 (0-100) from records with ``prediction``/``answers``."""
+def parse_prediction(prediction: str, style: str = "default") -> str:
+    """The cleaned answer that EM compares: ``default``: chat-template leftovers removed and lines joined;
+    ``vg-llm``: the first line of the stripped prediction (``pred.strip().split("\\n")[0]``)."""
+    check_style(style)
+    text = str(prediction).strip().split("\n")[0] if style == "vg-llm" else strip_special(str(prediction))
+    return clean_answer(text)
+
+
+def score(records: Iterable[dict], style: str = "default") -> dict:
+    """EM-1, refined EM-1 and per-type EM-1 (0-100) from records with ``prediction``/``answers``; ``style``: how
+    a prediction is parsed (:func:`parse_prediction`)."""
     em, ref, per_type = [], [], {}
     for r in records:
-        p = clean_answer(strip_special(str(r.get("prediction", ""))))
+        p = parse_prediction(r.get("prediction", ""), style)
         e, rf = answer_match(p, [clean_answer(a) for a in r["answers"]])
         em.append(e)
         ref.append(rf)
@@ -86,6 +118,7 @@ def score(records: Iterable[dict]) -> dict:
         "per_type": {t: 100.0 * float(np.mean(per_type[t])) for t in QUESTION_TYPES if t in per_type},
         "counts": {t: len(per_type[t]) for t in QUESTION_TYPES if t in per_type},
         "num_samples": len(em),
+        "style": style,
     }
 
 
@@ -96,7 +129,8 @@ def format_table(scores: dict) -> str:
     cells = ["-" if v is None else f"{v:.1f}" for v in vals]
     w = [max(len(a), len(b)) for a, b in zip(cols, cells)]
     return "\n".join([
-        f"SQA3D (n={scores['num_samples']}, exact match after answer normalisation)",
+        f"SQA3D (n={scores['num_samples']}, exact match after answer normalisation"
+        + (", VG-LLM parsing: first line of the answer)" if scores.get("style") == "vg-llm" else ")"),
         " | ".join(c.rjust(x) for c, x in zip(cols, w)),
         "-+-".join("-" * x for x in w),
         " | ".join(c.rjust(x) for c, x in zip(cells, w)),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from ..geometry.frames import FRAME_SAMPLING
 from . import scanqa, sqa3d, vsibench
 from .media import MediaRef, find_scene_media
 from .predictor import Sample
@@ -30,7 +31,7 @@ def scene_media_roots(data_dir: str, media_dir: str | None) -> list[str]:
     return [os.path.normpath(os.path.join(data_dir, s)) for s in subs]
 
 
-def _vsibench_samples(docs, data_dir, media_dir, num_frames, max_new_tokens):
+def _vsibench_samples(docs, data_dir, media_dir, common):
     out = []
     for d in docs:
         path = vsibench.video_path(media_dir or data_dir, d)
@@ -40,13 +41,11 @@ def _vsibench_samples(docs, data_dir, media_dir, num_frames, max_new_tokens):
         meta = {"question_type": d["question_type"], "ground_truth": d["ground_truth"],
                 "dataset": d["dataset"], "scene_name": d["scene_name"], "options": d.get("options")}
         out.append(Sample(id=str(d["id"]), task="vsibench", prompt=vsibench.build_prompt(d),
-                          media=MediaRef(path, "video"), num_frames=num_frames,
-                          max_new_tokens=max_new_tokens, meta=meta))
+                          media=MediaRef(path, "video"), meta=meta, **common))
     return out
 
 
-def _scene_samples(task, docs, build_prompt, meta_keys, data_dir, media_dir, num_frames,
-                   max_new_tokens, prompt_suffix):
+def _scene_samples(task, docs, build_prompt, meta_keys, data_dir, media_dir, common):
     roots = scene_media_roots(data_dir, media_dir)
     cache: dict[str, MediaRef] = {}
     out = []
@@ -54,38 +53,46 @@ def _scene_samples(task, docs, build_prompt, meta_keys, data_dir, media_dir, num
         sid = d["scene_id"]
         if sid not in cache:
             cache[sid] = find_scene_media(sid, roots)
-        prompt = build_prompt(d) if prompt_suffix is None else build_prompt(d, prompt_suffix)
-        out.append(Sample(id=str(d["question_id"]), task=task, prompt=prompt, media=cache[sid],
-                          num_frames=num_frames, max_new_tokens=max_new_tokens,
-                          meta={k: d[k] for k in meta_keys}))
+        out.append(Sample(id=str(d["question_id"]), task=task, prompt=build_prompt(d), media=cache[sid],
+                          meta={k: d[k] for k in meta_keys}, **common))
     return out
 
 
 def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: str | None = None,
                  num_frames: int = 32, max_new_tokens: int | None = None,
-                 prompt_suffix: str | None = None, limit: int | None = None) -> list[Sample]:
+                 prompt_suffix: str | None = None, limit: int | None = None,
+                 frame_sampling: str = "linspace-round", vsibench_subset: str = "full",
+                 sqa3d_style: str = "default") -> list[Sample]:
     """Samples of a task in dataset order (the first ``limit`` when given).
 
     Media are located eagerly (a missing scene fails here, with the paths tried) but
-    frames are decoded only when a predictor calls ``Sample.load_frames()``.
+    frames are decoded only when a predictor calls ``Sample.load_frames()`` (``num_frames``
+    sampled by ``frame_sampling``, one of ``geoalign.geometry.frames.FRAME_SAMPLING``).
+    ``vsibench_subset``: ``vsibench.SUBSETS``; ``sqa3d_style``: ``sqa3d.STYLES`` (prompt, and
+    VG-LLM's 16 new tokens when ``max_new_tokens`` is None).
     """
+    if frame_sampling not in FRAME_SAMPLING:
+        raise ValueError(f"unknown frame sampling {frame_sampling!r}; expected one of {FRAME_SAMPLING}")
+    sqa3d.check_style(sqa3d_style)
     split = split or DEFAULT_SPLIT[task]
-    mnt = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+    if max_new_tokens is None and task == "sqa3d" and sqa3d_style == "vg-llm":
+        max_new_tokens = sqa3d.VG_LLM_MAX_NEW_TOKENS
+    common = {"num_frames": num_frames, "max_new_tokens": max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task],
+              "frame_sampling": frame_sampling}
     if task == "vsibench":
-        docs = vsibench.load_docs(data_dir)
+        docs = vsibench.load_docs(data_dir, vsibench_subset)
         docs = docs[:limit] if limit else docs
-        return _vsibench_samples(docs, data_dir, media_dir, num_frames, mnt)
+        return _vsibench_samples(docs, data_dir, media_dir, common)
     if task == "scanqa":
         docs = scanqa.load_docs(data_dir, split)
         docs = docs[:limit] if limit else docs
-        return _scene_samples("scanqa", docs, scanqa.build_prompt, ("answers", "scene_id", "question"),
-                              data_dir, media_dir, num_frames, mnt, prompt_suffix)
+        return _scene_samples("scanqa", docs, lambda d: scanqa.build_prompt(d, prompt_suffix),
+                              ("answers", "scene_id", "question"), data_dir, media_dir, common)
     if task == "sqa3d":
         docs = sqa3d.load_docs(data_dir, split)
         docs = docs[:limit] if limit else docs
-        return _scene_samples("sqa3d", docs, sqa3d.build_prompt,
-                              ("answers", "question_type", "scene_id", "question"),
-                              data_dir, media_dir, num_frames, mnt, prompt_suffix)
+        return _scene_samples("sqa3d", docs, lambda d: sqa3d.build_prompt(d, prompt_suffix, sqa3d_style),
+                              ("answers", "question_type", "scene_id", "question"), data_dir, media_dir, common)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
@@ -94,14 +101,15 @@ def make_record(sample: Sample, prediction: str) -> dict:
     return {"id": sample.id, "task": sample.task, "prediction": prediction, **sample.meta}
 
 
-def score_records(task: str, records: list[dict], use_java: bool | None = None) -> dict:
-    """Metrics of ``task`` from prediction records."""
+def score_records(task: str, records: list[dict], use_java: bool | None = None, vsibench_strip: bool = True,
+                  sqa3d_style: str = "default") -> dict:
+    """Metrics of ``task`` from prediction records (options: see ``vsibench.score`` / ``sqa3d.score``)."""
     if task == "vsibench":
-        return vsibench.score(records)
+        return vsibench.score(records, strip=vsibench_strip)
     if task == "scanqa":
         return scanqa.score(records, use_java=use_java)
     if task == "sqa3d":
-        return sqa3d.score(records)
+        return sqa3d.score(records, style=sqa3d_style)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 

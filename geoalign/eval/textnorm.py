@@ -8,9 +8,14 @@ numbers spelled out, article before a word dropped.  The steps are applied in th
 same order as there because later steps depend on earlier ones (e.g. "tv" becomes
 "TV" after lower-casing, and prediction and references go through the same path).
 
-``answer_match`` gives (EM, refined EM): EM = the cleaned prediction equals one of the
-cleaned references; refined EM additionally accepts a prediction whose space-free
-form contains, or is contained in, a reference's space-free form (empty -> 0).
+``answer_match`` gives (EM, refined EM) by the exact-first rule: EM = the cleaned prediction
+equals one of the cleaned references; refined EM additionally accepts a prediction whose
+space-free form contains, or is contained in, a reference's space-free form (empty -> 0).
+``leo_answer_match`` is LEO's own loop (``evaluator/scanqa_eval.py``, ``answer_match``): the
+references in order, the first that equals the prediction (1, 1) or is in a substring relation
+with it (0, 1) decides. It gives EM 0 where an earlier reference merely overlaps a later exact one
+(["brown chair", "brown"] vs "brown") and refined EM 1 for an empty prediction ("" is in every
+string).
 """
 from __future__ import annotations
 
@@ -72,6 +77,18 @@ def answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
     p = "".join(pred.split())
     for ref in refs:
         r = "".join(ref.split())
+        if p in r or r in p:
+            return 0, 1
+    return 0, 0
+
+
+def leo_answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
+    """(EM, refined EM) by LEO's rule: the first reference, in order, that matches decides (module docstring)."""
+    p = "".join(pred.split())
+    for ref in refs:
+        r = "".join(ref.split())
+        if pred == ref:
+            return 1, 1
         if p in r or r in p:
             return 0, 1
     return 0, 0

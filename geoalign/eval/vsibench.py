@@ -16,6 +16,13 @@ Definitions follow the lmms-eval task shipped with VSI-Bench
   matching published ones.  Unparsable answers score 0.
 * per question-type means; relative direction = mean of its three sub-types;
   overall = mean of the task scores present (the 8 tasks on the full set).
+* the stored answer is stripped of surrounding whitespace first (``strip=True``, the default, as
+  this package always did); lmms-eval's task code does not strip (``strip=False``), which only
+  matters for an answer that starts with whitespace: ``" A"`` parses as ``""`` there.
+
+Subsets: ``"full"`` (every test question) or ``"debiased"`` (VSI-Bench-Debiased, the questions
+left by Iterative Bias Pruning: ``test_debiased.parquet`` or ``test.jsonl`` minus
+``pruned_ids.txt`` of the nyu-visionx/VSI-Bench dataset repo).
 """
 from __future__ import annotations
 
@@ -111,16 +118,18 @@ def score_sample(question_type: str, prediction: str, ground_truth: Any) -> floa
     raise ValueError(f"unknown VSI-Bench question_type: {question_type!r}")
 
 
-def score(records: Iterable[dict]) -> dict:
+def score(records: Iterable[dict], strip: bool = True) -> dict:
     """Aggregate prediction records into VSI-Bench scores (0-100).
 
-    Each record needs ``question_type``, ``prediction`` and ``ground_truth``.
-    Returns ``{"overall", <task>: ..., "per_type": {...}, "counts": {...}, "num_samples"}``.
+    Each record needs ``question_type``, ``prediction`` and ``ground_truth``; ``strip``: strip each
+    prediction before parsing it (False: lmms-eval's task code, which parses the raw answer).
+    Returns ``{"overall", <task>: ..., "per_type": {...}, "counts": {...}, "num_samples", "stripped"}``.
     """
     per_type: dict[str, list[float]] = {}
     for r in records:
         qt = r["question_type"]
-        per_type.setdefault(qt, []).append(score_sample(qt, r.get("prediction", ""), r["ground_truth"]))
+        pred = str(r.get("prediction", ""))
+        per_type.setdefault(qt, []).append(score_sample(qt, pred.strip() if strip else pred, r["ground_truth"]))
     type_means = {qt: 100.0 * float(np.mean(v)) for qt, v in per_type.items()}
     out: dict[str, Any] = {}
     for qt in MCA_QUESTION_TYPES + NA_QUESTION_TYPES:
@@ -138,6 +147,7 @@ def score(records: Iterable[dict]) -> dict:
     result["counts"] = {qt: len(v) for qt, v in per_type.items()}
     result["num_samples"] = sum(len(v) for v in per_type.values())
     result["missing_tasks"] = [t for t in TASKS if t not in out]
+    result["stripped"] = strip
     return result
 
 
@@ -149,8 +159,10 @@ def format_table(scores: dict) -> str:
         v = scores.get(key)
         cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}")
     widths = [max(len(h), len(c)) for h, c in zip(headers, cells)]
+    name = "VSI-Bench-Debiased" if scores.get("subset") == "debiased" else "VSI-Bench"
+    raw = ", answers not stripped (lmms-eval)" if scores.get("stripped") is False else ""
     lines = [
-        "VSI-Bench (MCA: accuracy, NA: MRA; x100)",
+        f"{name} (MCA: accuracy, NA: MRA; x100{raw})",
         " | ".join(h.rjust(w) for h, w in zip(headers, widths)),
         "-+-".join("-" * w for w in widths),
         " | ".join(c.rjust(w) for c, w in zip(cells, widths)),
@@ -208,14 +220,22 @@ def _normalise_doc(doc: dict) -> dict:
     return d
 
 
+SUBSETS = ("full", "debiased")
+#: the dataset repo's files that define VSI-Bench-Debiased (the first present is used)
+DEBIASED_FILES = ("test_debiased.parquet", "pruned_ids.txt")
+_SUBSET_FILES = ("test_debiased", "test_pruned")  # parquet subsets of the test set, not more of it
+
+
 def find_annotation_files(data_dir: str) -> list[str]:
-    """``test.jsonl`` (preferred) or the parquet shard(s) of the HF dataset repo."""
+    """``test.jsonl`` (preferred) or the parquet shard(s) of the HF dataset repo (its subset files
+    ``test_debiased.parquet`` / ``test_pruned.parquet`` excluded)."""
     for name in ("test.jsonl", "test_vsibench.jsonl"):
         p = os.path.join(data_dir, name)
         if os.path.isfile(p):
             return [p]
-    parquet = sorted(glob.glob(os.path.join(data_dir, "*.parquet")) +
-                     glob.glob(os.path.join(data_dir, "data", "*.parquet")))
+    parquet = sorted(p for p in glob.glob(os.path.join(data_dir, "*.parquet")) +
+                     glob.glob(os.path.join(data_dir, "data", "*.parquet"))
+                     if not os.path.basename(p).startswith(_SUBSET_FILES))
     test_only = [p for p in parquet if os.path.basename(p).startswith("test")]
     if test_only or parquet:
         return test_only or parquet
@@ -224,8 +244,34 @@ def find_annotation_files(data_dir: str) -> list[str]:
         "(the files of the nyu-visionx/VSI-Bench dataset repo)")
 
 
-def load_docs(data_dir: str) -> list[dict]:
-    """All VSI-Bench questions from ``data_dir`` in file order."""
+def debiased_ids(data_dir: str, ids: Sequence[str]) -> set[str]:
+    """The ids (as str) among ``ids`` (the full test set's) that make up VSI-Bench-Debiased: those of
+    ``test_debiased.parquet``, else those not listed in ``pruned_ids.txt`` (one id per line). An id of those
+    files that is not in ``ids`` (files of another dataset version) is a ValueError."""
+    for name in DEBIASED_FILES:
+        for folder in (data_dir, os.path.join(data_dir, "data")):
+            p = os.path.join(folder, name)
+            if not os.path.isfile(p):
+                continue
+            if name.endswith(".parquet"):
+                listed = {str(d["id"]) for d in _read_parquet([p])}
+            else:
+                with open(p, encoding="utf-8") as f:
+                    listed = {line.strip() for line in f if line.strip()}
+            unknown = sorted(listed - set(ids))
+            if unknown:
+                raise ValueError(f"{p} lists {len(unknown)} question id(s) that the test set does not have (e.g. "
+                                 f"{unknown[:3]}); it must come from the same version of the dataset repo")
+            return listed if name.endswith(".parquet") else set(ids) - listed
+    raise FileNotFoundError(
+        f"--vsibench-subset debiased needs {' or '.join(DEBIASED_FILES)} in {data_dir!r} (or its data/ folder): "
+        "the files of the nyu-visionx/VSI-Bench dataset repo that define VSI-Bench-Debiased")
+
+
+def load_docs(data_dir: str, subset: str = "full") -> list[dict]:
+    """The VSI-Bench questions of ``subset`` (one of :data:`SUBSETS`) from ``data_dir``, in file order."""
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown VSI-Bench subset {subset!r}; expected one of {SUBSETS}")
     files = find_annotation_files(data_dir)
     docs: list[dict] = []
     if files[0].endswith(".jsonl"):
@@ -233,6 +279,9 @@ def load_docs(data_dir: str) -> list[dict]:
             docs = [json.loads(line) for line in f if line.strip()]
     else:
         docs = _read_parquet(files)
+    if subset == "debiased":
+        keep = debiased_ids(data_dir, [str(d["id"]) for d in docs])
+        docs = [d for d in docs if str(d["id"]) in keep]
     return [_normalise_doc(d) for d in docs]
 
 

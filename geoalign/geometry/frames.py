@@ -68,8 +68,16 @@ def check_qwen_size(height: int, width: int, min_pixels: int = QWEN_MIN_PIXELS,
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def sample_frame_indices(total: int, num_frames: int | None) -> list[int]:
-    """Uniform sampling: ``round(linspace(0, total-1, N))``; all frames when N is None or N >= total."""
+#: how ``num_frames`` indices are picked from ``linspace(0, total - 1, num_frames)``: rounded to the nearest index
+#: (numpy's round-half-to-even; the default) or truncated, as VG-LLM's ``np.linspace(...).astype(int)``
+FRAME_SAMPLING = ("linspace-round", "linspace-floor")
+
+
+def sample_frame_indices(total: int, num_frames: int | None, sampling: str = "linspace-round") -> list[int]:
+    """Uniform sampling: ``round(linspace(0, total-1, N))`` (``sampling="linspace-floor"``: truncated instead); all
+    frames when N is None or N >= total."""
+    if sampling not in FRAME_SAMPLING:
+        raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {FRAME_SAMPLING}")
     if total <= 0:
         raise ValueError("cannot sample frames from an empty sequence (0 frames)")
     if num_frames is None or num_frames >= total:
@@ -78,16 +86,18 @@ def sample_frame_indices(total: int, num_frames: int | None) -> list[int]:
         return list(range(total))
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return np.round(np.linspace(0, total - 1, num_frames)).astype(np.int64).tolist()
+    points = np.linspace(0, total - 1, num_frames)
+    return (np.round(points) if sampling == "linspace-round" else points).astype(np.int64).tolist()
 
 
 def _video_error(path: str, e: BaseException) -> ValueError:
     return ValueError(f"cannot read video {path!r} (unreadable or corrupt): {type(e).__name__}: {e}")
 
 
-def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32
+def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32, sampling: str = "linspace-round"
                       ) -> tuple[list[np.ndarray], list[int], float | None]:
-    """Decode a video with PyAV and sample ``num_frames`` frames uniformly (None: all frames).
+    """Decode a video with PyAV and sample ``num_frames`` frames uniformly (None: all frames; ``sampling``: see
+    :func:`sample_frame_indices`).
 
     Returns (frames, indices, sampled_fps): frames are uint8 RGB arrays [H, W, 3]; indices are the decoded-frame
     indices; sampled_fps = len(indices) / total frames * the stream's frame rate (transformers'
@@ -149,14 +159,14 @@ def load_video_frames(path: str | os.PathLike, num_frames: int | None = 32
             c.close()
         return got, n
 
-    indices = sample_frame_indices(total, num_frames)
+    indices = sample_frame_indices(total, num_frames, sampling)
     got, decoded = decode(indices)
     if len(got) < len(set(indices)):
         # The packet count overstated the decodable frames: resample over what really decodes.
         if decoded == 0:
             raise ValueError(f"video {p!r} is empty: no decodable frames")
         logger.warning("video %s: %d packets but %d decodable frames; resampling", p, total, decoded)
-        indices = sample_frame_indices(decoded, num_frames)
+        indices = sample_frame_indices(decoded, num_frames, sampling)
         total = decoded
         got, _ = decode(indices)
         if len(got) < len(set(indices)):

@@ -113,6 +113,37 @@ class RoutingRecorder:
                                       bank_layers, self.keep_tensors))
 
 
+def routing_by_group(records: list[dict], key: str = "question_type") -> dict[str, dict]:
+    """Prediction records carrying ``routing`` (``geoalign eval --save-routing``) grouped by ``record[key]``
+    ("all" when absent): {group: {"n": questions, "bank_layers": [M], "mean_alpha_pct": [M]}}, each the mean of its
+    questions' per-layer percentages; groups sorted by name."""
+    groups: dict[str, list[list[float]]] = {}
+    layers = None
+    for r in records:
+        routing = r.get("routing")
+        if not routing:
+            continue
+        if layers is None:
+            layers = list(routing["bank_layers"])
+        elif list(routing["bank_layers"]) != layers:
+            raise ValueError(f"record {r.get('id')!r} has bank layers {routing['bank_layers']}, others {layers}")
+        groups.setdefault(str(r.get(key) or "all"), []).append(list(routing["mean_alpha_pct"]))
+    return {g: {"n": len(v), "bank_layers": layers,
+                "mean_alpha_pct": [round(sum(col) / len(v), 4) for col in zip(*v)]} for g, v in sorted(groups.items())}
+
+
+def format_routing_table(groups: dict[str, dict]) -> str:
+    """A text table: one row per group, the mean routing weight (%) per bank layer."""
+    if not groups:
+        return ""
+    layers = next(iter(groups.values()))["bank_layers"]
+    width = max(len(g) for g in groups) + 2
+    head = "routing (mean alpha %)".ljust(width) + "    n " + "".join(f"{'L' + str(v):>7}" for v in layers)
+    rows = [g.ljust(width) + f"{d['n']:>5} " + "".join(f"{x:7.1f}" for x in d["mean_alpha_pct"])
+            for g, d in groups.items()]
+    return "\n".join([head, *rows])
+
+
 def _save_png(fig, path: str, dpi: int) -> None:
     """Render to memory, then write atomically (geoalign.atomic_files); closes the figure."""
     import io

@@ -187,6 +187,40 @@ def test_cli_vsibench_with_the_model(vsi_small, model_dir, tmp_path, capsys):
     assert cli.main(args) == 0 and "0 new predictions (4 already" in capsys.readouterr().out
 
 
+def test_cli_save_routing_and_routing_by_question_type(vsi_small, model_dir, tmp_path, capsys):
+    """--save-routing: each record gets its prefill's mean routing weight per bank layer; eval and score print it by
+    question type (the mean over that type's questions), keep it in the scores JSON and plot it."""
+    from PIL import Image
+
+    out = str(tmp_path / "vsi.jsonl")
+    assert cli.main(["eval", "vsibench", "--data", vsi_small, "--model", model_dir, "--out", out, "--device", "cpu",
+                     "--num-frames", "2", "--batch-size", "2", "--max-new-tokens", "2", "--limit", "6",
+                     "--no-progress", "--save-routing"]) == 0
+    printed = capsys.readouterr().out
+    recs = lines(out)
+    for r in recs:
+        assert r["routing"]["bank_layers"] == [1, 2, 3]
+        assert sum(r["routing"]["mean_alpha_pct"]) == pytest.approx(100, abs=1e-3)
+    by_type: dict = {}
+    for r in recs:
+        by_type.setdefault(r["question_type"], []).append(r["routing"]["mean_alpha_pct"])
+    scores = json.load(open(str(tmp_path / "vsi.scores.json")))
+    assert set(scores["routing_by_type"]) == set(by_type) and len(by_type) >= 2
+    for qt, rows in by_type.items():
+        want = [sum(col) / len(rows) for col in zip(*rows)]
+        assert scores["routing_by_type"][qt]["n"] == len(rows)
+        assert scores["routing_by_type"][qt]["mean_alpha_pct"] == pytest.approx(want, abs=1e-3)
+    assert "routing (mean alpha %)" in printed and all(qt in printed for qt in by_type)
+    with Image.open(str(tmp_path / "vsi.routing.png")) as im:
+        assert im.format == "PNG"
+    assert cli.main(["score", "vsibench", out]) == 0                     # geoalign score reads it back
+    assert "routing (mean alpha %)" in capsys.readouterr().out
+    plain = str(tmp_path / "plain.jsonl")                                # without the flag: no routing field
+    assert cli.main(["eval", "vsibench", "--data", vsi_small, "--model", model_dir, "--out", plain, "--device", "cpu",
+                     "--num-frames", "2", "--max-new-tokens", "2", "--limit", "1", "--no-progress"]) == 0
+    assert "routing" not in lines(plain)[0] and "routing (mean" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- slower: every question of each format
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["vsibench", "scanqa", "sqa3d"])

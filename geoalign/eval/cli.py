@@ -56,6 +56,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--vsibench-subset", choices=vsibench.SUBSETS, default="full",
                    help="VSI-Bench: every test question (full) or VSI-Bench-Debiased (debiased; needs "
                         "test_debiased.parquet or pruned_ids.txt of the dataset repo in --data)")
+    p.add_argument("--save-routing", action="store_true",
+                   help="add each question's mean routing weight per bank layer (%%) to its record; the scores then "
+                        "include routing by question type (table and PNG)")
     p.add_argument("--restart", action="store_true", help="discard an existing predictions file instead of resuming")
     p.add_argument("--no-score", action="store_true", help="only write predictions")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -152,8 +155,8 @@ def _answer(args, proc, out: str, meta: dict):
         torch.cuda.set_device(device)
     opts = {"device": device, "dtype": args.dtype, "max_batch_size": args.batch_size}
     # newer options go to --predictor factories only when given (older factories may not take them)
-    opts.update({k: v for k, v in (("attn_implementation", args.attn), ("fusion_backend", args.fusion_backend))
-                 if v is not None})
+    opts.update({k: v for k, v in (("attn_implementation", args.attn), ("fusion_backend", args.fusion_backend),
+                                   ("save_routing", True if args.save_routing else None)) if v is not None})
     try:
         predictor = (load_predictor_from_spec(args.predictor, args.model, **opts) if args.predictor
                      else load_predictor(args.model, **opts))
@@ -244,10 +247,30 @@ def run_eval_command(args) -> int:
     scores = score_file(args.task, out, ids=[s.id for s in samples], **_scoring_options(args))
     if args.task == "vsibench":
         scores["subset"] = args.vsibench_subset
+    _routing_report(out, scores)
     write_json(_scores_path(out), scores)
     _print_scores(args.task, scores)
     print(f"scores written to {_scores_path(out)}")
     return 0
+
+
+def _routing_report(pred_path: str, scores: dict) -> None:
+    """Records with routing (--save-routing): add routing by question type to ``scores``, print the table and plot
+    it beside the predictions (``<stem>.routing.png``)."""
+    from ..routing_analysis import format_routing_table, plot_layer_bars, routing_by_group
+    from .runner import read_predictions
+
+    groups = routing_by_group(read_predictions(pred_path))
+    if not groups:
+        return
+    scores["routing_by_type"] = groups
+    print(format_routing_table(groups))
+    png = (pred_path[:-6] if pred_path.endswith(".jsonl") else pred_path) + ".routing.png"
+    try:
+        plot_layer_bars(list(groups.values()), [f"{g} (n={d['n']})" for g, d in groups.items()], png)
+    except ImportError:                 # matplotlib is optional
+        return
+    print(f"routing plot written to {png}")
 
 
 def run_score_command(args) -> int:
@@ -262,6 +285,7 @@ def run_score_command(args) -> int:
     except (ValueError, KeyError) as e:
         print(f"error: cannot score {args.predictions} as {args.task}: {e!r}", file=sys.stderr)
         return 2
+    _routing_report(args.predictions, scores)
     _print_scores(args.task, scores)
     if args.json_out:
         write_json(args.json_out, scores)

@@ -75,12 +75,14 @@ class GeoAlignPredictor:
     """
 
     def __init__(self, model, processor, *, device=None, max_batch_size: int = 1,
-                 fusion_backend: str | None = None):
+                 fusion_backend: str | None = None, save_routing: bool = False):
         self.model = model
         self.processor = processor
         self.device = device if device is not None else model.device
         self.max_batch_size = max(1, int(max_batch_size))
         self.fusion_backend = fusion_backend
+        self.save_routing = save_routing
+        self.last_extras: list[dict] | None = None  # per sample of the last predict(): fields added to its record
 
     def _frames(self, s: Sample) -> list:
         try:
@@ -118,7 +120,13 @@ class GeoAlignPredictor:
         inputs = self.processor(frames, [s.prompt for s in samples])
         inputs = {k: _to_device(v, self.device) for k, v in inputs.items()}
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self.generation_kwargs(samples))
+            if self.save_routing:           # the routing of each sample's prefill: per-layer mean alpha (%)
+                with self.model.record_routing() as recorder:
+                    out = self.model.generate(**inputs, **self.generation_kwargs(samples))
+                self.last_extras = [{"routing": {k: r.summary()[k] for k in ("bank_layers", "mean_alpha_pct")}}
+                                    for r in recorder.samples]
+            else:
+                out = self.model.generate(**inputs, **self.generation_kwargs(samples))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         # each sample keeps only its own budget, so batching never changes an answer's length limit
         return [self.processor.batch_decode(new_tokens[i:i + 1, :s.max_new_tokens], skip_special_tokens=True)[0]
@@ -141,13 +149,14 @@ def resolve_device_dtype(device: str | None = None, dtype: str | None = "auto"):
 
 def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | None = "auto",
                    attn_implementation: str | None = None, fusion_backend: str | None = None,
-                   max_batch_size: int = 1, **_: Any) -> GeoAlignPredictor:
+                   max_batch_size: int = 1, save_routing: bool = False, **_: Any) -> GeoAlignPredictor:
     """A :class:`GeoAlignPredictor` for a directory written by
     ``GeoAlignForConditionalGeneration.save_pretrained(dir, processor=...)`` (local files only).
 
     ``device``: default cuda when available; ``dtype``: auto (bf16 on CUDA, fp32 on CPU), bf16,
     fp16, fp32; ``attn_implementation``: Qwen's (e.g. sdpa, flash_attention_2, eager);
-    ``fusion_backend``: reference, torch, triton or cuda (default: the fusion config's).
+    ``fusion_backend``: reference, torch, triton or cuda (default: the fusion config's); ``save_routing``: add each
+    question's per-layer mean routing weight to its record.
     Raises FileNotFoundError / ValueError for a missing or malformed directory.
     """
     from geoalign.modeling import GeoAlignForConditionalGeneration
@@ -161,7 +170,7 @@ def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | No
     model.eval()
     processor = GeoAlignProcessor.from_pretrained(model_dir, group_size=model.group_size)
     return GeoAlignPredictor(model, processor, device=device, max_batch_size=max_batch_size,
-                             fusion_backend=fusion_backend)
+                             fusion_backend=fusion_backend, save_routing=save_routing)
 # ========================================================================= END MODEL SEAM
 
 

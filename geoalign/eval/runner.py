@@ -107,7 +107,14 @@ def run_eval(samples: Sequence[Sample], predictor: Predictor, out_path: str, *,
             preds = predictor.predict(batch)
             if len(preds) != len(batch):
                 raise RuntimeError(f"predictor returned {len(preds)} answers for {len(batch)} samples")
-            append_jsonl(target, [make_record(s, str(p)) for s, p in zip(batch, preds)])
+            records = [make_record(s, str(p)) for s, p in zip(batch, preds)]
+            extras = getattr(predictor, "last_extras", None)        # e.g. routing (--save-routing)
+            if extras:
+                if len(extras) != len(batch):
+                    raise RuntimeError(f"predictor gave extras for {len(extras)} of {len(batch)} samples")
+                for rec, extra in zip(records, extras):
+                    rec.update(extra)
+            append_jsonl(target, records)
             written += len(batch)
             bar.update(len(batch))
     finally:

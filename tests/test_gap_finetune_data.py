@@ -59,7 +59,39 @@ def test_records_parse_back_to_their_boxes(scene_and_room, tmp_path):
         (box,) = parse_boxes(r["conversations"][1]["value"]).boxes
         assert box.label == r["metadata"]["target"]["label"] and r["metadata"]["target"]["label"] in \
             r["conversations"][0]["value"]
-        assert (tmp_path / r["images"][r["metadata"]["marker"]["frame"]]).is_file()
+        assert (tmp_path / r["images"] / f"{r['metadata']['marker']['frame']}.jpg").is_file()
     again = make_finetune_records(scene, str(tmp_path / "m2"), str(tmp_path), samples=3, frames=3,
                                   grounding_per_sample=2, seed=5)
     assert [r["metadata"] for r in again] == [r["metadata"] for r in recs]
+
+
+def test_eval_and_score_gap_tasks(scene_and_room, tmp_path, capsys):
+    """`geoalign eval gap` on gap-data's fine-tuning records: the oracle scores 100, and `geoalign score gap` on
+    hand-edited answers counts a malformed box as a miss (never a crash)."""
+    import json
+
+    from geoalign.atomic_files import write_json
+    from geoalign.eval import cli
+
+    scene, _ = scene_and_room
+    recs = make_finetune_records(scene, str(tmp_path / "media"), str(tmp_path), samples=2, frames=2,
+                                 grounding_per_sample=2, seed=3)
+    write_json(tmp_path / "gap_test.json", recs)
+    out = str(tmp_path / "pred.jsonl")
+    assert cli.main(["eval", "gap", "--data", str(tmp_path), "--predictor", "geoalign.eval.fake:FakePredictor",
+                     "--model", "oracle", "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@0.25 100.00" in printed and "Acc@0.5 100.00" in printed
+    preds = [json.loads(x) for x in open(out)]
+    assert [p["id"] for p in preds] == [r["id"] for r in recs]
+    for p in preds:                                    # break every grounding answer; halve the detections
+        if p["gap_task"] == "grounding":
+            p["prediction"] = "the chair is near the door"
+        else:
+            p["prediction"] = "\n".join(p["prediction"].splitlines()[::2]) + "\nsofa: [1, 2]"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    assert cli.main(["score", "gap", str(bad), "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["grounding"]["acc@0.25"] == 0.0 and scores["grounding"]["malformed"] == 4
+    assert scores["detection"]["malformed"] == 2 and 0 < scores["detection"]["mAP@0.25"] < 1

@@ -6,6 +6,7 @@ the predictions file alone:
 * vsibench: ``id, task, prediction, question_type, ground_truth, dataset, scene_name, options``
 * scanqa:   ``id, task, prediction, answers, scene_id, question``
 * sqa3d:    ``id, task, prediction, answers, question_type, scene_id, question``
+* gap:      ``id, task, prediction, gap_task, objects | target, answers, scene`` (GAP-MLLM detection / grounding)
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import os
 from typing import Callable
 
 from ..geometry.frames import FRAME_SAMPLING
-from . import scanqa, sqa3d, vsibench
+from . import gap, scanqa, sqa3d, vsibench
 from .media import MediaRef, find_scene_media
 from .predictor import Sample
 
-TASKS = ("vsibench", "scanqa", "sqa3d")
-DEFAULT_SPLIT = {"vsibench": "test", "scanqa": "val", "sqa3d": "test"}
-DEFAULT_MAX_NEW_TOKENS = {"vsibench": 16, "scanqa": 32, "sqa3d": 32}
+TASKS = ("vsibench", "scanqa", "sqa3d", "gap")
+DEFAULT_SPLIT = {"vsibench": "test", "scanqa": "val", "sqa3d": "test", "gap": "test"}
+DEFAULT_MAX_NEW_TOKENS = {"vsibench": 16, "scanqa": 32, "sqa3d": 32, "gap": 256}
 
 
 def scene_media_roots(data_dir: str, media_dir: str | None) -> list[str]:
@@ -93,6 +94,13 @@ def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: 
         docs = docs[:limit] if limit else docs
         return _scene_samples("sqa3d", docs, lambda d: sqa3d.build_prompt(d, prompt_suffix, sqa3d_style),
                               ("answers", "question_type", "scene_id", "question"), data_dir, media_dir, common)
+    if task == "gap":
+        docs = gap.load_docs(data_dir, split)
+        docs = docs[:limit] if limit else docs
+        root = media_dir or data_dir
+        return [Sample(id=str(d["id"]), task="gap", prompt=gap.prompt(d),
+                       media=MediaRef(os.path.join(root, d["images"]), "frames"), meta=gap.meta(d), **common)
+                for d in docs]
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
@@ -110,11 +118,14 @@ def score_records(task: str, records: list[dict], use_java: bool | None = None, 
         return scanqa.score(records, use_java=use_java)
     if task == "sqa3d":
         return sqa3d.score(records, style=sqa3d_style)
+    if task == "gap":
+        return gap.score(records)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
 FORMATTERS: dict[str, Callable[[dict], str]] = {
     "vsibench": vsibench.format_table, "scanqa": scanqa.format_table, "sqa3d": sqa3d.format_table,
+    "gap": gap.format_table,
 }
 
 

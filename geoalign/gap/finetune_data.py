@@ -71,7 +71,8 @@ def _box_json(b: Box3D) -> dict:
 def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *, samples: int = 1, frames: int = 4,
                           grounding_per_sample: int = 1, seed: int = 0) -> list[dict]:
     """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` grounding records
-    (images under ``media_dir``, paths relative to ``media_root``). ``metadata.objects`` / ``metadata.target`` keep
+    (each record's frames in its own folder under ``media_dir``; ``images`` is that folder, relative to
+    ``media_root``). ``metadata.objects`` / ``metadata.target`` keep
     the boxes as numbers for scoring."""
     from PIL import Image
 
@@ -82,12 +83,15 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
     rng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 1])
     records = []
 
-    def save(img: np.ndarray, name: str) -> str:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=92)
-        path = os.path.join(media_dir, name)
-        write_bytes(path, buf.getvalue())
-        return os.path.relpath(path, media_root)
+    def save_folder(imgs: list[np.ndarray], name: str) -> str:
+        """The clip's frames as <media_dir>/<name>/<k>.jpg (a frame folder: the trainer and `geoalign eval gap`
+        read it); returns its path relative to media_root."""
+        folder = os.path.join(media_dir, name)
+        for k, img in enumerate(imgs):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=92)
+            write_bytes(os.path.join(folder, f"{k}.jpg"), buf.getvalue())
+        return os.path.relpath(folder, media_root)
 
     for s in range(samples):
         window = int(rng.integers(frames, len(scene) + 1))
@@ -98,7 +102,7 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
             continue
         colours = [scene.color(i) for i in chosen]
         base = f"{scene.name}_{seed}_{s}"
-        images = [save(c, f"{base}_{k}.jpg") for k, c in enumerate(colours)]
+        images = save_folder(colours, base)
         meta = {"scene": scene.name, "frame_ids": [scene.frame_ids[i] for i in chosen]}
         records.append({"id": f"{scene.name}/{seed}/{s}/det", "images": images,
                         "conversations": [{"from": "human", "value": "<image>\n" + DETECT_QUESTION},
@@ -109,8 +113,8 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
         for q, j in enumerate(order):
             obj = objects[int(j)]
             k, u, v = obj["first"]
-            marked = list(images)
-            marked[k] = save(draw_markers(colours[k], [(u, v, 1)]), f"{base}_g{q}_{k}.jpg")
+            marked = save_folder([draw_markers(c, [(u, v, 1)]) if j == k else c for j, c in enumerate(colours)],
+                                 f"{base}_g{q}")
             records.append({"id": f"{scene.name}/{seed}/{s}/ground{q}", "images": marked,
                             "conversations": [{"from": "human",
                                                "value": "<image>\n" + GROUND_QUESTION.format(label=obj["label"], n=1)},

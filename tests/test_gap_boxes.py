@@ -40,6 +40,21 @@ def test_box3d_rejects_bad_boxes(center, size, exc, message):
     assert message in str(e.value)
 
 
+def test_box3d_rejects_a_box_whose_extent_vanishes_in_float64():
+    # at x = 1e16 doubles are 2 apart: 1e16 -+ 0.5 both round to 1e16 (no extent), 1e16 -+ 1.5 to 1e16 -+ 2
+    with pytest.raises(ValueError, match="zero or infinite volume"):
+        Box3D("far", (1e16, 0, 0), (1, 1, 1))
+    far = Box3D("far", (1e16, 0, 0), (3, 1, 1))
+    assert iou3d(far, far) == 1.0
+    with pytest.raises(ValueError, match="zero or infinite volume"):
+        Box3D("huge", (0, 0, 0), (1e200, 1e200, 1))
+    # the check uses the IoU's own extents, centre -+ size / 2: where the spacing of doubles differs on the two sides
+    # (4 below -2**54 and above 2**54, 2 on the other side), -+ 1.2 moves only one side, by 2: a valid box
+    for x in (2.0**54, -2.0**54):
+        edge = Box3D("edge", (x, 0, 0), (2.4, 1, 1))
+        assert iou3d(edge, edge) == 1.0
+
+
 def test_box3d_rejects_a_non_str_label_and_a_nan_score():
     with pytest.raises(TypeError, match="label must be a str, got int"):
         Box3D(3, (0, 0, 0), (1, 1, 1))
@@ -78,19 +93,25 @@ def test_iou_of_a_box_inside_another_is_the_volume_ratio():
 
 
 def test_pairwise_iou_is_every_pair():
-    a = [cube(), cube(0.5, 0, 0)]
+    a = [cube(), cube(0.5, 0, 0), Box3D("t", (0, 0, 0), (2, 1, 1))]
     b = [cube(), cube(5, 0, 0), Box3D("t", (0, 0, 0), (2, 2, 1))]
     # the cube at x = 0.5 spans [0, 1] x [-.5, .5] x [-.5, .5]: inside the 2 x 2 x 1 box -> 1 / 4
+    # the 2 x 1 x 1 box holds the unit cube (1 / 2) and lies inside the 2 x 2 x 1 box (2 / 4)
     expected = np.array([[1.0, 0.0, 0.25],
-                         [1 / 3, 0.0, 0.25]])
+                         [1 / 3, 0.0, 0.25],
+                         [0.5, 0.0, 0.5]])
     got = iou3d_pairwise(a, b)
-    assert got.shape == (2, 3) and got.dtype == np.float64
+    assert got.shape == (3, 3) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
     as_array = np.stack([x.as_array() for x in a]), np.stack([x.as_array() for x in b])
     np.testing.assert_array_equal(iou3d_pairwise(*as_array), got)
     np.testing.assert_array_equal(iou3d_pairwise(torch.tensor(as_array[0]), as_array[1].tolist()), got)
     assert iou3d_pairwise(cube(), b).shape == (1, 3)
     assert iou3d(torch.tensor([0.5, 0, 0, 1, 1, 1]), cube()) == 0.5 / 1.5
+    # tensors that require grad (a model's output) are read without autograd
+    grad = torch.tensor(as_array[0], requires_grad=True)
+    np.testing.assert_array_equal(iou3d_pairwise(grad, b), got)
+    assert iou3d(cube(), torch.tensor([0.5, 0, 0, 1, 1, 1], requires_grad=True)) == 0.5 / 1.5
 
 
 def test_iou_rejects_bad_programmatic_boxes():
@@ -98,8 +119,10 @@ def test_iou_rejects_bad_programmatic_boxes():
         iou3d_pairwise(np.zeros((2, 5)), [cube()])
     with pytest.raises(ValueError, match=r"b\[1\] = \[0.0, 0.0, 0.0, 1.0, 0.0, 1.0\]: size must be > 0"):
         iou3d_pairwise([cube()], [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 1]])
-    with pytest.raises(ValueError, match=r"b must be a Box3D or 6 numbers .*got shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"^b must be a Box3D or 6 numbers .*got shape \(5,\)"):
         iou3d(cube(), [0, 0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"^a must be a Box3D or 6 numbers .*got shape \(2, 3\)"):
+        iou3d([[0, 0, 0], [1, 1, 1]], cube())
     with pytest.raises(ValueError, match="non-finite"):
         iou3d(cube(), [0, 0, math.nan, 1, 1, 1])
 
@@ -180,6 +203,8 @@ CHAIR = Box3D("chair", (1.23, -0.4, 2.1), (0.5, 0.5, 0.9))
     ("2. chair: [1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", "chair"),
     ("**Office   chair**: [1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", "Office chair"),
     ("Detected objects: chair [1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", "chair"),
+    ("Scene 1: found: office chair [1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", "office chair"),   # after the last ':'
+    ("`X-ray machine`: [1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", "X-ray machine"),
     ("[1.23, -0.40, 2.10, 0.50, 0.50, 0.90]", ""),
     ("1.23, -0.40, 2.10, 0.50, 0.50, 0.90", ""),
 ])
@@ -200,6 +225,9 @@ def test_parser_tolerates_formatting_variants(line, label):
     ("chair: [1, 2, 3, 1, 1, abc]", "unparsable number 'abc'"),
     ("chair: [1, 2.3.4, 3, 1, 1, 1]", "unparsable number '2.3.4'"),
     ("chair: [1, 2, 3, 1m, 1, 1]", "unparsable number '1m'"),
+    ("chair: 1, 2, 3, 1, 1, abc", "unparsable number 'abc'"),          # no brackets: a comma and a number
+    ("chair: 1, 2, 3, 1, 1, X", "unparsable number 'X'"),
+    ("chair: 0.5, big", "unparsable number 'big'"),
     ("chair: 1, 2, 3, 1, 1", "expected 6 numbers (x, y, z, dx, dy, dz), got 5"),
     ("chair: 1 2 3", "expected 6 numbers (x, y, z, dx, dy, dz), got 3"),
     ("chair: [1e20, 0, 0, 1, 1, 1]",                # 1e20 + 0.5 == 1e20 - 0.5 in float64
@@ -377,6 +405,9 @@ def test_detection_classes_from_ground_truth_and_labels_case_insensitive():
     assert got["ignored_predictions"] == 2 and got["malformed"] == 1
     assert got["num_pred"] == {"chair": 1, "lamp": 0, "office chair": 1}
     assert detection_map({"s": None}, gt)["mAP@0.25"] == 0.0
+    # malformed lines add up over the scenes
+    gt["t"] = []
+    assert detection_map({"s": text, "t": "lamp: [1, 2, 3]\nlamp: [inf, 0, 0, 1, 1, 1]"}, gt)["malformed"] == 3
 
 
 def votenet_ap(pred, gt, thresh):
@@ -438,7 +469,10 @@ def test_detection_rejects_bad_programmatic_input():
     preds, gt = chairs_case()
     with pytest.raises(ValueError, match=r"1 predicted scene\(s\) not in ground_truth: \['scene9'\]"):
         detection_map({**preds, "scene9": []}, gt)
-    with pytest.raises(ValueError, match="ground_truth has no boxes"):
+    with pytest.raises(ValueError) as e:                  # the count, and the first 5 names
+        detection_map({**preds, **{f"x{i}": [] for i in range(6)}}, gt)
+    assert str(e.value) == "6 predicted scene(s) not in ground_truth: ['x0', 'x1', 'x2', 'x3', 'x4']"
+    with pytest.raises(ValueError, match="^ground_truth has no boxes: mAP is undefined$"):
         detection_map({"s": []}, {"s": []})
     with pytest.raises(ValueError, match=r"thresholds must be IoUs in \[0, 1\], got \(0.25, 1.5\)"):
         detection_map(preds, gt, thresholds=(0.25, 1.5))
@@ -478,16 +512,25 @@ def test_grounding_takes_the_first_valid_box_of_the_output():
         "acc@0.3": 1.0, "acc@0.4": 0.0, "n": 1, "malformed": 0}
 
 
+def test_thresholds_may_be_zero_or_one():
+    # detection is strict: at 0 any overlap is a hit, at 1 nothing is; grounding is inclusive: at 1 only identity
+    gt = {"s": [cube(0), cube(5)]}
+    got = detection_map({"s": [cube(0.9), cube(5)]}, gt, thresholds=(0.0, 1.0))
+    assert got["AP@0"] == {"chair": 1.0} and got["AP@1"] == {"chair": 0.0}
+    assert grounding_accuracy([cube(), cube(0.9)], [cube(), cube()], thresholds=(0.0, 1.0)) == {
+        "acc@0": 1.0, "acc@1": 0.5, "n": 2, "malformed": 0}
+
+
 def test_grounding_rejects_bad_programmatic_input():
     with pytest.raises(ValueError, match="same length, got 2 predictions and 3 targets"):
         grounding_accuracy(["a", "b"], [cube()] * 3)
-    with pytest.raises(ValueError, match="no grounding queries"):
+    with pytest.raises(ValueError, match="^no grounding queries to score$"):
         grounding_accuracy([], [])
     with pytest.raises(TypeError, match=r"targets\[1\] must be a Box3D, got list"):
         grounding_accuracy([None, None], [cube(), [0, 0, 0, 1, 1, 1]])
     with pytest.raises(TypeError, match=r"predictions\[0\] must be model text, a Box3D or None, got int"):
         grounding_accuracy([3], [cube()])
-    with pytest.raises(TypeError, match="got a single str"):
+    with pytest.raises(TypeError, match=r"^predictions must be a list \(one entry per query\), got a single str$"):
         grounding_accuracy("chair: [0, 0, 0, 1, 1, 1]", [cube()])
     with pytest.raises(ValueError, match="thresholds must be IoUs"):
         grounding_accuracy([None], [cube()], thresholds=(-0.1,))

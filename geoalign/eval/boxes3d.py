@@ -88,7 +88,7 @@ class Box3D:
 
     def as_array(self) -> np.ndarray:
         """[6] float64: x, y, z, dx, dy, dz (metres)."""
-        return np.array(self.center + self.size, dtype=np.float64)
+        return np.array(self.center + self.size)
 
 
 # -------------------------------------------------------------------------------------------------- text <-> boxes
@@ -120,9 +120,9 @@ def format_boxes(objects: Iterable[Box3D]) -> str:
         if not isinstance(back, Box3D) or back.label != box.label:
             raise ValueError(f"objects[{i}]: label {box.label!r} would not read back from {line!r} "
                              f"(use a non-empty label without ':', '[', ']', line breaks or surrounding spaces)")
-        rows.append(((box.label, tuple(float(c) for c in cells)), line))
-    rows.sort(key=lambda row: row[0])
-    return "\n".join(line for _, line in rows)
+        rows.append((box.label, tuple(float(c) for c in cells), line))
+    rows.sort()                                    # equal (label, numbers) means equal lines
+    return "\n".join(line for _, _, line in rows)
 
 
 @dataclass(frozen=True)
@@ -156,21 +156,19 @@ def _parse_line(line: str) -> Box3D | str | None:
     bullet = _BULLET.match(s)
     if bullet:
         s = s[bullet.end():]
-    labelled = True
     if "[" in s:                                   # "label: [..]", "label [..]", "[..]"
         label, payload = s.split("[", 1)
         label, payload = label.rstrip().removesuffix(":"), "[" + payload
-        labelled = bool(label.strip())
     elif ":" in s:                                 # "label: x, y, z, dx, dy, dz"
         label, payload = s.split(":", 1)
     else:                                          # "x, y, z, dx, dy, dz"
-        label, payload, labelled = "", s, False
+        label, payload = "", s
     payload = payload.strip().rstrip(".,; \t")
     tokens = [t for t in _SEPARATORS.split(payload.translate(_BRACKETS)) if t]
     values = [float(t) if _NUMBER.fullmatch(t) else None for t in tokens]
     numeric = sum(v is not None for v in values)
     looks_like_box = (payload.startswith("[") or (len(tokens) >= 3 and numeric == len(tokens))
-                      or (labelled and "," in payload and numeric > 0))
+                      or (label.strip() and "," in payload and numeric > 0))
     if not looks_like_box:
         return None
     bad = [t for t, v in zip(tokens, values) if v is None]
@@ -243,7 +241,7 @@ def _one_box(x, name: str):
         return x
     if hasattr(x, "detach"):                       # a torch tensor
         x = x.detach().cpu().numpy()
-    arr = np.asarray(x, dtype=np.float64)
+    arr = np.asarray(x)
     if arr.shape != (6,):
         raise ValueError(f"{name} must be a Box3D or 6 numbers (x, y, z, dx, dy, dz in metres), got shape {arr.shape}")
     return arr[None]
@@ -259,10 +257,9 @@ def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
     """VOC all-point AP (VoteNet ``voc_ap``, ``use_07_metric=False``) of a precision/recall curve, both [D] in
     detection order: recall gets sentinels 0 and 1, precision 0 and 0; precision is made non-increasing from the
     right; AP = sum over the points i where recall changes of (r[i+1] - r[i]) * p[i+1]."""
-    recall, precision = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
-    if recall.ndim != 1 or recall.shape != precision.shape:
-        raise ValueError(f"recall and precision must be 1-D of one length, got shapes {recall.shape} and "
-                         f"{precision.shape}")
+    if np.ndim(recall) != 1 or np.shape(recall) != np.shape(precision):
+        raise ValueError(f"recall and precision must be 1-D of one length, got shapes {np.shape(recall)} and "
+                         f"{np.shape(precision)}")
     mrec = np.concatenate(([0.0], recall, [1.0]))
     mpre = np.concatenate(([0.0], precision, [0.0]))
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
@@ -359,12 +356,12 @@ def _class_ap(dets: list[tuple[str, Box3D]], gt: dict[str, list[Box3D]], thresho
     gt_arrays = {scene: np.stack([b.as_array() for b in boxes]) for scene, boxes in gt.items()}
     for i in order:
         scene, box = dets[i]
+        iou, j = -math.inf, None                                            # no box of the class in the scene
         if scene in gt_arrays:
             ious = iou3d_pairwise(box.as_array()[None], gt_arrays[scene])[0]
             j = int(np.argmax(ious))                                        # the first of equal IoUs
-            best.append((scene, j, float(ious[j])))
-        else:
-            best.append((scene, -1, -math.inf))
+            iou = float(ious[j])
+        best.append((scene, j, iou))
     aps = []
     for t in thresholds:
         matched = {scene: [False] * len(boxes) for scene, boxes in gt.items()}
@@ -376,7 +373,7 @@ def _class_ap(dets: list[tuple[str, Box3D]], gt: dict[str, list[Box3D]], thresho
         tp_cum = np.cumsum(tp)
         fp_cum = np.cumsum(1.0 - tp)
         recall = tp_cum / npos
-        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        precision = tp_cum / (tp_cum + fp_cum)                              # tp + fp = rank >= 1
         aps.append(average_precision(recall, precision))
     return aps
 

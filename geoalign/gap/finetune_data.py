@@ -57,7 +57,7 @@ def clip_objects(scene: PosedScene, frames: list[int], min_pixels: int = 20) -> 
         if len(p) < min_pixels:
             continue
         lo, hi = p.min(0), p.max(0)
-        size = np.maximum(hi - lo, 1e-3)                       # a flat patch still gets a positive extent
+        size = np.maximum(hi - lo, 0.01)       # a flat patch still gets an extent the 2-decimal text can hold
         out.append({"instance": n, "label": scene.label_name(label_of[n]),
                     "box": Box3D(scene.label_name(label_of[n]), tuple(((lo + hi) / 2).tolist()), tuple(size.tolist())),
                     "first": first[n]})

@@ -54,6 +54,10 @@ GROUPS = {
                    "geoalign/eval/textnorm.py", "geoalign/eval/caption.py"],
         "tests": ["tests/test_eval_metrics.py", "tests/test_eval_runners.py"],
     },
+    "gap-metrics": {
+        "mutate": ["geoalign/eval/boxes3d.py", "geoalign/eval/gap.py"],
+        "tests": ["tests/test_gap_boxes.py", "tests/test_gap_finetune_data.py"],
+    },
     "training": {
         "mutate": ["geoalign/training/data.py", "geoalign/training/checkpoint.py", "geoalign/training/loss_scaling.py",
                    "geoalign/atomic_files.py"],

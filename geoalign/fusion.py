@@ -240,6 +240,7 @@ class GeoAlignFusion(nn.Module):
 
     def route(self, q: torch.Tensor, backend: str | None = None) -> Routing:
         """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""
+        self._refuse_progressive("route")
         self.check_query(q)
         name = resolve_backend_name(backend, self.config.backend, q.device)
         if name == "reference":

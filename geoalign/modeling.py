@@ -47,9 +47,9 @@ from .fusion import GeoAlignFusion
 from .geometry.aggregator import VGGTAggregator
 from .geometry.config import VGGTAggregatorConfig
 from .injection import InLLMInjection, KeptGeometry
-from .progressive import KeptLevels, ProgressiveInjection, capture_block_outputs, merged_in_token_order, window_index
 from .model_config import GeoAlignModelConfig, default_fusion_config
 from .model_inputs import SampleGeometry, as_samples, split_by_sample
+from .progressive import KeptLevels, ProgressiveInjection, capture_block_outputs, merged_in_token_order, window_index
 from .processing import GeoAlignProcessor
 from .serialization import VGGT_CONFIG, is_legacy_directory, legacy_parts, load_fusion, save_fusion
 
@@ -119,8 +119,8 @@ class GeoAlignModel(Qwen2_5_VLModel):
     def geometry(self, vggt_pixel_values, gather_index=None, *, pixel_values=None, pixel_values_videos=None,
                  backend: str | None = None, input_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Context in which this model's image/video features are fused with these samples' VGGT geometry.
-        ``input_ids`` [B, T] is needed for in-LLM / progressive injection (it marks the visual-token positions). Inside an
-        active context (generate's, around each of its forwards) it shares that context's geometry."""
+        ``input_ids`` [B, T] is needed for in-LLM / progressive injection (it marks the visual-token positions).
+        Inside an active context (generate's, around each of its forwards) it shares that context's geometry."""
         if self._pending is not None:
             yield
             return

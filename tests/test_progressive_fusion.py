@@ -24,14 +24,15 @@ PROGRESSIVE = dict(fusion="gated_2d3d", gate_granularity="token", progressive_vi
 VIT_BLOCKS, GEO_LAYERS, INJECT = (0, 1), (1, 2, 3), (0, 1)
 
 
-def _config(**options) -> GeoAlignConfig:
-    return GeoAlignConfig(**{**tiny_fusion_config().to_dict(), **PROGRESSIVE, **options})
+def _config(group_size: int = 4, **options) -> GeoAlignConfig:
+    return GeoAlignConfig(**{**tiny_fusion_config(group_size).to_dict(), **PROGRESSIVE, **options})
 
 
-def _model(seed: int = 0, **options):
+def _model(seed: int = 0, group_size: int = 4, **options):
     torch.manual_seed(seed)
     tok = make_tokenizer()
-    m = GeoAlignForConditionalGeneration.from_config(tiny_qwen_config(tok), tiny_vggt_config(), _config(**options))
+    m = GeoAlignForConditionalGeneration.from_config(tiny_qwen_config(tok), tiny_vggt_config(),
+                                                     _config(group_size, **options))
     with torch.no_grad():
         for level in m.fusion.levels:  # a random W_out is small: make each level's geometry term far above noise
             level.out_proj.weight.mul_(20.0)
@@ -43,10 +44,10 @@ def model():
     return _model(seed=0)
 
 
-def _batch(tok, seed: int):
+def _batch(tok, seed: int, group_size: int = 4):
     """Two samples with different frame counts and sizes (fresh random frames per seed)."""
-    return build_inputs(tok, [random_frames(2, 70, 84, seed=seed), random_frames(1, 56, 98, seed=seed + 1)], 4,
-                        answer="ok")
+    return build_inputs(tok, [random_frames(2, 70, 84, seed=seed), random_frames(3, 56, 98, seed=seed + 1)],
+                        group_size, answer="ok")
 
 
 def _geometry_by_hand(level, rows, gi):
@@ -74,17 +75,18 @@ def _merge_by_hand(merger, h):
     return torch.nn.functional.gelu(x @ lin1.weight.T + lin1.bias) @ lin2.weight.T + lin2.bias
 
 
-def _reference_levels(m, inputs):
+def _reference_levels(m, inputs, group_size: int = 4):
     """The J levels' fused tokens [L_total, D] computed by hand (last = the pre-LLM visual tokens), and Q."""
     from transformers.vision_utils import get_vision_window_index
 
     vis = m.model.visual
-    grid = inputs["image_grid_thw"]
+    G = group_size
+    grid = inputs["image_grid_thw" if G == 4 else "video_grid_thw"]
     outs = {}
     hooks = [vis.blocks[b].register_forward_hook(lambda mod, a, o, b=b: outs.__setitem__(b, o)) for b in VIT_BLOCKS]
     try:
         with torch.no_grad():
-            q = vis(inputs["pixel_values"], grid_thw=grid).pooler_output
+            q = vis(inputs["pixel_values" if G == 4 else "pixel_values_videos"], grid_thw=grid).pooler_output
     finally:
         for h in hooks:
             h.remove()
@@ -96,7 +98,7 @@ def _reference_levels(m, inputs):
     with torch.no_grad():
         for frames in inputs["vggt_pixel_values"]:
             vg = (frames.shape[-2] // 14, frames.shape[-1] // 14)
-            gi = build_gather_index(frames.shape[0], vg, qwen_grid_for_vggt(vg), 4)
+            gi = build_gather_index(frames.shape[0], vg, qwen_grid_for_vggt(vg), G)
             every = dict(m.vggt.iter_layers(frames[None]))  # all VGGT layers, held as a plain dict
             L = gi.shape[0]
             for j, layer in enumerate(GEO_LAYERS):
@@ -141,11 +143,12 @@ def _plain_forward_by_hand(plain, inputs, fused, mask, add_intermediate=True):
             h.remove()
 
 
-def test_logits_and_fused_tokens_match_a_by_hand_reference(model):
-    m, tok = model
-    inputs = _batch(tok, seed=11)
-    mask = inputs["input_ids"] == m.config.image_token_id
-    expected, q = _reference_levels(m, inputs)
+@pytest.mark.parametrize("group_size", [4, 8], ids=["images", "video"])
+def test_logits_and_fused_tokens_match_a_by_hand_reference(model, group_size):
+    m, tok = model if group_size == 4 else _model(seed=2, group_size=8)
+    inputs = _batch(tok, seed=11, group_size=group_size)
+    mask = inputs["input_ids"] == (m.config.image_token_id if group_size == 4 else m.config.video_token_id)
+    expected, q = _reference_levels(m, inputs, group_size)
 
     seen = {}
     def grab_llm_input(mod, args, kwargs):

@@ -81,9 +81,10 @@ def _reference_levels(m, inputs, group_size: int = 4):
 
     vis = m.model.visual
     G = group_size
+    vit_blocks, geo_layers = m.fusion.config.progressive_vit_blocks, m.fusion.config.progressive_geo_layers
     grid = inputs["image_grid_thw" if G == 4 else "video_grid_thw"]
     outs = {}
-    hooks = [vis.blocks[b].register_forward_hook(lambda mod, a, o, b=b: outs.__setitem__(b, o)) for b in VIT_BLOCKS]
+    hooks = [vis.blocks[b].register_forward_hook(lambda mod, a, o, b=b: outs.__setitem__(b, o)) for b in vit_blocks]
     try:
         with torch.no_grad():
             q = vis(inputs["pixel_values" if G == 4 else "pixel_values_videos"], grid_thw=grid).pooler_output
@@ -92,8 +93,8 @@ def _reference_levels(m, inputs, group_size: int = 4):
             h.remove()
     window_index, _ = get_vision_window_index(grid, 2, vis.window_size, vis.patch_size)
     back = torch.argsort(window_index)
-    views = [_merge_by_hand(m.fusion.mergers[j], outs[b])[back] for j, b in enumerate(VIT_BLOCKS)] + [q]
-    fused = [[] for _ in GEO_LAYERS]
+    views = [_merge_by_hand(m.fusion.mergers[j], outs[b])[back] for j, b in enumerate(vit_blocks)] + [q]
+    fused = [[] for _ in geo_layers]
     off = 0
     with torch.no_grad():
         for frames in inputs["vggt_pixel_values"]:
@@ -101,7 +102,7 @@ def _reference_levels(m, inputs, group_size: int = 4):
             gi = build_gather_index(frames.shape[0], vg, qwen_grid_for_vggt(vg), G)
             every = dict(m.vggt.iter_layers(frames[None]))  # all VGGT layers, held as a plain dict
             L = gi.shape[0]
-            for j, layer in enumerate(GEO_LAYERS):
+            for j, layer in enumerate(geo_layers):
                 rows = every[layer].reshape(-1, every[layer].shape[-1])
                 f = _geometry_by_hand(m.fusion.levels[j], rows, gi)
                 fused[j].append(_gated_by_hand(m.fusion.levels[j], views[j][off:off + L], f))
@@ -318,3 +319,54 @@ def test_routed_bank_entry_points_refuse(model):
             pass
     with pytest.raises(ValueError, match="progressive"):
         m.fuse_visual_tokens(q, torch.tensor([[1, 2, 6]]), [random_frames(1, 28, 84)])
+
+
+def test_vggt_layers_are_streamed_into_their_levels(model):
+    """Only the J layers are asked of VGGT, and each level is computed as its layer arrives, before the next one."""
+    m, tok = model
+    inputs = build_inputs(tok, [random_frames(2, 56, 56, seed=51)], 4)
+    events, asked = [], []
+    orig = m.vggt.iter_layers
+
+    def logging_layers(images, layers=None, **kw):
+        asked.append(tuple(layers))
+        for layer_id, tokens in orig(images, layers, **kw):
+            events.append(("vggt", layer_id))
+            yield layer_id, tokens
+            events.append(("next", layer_id))
+
+    hooks = [level.register_forward_hook(lambda mod, a, o, j=j: events.append(("level", j)))
+             for j, level in enumerate(m.fusion.levels)]
+    m.vggt.iter_layers = logging_layers
+    try:
+        with torch.no_grad():
+            m(**inputs)
+    finally:
+        del m.vggt.iter_layers
+        for h in hooks:
+            h.remove()
+    assert asked == [GEO_LAYERS]
+    expected = []
+    for j, layer in enumerate(GEO_LAYERS):
+        expected += [("vggt", layer), ("level", j), ("next", layer)]
+    assert events == expected
+
+
+def test_one_level_is_a_gated_fusion_of_the_tower_output():
+    """J = 1: no mergers, no decoder hooks, the tower's output fused with one VGGT layer."""
+    m, tok = _model(seed=3, progressive_vit_blocks=(), progressive_geo_layers=(2,), progressive_inject_layers=())
+    assert len(m.fusion.levels) == 1 and len(m.fusion.mergers) == 0
+    inputs = _batch(tok, seed=61)
+    mask = inputs["input_ids"] == m.config.image_token_id
+    expected, q = _reference_levels(m, inputs)
+    seen = {}
+    h = m.model.language_model.register_forward_pre_hook(
+        lambda mod, a, k: seen.__setitem__("embeds", k["inputs_embeds"].detach().clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            m(**inputs)
+    finally:
+        h.remove()
+    torch.testing.assert_close(seen["embeds"][mask], expected[0], rtol=1e-5, atol=1e-5)
+    assert (expected[0] - q).abs().max() > 1e-2
+    assert m.model.progressive_injection.kept is None

@@ -64,7 +64,7 @@ class GeoAlignConfig:
     injection_layers  () = before the LLM (default); else LLM decoder layer ids whose input visual hidden states
                       are the queries and are replaced by Q_hat (paper: early 9, mid 18, late 27, multi (9, 18, 27))
 
-    GAP-MLLM's multi-level progressive fusion (geoalign.progressive; all three empty = off, the default). With J
+    GAP-MLLM's multi-level progressive fusion (geoalign.progressive; the three id lists empty = off, the default). With J
     levels, level j pairs a Qwen ViT block with a VGGT layer and fuses them with a token-level gate; the last level
     pairs the vision tower's own output Q with its VGGT layer and replaces the pre-LLM visual tokens, each earlier
     level is added to the visual hidden states after one early decoder layer (DeepStack). When on, the routed bank

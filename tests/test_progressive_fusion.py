@@ -200,6 +200,19 @@ def test_gradients_reach_levels_and_mergers_not_vggt():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None and not p.requires_grad for p in m.vggt.parameters())
     assert all(p.grad is None and not p.requires_grad for p in m.model.visual.parameters())
+    # with gradient checkpointing the decoder hooks run again in the recompute: same loss and gradients (tol 1e-6)
+    ref = {n: p.grad.clone() for n, p in m.fusion.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.train()
+    try:
+        again = m(**inputs, labels=labels)
+    finally:
+        m.eval()
+    again.loss.backward()
+    torch.testing.assert_close(again.loss, out.loss, rtol=0, atol=1e-6)
+    for name, p in m.fusion.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-6, atol=1e-6)
 
 
 def test_generate_runs_vggt_once_and_adds_only_at_prefill(model):

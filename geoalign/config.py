@@ -64,11 +64,11 @@ class GeoAlignConfig:
     injection_layers  () = before the LLM (default); else LLM decoder layer ids whose input visual hidden states
                       are the queries and are replaced by Q_hat (paper: early 9, mid 18, late 27, multi (9, 18, 27))
 
-    GAP-MLLM's multi-level progressive fusion (geoalign.progressive; the three id lists empty = off, the default). With J
-    levels, level j pairs a Qwen ViT block with a VGGT layer and fuses them with a token-level gate; the last level
-    pairs the vision tower's own output Q with its VGGT layer and replaces the pre-LLM visual tokens, each earlier
-    level is added to the visual hidden states after one early decoder layer (DeepStack). When on, the routed bank
-    (bank_layers, top_k, feature_usage, projector, router_hidden) is not used, and fusion="gated_2d3d",
+    GAP-MLLM's multi-level progressive fusion (geoalign.progressive; the three id lists empty = off, the default).
+    With J levels, level j pairs a Qwen ViT block with a VGGT layer and fuses them with a token-level gate; the last
+    level pairs the vision tower's own output Q with its VGGT layer and replaces the pre-LLM visual tokens, each
+    earlier level is added to the visual hidden states after one early decoder layer (DeepStack). When on, the routed
+    bank (bank_layers, top_k, feature_usage, projector, router_hidden) is not used, and fusion="gated_2d3d",
     gate_granularity="token" are required (they name the per-level fusion); injection_layers must be empty.
     progressive_vit_blocks     J-1 Qwen ViT block ids (0-based, strictly increasing) of the intermediate levels
     progressive_geo_layers     J VGGT layer ids (strictly increasing), the last one for the final level

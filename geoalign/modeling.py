@@ -232,8 +232,9 @@ class GeoAlignModel(Qwen2_5_VLModel):
         sample. Raises ValueError when Qwen's grids / token counts do not match the VGGT frames. Not for the
         progressive fusion (it also needs the tower's intermediate blocks: use forward)."""
         if self.fusion.config.is_progressive:
-            raise ValueError("fuse_visual_tokens runs the routed bank fusion; this model uses the progressive fusion, "
-                             "which also needs the vision tower's intermediate blocks: call the model's forward")
+            raise ValueError("fuse_visual_tokens runs the routed bank fusion; this model uses the progressive "
+                             "fusion, which also needs the vision tower's intermediate blocks: call the model's "
+                             "forward")
         if not (isinstance(samples, list) and samples and isinstance(samples[0], SampleGeometry)):
             samples = as_samples(samples, gather_index)
         out = [self._fuse_sample(q_b, s.images, gi, backend)
@@ -342,8 +343,8 @@ def _check_progressive_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig,
         raise ValueError(f"fusion progressive_inject_layers needs hidden_size == the LLM width "
                          f"{int(config.text_config.hidden_size)}, got {fusion.hidden_size}")
     if int(config.vision_config.spatial_merge_size) != 2:
-        raise ValueError("the progressive fusion's level mergers are 2x2; Qwen's vision tower has spatial_merge_size="
-                         f"{int(config.vision_config.spatial_merge_size)}")
+        raise ValueError("the progressive fusion's level mergers are 2x2; Qwen's vision tower has "
+                         f"spatial_merge_size={int(config.vision_config.spatial_merge_size)}")
 
 
 class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):

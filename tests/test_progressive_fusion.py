@@ -19,9 +19,9 @@ from geoalign.tiny import (build_inputs, make_tokenizer, random_frames, tiny_fus
                            tiny_qwen_config, tiny_vggt_config)
 from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
-PROGRESSIVE = dict(fusion="gated_2d3d", gate_granularity="token", progressive_vit_blocks=(0, 1),
-                   progressive_geo_layers=(1, 2, 3), progressive_inject_layers=(0, 1), progressive_vit_hidden=32)
 VIT_BLOCKS, GEO_LAYERS, INJECT = (0, 1), (1, 2, 3), (0, 1)
+PROGRESSIVE = dict(fusion="gated_2d3d", gate_granularity="token", progressive_vit_blocks=VIT_BLOCKS,
+                   progressive_geo_layers=GEO_LAYERS, progressive_inject_layers=INJECT, progressive_vit_hidden=32)
 
 
 def _config(group_size: int = 4, **options) -> GeoAlignConfig:

@@ -63,6 +63,18 @@ class GeoAlignConfig:
     gate_granularity  gated fusions only: "channel" (a D-wide gate) or "token" (one scalar gate per visual token)
     injection_layers  () = before the LLM (default); else LLM decoder layer ids whose input visual hidden states
                       are the queries and are replaced by Q_hat (paper: early 9, mid 18, late 27, multi (9, 18, 27))
+
+    GAP-MLLM's multi-level progressive fusion (geoalign.progressive; the three id lists empty = off, the default).
+    With J levels, level j pairs a Qwen ViT block with a VGGT layer and fuses them with a token-level gate; the last
+    level pairs the vision tower's own output Q with its VGGT layer and replaces the pre-LLM visual tokens, each
+    earlier level is added to the visual hidden states after one early decoder layer (DeepStack). When on, the routed
+    bank (bank_layers, top_k, feature_usage, projector, router_hidden) is not used, and fusion="gated_2d3d",
+    gate_granularity="token" are required (they name the per-level fusion); injection_layers must be empty.
+    progressive_vit_blocks     J-1 Qwen ViT block ids (0-based, strictly increasing) of the intermediate levels
+    progressive_geo_layers     J VGGT layer ids (strictly increasing), the last one for the final level
+    progressive_inject_layers  J-1 LLM decoder layer ids (no repeats): level j's fused tokens are added to the output
+                               of decoder layer progressive_inject_layers[j] at the visual positions (prefill only)
+    progressive_vit_hidden     C, the ViT width the level mergers read (Qwen2.5-VL: 1280)
     """
 
     hidden_size: int = 2048
@@ -83,6 +95,10 @@ class GeoAlignConfig:
     fusion: str = "add"
     gate_granularity: str = "channel"
     injection_layers: Sequence[int] = ()
+    progressive_vit_blocks: Sequence[int] = ()
+    progressive_geo_layers: Sequence[int] = ()
+    progressive_inject_layers: Sequence[int] = ()
+    progressive_vit_hidden: int = 1280
 
     def __post_init__(self) -> None:
         self._resolve_bank()
@@ -165,6 +181,59 @@ class GeoAlignConfig:
         if len(set(inj)) != len(inj):
             raise ValueError(f"GeoAlignConfig.injection_layers has repeated layers: {inj}")
         self.injection_layers = tuple(sorted(inj))
+        self._check_progressive()
+
+    def _check_progressive(self) -> None:
+        """The progressive-fusion fields: id lists of matching lengths, and no option that contradicts them."""
+        for name in ("progressive_vit_blocks", "progressive_geo_layers", "progressive_inject_layers"):
+            ids = getattr(self, name)
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise ValueError(f"GeoAlignConfig.{name} must be a list of layer ids, got {ids!r}")
+            ids = tuple(ids)
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"GeoAlignConfig.{name} must be non-negative int layer ids, got {list(ids)}")
+            setattr(self, name, ids)
+        value = self.progressive_vit_hidden
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"GeoAlignConfig.progressive_vit_hidden must be a positive int, got {value!r}")
+        vit, geo, inj = self.progressive_vit_blocks, self.progressive_geo_layers, self.progressive_inject_layers
+        if not (vit or geo or inj):
+            return
+        if not geo:
+            raise ValueError(f"GeoAlignConfig.progressive_geo_layers must name J >= 1 VGGT layers (one per level, the "
+                             f"last for the final level) when progressive_vit_blocks={list(vit)} or "
+                             f"progressive_inject_layers={list(inj)} is set")
+        J = len(geo)
+        if len(vit) != J - 1:
+            raise ValueError(f"GeoAlignConfig.progressive_vit_blocks must hold J-1={J - 1} ViT block ids (one per "
+                             f"intermediate level; progressive_geo_layers has J={J}), got {list(vit)}")
+        if len(inj) != J - 1:
+            raise ValueError(f"GeoAlignConfig.progressive_inject_layers must hold J-1={J - 1} decoder layer ids (one "
+                             f"per intermediate level; progressive_geo_layers has J={J}), got {list(inj)}")
+        for name, ids in (("progressive_vit_blocks", vit), ("progressive_geo_layers", geo)):
+            if any(b <= a for a, b in zip(ids, ids[1:])):
+                raise ValueError(f"GeoAlignConfig.{name} must be strictly increasing (levels go from shallow to "
+                                 f"deep), got {list(ids)}")
+        if len(set(inj)) != len(inj):
+            raise ValueError(f"GeoAlignConfig.progressive_inject_layers has repeated layers: {list(inj)}")
+        if self.injection_layers:
+            raise ValueError(f"GeoAlignConfig.injection_layers={list(self.injection_layers)} cannot be combined with "
+                             "the progressive fusion (progressive_geo_layers): it replaces the routed bank fusion, "
+                             "and its levels are injected by progressive_inject_layers")
+        if self.fusion != "gated_2d3d" or self.gate_granularity != "token":
+            raise ValueError(f"GeoAlignConfig.progressive_geo_layers: the progressive fusion's levels use the "
+                             f"token-level gate; set fusion='gated_2d3d', gate_granularity='token' (got "
+                             f"fusion={self.fusion!r}, gate_granularity={self.gate_granularity!r})")
+
+    @property
+    def is_progressive(self) -> bool:
+        """Whether this config enables GAP-MLLM's multi-level progressive fusion (instead of the routed bank)."""
+        return len(self.progressive_geo_layers) > 0
+
+    @property
+    def num_progressive_levels(self) -> int:
+        """J, the number of progressive levels (0 when off)."""
+        return len(self.progressive_geo_layers)
 
     @property
     def routed_k(self) -> int:
@@ -189,7 +258,9 @@ class GeoAlignConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bank_layers"] = list(self.bank_layers)
-        d["injection_layers"] = list(self.injection_layers)
+        for name in ("injection_layers", "progressive_vit_blocks", "progressive_geo_layers",
+                     "progressive_inject_layers"):
+            d[name] = list(getattr(self, name))
         return d
 
     @classmethod

@@ -143,11 +143,25 @@ class GeoAlignFusion(nn.Module):
     feature_usage="single"/"mean"       no router
     fusion="film"                       + film_scale [D, D] (no bias); out_proj is W_shift
     fusion="gated_2d"/"gated_2d3d"      + gate [D or 1, D] / [D or 1, 2D] with bias (width 1: gate_granularity="token")
+
+    With GAP-MLLM's progressive fusion (``config.is_progressive``) the module holds only that fusion's parameters,
+    ``levels.{j}.*`` and ``mergers.{j}.*`` (geoalign.progressive), and no routed bank: the model
+    (geoalign.modeling.GeoAlignModel) runs the levels; ``forward`` / ``begin`` / ``route`` refuse.
     """
 
     def __init__(self, config: GeoAlignConfig | None = None):
         super().__init__()
         self.config = config = config if config is not None else GeoAlignConfig()
+        #: check input values too: q finite, gather_index rows in [0, N). Three device->host syncs per forward;
+        #: switch off for CUDA graphs and torch.compile (shapes, dtypes and devices are always checked, and the
+        #: kernels never read or write through an out-of-range row: they give NaN rows instead)
+        self.check_inputs = True
+        if config.is_progressive:
+            from .progressive import ProgressiveLevel, level_merger
+
+            self.levels = nn.ModuleList(ProgressiveLevel(config) for _ in range(config.num_progressive_levels))
+            self.mergers = nn.ModuleList(level_merger(config) for _ in range(config.num_progressive_levels - 1))
+            return
         M, G = config.num_bank_layers, config.group_size
         D = config.hidden_size
         self.layer_norms = nn.ModuleList(nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps) for _ in range(M))
@@ -163,10 +177,17 @@ class GeoAlignFusion(nn.Module):
         elif config.fusion in ("gated_2d", "gated_2d3d"):
             width = D if config.gate_granularity == "channel" else 1
             self.gate = nn.Linear(D if config.fusion == "gated_2d" else 2 * D, width)
-        #: check input values too: q finite, gather_index rows in [0, N). Three device->host syncs per forward;
-        #: switch off for CUDA graphs and torch.compile (shapes, dtypes and devices are always checked, and the
-        #: kernels never read or write through an out-of-range row: they give NaN rows instead)
-        self.check_inputs = True
+
+    @property
+    def weight_like(self) -> torch.Tensor:
+        """A parameter with the fusion's dtype and device (out_proj's; the last level's with the progressive fusion)."""
+        return self.levels[-1].out_proj.weight if self.config.is_progressive else self.out_proj.weight
+
+    def _refuse_progressive(self, what: str) -> None:
+        if self.config.is_progressive:
+            raise ValueError(f"GeoAlignFusion.{what}: this fusion is GAP-MLLM's progressive fusion "
+                             f"(progressive_geo_layers={list(self.config.progressive_geo_layers)}), which has no "
+                             "routed bank; the model runs its levels (GeoAlignForConditionalGeneration.forward)")
 
     def router_hidden(self, q: torch.Tensor) -> torch.Tensor:
         """The router's hidden layer GELU(V1 q + c1) [L, R] (its fc2 gives the logits: ``self.router(q)``)."""
@@ -212,12 +233,14 @@ class GeoAlignFusion(nn.Module):
     def begin(self, q: torch.Tensor, gather_index: torch.Tensor, backend: str | None = None,
               fold_output: bool = False) -> FusionStream:
         """Start a streaming forward: routes Q now; feed layers with ``add(i, layer)``, then ``finish()``."""
+        self._refuse_progressive("begin")
         name = resolve_backend_name(backend, self.config.backend, q.device if isinstance(q, torch.Tensor)
                                     else torch.device("cpu"))
         return FusionStream(self, q, gather_index, name, fold_output)
 
     def route(self, q: torch.Tensor, backend: str | None = None) -> Routing:
         """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""
+        self._refuse_progressive("route")
         self.check_query(q)
         name = resolve_backend_name(backend, self.config.backend, q.device)
         if name == "reference":

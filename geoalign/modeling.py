@@ -16,7 +16,10 @@ ever held). Qwen calls these methods only when it encodes pixels, i.e. once, at 
 The geometry inputs of a call (``vggt_pixel_values``, ``gather_index``) are keyword arguments of ``forward`` and
 ``generate``; they reach ``get_image_features`` through :meth:`GeoAlignModel.geometry`, a context that holds them for
 the duration of one forward (the only per-call state). In-LLM injection (``geoalign_config.injection_layers``) uses
-decoder-layer pre-hooks instead (geoalign.injection).
+decoder-layer pre-hooks instead (geoalign.injection). GAP-MLLM's progressive fusion (``progressive_geo_layers``;
+geoalign.progressive) replaces the routed bank: per sample, J levels pair captured ViT block outputs (and the tower's
+output Q, last) with J VGGT layers streamed from one VGGT pass; the last level replaces Q, earlier levels are added
+after early decoder layers by forward hooks.
 
 Build: ``from_qwen_and_vggt(qwen_dir, vggt_checkpoint)`` (the base models, a fresh or saved fusion), ``from_parts``
 (random, for tests), ``from_pretrained(dir)`` (a checkpoint written by ``save_pretrained``; a legacy geoalign
@@ -46,6 +49,7 @@ from .geometry.config import VGGTAggregatorConfig
 from .injection import InLLMInjection, KeptGeometry
 from .model_config import GeoAlignModelConfig, default_fusion_config
 from .model_inputs import SampleGeometry, as_samples, split_by_sample
+from .progressive import KeptLevels, ProgressiveInjection, capture_block_outputs, merged_in_token_order, window_index
 from .processing import GeoAlignProcessor
 from .serialization import VGGT_CONFIG, is_legacy_directory, legacy_parts, load_fusion, save_fusion
 
@@ -59,7 +63,7 @@ class _PendingGeometry:
     samples: list[SampleGeometry]
     backend: str | None
     kind: str  # "image" or "video": the pixel input Qwen will encode
-    visual_mask: torch.Tensor | None = None  # [B, T] visual-token positions (in-LLM injection only)
+    visual_mask: torch.Tensor | None = None  # [B, T] visual-token positions (in-LLM / progressive injection)
     used: bool = False
 
 
@@ -94,6 +98,8 @@ class GeoAlignModel(Qwen2_5_VLModel):
         self._routing_recorder = None  # a RoutingRecorder while record_routing() is active
         self.injection = InLLMInjection(lambda: self.fusion, lambda: self._bypass)
         self.injection.install(self.language_model.layers, config.text_config.hidden_size)
+        self.progressive_injection = ProgressiveInjection(lambda: self.fusion, lambda: self._bypass)
+        self.progressive_injection.install(self.language_model.layers)
 
     @property
     def group_size(self) -> int:
@@ -102,22 +108,24 @@ class GeoAlignModel(Qwen2_5_VLModel):
     def set_fusion(self, fusion: GeoAlignFusion) -> None:
         """Replace the fusion (same D and D'; a bank VGGT has); the config follows."""
         check_fits(fusion.config, self.config, self.vggt)
-        p = self.fusion.out_proj.weight
+        p = self.fusion.weight_like
         self.fusion = _self_initialised(fusion.to(device=p.device, dtype=p.dtype))
         self.config.geoalign_config = fusion.config.to_dict()
         self.injection.install(self.language_model.layers, self.config.text_config.hidden_size)
+        self.progressive_injection.install(self.language_model.layers)
 
     # ------------------------------------------------------------------ the call's geometry
     @contextlib.contextmanager
     def geometry(self, vggt_pixel_values, gather_index=None, *, pixel_values=None, pixel_values_videos=None,
                  backend: str | None = None, input_ids: torch.Tensor | None = None) -> Iterator[None]:
         """Context in which this model's image/video features are fused with these samples' VGGT geometry.
-        ``input_ids`` [B, T] is needed for in-LLM injection (it marks the visual-token positions). Inside an
-        active context (generate's, around each of its forwards) it shares that context's geometry."""
+        ``input_ids`` [B, T] is needed for in-LLM / progressive injection (it marks the visual-token positions).
+        Inside an active context (generate's, around each of its forwards) it shares that context's geometry."""
         if self._pending is not None:
             yield
             return
         self.injection.kept = None  # geometry kept from the previous forward is released here
+        self.progressive_injection.kept = None
         if self._bypass or (pixel_values is None and pixel_values_videos is None):
             yield  # text only, or a cached decoding step: nothing to fuse
             return
@@ -133,9 +141,11 @@ class GeoAlignModel(Qwen2_5_VLModel):
             raise ValueError("GeoAlign needs the frames for VGGT: pass vggt_pixel_values (see GeoAlignProcessor)")
         samples = as_samples(vggt_pixel_values, gather_index)
         mask = None
-        if self.fusion.config.injection_layers:
+        cfg = self.fusion.config
+        if cfg.injection_layers or cfg.progressive_inject_layers:
             if input_ids is None:
-                raise ValueError("in-LLM injection (geoalign_config.injection_layers) needs input_ids to find the "
+                field = "injection_layers" if cfg.injection_layers else "progressive_inject_layers"
+                raise ValueError(f"in-LLM injection (geoalign_config.{field}) needs input_ids to find the "
                                  "visual-token positions")
             mask = input_ids == (self.config.image_token_id if kind == "image" else self.config.video_token_id)
         self._pending = _PendingGeometry(samples, backend, kind, visual_mask=mask)
@@ -145,6 +155,7 @@ class GeoAlignModel(Qwen2_5_VLModel):
             self._pending = None
             if not torch.is_grad_enabled():
                 self.injection.kept = None  # inference: no backward recompute can need the kept layers
+                self.progressive_injection.kept = None
 
     @contextlib.contextmanager
     def without_fusion(self) -> Iterator[None]:
@@ -163,6 +174,10 @@ class GeoAlignModel(Qwen2_5_VLModel):
         if self.fusion.config.injection_layers:
             raise ValueError("routing recording covers the pre-LLM fusion; this model injects geometry inside the "
                              f"LLM (injection_layers={list(self.fusion.config.injection_layers)})")
+        if self.fusion.config.is_progressive:
+            raise ValueError("routing recording covers the routed bank fusion; this model uses the progressive "
+                             f"fusion (progressive_geo_layers={list(self.fusion.config.progressive_geo_layers)}), "
+                             "which has no routes")
         if self._routing_recorder is not None:
             raise RuntimeError("record_routing() is already active on this model")
         self._routing_recorder = recorder = RoutingRecorder(keep_tensors=keep_tensors)
@@ -182,16 +197,19 @@ class GeoAlignModel(Qwen2_5_VLModel):
 
     def _fused(self, encode, pixels, grid_thw, kind: str, kwargs: dict):
         return_dict = kwargs.pop("return_dict", True)
-        out = encode(pixels, grid_thw, return_dict=True, **kwargs)
+        blocks = () if self._bypass else self.fusion.config.progressive_vit_blocks
+        with capture_block_outputs(self.visual.blocks, blocks) as block_outputs:  # progressive fusion only
+            out = encode(pixels, grid_thw, return_dict=True, **kwargs)
         if not self._bypass:
             parts = out.pooler_output  # Qwen's per-image / per-video split of Q
             q = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
-            q_hat = self._fuse_pending(q, grid_thw, kind)
+            q_hat = self._fuse_pending(q, grid_thw, kind, block_outputs)
             if q_hat is not q:
                 out.pooler_output = torch.split(q_hat, [int(p.shape[0]) for p in parts])
         return out if return_dict else out.to_tuple()
 
-    def _fuse_pending(self, q: torch.Tensor, grid_thw: torch.Tensor, kind: str) -> torch.Tensor:
+    def _fuse_pending(self, q: torch.Tensor, grid_thw: torch.Tensor, kind: str,
+                      block_outputs: dict[int, torch.Tensor]) -> torch.Tensor:
         pending = self._pending
         if pending is None:
             raise RuntimeError("Qwen's vision tower ran outside a GeoAlign forward: call the model's forward / generate "
@@ -202,6 +220,8 @@ class GeoAlignModel(Qwen2_5_VLModel):
         if self.fusion.config.injection_layers:
             self._keep_for_injection(q, grid_thw, pending)
             return q  # the tower's output goes to the LLM unchanged; the decoder hooks fuse
+        if self.fusion.config.is_progressive:
+            return self._fuse_progressive(q, block_outputs, grid_thw, pending)
         return self.fuse_visual_tokens(q, grid_thw, pending.samples, backend=pending.backend)
 
     # ------------------------------------------------------------------ the fusion
@@ -209,27 +229,36 @@ class GeoAlignModel(Qwen2_5_VLModel):
                            backend: str | None = None) -> torch.Tensor:
         """Q [L_total, D] (the vision tower's merged output for the whole batch, sample-major) -> Q_hat.
         ``samples``: per-sample VGGT frames (as ``vggt_pixel_values``). One VGGT pass and one fusion stream per
-        sample. Raises ValueError when Qwen's grids / token counts do not match the VGGT frames."""
+        sample. Raises ValueError when Qwen's grids / token counts do not match the VGGT frames. Not for the
+        progressive fusion (it also needs the tower's intermediate blocks: use forward)."""
+        if self.fusion.config.is_progressive:
+            raise ValueError("fuse_visual_tokens runs the routed bank fusion; this model uses the progressive "
+                             "fusion, which also needs the vision tower's intermediate blocks: call the model's "
+                             "forward")
         if not (isinstance(samples, list) and samples and isinstance(samples[0], SampleGeometry)):
             samples = as_samples(samples, gather_index)
         out = [self._fuse_sample(q_b, s.images, gi, backend)
                for q_b, s, gi in split_by_sample(q, grid_thw, samples, self.group_size)]
         return torch.cat(out, dim=0) if len(out) > 1 else out[0]
 
-    def _bank_layers(self, images: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
-        """(bank position, layer rows [N, D']) for one sample's frames, in the order VGGT produces them."""
-        cfg = self.fusion.config
-        position = {layer: i for i, layer in enumerate(cfg.bank_layers)}
+    def _vggt_layers(self, images: torch.Tensor, layer_ids, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in ``layer_ids``, layer rows [N, D']) for one sample's frames [S, 3, H, W]: one VGGT pass,
+        each layer yielded as VGGT produces it (ascending ids)."""
+        position = {layer: i for i, layer in enumerate(layer_ids)}
         vp = next(self.vggt.parameters())
         images = images.to(device=vp.device, dtype=vp.dtype)
         self.vggt_calls += 1
-        for layer_id, tokens in self.vggt.iter_layers(images[None], cfg.bank_layers, out_dtype=dtype):
+        for layer_id, tokens in self.vggt.iter_layers(images[None], layer_ids, out_dtype=dtype):
             yield position[layer_id], tokens.reshape(-1, tokens.shape[-1])
+
+    def _bank_layers(self, images: torch.Tensor, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        """(bank position, layer rows [N, D']) for one sample's frames, in the order VGGT produces them."""
+        return self._vggt_layers(images, self.fusion.config.bank_layers, dtype)
 
     def _fuse_sample(self, q: torch.Tensor, images: torch.Tensor, gather_index: torch.Tensor,
                      backend: str | None) -> torch.Tensor:
         """Route first, then stream this sample's bank layers from VGGT into the fusion."""
-        fp = self.fusion.out_proj.weight
+        fp = self.fusion.weight_like
         q = q.to(device=fp.device, dtype=fp.dtype)
         stream = self.fusion.begin(q, gather_index.to(device=fp.device, dtype=torch.int64), backend=backend)
         for position, rows in self._bank_layers(images, fp.dtype):  # the router read only Q: routes known now
@@ -242,7 +271,7 @@ class GeoAlignModel(Qwen2_5_VLModel):
 
     def _keep_for_injection(self, q: torch.Tensor, grid_thw: torch.Tensor, pending: _PendingGeometry) -> None:
         """In-LLM injection, at prefill: run VGGT once per sample and keep its M bank layers for the decoder hooks."""
-        fp = self.fusion.out_proj.weight
+        fp = self.fusion.weight_like
         kept = []
         for _q_b, s, gi in split_by_sample(q, grid_thw, pending.samples, self.group_size):
             layers: list = [None] * self.fusion.config.num_bank_layers
@@ -250,6 +279,32 @@ class GeoAlignModel(Qwen2_5_VLModel):
                 layers[position] = rows.to(fp.device)
             kept.append((layers, gi.to(device=fp.device, dtype=torch.int64)))
         self.injection.keep(KeptGeometry(pending.visual_mask.to(q.device), kept, pending.backend))
+
+    def _fuse_progressive(self, q: torch.Tensor, block_outputs: dict[int, torch.Tensor], grid_thw: torch.Tensor,
+                          pending: _PendingGeometry) -> torch.Tensor:
+        """GAP-MLLM's progressive fusion at prefill. q [L_total, D] (the tower's output), block_outputs {b: [seq, C]}
+        (the intermediate ViT blocks, window order) -> the last level's fused tokens [L_total, D]; the intermediate
+        levels' fused tokens [L_total, D] are kept for the decoder hooks. Per sample one VGGT pass streams the J
+        layers; level j is computed when its layer arrives and the layer is dropped then."""
+        fusion, cfg = self.fusion, self.fusion.config
+        fp = fusion.weight_like
+        order = window_index(self.visual, grid_thw)
+        views = [merged_in_token_order(merger, block_outputs[b].to(device=fp.device, dtype=fp.dtype), order)
+                 for merger, b in zip(fusion.mergers, cfg.progressive_vit_blocks)]
+        views.append(q.to(device=fp.device, dtype=fp.dtype))
+        stacked = torch.stack(views, dim=1)  # [L_total, J, D]: level j's visual tokens V_j
+        del views
+        fused: list[list[torch.Tensor]] = [[] for _ in fusion.levels]
+        for v_b, s, gi in split_by_sample(stacked, grid_thw, pending.samples, self.group_size):
+            gi = gi.to(device=fp.device, dtype=torch.int64)
+            for j, rows in self._vggt_layers(s.images, cfg.progressive_geo_layers, fp.dtype):
+                level = fusion.levels[j]
+                fused[j].append(level(v_b[:, j], level.geometry(rows.to(fp.device), gi)))
+                del rows
+        out = [torch.cat(parts, dim=0) if len(parts) > 1 else parts[0] for parts in fused]
+        if len(out) > 1:
+            self.progressive_injection.keep(KeptLevels(pending.visual_mask.to(fp.device), out[:-1]))
+        return out[-1]
 
 
 def check_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAggregator) -> None:
@@ -259,6 +314,8 @@ def check_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAg
         raise ValueError(f"fusion hidden_size {fusion.hidden_size} != Qwen vision tower output width {vis_out}")
     if fusion.geo_dim != vggt.config.out_dim:
         raise ValueError(f"fusion geo_dim {fusion.geo_dim} != VGGT layer width {vggt.config.out_dim} (2 * embed_dim)")
+    if fusion.is_progressive:
+        _check_progressive_fits(fusion, config, vggt)
     if max(fusion.bank_layers) >= vggt.depth:
         raise ValueError(f"fusion bank_layers {list(fusion.bank_layers)} exceed VGGT's {vggt.depth} layers")
     if fusion.bank_selection != "explicit" and fusion.geo_depth != vggt.depth:
@@ -266,6 +323,28 @@ def check_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAg
                          f"{fusion.geo_depth} layers, but this VGGT has {vggt.depth}; set geo_depth={vggt.depth}")
     if fusion.group_size not in (4, 8):
         raise ValueError(f"fusion group_size must be 4 (images) or 8 (video), got {fusion.group_size}")
+
+
+def _check_progressive_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAggregator) -> None:
+    """The progressive fusion's block / layer ids and widths fit Qwen's vision tower, its LLM and this VGGT."""
+    vision_depth = int(config.vision_config.depth)
+    text_layers = int(config.text_config.num_hidden_layers)
+    checks = (("progressive_vit_blocks", fusion.progressive_vit_blocks, vision_depth, "Qwen vision tower blocks"),
+              ("progressive_geo_layers", fusion.progressive_geo_layers, vggt.depth, "VGGT layers"),
+              ("progressive_inject_layers", fusion.progressive_inject_layers, text_layers, "LLM decoder layers"))
+    for name, ids, n, what in checks:
+        bad = [i for i in ids if i >= n]
+        if bad:
+            raise ValueError(f"fusion {name} {list(ids)}: {bad} out of range for the {n} {what}")
+    if fusion.progressive_vit_blocks and fusion.progressive_vit_hidden != int(config.vision_config.hidden_size):
+        raise ValueError(f"fusion progressive_vit_hidden {fusion.progressive_vit_hidden} != Qwen vision tower width "
+                         f"{int(config.vision_config.hidden_size)} (the level mergers read the ViT blocks' outputs)")
+    if fusion.progressive_inject_layers and fusion.hidden_size != int(config.text_config.hidden_size):
+        raise ValueError(f"fusion progressive_inject_layers needs hidden_size == the LLM width "
+                         f"{int(config.text_config.hidden_size)}, got {fusion.hidden_size}")
+    if int(config.vision_config.spatial_merge_size) != 2:
+        raise ValueError("the progressive fusion's level mergers are 2x2; Qwen's vision tower has "
+                         f"spatial_merge_size={int(config.vision_config.spatial_merge_size)}")
 
 
 class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):

@@ -1,7 +1,7 @@
 """The GAP-MLLM recipe as shipped (configs/gap_pretrain.yaml, then configs/gap_finetune.yaml) on procedural scenes,
-end to end on CPU with tiny base checkpoints: stage 1 builds a fresh GAP fusion from qwen_path + vggt_path with
-the config's fusion_config, the loss falls; stage 2 starts from stage 1's final directory (the yaml's model_path)
-and its loss falls too."""
+end to end on CPU with tiny base checkpoints: stage 1 builds a fresh progressive GAP fusion from qwen_path +
+vggt_path with the config's fusion_config (its level ids scaled to the tiny model), the loss falls; stage 2 starts
+from stage 1's final directory (the yaml's model_path) and its loss falls too."""
 from __future__ import annotations
 
 import os
@@ -42,25 +42,28 @@ def test_two_stage_recipe_on_synthetic_scenes(tmp_path, monkeypatch):
                  *common]) == 0
     qwen, vggt = write_base_checkpoints("base")
 
+    shipped = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_pretrain.yaml")).fusion_config
+    assert shipped["fusion"] == "gated_2d3d" and len(shipped["progressive_geo_layers"]) == 4
+    tiny_levels = {**shipped, "progressive_vit_blocks": [0], "progressive_geo_layers": [1, 3],   # the tiny model's
+                   "progressive_inject_layers": [0], "progressive_vit_hidden": 32}                 # 2 ViT, 4 VGGT layers
     stage1 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_pretrain.yaml"),
-                                   {**ENGINE, "qwen_path": qwen, "vggt_path": vggt, "max_steps": 20,
-                                    "fusion_learning_rate": 3e-3})
-    assert stage1.fusion_config == {"fusion": "gated_2d3d", "gate_granularity": "token"}
+                                   {**ENGINE, "qwen_path": qwen, "vggt_path": vggt, "max_steps": 16,
+                                    "fusion_learning_rate": 3e-3, "fusion_config": tiny_levels})
     res1 = GeoAlignTrainer(stage1).train()
     assert _mean(res1.losses, "last") < 0.8 * _mean(res1.losses, "first"), res1.losses
     assert res1.final_model_dir == os.path.join("outputs", "gap-pretrain", "final")
 
-    stage2 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_finetune.yaml"), {**ENGINE, "max_steps": 20})
+    stage2 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_finetune.yaml"), {**ENGINE, "max_steps": 16})
     assert stage2.model_path == res1.final_model_dir                     # the shipped chain: stage 1 seeds stage 2
     t2 = GeoAlignTrainer(stage2)
     t2._setup()
     seeded = GeoAlignForConditionalGeneration.from_pretrained(res1.final_model_dir)
     start = t2.accelerator.unwrap_model(t2.model_ddp)
-    assert start.fusion.config.fusion == "gated_2d3d" and start.fusion.config.gate_granularity == "token"
+    assert start.fusion.config.progressive_geo_layers == (1, 3) and start.fusion.config.gate_granularity == "token"
     for name, p in seeded.named_parameters():
         if name.startswith(("model.fusion.", "lm_head.")):
             assert torch.equal(dict(start.named_parameters())[name], p), name
     res2 = t2.train()
     assert _mean(res2.losses, "last") < 0.8 * _mean(res2.losses, "first"), res2.losses
     final = GeoAlignForConditionalGeneration.from_pretrained(res2.final_model_dir)
-    assert final.fusion.config.gate_granularity == "token"
+    assert final.fusion.config.progressive_inject_layers == (0,)

@@ -87,6 +87,29 @@ def test_routes_of_fixed_usages():
     assert not hasattr(single, "router")  # single/mean have no router parameters
 
 
+@pytest.mark.parametrize("variant", ["add", "film", "gated_2d", "gated_2d3d", "gated_2d_token"])
+def test_inject_by_hand(variant):
+    """Eq. 8 and its Table 4 variants, written out with the module's weights (fp64): the reference and the fast
+    paths share inject, so parity cannot see a wrong formula there."""
+    shape = Shape(L=7, M=3, K=2, G=4)
+    options = {"add": {}, "gated_2d_token": dict(fusion="gated_2d", gate_granularity="token")}.get(
+        variant, dict(fusion=variant))
+    fusion = make_fusion(shape, torch.float64, **options)
+    gen = torch.Generator().manual_seed(11)
+    q, f = (torch.randn(shape.L, shape.D, generator=gen, dtype=torch.float64) for _ in range(2))
+    w_out = fusion.out_proj.weight
+    if variant == "add":
+        expected = q + f @ w_out.t()
+    elif variant == "film":
+        expected = q * (1 + f @ fusion.film_scale.weight.t()) + f @ w_out.t()
+    else:
+        gate_in = torch.cat([q, f], dim=1) if variant == "gated_2d3d" else q
+        gate = torch.sigmoid(gate_in @ fusion.gate.weight.t() + fusion.gate.bias)
+        expected = q + (gate * f) @ w_out.t()
+    with torch.no_grad():  # the same fp64 products, possibly summed in another order: a few ulps (eps 2.2e-16)
+        assert rel_err(fusion.inject(q, f), expected) <= 1e-13
+
+
 FIXED = {"single": dict(feature_usage="single", single_layer=2), "mean": dict(feature_usage="mean"),
          "dense": dict(feature_usage="dense")}
 

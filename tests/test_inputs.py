@@ -83,6 +83,8 @@ def test_bad_gather_index(case, backend):
     low[0, 0] = -1
     with pytest.raises(ValueError, match="expected rows >= 0, got -1"):
         fusion(q, layers, low, backend=backend)
+    with pytest.raises(TypeError, match=r"^gather_index must be a torch.Tensor \[L, G\]=\[6, 4\], got list$"):
+        fusion(q, layers, gi.tolist(), backend=backend)
     # int32 indices are accepted
     fusion(q, layers, gi.int(), backend=backend)
 
@@ -100,7 +102,10 @@ def test_bad_layers(case, backend):
         fusion(q, [layers[0], layers[1], layers[2].long()], gi, backend=backend)
     with pytest.raises(TypeError, match="bank layer 0 must be a torch.Tensor"):
         fusion(q, [None, layers[1], layers[2]], gi, backend=backend)
-    with pytest.raises(ValueError, match="requires grad"):
+    with pytest.raises(TypeError, match=r"^bank layer 1 must be a torch.Tensor \[N, 20\], got list$"):
+        fusion(q, [layers[0], layers[1].tolist(), layers[2]], gi, backend=backend)
+    with pytest.raises(ValueError, match=r"^bank layer 0 requires grad, but the geometry encoder is frozen and the "
+                                         r"fusion computes no gradient into it; pass layer\.detach\(\)$"):
         fusion(q, [layers[0].requires_grad_(True), layers[1], layers[2]], gi, backend=backend)
 
 
@@ -113,13 +118,19 @@ def test_stream_misuse(case, backend):
         stream.add(0, layers[0])
     with pytest.raises(ValueError, match=r"bank position must be an int in \[0, 3\), got 3"):
         stream.add(3, layers[0])
+    for position in (True, 1.0, "1"):  # a bool is an int to Python, but not a bank position
+        with pytest.raises(ValueError, match=rf"bank position must be an int in \[0, 3\), got {position!r}"):
+            stream.add(position, layers[1])
     with pytest.raises(ValueError, match=r"missing bank positions \[1, 2\]"):
         stream.finish()
     stream.add(1, layers[1])
     stream.add(2, layers[2])
     stream.finish()
-    with pytest.raises(RuntimeError, match="finished"):
+    with pytest.raises(RuntimeError, match=r"^this FusionStream has finished; call fusion\.begin\(\.\.\.\) for a new "
+                                           r"forward$"):
         stream.add(0, layers[0])
+    with pytest.raises(RuntimeError, match=r"^this FusionStream has already finished$"):
+        stream.finish()
 
 
 def test_unknown_backend(case):
@@ -137,3 +148,27 @@ def test_wrong_device_is_clear(case):
         fusion(q, layers, gi.to("meta"), backend="torch")
     with pytest.raises(ValueError, match="q must be on the fusion's device cpu, got meta"):
         fusion(q.to("meta"), layers, gi, backend="torch")
+
+
+def test_default_backend_is_auto(case):
+    """With no backend argument the config's default ("auto") is used: the torch backend on a CPU tensor."""
+    fusion, q, layers, gi = case
+    assert fusion.config.backend == "auto"
+    q = q.detach()
+    routing, torch_routing = fusion.route(q), fusion.route(q, backend="torch")
+    assert torch.equal(routing.topk_idx, torch_routing.topk_idx) and torch.equal(routing.alpha, torch_routing.alpha)
+    with torch.no_grad():
+        assert torch.equal(fusion(q, layers, gi), fusion(q, layers, gi, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_check_inputs_off_reads_no_values(case, backend):
+    """check_inputs=False (for CUDA graphs and torch.compile): begin() reads no tensor value (no device->host sync),
+    shown on the meta device, where any read fails; with the checks on, the same begin() does read."""
+    fusion, q, _layers, gi = case
+    fusion.to("meta")
+    q, gi = q.detach().to("meta"), gi.to("meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        fusion.begin(q, gi, backend=backend)
+    fusion.check_inputs = False
+    fusion.begin(q, gi, backend=backend)

@@ -88,6 +88,24 @@ def test_streaming_api_equals_one_shot(backend):
     assert_parity(streamed, one_shot, 1e-12, f"{backend}/stream")
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_fusion_stream_built_directly(backend):
+    """FusionStream is public: built directly, with fold_output left at its default (off), it gives exactly what
+    fusion(...) gives, for the reference backend (which refuses fold_output) and without a gradient (where a fold
+    would apply and round differently)."""
+    from geoalign import FusionStream
+
+    shape = Shape(L=9, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q, layers, gather_index = make_inputs(shape, torch.float32)
+    with torch.no_grad():
+        stream = FusionStream(fusion, q, gather_index, backend)
+        for i, layer in enumerate(layers):
+            stream.add(i, layer)
+        q_hat, _routing = stream.finish()
+        assert torch.equal(q_hat, fusion(q, layers, gather_index, backend=backend))
+
+
 @pytest.mark.parametrize("backend", backend_params(["reference"] + fast_backends()))
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_router_ties_go_to_lower_index(backend, K):

@@ -9,17 +9,25 @@
    variance cancels catastrophically there; the two-pass/Welford forms do not). Every backend computes alpha in fp32
    (fp64 for fp64 parameters) from the logits rounded to the parameter dtype, so for fp16/bf16 routers the fp32
    case is the one where exp can overflow; their rounding is covered by the dtype tolerances of the parity suite.
+3. Grad modes: inference mode, a bf16 autocast.
+4. Partial gradients: only some of the bank's inputs train (the others frozen), and the torch backend's grouped
+   bank_backward called alone: what it returns for each combination of needed gradients, at what precision, on
+   which device.
 Backends: torch, triton (interpreter), and cuda with its kernels emulated in torch (the real CUDA kernels are run
 on these cases by test_cuda_kernels.py on a GPU).
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 
-from helpers import (TOL, Shape, assert_parity, backend_params, fast_backends, make_fusion,
-                          make_inputs, rel_err, run_backend, run_cuda_backend)
+from geoalign.backends.torch_sparse import layer_grads
+from helpers import (BANK_GRADS, NEEDS, TOL, Shape, assert_parity, backend_params, bank_backward_fp64,
+                     call_bank_backward, fast_backends, make_fusion, make_inputs, rel_err, run_backend,
+                     run_cuda_backend, taped_bank)
 
 BACKENDS = fast_backends() + ["cuda-emulated"]
 
@@ -189,3 +197,100 @@ def test_bf16_autocast(backend):
     for name, g in expected[3].items():
         if g is not None:
             assert rel_err(got[3][name].float(), g) < 1e-1, name
+
+
+# ----------------------------------------------------------------------------------------- 4. partial gradients
+#: which of the bank's differentiable inputs train (name prefixes); the others are frozen. fc2, out_proj and q train.
+TRAINABLE = {
+    "router": ("router.",),  # only alpha needs a gradient: the bank's backward needs no dz at all
+    "fc1_weight": ("projector.fc1.weight",),
+    "fc1_bias": ("projector.fc1.bias",),
+    "layer_norms": ("layer_norms.",),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda-emulated"])
+@pytest.mark.parametrize("trainable", list(TRAINABLE))
+def test_partly_frozen_bank(emulated, backend, trainable):
+    """Of the router, fc1.weight, fc1.bias and the LayerNorms only one group trains: each trainable parameter gets
+    the reference's gradient (fp64 tolerance), each frozen one none."""
+    shape = Shape(L=13, M=5, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    for name, p in fusion.named_parameters():
+        in_bank = name.startswith(("router.", "projector.fc1.", "layer_norms."))
+        p.requires_grad_(not in_bank or name.startswith(TRAINABLE[trainable]))
+    q, layers, gi = make_inputs(shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = run_backend(fusion, "reference", q, layers, gi, grad_out)
+    fast = run(fusion, backend, q, layers, gi, grad_out)
+    tol = TOL[torch.float64]
+    assert rel_err(fast[0], ref[0]) <= tol and rel_err(fast[2], ref[2]) <= tol
+    for name, p in fusion.named_parameters():
+        if p.requires_grad:
+            assert rel_err(fast[3][name], ref[3][name]) <= tol, name
+        else:
+            assert fast[3][name] is None, name
+
+
+def test_bank_backward_returns_only_what_is_needed():
+    """bank_backward for each of the 16 combinations of need_* flags, on a bf16 tape: None for every gradient not
+    needed; each needed one bit for bit the all-needed call's, d_alpha in alpha's dtype (fp32) and the rest in the
+    parameter dtype (bf16). layer_grads likewise returns d_alpha only when needed, dz and db1 only when needed."""
+    shape = Shape(L=13, M=5, K=2, G=4)
+    bank, d_h_bar = taped_bank(shape, torch.bfloat16)
+    full = call_bank_backward(bank, d_h_bar)
+    shapes = [(shape.L, shape.K), (shape.H, shape.G * shape.Dg), (shape.H,), (shape.M, shape.Dg), (shape.M, shape.Dg)]
+    assert [tuple(g.shape) for g in full] == shapes
+    for flags in itertools.product([False, True], repeat=len(NEEDS)):
+        need = dict(zip(NEEDS, flags))
+        got = call_bank_backward(bank, d_h_bar, **need)
+        wanted = [need["need_alpha"], need["need_w1"], need["need_b1"], need["need_ln"], need["need_ln"]]
+        for name, g, f, w in zip(BANK_GRADS, got, full, wanted):
+            if not w:
+                assert g is None, (need, name)
+                continue
+            assert g.dtype == (torch.float32 if name == "alpha" else torch.bfloat16), (need, name)
+            assert torch.equal(g, f), (need, name)
+    j = max(range(shape.M), key=lambda i: bank.rows.layer(i)[0].numel())  # a layer with pairs
+    tokens, slots = bank.rows.layer(j)
+    for need_alpha, need_params in itertools.product([False, True], repeat=2):
+        d_a, dz, db1 = layer_grads(d_h_bar[tokens], bank.alpha[tokens, slots], bank.tape[2 * j + 1], need_alpha,
+                                   need_params, torch.bfloat16)
+        assert (d_a is not None) == need_alpha and (dz is not None) == (db1 is not None) == need_params
+
+
+def ulps(got: torch.Tensor, exact: torch.Tensor, bits: int) -> float:
+    """max |got - exact| in units of the last place of ``exact`` in a float format of ``bits`` significant bits."""
+    _, e = torch.frexp(exact)
+    return ((got.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), e - bits)).max().item()
+
+
+def test_bank_backward_accumulates_in_fp32():
+    """GELU and GELU' are evaluated, and sums taken, in fp32 whatever the tape's dtype; one rounding to the parameter
+    dtype at the end. Against fp64 on the same tape:
+    - fp32 parameters under a bf16 autocast (the tape's z is bf16): every gradient within 1e-5 (seen <= 2.2e-7:
+      fp32 rounding over sums of <= n*H terms); GELU' taken in bf16 is off by ~2^-9 (seen >= 1.4e-3).
+    - bf16 parameters: d_alpha (alpha's dtype, fp32) within 1e-5 likewise. d_fc1_bias and d_ln_bias are sums of dz,
+      which the backward rounds to bf16 (its GEMM operand): within 1 bf16 ulp of the fp64 sums of those bf16 dz,
+      i.e. summed in fp32 and rounded once (seen 0.5 ulp; rounding each layer's sum of dz to bf16: >= 6 ulps)."""
+    shape = Shape(L=37, M=12, K=2, G=4, D=28, Dg=18, H=44, R=10)
+    bank, d_h_bar = taped_bank(shape, torch.float32, autocast=torch.bfloat16)
+    assert bank.tape[1].dtype == torch.bfloat16 and bank.fc1_weight.dtype == torch.float32
+    for name, got, exact in zip(BANK_GRADS, call_bank_backward(bank, d_h_bar), bank_backward_fp64(bank, d_h_bar)):
+        assert got.dtype == torch.float32 and rel_err(got, exact) <= 1e-5, (name, rel_err(got, exact))
+
+    bank, d_h_bar = taped_bank(shape, torch.bfloat16)
+    d_alpha, _d_w1, d_b1, _d_gamma, d_beta = call_bank_backward(bank, d_h_bar)
+    assert d_alpha.dtype == torch.float32
+    assert rel_err(d_alpha, bank_backward_fp64(bank, d_h_bar)[0]) <= 1e-5
+    exact_b1, exact_beta = bank_backward_fp64(bank, d_h_bar, round_dz=torch.bfloat16)
+    assert ulps(d_b1, exact_b1, bits=8) <= 1.0 and ulps(d_beta, exact_beta, bits=8) <= 1.0, (
+        ulps(d_b1, exact_b1, bits=8), ulps(d_beta, exact_beta, bits=8))
+
+
+def test_bank_backward_allocates_on_the_gradient_device():
+    """Every gradient is made on d_h_bar's device, not the default one: checked on the meta device (a non-CPU device
+    on every machine; shapes and dtypes only), so a CPU-only run sees what a CUDA run would."""
+    bank, d_h_bar = taped_bank(Shape(L=13, M=5, K=2, G=4), torch.float32)
+    for name, g in zip(BANK_GRADS, call_bank_backward(bank, d_h_bar, to=lambda t: t.to("meta"))):
+        assert g.device.type == "meta", name

@@ -104,6 +104,50 @@ def test_random_special_logits_distinct_and_in_range(emulated, backend):
             assert ids == policy_topk(row, k), f"{backend}/trial {trial}: row {t} {row} -> {ids}"
 
 
+# rows of M = 24 logits (every VGGT layer in the bank): wider than 16, where a sort's small-size base case (insertion
+# sort, which keeps ties in order by chance) no longer applies, so only a stable sort keeps ties in index order
+WIDE_PATTERNS = {
+    "all-tied": [0.75] * 24,
+    "two-on-rest-off": [-INF] * 10 + [2.0] + [-INF] * 10 + [2.0, -INF, -INF],
+    "tied-steps": [float(j % 3) for j in range(24)],
+    "nan-and-ties": [NAN if j % 4 == 0 else 1.0 for j in range(24)],
+}
+
+
+@pytest.mark.parametrize("backend", backend_params(BACKENDS))
+@pytest.mark.parametrize("name", list(WIDE_PATTERNS))
+def test_policy_on_a_24_layer_bank_with_ties(emulated, backend, name):
+    row = WIDE_PATTERNS[name]
+    for k in (1, 2, 4, 12, 24):
+        fusion, q = fusion_with_logits(row, k)
+        got = route(fusion, q, backend).topk_idx.tolist()
+        want = policy_topk(row, k)
+        assert got == [want] * q.shape[0], f"{backend}/{name}/K={k}: ids {got[0]}, policy {want}"
+
+
+def test_bank_rows_groups_the_pairs_by_layer():
+    """bank_rows on L*K = 300 pairs (a sort past its small-size base case): each layer lists exactly the (token,
+    slot) pairs routed to it, tokens strictly ascending; offsets count the pairs routed below each layer. Given the
+    host offsets, BankRows never reads the device ones (checked on the meta device, which holds no data), and
+    bank_rows of meta ids stays on the meta device."""
+    from geoalign.routing import BankRows, bank_rows
+
+    gen = torch.Generator().manual_seed(3)
+    L, K, M = 100, 3, 12
+    topk_idx = torch.stack([torch.randperm(M, generator=gen)[:K] for _ in range(L)])
+    rows = bank_rows(topk_idx, M)
+    counts = torch.bincount(topk_idx.reshape(-1), minlength=M)
+    assert rows.offsets.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    for j in range(M):
+        tokens, slots = rows.layer(j)
+        assert tokens.numel() == counts[j] and (topk_idx[tokens, slots] == j).all(), j
+        assert (tokens[1:] > tokens[:-1]).all(), f"layer {j}: tokens not strictly ascending"
+    meta = BankRows(rows.tokens.to("meta"), rows.slots.to("meta"), rows.offsets.to("meta"), rows.host_offsets())
+    assert [meta.layer(j)[0].shape[0] for j in range(M)] == counts.tolist()
+    meta_rows = bank_rows(topk_idx.to("meta"), M)
+    assert {t.device.type for t in (meta_rows.tokens, meta_rows.slots, meta_rows.offsets)} == {"meta"}
+
+
 def _switch_off_layers(fusion, keep: list[int]) -> None:
     """Router bias -inf on every bank layer but `keep`: those layers are never chosen over a finite logit."""
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 from helpers import TOL, Shape, assert_parity, fast_backends, make_fusion, make_inputs, rel_err, run_backend
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.config import select_bank_layers
+from geoalign.routing import route_fixed
 
 def check(backend, dtype, shape, **options):
     fusion = make_fusion(shape, dtype, **options)
@@ -84,6 +85,72 @@ def test_routes_of_fixed_usages():
         r = make_fusion(shape, torch.float32, feature_usage="mean").route(q, backend=backend)
         assert r.topk_idx.tolist() == [[0, 1, 2, 3]] * 6 and torch.allclose(r.alpha, torch.full((6, 4), 0.25))
     assert not hasattr(single, "router")  # single/mean have no router parameters
+
+
+@pytest.mark.parametrize("variant", ["add", "film", "gated_2d", "gated_2d3d", "gated_2d_token"])
+def test_inject_by_hand(variant):
+    """Eq. 8 and its Table 4 variants, written out with the module's weights (fp64): the reference and the fast
+    paths share inject, so parity cannot see a wrong formula there."""
+    shape = Shape(L=7, M=3, K=2, G=4)
+    options = {"add": {}, "gated_2d_token": dict(fusion="gated_2d", gate_granularity="token")}.get(
+        variant, dict(fusion=variant))
+    fusion = make_fusion(shape, torch.float64, **options)
+    gen = torch.Generator().manual_seed(11)
+    q, f = (torch.randn(shape.L, shape.D, generator=gen, dtype=torch.float64) for _ in range(2))
+    w_out = fusion.out_proj.weight
+    if variant == "add":
+        expected = q + f @ w_out.t()
+    elif variant == "film":
+        expected = q * (1 + f @ fusion.film_scale.weight.t()) + f @ w_out.t()
+    else:
+        gate_in = torch.cat([q, f], dim=1) if variant == "gated_2d3d" else q
+        gate = torch.sigmoid(gate_in @ fusion.gate.weight.t() + fusion.gate.bias)
+        expected = q + (gate * f) @ w_out.t()
+    with torch.no_grad():  # the same fp64 products, possibly summed in another order: a few ulps (eps 2.2e-16)
+        assert rel_err(fusion.inject(q, f), expected) <= 1e-13
+
+
+FIXED = {"single": dict(feature_usage="single", single_layer=2), "mean": dict(feature_usage="mean"),
+         "dense": dict(feature_usage="dense")}
+
+
+@pytest.mark.parametrize("usage", list(FIXED))
+def test_fixed_routes_on_the_query_device(usage):
+    """The fixed routes (route_fixed) and the reference's dense alpha are made on q's device, not the default one:
+    checked on the meta device (a non-CPU device on every machine; shapes and dtypes only)."""
+    shape = Shape(L=6, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32, **FIXED[usage]).to("meta")
+    fusion.check_inputs = False  # the value checks need data
+    q = make_inputs(shape, torch.float32)[0].detach().to("meta")
+    for backend in ("reference", "torch"):
+        routing = fusion.route(q, backend=backend)
+        assert routing.topk_idx.device.type == routing.alpha.device.type == "meta", backend
+        assert routing.topk_idx.shape == routing.alpha.shape == (shape.L, 1 if usage == "single" else shape.M)
+
+
+@pytest.mark.parametrize("usage", list(FIXED))
+def test_fixed_routes_of_a_bf16_fusion(usage):
+    """bf16 parameters: route_fixed's alpha is fp32 (dense: the softmax of the bf16 logits taken in fp32, within
+    1e-6 of fp64, where a bf16 softmax is off by ~2^-9), and the reference's alpha is that alpha in bf16."""
+    shape = Shape(L=6, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.bfloat16, **FIXED[usage])
+    q = make_inputs(shape, torch.bfloat16)[0].detach()
+    fast = fusion.route(q, backend="torch")
+    assert fast.alpha.dtype == torch.float32
+    if usage == "dense":
+        with torch.no_grad():
+            assert rel_err(fast.alpha, torch.softmax(fusion.router(q).double(), dim=-1)) <= 1e-6
+    ref = fusion.route(q, backend="reference")
+    assert torch.equal(ref.topk_idx, fast.topk_idx)
+    assert ref.alpha.dtype == torch.bfloat16 and torch.equal(ref.alpha, fast.alpha.to(torch.bfloat16))
+
+
+def test_route_fixed_refuses_dynamic_routing():
+    shape = Shape(L=4, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float32)
+    q = make_inputs(shape, torch.float32)[0].detach()
+    with pytest.raises(ValueError, match="route_fixed serves feature_usage 'single', 'mean', 'dense', got 'dynamic'"):
+        route_fixed(fusion, q)
 
 
 def test_mean_equals_uniform_dense_softmax():

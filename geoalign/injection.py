@@ -35,9 +35,10 @@ class KeptGeometry:
 class InLLMInjection:
     """The decoder-layer hooks of one model, and the geometry kept for them."""
 
-    def __init__(self, fusion_of, bypassed):
-        """fusion_of(): the model's current fusion; bypassed(): whether the model runs without fusion."""
-        self._fusion_of, self._bypassed = fusion_of, bypassed
+    def __init__(self, model):
+        """``model``: the GeoAlignModel (its current ``fusion`` and ``_bypass`` are read at call time). Held as an
+        attribute, not a closure, so that ``copy.deepcopy`` of the model re-binds the copy's hooks to the copy."""
+        self._model = model
         self._hooks: list = []
         self.kept: KeptGeometry | None = None
 
@@ -46,7 +47,7 @@ class InLLMInjection:
         for h in self._hooks:
             h.remove()
         self._hooks, self.kept = [], None
-        cfg = self._fusion_of().config
+        cfg = self._model.fusion.config
         if not cfg.injection_layers:
             return
         bad = [j for j in cfg.injection_layers if j >= len(decoder_layers)]
@@ -68,13 +69,13 @@ class InLLMInjection:
     def _hook(self, module, args, kwargs):
         """hidden_states [B, T, D] at the visual positions are the queries; they are replaced by Q_hat."""
         kept = self.kept
-        if kept is None or self._bypassed():
+        if kept is None or self._model._bypass:
             return None
         from_args = len(args) > 0
         h = args[0] if from_args else kwargs.get("hidden_states")
         if h is None or tuple(h.shape[:2]) != tuple(kept.visual_mask.shape):
             return None  # a cached decoding step (or text-only call): no visual tokens here
-        fusion = self._fusion_of()
+        fusion = self._model.fusion
         mask = kept.visual_mask.to(h.device)
         q = h[mask]  # [L_total, D], row-major over (sample, position) = the vision tower's order
         dtype = fusion.out_proj.weight.dtype

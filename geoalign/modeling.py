@@ -96,9 +96,9 @@ class GeoAlignModel(Qwen2_5_VLModel):
         self._pending: _PendingGeometry | None = None
         self._bypass = False
         self._routing_recorder = None  # a RoutingRecorder while record_routing() is active
-        self.injection = InLLMInjection(lambda: self.fusion, lambda: self._bypass)
+        self.injection = InLLMInjection(self)
         self.injection.install(self.language_model.layers, config.text_config.hidden_size)
-        self.progressive_injection = ProgressiveInjection(lambda: self.fusion, lambda: self._bypass)
+        self.progressive_injection = ProgressiveInjection(self)
         self.progressive_injection.install(self.language_model.layers)
 
     @property
@@ -314,15 +314,16 @@ def check_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAg
         raise ValueError(f"fusion hidden_size {fusion.hidden_size} != Qwen vision tower output width {vis_out}")
     if fusion.geo_dim != vggt.config.out_dim:
         raise ValueError(f"fusion geo_dim {fusion.geo_dim} != VGGT layer width {vggt.config.out_dim} (2 * embed_dim)")
+    if fusion.group_size not in (4, 8):
+        raise ValueError(f"fusion group_size must be 4 (images) or 8 (video), got {fusion.group_size}")
     if fusion.is_progressive:
         _check_progressive_fits(fusion, config, vggt)
+        return                          # the routed bank (bank_layers, geo_depth) is not built
     if max(fusion.bank_layers) >= vggt.depth:
         raise ValueError(f"fusion bank_layers {list(fusion.bank_layers)} exceed VGGT's {vggt.depth} layers")
     if fusion.bank_selection != "explicit" and fusion.geo_depth != vggt.depth:
         raise ValueError(f"fusion bank_selection={fusion.bank_selection!r} was derived for geo_depth="
                          f"{fusion.geo_depth} layers, but this VGGT has {vggt.depth}; set geo_depth={vggt.depth}")
-    if fusion.group_size not in (4, 8):
-        raise ValueError(f"fusion group_size must be 4 (images) or 8 (video), got {fusion.group_size}")
 
 
 def _check_progressive_fits(fusion: GeoAlignConfig, config: GeoAlignModelConfig, vggt: VGGTAggregator) -> None:

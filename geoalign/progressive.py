@@ -18,6 +18,7 @@ and ``mergers.{j}.{ln_q, mlp.0, mlp.2}`` (J-1 mergers, one per intermediate leve
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -107,9 +108,11 @@ class ProgressiveInjection:
     """The decoder-layer forward hooks that add the intermediate levels' fused tokens (DeepStack), and the tokens
     kept for them. Decoder layer k's output h [B, T, D] becomes h + scatter(visual_mask, fused_j)."""
 
-    def __init__(self, fusion_of, bypassed):
-        """fusion_of(): the model's current fusion; bypassed(): whether the model runs without fusion."""
-        self._fusion_of, self._bypassed = fusion_of, bypassed
+    def __init__(self, model):
+        """``model``: the GeoAlignModel (its current ``fusion`` and ``_bypass`` are read at call time). The model and
+        the hooks (bound methods / partials, not closures) are attributes so that ``copy.deepcopy`` of the model
+        re-binds the copy's hooks to the copy's own kept tokens."""
+        self._model = model
         self._hooks: list = []
         self.kept: KeptLevels | None = None
 
@@ -119,8 +122,8 @@ class ProgressiveInjection:
         for h in self._hooks:
             h.remove()
         self._hooks, self.kept = [], None
-        for j, k in enumerate(self._fusion_of().config.progressive_inject_layers):
-            self._hooks.append(decoder_layers[k].register_forward_hook(self._hook_for(j)))
+        for j, k in enumerate(self._model.fusion.config.progressive_inject_layers):
+            self._hooks.append(decoder_layers[k].register_forward_hook(functools.partial(self._hook, j)))
 
     def keep(self, kept: KeptLevels) -> None:
         n = int(kept.visual_mask.sum())
@@ -129,15 +132,14 @@ class ProgressiveInjection:
                              f"{kept.tokens[0].shape[0]}")
         self.kept = kept
 
-    def _hook_for(self, j: int):
-        def hook(module, args, output):
-            kept = self.kept
-            if kept is None or self._bypassed():
-                return None
-            h = output[0] if isinstance(output, tuple) else output
-            if tuple(h.shape[:2]) != tuple(kept.visual_mask.shape):
-                return None  # a cached decoding step (or a text-only call): no visual tokens here
-            mask = kept.visual_mask.to(h.device).unsqueeze(-1).expand_as(h)
-            h = h + torch.zeros_like(h).masked_scatter(mask, kept.tokens[j].to(device=h.device, dtype=h.dtype))
-            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
-        return hook
+    def _hook(self, j: int, module, args, output):
+        """Level j's addition to a decoder layer's output (prefill only)."""
+        kept = self.kept
+        if kept is None or self._model._bypass:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        if tuple(h.shape[:2]) != tuple(kept.visual_mask.shape):
+            return None  # a cached decoding step (or a text-only call): no visual tokens here
+        mask = kept.visual_mask.to(h.device).unsqueeze(-1).expand_as(h)
+        h = h + torch.zeros_like(h).masked_scatter(mask, kept.tokens[j].to(device=h.device, dtype=h.dtype))
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h

@@ -383,3 +383,31 @@ def test_one_level_is_a_gated_fusion_of_the_tower_output():
     torch.testing.assert_close(seen["embeds"][mask], expected[0], rtol=1e-5, atol=1e-5)
     assert (expected[0] - q).abs().max() > 1e-2
     assert m.model.progressive_injection.kept is None
+
+
+def test_a_deep_copy_runs_on_its_own_weights_and_kept_tokens():
+    """copy.deepcopy (EMA / teacher copies) re-binds the decoder hooks to the copy: its logits equal the original's,
+    and stay so when the original's weights change afterwards (hooks that closed over the original read its
+    kept tokens and fusion)."""
+    import copy
+
+    m, tok = _model()
+    inputs = build_inputs(tok, [random_frames(2)], 4)
+    with torch.no_grad():
+        want = m(**inputs).logits
+        twin = copy.deepcopy(m)
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        changed = m(**inputs).logits
+        got = twin(**inputs).logits
+    assert (changed - want).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_save_routing_refuses_a_model_without_routing():
+    from geoalign.eval.predictor import GeoAlignPredictor
+
+    m, tok = _model()
+    with pytest.raises(ValueError, match="progressive fusion, which has no such routing"):
+        GeoAlignPredictor(m, None, device="cpu", save_routing=True)
+    GeoAlignPredictor(m, None, device="cpu")                     # without the flag it is a normal predictor

@@ -293,3 +293,12 @@ def test_deepspeed_zero2_engine_matches_single_process(setup, one_process, tmp_p
     params = dict(GeoAlignForConditionalGeneration.from_pretrained(str(ds / "final")).named_parameters())
     for k, v in trained.items():
         assert torch.equal(params[k], v), k
+
+
+def test_fsdp_refuses_fp16_and_unknown_sharding():
+    from geoalign.training import fsdp
+
+    with pytest.raises(ValueError, match="fp16 would need a sharded grad scaler"):
+        fsdp.shard_model(torch.nn.Linear(2, 2), sharding="FULL_SHARD", precision="fp16")
+    with pytest.raises(ValueError, match="fsdp_sharding must be one of"):
+        fsdp.shard_model(torch.nn.Linear(2, 2), sharding="HYBRID", precision="bf16")

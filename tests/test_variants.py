@@ -286,6 +286,26 @@ def _count_fusion_calls(m):
     return calls, m.fusion.register_forward_hook(lambda mod, a, out: calls.append(a[0].shape[0]))
 
 
+def test_injection_deep_copy_uses_its_own_fusion():
+    """copy.deepcopy of an in-LLM-injection model: the copy's hooks read the copy's fusion and kept geometry, so
+    changing the original afterwards leaves the copy's logits unchanged."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from geoalign.tiny import build_inputs, random_frames
+
+    m, tok = _tiny_with(injection_layers=(1,))
+    m.eval()
+    inputs = build_inputs(tok, [random_frames(2, 70, 84, seed=0)], 4)
+    with torch.no_grad():
+        want = m(**inputs).logits
+        twin = copy.deepcopy(m)
+        for p in m.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        assert (m(**inputs).logits - want).abs().max() > 1e-3
+        torch.testing.assert_close(twin(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layers", [(0,), (1,), (0, 1)], ids=["early", "late", "multi"])
 def test_injection_inside_llm_forward_and_gradients(layers):
     pytest.importorskip("transformers")

@@ -18,9 +18,9 @@ from . import sqa3d, vsibench
 from .tasks import DEFAULT_SPLIT, TASKS
 
 _META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "sqa3d_style",
-              "model", "predictor")
+              "model", "predictor", "save_routing")   # not vsibench_subset: a debiased run reuses full answers
 #: the value of a setting that a meta file written before the setting existed implies
-_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0], "sqa3d_style": "default"}
+_META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0], "sqa3d_style": "default", "save_routing": False}
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -209,7 +209,7 @@ def run_eval_command(args) -> int:
             "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
             "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
             "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
-            "fusion_backend": args.fusion_backend}
+            "fusion_backend": args.fusion_backend, "save_routing": bool(args.save_routing)}
     verdict = broadcast_from_rank0(_prepare_output(args, out, meta) if proc.rank == 0 else None, proc)
     if verdict is not None:
         if proc.rank == 0:

@@ -81,6 +81,11 @@ class GeoAlignPredictor:
         self.device = device if device is not None else model.device
         self.max_batch_size = max(1, int(max_batch_size))
         self.fusion_backend = fusion_backend
+        cfg = getattr(getattr(model, "fusion", None), "config", None)
+        if save_routing and cfg is not None and (cfg.injection_layers or cfg.is_progressive):
+            raise ValueError("--save-routing records the routed pre-LLM fusion; this model has "
+                             + ("in-LLM injection" if cfg.injection_layers else "GAP-MLLM's progressive fusion")
+                             + ", which has no such routing")
         self.save_routing = save_routing
         self.last_extras: list[dict] | None = None  # per sample of the last predict(): fields added to its record
 

@@ -31,6 +31,8 @@ def shard_model(model: nn.Module, *, sharding: str, precision: str) -> nn.Module
 
     if sharding not in RESHARD_AFTER_FORWARD:
         raise ValueError(f"fsdp_sharding must be one of {sorted(RESHARD_AFTER_FORWARD)}, got {sharding!r}")
+    if precision == "fp16":      # accelerate's plain GradScaler cannot unscale sharded (DTensor) gradients
+        raise ValueError("distributed: fsdp supports precision bf16 or no; fp16 would need a sharded grad scaler")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
         else MixedPrecisionPolicy()
     reshard = RESHARD_AFTER_FORWARD[sharding]

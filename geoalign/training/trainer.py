@@ -146,6 +146,8 @@ class GeoAlignTrainer:
             self.eval_dataset = GeoAlignSFTDataset.from_files(
                 cfg.eval_data, self.processor, cfg.media_root, num_frames=cfg.num_frames, max_length=cfg.max_length,
                 skip_bad=cfg.skip_bad_records)
+            if not len(self.eval_dataset):
+                raise ValueError(f"eval_data {cfg.eval_data} holds no usable records")
         self.steps_per_epoch = math.ceil(len(self.train_dataset) / cfg.global_batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
@@ -236,7 +238,8 @@ class GeoAlignTrainer:
         """``<output_dir>/final``: a GeoAlign directory that ``GeoAlignForConditionalGeneration.from_pretrained`` loads,
         whatever the mode: the whole model (LoRA adapters merged into the LLM's weights; FSDP2 shards and ZeRO-2
         partitions gathered on rank 0) and the processor. Floating tensors keep the dtype they trained in (fp32
-        masters, bf16 frozen encoders) unless ``save_dtype`` names one."""
+        masters, bf16 frozen encoders; under DeepSpeed bf16 the engine's module copy, hence bf16) unless
+        ``save_dtype`` names one."""
         acc, cfg = self.accelerator, self.cfg
         out = os.path.join(cfg.output_dir, "final")
         model = acc.unwrap_model(self.model_ddp)
@@ -325,17 +328,19 @@ class GeoAlignTrainer:
         was_training = model.training
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)       # (sum of token losses, tokens)
-        for i in range(per_rank):
-            index = i * world + rank
-            mb = self.collator([ds[min(index, len(ds) - 1)]])
-            mb.pop("ids", None)
-            n = supervised_tokens([mb])
-            mb = send_to_device(mb, acc.device)
-            with acc.autocast():
-                loss = model(**mb, num_items_in_batch=torch.tensor(float(max(n, 1)), device=acc.device)).loss
-            if index < len(ds):
-                totals += torch.stack([loss.double() * n, torch.tensor(float(n), device=acc.device)])
-        model.train(was_training)
+        try:
+            for i in range(per_rank):
+                index = i * world + rank
+                mb = self.collator([ds[min(index, len(ds) - 1)]])
+                mb.pop("ids", None)
+                n = supervised_tokens([mb])
+                mb = send_to_device(mb, acc.device)
+                with acc.autocast():
+                    loss = model(**mb, num_items_in_batch=torch.tensor(float(max(n, 1)), device=acc.device)).loss
+                if index < len(ds):
+                    totals += torch.stack([loss.double() * n, torch.tensor(float(n), device=acc.device)])
+        finally:
+            model.train(was_training)
         totals = acc.reduce(totals, reduction="sum")
         return float(totals[0] / totals[1].clamp_min(1.0))
 

@@ -235,6 +235,20 @@ def run_cuda_backend(fusion, q, layers, gather_index, grad_out, order=None):
     return q_hat.detach(), routing, q.grad.detach().clone(), grads
 
 
+def spy_on(monkeypatch, owner, name: str, record) -> list:
+    """Replace owner.name (a function or method) by a wrapper that appends record(*args) to the returned list, then
+    calls the original; monkeypatch undoes it."""
+    calls: list = []
+    real = getattr(owner, name)
+
+    def spy(*args):
+        calls.append(record(*args))
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 # ----------------------------------------------------------------------------------- the bank's backward, called alone
 NEEDS = ("need_alpha", "need_w1", "need_b1", "need_ln")
 #: bank_backward's outputs in order: (d_alpha, d_fc1_weight, d_fc1_bias, d_ln_weight [M, D'], d_ln_bias [M, D'])

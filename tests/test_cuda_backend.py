@@ -120,3 +120,43 @@ def test_bank_rows_emulated_matches(emulated):
     assert torch.equal(got.offsets, want.offsets)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.slots, want.slots)
     assert rel_err(got.tokens.double(), want.tokens.double()) == 0
+
+
+def test_output_stage_notice_once(emulated, monkeypatch, caplog):
+    """A non-torch sparse backend on a Table 4 variant (anything but projector='shared', fusion='add') runs only the
+    bank itself and says so once per (backend, projector, fusion), at INFO; the torch backend (whose output stage is
+    torch anyway) and the paper's default path never say it. torch.cuda.is_available is faked so that backend='cuda'
+    builds on CPU with the emulated kernels; the backend cache is cleared around it."""
+    import logging
+
+    import geoalign.fusion as fusion_module
+    from geoalign.backends import get_sparse_backend
+
+    monkeypatch.setattr(fusion_module, "_NOTICED", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    get_sparse_backend.cache_clear()
+    caplog.set_level(logging.INFO, logger="geoalign.fusion")
+    shape = Shape(L=5, M=3, K=2, G=4)
+
+    def notices(backend, **options):
+        caplog.clear()
+        fusion = make_fusion(shape, torch.float32, **options)
+        q, layers, gather_index = make_inputs(shape, torch.float32)
+        with torch.no_grad():
+            fusion(q, layers, gather_index, backend=backend)
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "geoalign.fusion"]
+
+    def notice(projector, fusion):
+        return [(logging.INFO, f"geoalign: backend 'cuda' runs the bank for projector={projector!r}, "
+                               f"fusion={fusion!r}; the output stage (W2 / eq. 8 variant, L rows) runs in torch")]
+
+    try:
+        assert notices("torch", projector="split") == []
+        assert notices("torch", fusion="film") == []
+        assert notices("cuda") == []  # the paper's default path: the backend runs it all
+        assert notices("cuda", projector="split") == notice("split", "add")
+        assert notices("cuda", projector="split") == []  # once
+        assert notices("cuda", fusion="film") == notice("shared", "film")
+        assert notices("cuda") == []
+    finally:
+        get_sparse_backend.cache_clear()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from geoalign import GeoAlignConfig
-from helpers import backend_params, Shape, fast_backends, make_fusion, make_inputs
+from helpers import backend_params, Shape, fast_backends, make_fusion, make_inputs, spy_on
 
 SHAPE = Shape(L=6, M=3, K=2, G=4)
 BACKENDS = ["reference"] + fast_backends()
@@ -54,14 +54,14 @@ def test_bad_query(case, backend):
         fusion(q.double(), layers, gi, backend=backend)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         fusion(q.tolist(), layers, gi, backend=backend)
-    with pytest.raises(ValueError, match="q is empty"):
+    with pytest.raises(ValueError, match=r"^q is empty \(L=0\): expected at least one visual token$"):
         fusion(q[:0], layers, gi[:0], backend=backend)
     bad = q.detach().clone()
     bad[2, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="^q contains NaN or inf$"):
         fusion(bad, layers, gi, backend=backend)
     bad[2, 3] = float("inf")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="^q contains NaN or inf$"):
         fusion.route(bad, backend=backend)
 
 
@@ -159,6 +159,19 @@ def test_default_backend_is_auto(case):
     assert torch.equal(routing.topk_idx, torch_routing.topk_idx) and torch.equal(routing.alpha, torch_routing.alpha)
     with torch.no_grad():
         assert torch.equal(fusion(q, layers, gi), fusion(q, layers, gi, backend="torch"))
+
+
+def test_auto_backend_resolved_for_the_query_device(case, monkeypatch):
+    """begin() resolves backend=None/"auto" for q's device (triton on CUDA, torch elsewhere), not for the CPU: the
+    device it asks about is q's (meta here; check_inputs off, since meta tensors hold no values)."""
+    import geoalign.fusion as fusion_module
+
+    seen = spy_on(monkeypatch, fusion_module, "resolve_backend_name", lambda name, default, device: device)
+    fusion, q, _layers, gi = case
+    fusion.to("meta")
+    fusion.check_inputs = False
+    stream = fusion.begin(q.detach().to("meta"), gi.to("meta"))
+    assert seen == [torch.device("meta")] and stream.backend_name == "torch"
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])

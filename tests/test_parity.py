@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from helpers import (backend_params, SHAPES, TOL, Shape, assert_parity, fast_backends, force_ties, make_fusion, make_inputs,
-                          rel_err, run_backend)
+                          rel_err, run_backend, spy_on)
 
 @pytest.mark.parametrize("backend", backend_params(fast_backends()))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -199,5 +199,23 @@ def test_fold_output_refused_by_reference():
     shape = Shape(L=4, M=3, K=2, G=4)
     fusion = make_fusion(shape, torch.float32)
     q, layers, gather_index = make_inputs(shape, torch.float32)
-    with pytest.raises(ValueError, match="fold_output is a fast-path option"):
+    with pytest.raises(ValueError, match=r"^fold_output is a fast-path option \(torch, triton\); the reference backend "
+                                         r"computes eqs\. 1-8 literally$"):
         fusion(q, layers, gather_index, backend="reference", fold_output=True)
+
+
+def test_fold_output_reaches_the_backend(monkeypatch):
+    """fold_output=True reaches the backend: at inference the output GEMM uses the fold W_out.W2 (computed once per
+    weight version); with fold_output off (the default) no fold is ever computed."""
+    from geoalign.backends.base import SparseBackend
+
+    calls = spy_on(monkeypatch, SparseBackend, "fold", lambda backend, *weights: backend.fold_output)
+    shape = Shape(L=4, M=3, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    with torch.no_grad():
+        unfolded = fusion(q, layers, gather_index, backend="torch")
+        assert calls == []
+        folded = fusion(q, layers, gather_index, backend="torch", fold_output=True)
+    assert calls == [True]
+    assert rel_err(folded, unfolded) <= TOL[torch.float64]

@@ -177,6 +177,38 @@ def test_default_parameter_names_unchanged():
     sd = split.state_dict()
     assert "projectors.2.fc1.weight" in sd and "projector.fc1.weight" not in sd
     assert tuple(sd["gate.weight"].shape) == (1, 48)
+    # the Table 4 variants' extra parameters: film_scale [D, D] without a bias, a channel gate [D, D or 2D] with one
+    shapes = {}
+    for options in (dict(fusion="film"), dict(fusion="gated_2d"), dict(fusion="gated_2d3d")):
+        sd = GeoAlignFusion(Shape(L=1, M=3, K=2, G=4).config(**options)).state_dict()
+        shapes.update({n: tuple(t.shape) for n, t in sd.items() if n.split(".")[0] in ("out_proj", "film_scale", "gate")})
+    assert shapes == {"out_proj.weight": (24, 24), "film_scale.weight": (24, 24), "gate.weight": (24, 48),
+                      "gate.bias": (24,)}
+    sd = GeoAlignFusion(Shape(L=1, M=3, K=2, G=4).config(fusion="gated_2d")).state_dict()
+    assert (tuple(sd["gate.weight"].shape), tuple(sd["gate.bias"].shape)) == ((24, 24), (24,))
+
+
+def test_default_config():
+    """GeoAlignFusion() (no config) builds GeoAlignConfig()'s module (on the meta device: shapes only, no memory)."""
+    with torch.device("meta"):
+        fusion = GeoAlignFusion()
+    assert fusion.config == GeoAlignConfig()
+    cfg = fusion.config
+    assert tuple(fusion.out_proj.weight.shape) == (cfg.hidden_size, cfg.hidden_size)
+    assert len(fusion.layer_norms) == cfg.num_bank_layers
+
+
+def test_split_stream_on_the_query_device():
+    """With projector="split" the stream's F_hat accumulator is made on q's device, not the default one: a CPU
+    forward run with the meta device as the default device gives the same CPU result."""
+    shape = Shape(L=6, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64, projector="split")
+    q, layers, gi = make_inputs(shape, torch.float64)
+    with torch.no_grad():
+        expected = fusion(q, layers, gi, backend="torch")
+        with torch.device("meta"):
+            q_hat = fusion(q, layers, gi, backend="torch")
+    assert q_hat.device.type == "cpu" and torch.equal(q_hat, expected)
 
 
 # ------------------------------------------------------------------------------------------------- bank selection

@@ -47,13 +47,13 @@ def test_two_stage_recipe_on_synthetic_scenes(tmp_path, monkeypatch):
     tiny_levels = {**shipped, "progressive_vit_blocks": [0], "progressive_geo_layers": [1, 3],   # the tiny model's
                    "progressive_inject_layers": [0], "progressive_vit_hidden": 32}                 # 2 ViT, 4 VGGT layers
     stage1 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_pretrain.yaml"),
-                                   {**ENGINE, "qwen_path": qwen, "vggt_path": vggt, "max_steps": 16,
+                                   {**ENGINE, "qwen_path": qwen, "vggt_path": vggt, "max_steps": 12,
                                     "fusion_learning_rate": 3e-3, "fusion_config": tiny_levels})
     res1 = GeoAlignTrainer(stage1).train()
     assert _mean(res1.losses, "last") < 0.8 * _mean(res1.losses, "first"), res1.losses
     assert res1.final_model_dir == os.path.join("outputs", "gap-pretrain", "final")
 
-    stage2 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_finetune.yaml"), {**ENGINE, "max_steps": 16})
+    stage2 = TrainConfig.from_yaml(os.path.join(ROOT, "configs", "gap_finetune.yaml"), {**ENGINE, "max_steps": 12})
     assert stage2.model_path == res1.final_model_dir                     # the shipped chain: stage 1 seeds stage 2
     t2 = GeoAlignTrainer(stage2)
     t2._setup()

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,7 @@ def test_dry_run_goes_through_every_stage(tmp_path):
     assert files == ["encoder.png", "fusion.png", "gpu_proof.json", "gpu_proof.log"], files
 
 
+@pytest.mark.slow  # ~1 min on 2 cores; the dry run above keeps the script's plumbing in the default run
 def test_a_failing_or_hanging_stage_is_recorded_and_the_run_goes_on(tmp_path):
     out = tmp_path / "proof"
     report = run_proof(out, "--stages", "ceilings", "parity", "fusion", "--stage-s", "30",

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from helpers import assert_greedy_by_full_forwards
+
 pytest.importorskip("transformers")
 
 from geoalign.tiny import build_inputs, random_frames, tiny_model  # noqa: E402
@@ -158,19 +160,7 @@ def test_generate_runs_vggt_once_per_sample_and_matches_greedy(model4):
     new = gen[:, inputs["input_ids"].shape[1]:]
     assert new.shape[1] >= 1
     # greedy decoding by full forwards (no cache) gives the same tokens
-    ids, att = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for step in range(new.shape[1]):
-        kw = dict(extra)
-        if "mm_token_type_ids" in inputs:
-            kw["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros(1, step, dtype=torch.int64)], dim=1)
-        with torch.no_grad():
-            logits = m(input_ids=ids, attention_mask=att, **kw).logits
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        assert nxt.item() == new[0, step].item(), step
-        ids = torch.cat([ids, nxt], dim=1)
-        att = torch.cat([att, torch.ones_like(nxt)], dim=1)
+    assert_greedy_by_full_forwards(m, inputs, new)
 
 
 @pytest.mark.slow

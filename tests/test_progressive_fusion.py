@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import assert_greedy_by_full_forwards
+
 pytest.importorskip("transformers")
 
 from geoalign.config import GeoAlignConfig  # noqa: E402
@@ -251,17 +253,7 @@ def test_generate_runs_vggt_once_and_adds_only_at_prefill(model):
         for b, a in steps:
             assert b.shape[1] == 1 and torch.equal(a, b)  # decoding steps: no additions
     # decoding is unchanged: greedy by full forwards (no cache) gives the same tokens
-    ids, att = inputs["input_ids"], inputs["attention_mask"]
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for step in range(new.shape[1]):
-        kw = dict(extra)
-        if "mm_token_type_ids" in inputs:
-            kw["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros(1, step, dtype=torch.int64)], dim=1)
-        with torch.no_grad():
-            nxt = m(input_ids=ids, attention_mask=att, **kw).logits[:, -1].argmax(-1, keepdim=True)
-        assert nxt.item() == new[0, step].item(), step
-        ids, att = torch.cat([ids, nxt], dim=1), torch.cat([att, torch.ones_like(nxt)], dim=1)
+    assert_greedy_by_full_forwards(m, inputs, new)
 
 
 def test_save_pretrained_round_trip(model, tmp_path):

@@ -33,12 +33,15 @@ class BankRows:
     slots    [P] int64   which of the token's K slots the pair is
     offsets  [M+1] int64 on the device: built without a device->host copy, so the Triton path never syncs;
                          host_offsets() copies them to the host once (the torch and cuda backends slice with them)
+    positions [L*K] int64 or None: the position of pair (t, s) at t*K + s (the inverse of the grouping; the Triton
+                         backend's row builder makes it, the others leave it None)
     """
 
-    __slots__ = ("tokens", "slots", "offsets", "_host")
+    __slots__ = ("tokens", "slots", "offsets", "positions", "_host")
 
-    def __init__(self, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor, host_offsets=None):
-        self.tokens, self.slots, self.offsets = tokens, slots, offsets
+    def __init__(self, tokens: torch.Tensor, slots: torch.Tensor, offsets: torch.Tensor, host_offsets=None,
+                 positions: torch.Tensor | None = None):
+        self.tokens, self.slots, self.offsets, self.positions = tokens, slots, offsets, positions
         self._host = list(host_offsets) if host_offsets is not None else None
 
     @property

@@ -96,12 +96,33 @@ def bank_layer_forward_with(**change):
                     ln_bias=torch.zeros(Dg), fc1_weight=torch.randn(H, G * Dg), fc1_bias=torch.zeros(H),
                     layer=torch.randn(N, Dg), tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64),
                     offsets=torch.tensor([0, L]), layer_pos=0, gather_index=torch.randint(0, N, (L, G)), eps=1e-5,
-                    x_hat=torch.zeros(L, G * Dg), z=torch.zeros(0, H), tape=False)
+                    x_hat=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
         args.update({k: v() if callable(v) else v for k, v in change.items()})
         n = args["tokens"].shape[0]
         if n != L and "offsets" not in change:
             args["offsets"], args["x_hat"] = torch.tensor([0, n]), torch.zeros(min(L, n), G * Dg)
         bank_layer_forward(**args)
+    return call
+
+
+def bank_rows_with(topk_idx, num_layers=3):
+    def call(_tmp):
+        from geoalign_kernels.bank import bank_rows
+
+        bank_rows(topk_idx(), num_layers)
+    return call
+
+
+def bank_tape_forward_with(**change):
+    def call(_tmp):
+        from geoalign_kernels.bank import bank_tape_forward
+
+        L, K, G, Dg, H, M = 6, 2, 4, 8, 16, 3
+        args = dict(h_bar=torch.zeros(L, H), alpha=torch.rand(L, K), affine=torch.randn(2, M, Dg),
+                    fc1_weight=torch.randn(H, G * Dg), fc1_bias=torch.zeros(H), offsets=torch.tensor([0, 4, 8, 12]),
+                    positions=torch.arange(L * K), x_hat=torch.zeros(L * K, G * Dg), z=torch.zeros(L * K, H))
+        args.update({k: v() for k, v in change.items()})
+        bank_tape_forward(**args)
     return call
 
 
@@ -383,6 +404,17 @@ CASES: dict[str, Case] = {
     "launch-layer-pos": Case("kernels", "bank_layer_forward: a bank layer past the offsets",
                              bank_layer_forward_with(layer_pos=1), ValueError,
                              "bank_layer_forward: layer_pos must be in [0, 0], got 1", True),
+    "launch-rows-empty": Case("kernels", "bank_rows: no routes", bank_rows_with(lambda: torch.zeros(0, 2, dtype=torch.int64)),
+                              ValueError, "bank_rows: topk_idx must be a non-empty [L, K], got [0, 2]", True),
+    "launch-rows-range": Case("kernels", "bank_rows: a route past the bank (guard mode)",
+                              bank_rows_with(lambda: torch.tensor([[0, 3]])), GuardError,
+                              "bank_rows: topk_idx must lie in [0, 3) (bank layers), got values in [0, 3]", True),
+    "launch-tape-positions": Case("kernels", "bank_tape_forward: positions not [L*K]",
+                                  bank_tape_forward_with(positions=lambda: torch.arange(11)), ValueError,
+                                  "bank_tape_forward: positions must have shape [12], got [11]", True),
+    "launch-tape-affine": Case("kernels", "bank_tape_forward: affine width not D'",
+                               bank_tape_forward_with(affine=lambda: torch.randn(2, 3, 5)), ValueError,
+                               "bank_tape_forward: fc1_weight's width 32 is not a multiple of D'=5", True),
     "launch-k": Case("kernels", "route_forward: K > M", route_forward_k(4), ValueError,
                      "route_forward: k must be in [1, 3], got 4", True),
     "launch-matmul": Case("kernels", "matmul: inner dimensions differ", matmul_mismatch, ValueError,

@@ -85,7 +85,7 @@ def bank_args(L=6, K=2, G=4, Dg=8, H=16, N=30, seed=0):
                 ln_bias=r(Dg), fc1_weight=r(H, G * Dg) / 4, fc1_bias=r(H), layer=r(N, Dg),
                 tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64), offsets=torch.tensor([0, L]),
                 layer_pos=0, gather_index=torch.randint(0, N, (L, G), generator=gen), eps=1e-5,
-                x_hat=torch.zeros(L, G * Dg), z=torch.zeros(L, H), tape=True)
+                x_hat=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -114,7 +114,7 @@ def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
     bad["tokens"] = torch.tensor([0, 1, 2, 3, 4, 9])  # pair 5: token 9 of 6
     bad["slots"] = torch.tensor([0, 0, 0, 5, 0, 0])  # pair 3: slot 5 of 2
     bad["gather_index"][2, 1] = 10**6  # pair 2: a row far past the layer's 30
-    bank_layer_forward(**bad)  # the canaries around h_bar, x_hat and z must hold
+    bank_layer_forward(**bad)  # the canaries around h_bar and x_hat must hold
     h_bad = bad["h_bar"]
     assert torch.equal(h_bad[[0, 1, 4]], h_good[[0, 1, 4]])
     assert h_bad[2].isnan().all()

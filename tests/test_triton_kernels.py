@@ -187,7 +187,7 @@ def test_route_kernel(L, M, K, dtype):
     logits = F.linear(hid, w2, b2)
     ref_idx = topk_lower_index(logits, K)
     ref_alpha = torch.softmax(logits.gather(1, ref_idx).to(alpha.dtype), dim=-1)
-    assert idx.dtype == torch.int32 and idx.shape == (L, K)
+    assert idx.dtype == torch.int64 and idx.shape == (L, K)
     assert torch.equal(idx.long(), ref_idx)
     assert_close(alpha, ref_alpha, dtype, "alpha")
     d_alpha = torch.randn(alpha.shape, generator=gen, dtype=torch.float64).to(alpha.dtype)
@@ -319,6 +319,104 @@ def test_bank_layers_without_pairs():
     for name, g in zip(names, got_g):
         if name in ("d_ln_w1", "d_ln_w2", "d_ln_b1", "d_ln_b2"):
             assert torch.count_nonzero(g) == 0, name
+
+
+@pytest.mark.parametrize("L,M,K,idx_dtype", [(37, 5, 2, torch.int64), (1, 3, 1, torch.int64), (20, 4, 4, torch.int32),
+                                             (300, 12, 2, torch.int64), (9, 6, 1, torch.int32)])
+def test_bank_rows_kernel(L, M, K, idx_dtype):
+    """One counting-sort launch gives geoalign.routing.bank_rows' grouping exactly, int32 or int64 routes, with
+    layers that get no pair ((9, 6, 1) routes every token to layers 0-2), and positions is its inverse."""
+    from geoalign_kernels.bank import bank_rows_op
+
+    gen = torch.Generator().manual_seed(L * 7 + M)
+    logits = torch.randn(L, M, generator=gen)
+    if (L, M, K) == (9, 6, 1):
+        logits[:, 3:] = -10.0
+    topk = topk_lower_index(logits, K)
+    expected = bank_rows(topk, M)
+    tokens, slots, offsets, positions = bank_rows_op(topk.to(idx_dtype), M)
+    for t in (tokens, slots, offsets, positions):
+        assert t.dtype == torch.int64
+    assert torch.equal(offsets, expected.offsets)
+    assert torch.equal(tokens, expected.tokens) and torch.equal(slots, expected.slots)
+    flat = torch.arange(L * K)
+    assert torch.equal(tokens[positions], flat // K) and torch.equal(slots[positions], flat % K)
+
+
+def test_bank_rows_kernel_scans_in_several_blocks(monkeypatch):
+    """More pairs than one scan block (the launcher's 1024 is patched down to 64 here): the running position carries
+    across blocks."""
+    import geoalign_kernels.bank as kbank
+
+    real = kbank.triton.next_power_of_2
+    monkeypatch.setattr(kbank.triton, "next_power_of_2", lambda n: min(real(n), 64))
+    topk = topk_lower_index(torch.randn(150, 7, generator=torch.Generator().manual_seed(3)), 3)
+    expected = bank_rows(topk, 7)
+    tokens, slots, offsets, positions = kbank.bank_rows_op(topk, 7)
+    assert torch.equal(offsets, expected.offsets)
+    assert torch.equal(tokens, expected.tokens) and torch.equal(slots, expected.slots)
+    assert torch.equal(tokens[positions], torch.arange(450) // 3)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_bank_tape_forward_against_torch(block_m):
+    """GEMM1 once over every layer's taped pairs (row tiles walking the layers, one of them without pairs, tiles
+    crossing no layer boundary) gives z and h_bar += sum_s alpha GELU(z) as torch computes them; z starts NaN, so a
+    tape row the grouped launch misses fails."""
+    from geoalign_kernels.bank import bank_rows_op, bank_tape_forward_op
+
+    gen = torch.Generator().manual_seed(block_m)
+    L, K, M, G, Dg, H = 29, 2, 5, 4, 13, 40
+    logits = torch.randn(L, M, generator=gen)
+    logits[:, 2] = -10.0  # layer 2 gets no pair
+    rows = bank_rows(topk_lower_index(logits, K), M)
+    positions = bank_rows_op(topk_lower_index(logits, K), M)[3]
+    P = L * K
+    x_hat = torch.randn(P, G * Dg, generator=gen)
+    affine = torch.randn(2, M, Dg, generator=gen) * 0.3 + torch.tensor([1.0, 0.0])[:, None, None]
+    w1, b1 = torch.randn(H, G * Dg, generator=gen) / 8, torch.randn(H, generator=gen)
+    alpha = torch.softmax(torch.randn(L, K, generator=gen), -1)
+    h0 = torch.randn(L, H, generator=gen)
+    layer_of_pair = torch.repeat_interleave(torch.arange(M), rows.offsets.diff())
+    x = (x_hat.view(P, G, Dg) * affine[0, layer_of_pair][:, None] + affine[1, layer_of_pair][:, None]).view(P, -1)
+    z_exp = x @ w1.t() + b1
+    h_exp = h0 + (alpha[:, :, None] * F.gelu(z_exp[positions].view(L, K, H))).sum(1)
+    z, h = kutils.alloc((P, H), torch.float32, "cpu"), h0.clone()
+    configs.OVERRIDE.update(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16)
+    try:
+        bank_tape_forward_op(h, alpha, affine, w1, b1, rows.offsets, positions, x_hat, z)
+    finally:
+        configs.OVERRIDE.clear()
+    assert_close(z, z_exp, torch.float32, "z")
+    assert_close(h, h_exp, torch.float32, "h_bar")
+
+
+@pytest.mark.parametrize("need_ln,need_w1", [(False, True), (True, False), (False, False)])
+def test_bank_backward_skips_what_is_not_needed(need_ln, need_w1):
+    """need_ln / need_w1 off: those gradients come back exactly zero and the rest equal the full backward's."""
+    from geoalign_kernels.bank import bank_backward_op
+
+    case = _bank_case(torch.float32, 4, L=19, Dg=21, H=40, M=3, seed=8)
+    with torch.enable_grad():
+        bank = Bank(case["h0"].clone(), case["alpha"], case["gather_index"], case["rows"], case["ln_ws"],
+                    case["ln_bs"], case["w1"], case["b1"], 1e-5)
+        backend = TritonBackend()
+        backend.prepare_bank(bank)
+        for j in range(3):
+            backend.add_layer(bank, j, case["layers"][j])
+        backend.complete_bank(bank)
+    x_hat, z, affine = bank.tape
+    rows = case["rows"]
+    d_h = torch.randn(19, 40, generator=torch.Generator().manual_seed(1))
+    args = (d_h, case["alpha"].detach(), affine, case["w1"].detach(), rows.tokens, rows.slots, rows.offsets, x_hat, z)
+    full = bank_backward_op(*args, True, True)
+    got = bank_backward_op(*args, need_ln, need_w1)
+    for name, a, e, needed in zip(("d_alpha", "d_ln_w", "d_ln_b", "d_w1", "d_b1"), got, full,
+                                  (True, need_ln, need_ln, need_w1, True)):
+        if needed:
+            assert torch.equal(a, e), name
+        else:
+            assert a.shape == e.shape and torch.count_nonzero(a) == 0, name
 
 
 # ------------------------------------------------------------------------------------------------ output stage

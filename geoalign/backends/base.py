@@ -2,15 +2,17 @@
 
 A forward is: ``route`` (Top-K routes from Q alone), ``bank_rows`` (the routed (token, slot) pairs grouped by bank
 layer), ``open_bank`` (a :class:`Bank`: h_bar [L, H], zero, fp32/fp64), then per bank layer as it arrives
-``add_layer`` (h_bar += alpha * GELU(W1 x + b1) for that layer's pairs, in place, no autograd), then ``close_bank``
-(one autograd node for the whole bank, whose backward is one grouped ``bank_backward`` over every layer), then
-``finish`` (eq. 8 and its variants).
+``add_layer`` (h_bar += alpha * GELU(W1 x + b1) for that layer's pairs, in place, no autograd; a backend may leave
+the GEMM for ``complete_bank``), then ``close_bank`` (``complete_bank``, then one autograd node for the whole bank,
+whose backward is one grouped ``bank_backward`` over every layer), then ``finish`` (eq. 8 and its variants).
 
 The defaults here are plain PyTorch and exact; a backend overrides what it accelerates:
 
   torch   bank_layer / bank_backward in torch (the backward loops over the layers, dW1 accumulated in fp32)
-  triton  route (fused fc2 + Top-K + softmax), bank_layer (gather + normalise, then GEMM1 with the fused epilogue,
-          into a pair-sorted tape), bank_backward (two launches for all layers), output (GEMMs), fold
+  triton  route (fused fc2 + Top-K + softmax), bank_rows (one counting-sort launch), bank_layer (gather +
+          normalise; without a gradient also GEMM1 with the fused epilogue into h_bar), complete_bank (with a
+          gradient: GEMM1 for every layer's taped pairs in one launch, then h_bar from z), bank_backward (three
+          launches for all layers), output (GEMMs), fold
   cuda    route (warp Top-K), bank_rows (counting sort on the device), the gather + normalise of bank_layer
 
 Variants (paper Table 4) need no backend code: single / mean / dense use fixed routes through the same bank
@@ -160,7 +162,12 @@ class SparseBackend:
 
     def close_bank(self, bank: Bank) -> torch.Tensor:
         """h_bar [L, H], with the bank's autograd node attached when a gradient is needed."""
+        missing = [j for j, added in enumerate(bank.added) if not added]
+        if missing:
+            raise RuntimeError(f"close_bank: bank layers {missing} of {bank.num_layers} were never added")
         bank.check_unchanged()
+        with torch.no_grad():
+            self.complete_bank(bank)
         if not bank.save:
             return bank.h_bar
         tape, bank.tape = bank.tape, []  # autograd owns the tape from here
@@ -172,6 +179,10 @@ class SparseBackend:
 
     def prepare_bank(self, bank: Bank) -> None:
         """Allocate what ``bank_layer`` writes besides h_bar (the torch backend needs nothing)."""
+
+    def complete_bank(self, bank: Bank) -> None:
+        """What the backend does once every layer is in, under no_grad, before the autograd node (the triton
+        backend's GEMM1 over every taped pair; nothing by default)."""
 
     def bank_layer(self, bank: Bank, j: int, layer: torch.Tensor) -> None:
         """The forward of bank layer j (see add_layer), under no_grad; appends to / fills bank.tape when bank.save."""

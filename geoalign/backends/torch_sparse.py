@@ -99,6 +99,9 @@ class TorchBackend(SparseBackend):
         d_w1 = torch.zeros(H, G, Dg, dtype=acc, device=dev) if need_w1 else None
         db1 = torch.zeros(M, H, dtype=acc, device=dev)  # per layer; a layer without pairs keeps zeros (not None)
         d_gamma = torch.zeros(M, Dg, dtype=acc, device=dev) if need_ln else None
+        # M_j lands in one reused buffer: a fresh [H, G*D'] result per layer costs page faults on CPU, and the
+        # dgamma product is taken in place in it once dW1 has read it
+        m_buf = torch.empty(H, G * Dg, dtype=acc, device=dev) if need_w1 or need_ln else None
         for j in range(M):
             x_hat, z = tape[2 * j], tape[2 * j + 1]
             if x_hat is None or x_hat.shape[0] == 0:
@@ -113,11 +116,16 @@ class TorchBackend(SparseBackend):
             db1[j] = db1_j
             if need_w1 or need_ln:
                 n = x_hat.shape[0]
-                m = (dz.t() @ x_hat.reshape(n, G * Dg)).to(acc).reshape(H, G, Dg)  # M_j = dz^T x_hat: the one GEMM
+                x_flat = x_hat.reshape(n, G * Dg)
+                if dz.dtype == acc:  # M_j = dz^T x_hat: the one GEMM
+                    torch.mm(dz.t(), x_flat, out=m_buf)
+                else:
+                    m_buf.copy_(dz.t() @ x_flat)
+                m = m_buf.view(H, G, Dg)
                 if need_w1:
                     d_w1.addcmul_(m, ln_weights[j].to(acc))
-                if need_ln:
-                    d_gamma[j] = torch.linalg.vecdot(w1.reshape(H * G, Dg), m.reshape(H * G, Dg), dim=0)
+                if need_ln:  # dgamma_j = sum_{h,g} W1 * M_j
+                    d_gamma[j] = m.mul_(w1).view(H * G, Dg).sum(0)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         if need_w1:
             betas = torch.stack([b.to(acc) for b in ln_biases])  # [M, D']

@@ -1,19 +1,25 @@
 """TritonBackend: the `triton` sparse backend of geoalign.GeoAlignFusion, built from the fused kernels of
-``geoalign_kernels`` (routing fc2 + Top-K + softmax; per bank layer the gather + normalise pass and GEMM1 with the
-fused epilogue; the bank's grouped backward; the output GEMMs and the W_out.W2 fold). No host sync from routing to
-the output: the pairs' layer offsets stay on the device.
+``geoalign_kernels`` (routing fc2 + Top-K + softmax; the pairs grouped by layer in one launch; per bank layer the
+gather + normalise pass; GEMM1 with its fused epilogue; the bank's grouped backward; the output GEMMs and the
+W_out.W2 fold). No host sync from routing to the output: the pairs' layer offsets stay on the device.
 
-Tape: [x_hat [L*K, G*D'], z [L*K, H]] in the parameter dtype, rows in pair order (geoalign_kernels.bank)."""
+With a gradient (training) each streamed layer is only normalised into the tape, and GEMM1 runs once for every
+layer's pairs when the bank closes (one launch, then h_bar from z): a step launches the same kernels whatever M is,
+and the GEMM sees all L*K rows at once. Without a gradient (inference) each layer's GEMM1 runs as it arrives, into
+h_bar, so memory stays at one layer's pairs.
+
+Tape: [x_hat [L*K, G*D'], z [L*K, H], affine [2, M, D']] in the parameter dtype, rows in pair order
+(geoalign_kernels.bank)."""
 from __future__ import annotations
 
 import torch
 
-from geoalign_kernels.bank import bank_backward_op, bank_layer_forward_op
+from geoalign_kernels.bank import bank_backward_op, bank_layer_forward_op, bank_rows_op, bank_tape_forward_op
 from geoalign_kernels.utils import alloc
 from geoalign_kernels.output import fold_output_weights, output, output_folded_op
 from geoalign_kernels.routing import route_op
 
-from ..routing import Routing
+from ..routing import BankRows, Routing
 from .base import SparseBackend
 
 
@@ -28,31 +34,52 @@ class TritonBackend(SparseBackend):
         # under a bf16 autocast the hidden layer comes out bf16 while fc2 stays fp32: the kernel takes one dtype
         hidden = fusion.router_hidden(q).to(fc2.weight.dtype)
         topk_idx, alpha = route_op(hidden, fc2.weight, fc2.bias, fusion.config.top_k)
-        return Routing(topk_idx.long(), alpha)
+        return Routing(topk_idx, alpha)
+
+    def bank_rows(self, topk_idx: torch.Tensor, num_layers: int) -> BankRows:
+        """One counting-sort launch; the rows carry ``positions`` (pair (t, s) at t*K + s) for complete_bank."""
+        tokens, slots, offsets, positions = bank_rows_op(topk_idx, num_layers)
+        return BankRows(tokens, slots, offsets, positions=positions)
 
     def prepare_bank(self, bank) -> None:
-        """The tape (x_hat and z for every pair) when backward will run, else a scratch x_hat for one layer."""
+        """The tape (x_hat, z for every pair and the stacked LayerNorm affine) when backward will run, else a
+        scratch x_hat for one layer."""
         P, L = bank.rows.tokens.numel(), bank.h_bar.shape[0]
         w1 = bank.fc1_weight
+        Dg = bank.ln_weights[0].shape[0]
         if bank.save:
-            bank.tape = [alloc((P, w1.shape[1]), w1.dtype, w1.device), alloc((P, w1.shape[0]), w1.dtype, w1.device)]
+            bank.tape = [alloc((P, w1.shape[1]), w1.dtype, w1.device), alloc((P, w1.shape[0]), w1.dtype, w1.device),
+                         alloc((2, bank.num_layers, Dg), w1.dtype, w1.device)]
         else:
-            bank.scratch = (alloc((min(L, P), w1.shape[1]), w1.dtype, w1.device), w1.new_empty((0, w1.shape[0])))
+            bank.scratch = (alloc((min(L, P), w1.shape[1]), w1.dtype, w1.device), w1.new_empty((2, 0, Dg)))
 
     def bank_layer(self, bank, j, layer) -> None:
-        x_hat, z = bank.tape if bank.save else bank.scratch
+        x_hat, affine = (bank.tape[0], bank.tape[2]) if bank.save else bank.scratch
         rows = bank.rows
         bank_layer_forward_op(bank.h_bar, bank.alpha, bank.ln_weights[j], bank.ln_biases[j], bank.fc1_weight,
                               bank.fc1_bias, layer, rows.tokens, rows.slots, rows.offsets, j, bank.gather_index,
-                              bank.eps, x_hat, z, bank.save)
+                              bank.eps, x_hat, affine, bank.save)
+
+    def complete_bank(self, bank) -> None:
+        """With a tape: GEMM1 for every layer's pairs in one launch, then h_bar += sum_s alpha GELU(z)."""
+        if not bank.save:
+            return
+        x_hat, z, affine = bank.tape
+        rows = bank.rows
+        positions = rows.positions
+        if positions is None:  # rows built elsewhere (the split projector's one-layer banks): invert the grouping
+            K = bank.alpha.shape[1]
+            positions = torch.empty_like(rows.tokens)
+            positions[rows.tokens * K + rows.slots] = torch.arange(rows.tokens.numel(), device=rows.tokens.device)
+        bank_tape_forward_op(bank.h_bar, bank.alpha, affine, bank.fc1_weight, bank.fc1_bias, rows.offsets,
+                             positions, x_hat, z)
 
     @classmethod
     def bank_backward(cls, rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar, need_alpha, need_ln,
                       need_w1, need_b1):
-        x_hat, z = tape
+        x_hat, z, affine = tape
         d_alpha, d_ln_w, d_ln_b, d_w1, d_b1 = bank_backward_op(
-            d_h_bar, alpha, torch.stack(ln_weights), torch.stack(ln_biases), fc1_weight, rows.tokens, rows.slots,
-            rows.offsets, x_hat, z, need_ln, need_w1)
+            d_h_bar, alpha, affine, fc1_weight, rows.tokens, rows.slots, rows.offsets, x_hat, z, need_ln, need_w1)
         return d_alpha, d_w1, d_b1, d_ln_w, d_ln_b
 
     def output(self, fusion, q: torch.Tensor, h_bar: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Modules (one per op, each with its kernels, launcher and autograd wiring / torch.library custom ops):
   routing  router fc2 + Top-K + masked softmax; backward dS -> router fc2 grads    (geoalign::triton_route*)
-  bank     per bank layer: gather + normalise, GEMM1 with the LN affine in its A-load and the GELU / alpha /
-           h_bar epilogue; one grouped backward for all layers          (geoalign::triton_bank_*; h_bar in place)
+  bank     the pairs grouped by layer; per bank layer: gather + normalise; GEMM1 with the LN affine in its A-load
+           (per layer into h_bar at inference, once for every layer in training); one grouped backward
+                                                                        (geoalign::triton_bank_*; h_bar in place)
   output   projector.fc2 + out_proj + residual (and the folded W_out.W2 inference path)  (geoalign::triton_output*)
   gemm     shared strided GEMM kernel;  configs: per-device tile configs;  utils: dtypes, GELU, allocation
   checks   host-side argument checks of every launcher;  guard: GEOALIGN_GUARD=1 canary-padded output buffers
@@ -17,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "bank_layer_forward_op": "bank", "bank_backward_op": "bank",
+    "bank_rows_op": "bank", "bank_layer_forward_op": "bank", "bank_tape_forward_op": "bank", "bank_backward_op": "bank",
     "fold_output_weights": "output", "output": "output",
     "route_op": "routing",
 }

@@ -2,7 +2,7 @@
 
 Forward  (`route`): logits S = hid @ V2^T + c2 ([L, M], rounded to the parameter dtype as nn.Linear would), then per
 row the K largest logits in descending order (ties -> lower bank index, as geoalign.routing.topk_lower_index) and
-alpha = softmax over those K. Writes topk_idx [L, K] int32 and alpha [L, K] fp32 (fp64 for fp64 parameters).
+alpha = softmax over those K. Writes topk_idx [L, K] int64 and alpha [L, K] fp32 (fp64 for fp64 parameters).
 hid = GELU(V1 q + c1) [L, R] is the router's first layer, left to torch (and its autograd).
 
 Backward (`route_backward`): dS [L, M] = alpha * (d_alpha - sum_k alpha d_alpha) at the K kept columns, 0 elsewhere
@@ -27,7 +27,7 @@ from .utils import alloc, dot_dtype, dot_precision, tl_dtype
 @triton.jit
 def _route_kernel(
         hid_ptr, w2_ptr, b2_ptr,  # router hidden [L, R], fc2 weight [M, R], fc2 bias [M] (parameter dtype)
-        topk_idx_ptr, alpha_ptr,  # outputs: topk_idx [L, K] int32, alpha [L, K] (accumulation dtype), row-major
+        topk_idx_ptr, alpha_ptr,  # outputs: topk_idx [L, K] int64, alpha [L, K] (accumulation dtype), row-major
         L, R, M,  # tokens, router width, bank layers
         stride_hid_l, stride_hid_r, stride_w2_m, stride_w2_r,  # element strides
         K: tl.constexpr, K_POW2: tl.constexpr,  # Top-K, and K rounded up to a power of two (the slot block)
@@ -127,12 +127,12 @@ def _check_router(op: str, hid: torch.Tensor, w2: torch.Tensor):
 
 
 def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int):
-    """hid [L, R], w2 [M, R], b2 [M] (parameter dtype) -> (topk_idx [L, K] int32, alpha [L, K] fp32/fp64)."""
+    """hid [L, R], w2 [M, R], b2 [M] (parameter dtype) -> (topk_idx [L, K] int64, alpha [L, K] fp32/fp64)."""
     op = "route_forward"
     L, R, M, dtype, dev = _check_router(op, hid, w2)
     check_tensor(op, "b2", b2, shape=(M,), dtype=dtype, device=dev)
     check_int(op, "k", k, 1, M)
-    idx = alloc((L, k), torch.int32, dev)
+    idx = alloc((L, k), torch.int64, dev)
     alpha = alloc((L, k), acc_dtype(dtype), dev)
     if L == 0:
         return idx, alpha
@@ -177,14 +177,14 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
 # ------------------------------------------------------------------------------------------ torch.library custom ops
 @custom_op("geoalign::triton_route", mutates_args=())
 def route_op(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_idx [L, K] int32, alpha [L, K] fp32/fp64) from hid [L, R] and router fc2 (w2 [M, R], b2 [M])."""
+    """(topk_idx [L, K] int64, alpha [L, K] fp32/fp64) from hid [L, R] and router fc2 (w2 [M, R], b2 [M])."""
     return route_forward(hid, w2, b2.contiguous(), k)
 
 
 @route_op.register_fake
 def _route_fake(hid, w2, b2, k):
     L = hid.shape[0]
-    return hid.new_empty((L, k), dtype=torch.int32), hid.new_empty((L, k), dtype=acc_dtype(w2.dtype))
+    return hid.new_empty((L, k), dtype=torch.int64), hid.new_empty((L, k), dtype=acc_dtype(w2.dtype))
 
 
 @custom_op("geoalign::triton_route_backward", mutates_args=())

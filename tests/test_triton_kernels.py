@@ -577,17 +577,21 @@ def test_fusion_step_in_a_cuda_graph_gpu(monkeypatch):
 def test_split_k_matmul(split_k, dtype):
     """C = A @ B with K split into ranges reduced by a sum, against torch in fp64: odd sizes, K not a multiple of the
     block (32 under the interpreter), strided (transposed) operands as the router's dW2 = dS^T H, and more splits
-    than K-steps (40 > 517/32: the last ranges are empty and must add zero). Into a poisoned output."""
+    than K-steps (40 > 517/32: the last ranges are empty and must add zero). Into a poisoned output, with A's row
+    sums (the router's d_b2 = sum_l dS) from the same launch into a poisoned vector."""
     from geoalign_kernels.gemm import matmul
 
     gen = torch.Generator().manual_seed(split_k)
     ds = torch.randn(517, 12, generator=gen, dtype=torch.float64).to(dtype)  # [L, M]
     hid = torch.randn(517, 37, generator=gen, dtype=torch.float64).to(dtype)  # [L, R]
     out = torch.full((12, 37), float("nan"), dtype=dtype)
-    got = matmul(ds.t(), hid, out=out, split_k=split_k)
+    sums = torch.full((12,), float("nan"), dtype=dtype)
+    got = matmul(ds.t(), hid, out=out, split_k=split_k, row_sum=sums)
     assert got is out
     expected = ds.double().t() @ hid.double()
-    assert rel_err(got, expected) < {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    assert rel_err(got, expected) < tol
+    assert rel_err(sums, ds.double().sum(0)) < tol
 
 
 def test_split_k_with_an_epilogue_is_refused():

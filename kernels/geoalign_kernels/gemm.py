@@ -1,4 +1,5 @@
-"""Shared strided GEMM: C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) (GELU) (+ residual[M, N]).
+"""Shared strided GEMM: C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) (GELU) (+ residual[M, N]), and optionally the row
+sums of A (sum_k A[m, k]: a bias gradient, when C is a weight gradient dY^T X and A = dY^T).
 
 Used by the output stage (projector.fc2, out_proj, the folded W_out.W2) and by backward weight/input gradients.
 A and B may be any strided views (transposes cost nothing); accumulation is fp32 (fp64 for fp64 inputs). Programs
@@ -30,8 +31,10 @@ def _matmul_kernel(
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # element strides
         stride_rm, stride_rn,  # residual strides
         stride_cs,  # element stride between the SPLIT_K partial C's (program_id(1) picks one)
+        row_sum_ptr, stride_row_sum_s,  # output when HAS_ROW_SUM: sum_k A[m, k] [M] (one per K range)
         SPLIT_K: tl.constexpr,  # K ranges over grid axis 1; > 1 only without an epilogue
         HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, APPLY_GELU: tl.constexpr,  # epilogue
+        HAS_ROW_SUM: tl.constexpr,  # the programs of the first column tile also sum A's rows
         DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,  # operand / accumulator types
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,  # tile
         GROUP_SIZE_M: tl.constexpr):  # row blocks per group of the launch order
@@ -58,11 +61,14 @@ def _matmul_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=ACC_DTYPE)
+    row_sum = tl.zeros((BLOCK_SIZE_M,), dtype=ACC_DTYPE)
     for k0 in range(k_start, k_end, BLOCK_SIZE_K):
         mask_k = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        if HAS_ROW_SUM:
+            row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
     if HAS_BIAS:
@@ -73,6 +79,10 @@ def _matmul_kernel(
     if HAS_RESIDUAL:
         residual_ptrs = residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn
         acc += tl.load(residual_ptrs, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    if HAS_ROW_SUM:
+        if pid_n == 0:
+            sum_ptrs = row_sum_ptr + tl.program_id(1).to(tl.int64) * stride_row_sum_s + offs_m
+            tl.store(sum_ptrs, row_sum.to(row_sum_ptr.dtype.element_ty), mask=mask_m)
     c_ptr += tl.program_id(1).to(tl.int64) * stride_cs  # this program's partial C (stride 0 without split-K)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
@@ -90,10 +100,12 @@ def split_k_for(M: int, N: int, K: int, cfg: dict, num_sms: int) -> int:
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
            gelu: bool = False, out_dtype: torch.dtype | None = None, op_dtype: torch.dtype | None = None,
-           out: torch.Tensor | None = None, split_k: int | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, split_k: int | None = None,
+           row_sum: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] @ b [K, N] (+ bias [N]) (GELU) (+ residual [M, N]) -> [M, N] in out_dtype (default a's dtype).
     op_dtype: dtype the operands are cast to before tl.dot (default: a's dtype). split_k: K ranges reduced by a sum
-    (only without bias / GELU / residual); None picks it from the device's SM count (1 off CUDA)."""
+    (only without bias / GELU / residual); None picks it from the device's SM count (1 off CUDA).
+    row_sum: a [M] tensor that receives sum_k a[m, k] (accumulated in fp32 / fp64, in the same launch)."""
     op = "matmul"
     check_tensor(op, "a", a, shape=(None, None), dtype=FLOAT_DTYPES)
     M, K = a.shape
@@ -104,6 +116,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         check_tensor(op, "bias", bias, shape=(N,), dtype=FLOAT_DTYPES, device=dev)
     if residual is not None:
         check_tensor(op, "residual", residual, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
+    if row_sum is not None:
+        check_tensor(op, "row_sum", row_sum, shape=(M,), dtype=FLOAT_DTYPES, device=dev, unit_stride=True)
     epilogue = bias is not None or residual is not None or gelu
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1 or (split_k > 1 and epilogue)):
         raise ValueError(f"{op}: split_k must be an int >= 1, and 1 with a bias, GELU or residual; got {split_k!r}")
@@ -114,6 +128,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
     else:
         check_tensor(op, "out", out, shape=(M, N), dtype=FLOAT_DTYPES, device=dev)
     if M == 0 or N == 0:
+        if row_sum is not None:  # no C tile to carry the sums
+            row_sum.copy_(a.to(acc_dtype(op_dtype)).sum(1))
         return out
     acc = acc_dtype(op_dtype)
 
@@ -123,22 +139,29 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, r
         grid = (triton.cdiv(M, cfg["BLOCK_SIZE_M"]) * triton.cdiv(N, cfg["BLOCK_SIZE_N"]), splits)
         target = out if splits == 1 else alloc((splits, M, N), acc, dev)  # fp32 partials
         stride_cs = 0 if splits == 1 else target.stride(0)
-        with guarded(op, out=target) as w:
+        sums = None if row_sum is None else row_sum if splits == 1 else alloc((splits, M), acc, dev)
+        stride_sums = sums.stride(0) if sums is not None and splits > 1 else 0
+        with guarded(op, out=target, sums=sums) as w:
             bias_t = bias if bias is not None else w.out
             res_t = residual if residual is not None else w.out
+            sums_t = w.sums if sums is not None else w.out
             _matmul_kernel[grid](
                 a, b, w.out, bias_t, res_t, M, N, K,
                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(-2), target.stride(-1),
-                res_t.stride(-2), res_t.stride(-1), stride_cs, SPLIT_K=splits,
+                res_t.stride(-2), res_t.stride(-1), stride_cs, sums_t, stride_sums, SPLIT_K=splits,
                 HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, APPLY_GELU=gelu,
+                HAS_ROW_SUM=row_sum is not None,
                 DOT_DTYPE=dot_dtype(op_dtype), ACC_DTYPE=tl_dtype(acc), DOT_PRECISION=dot_precision(op_dtype),
                 **launch_kwargs(cfg, group=True),
             )
         if splits > 1:
-            if out.dtype == acc:
-                torch.sum(target, dim=0, out=out)
-            else:
-                out.copy_(target.sum(0))  # the partials' sum, rounded once to out's dtype
+            for total, partials in ((out, target), (row_sum, sums)):
+                if total is None:
+                    continue
+                if total.dtype == acc:
+                    torch.sum(partials, dim=0, out=total)
+                else:
+                    total.copy_(partials.sum(0))  # the partials' sum, rounded once to the result's dtype
 
     # (out may be the residual itself: put it back after autotune's timing runs)
     launch(tune("gemm", M, dev, op_dtype, launch, restore=(out,) if residual is not None else ()))

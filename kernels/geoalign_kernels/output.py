@@ -2,7 +2,8 @@
 
 Two launches of the shared GEMM kernel (gemm.py): the first has b2 in its epilogue, the second the residual Q.
 Forward saves F_hat [L, D] (parameter dtype) and reads h_bar [L, H] (fp32) for dW2. Backward (custom op, same GEMM
-kernel): dF = dQ_hat W_out, dW_out = dQ_hat^T F_hat, dW2 = dF^T h_bar, db2 = sum_l dF, dh_bar = dF W2, dQ = dQ_hat.
+kernel, four launches): dF = dQ_hat W_out, dW_out = dQ_hat^T F_hat, dW2 = dF^T h_bar with db2 = sum_l dF as its
+A-row sums, dh_bar = dF W2, dQ = dQ_hat.
 
 Folded inference path (``output_folded``, no autograd, only valid without grad): W_f = W_out W2 [D, H] and
 b_f = W_out b2, then Q_hat = Q + h_bar W_f^T + b_f in one GEMM (fold costs one D x D x H GEMM; cache it).
@@ -15,6 +16,7 @@ from .checks import FLOAT_DTYPES, check_tensor
 from .gemm import matmul
 from .library import custom_op
 from .runtime import acc_dtype
+from .utils import alloc
 
 
 def _check_output_args(op, q, h_bar, w_h, b_h, w_out=None):
@@ -50,8 +52,8 @@ def output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
     dtype = fc2_weight.dtype
     d_f = matmul(d_q_hat, out_weight, residual=d_f_hat, out_dtype=dtype, op_dtype=dtype)  # [L, D]
     d_out_weight = matmul(d_q_hat.t(), f_hat, out_dtype=dtype, op_dtype=dtype)
-    d_fc2_weight = matmul(d_f.t(), h_bar, out_dtype=dtype, op_dtype=dtype)
-    d_fc2_bias = d_f.to(acc_dtype(dtype)).sum(0).to(dtype)
+    d_fc2_bias = alloc((f_hat.shape[1],), dtype, f_hat.device)
+    d_fc2_weight = matmul(d_f.t(), h_bar, out_dtype=dtype, op_dtype=dtype, row_sum=d_fc2_bias)  # db2 = sum_l dF
     d_h_bar = matmul(d_f, fc2_weight, out_dtype=acc_dtype(dtype), op_dtype=dtype)
     return d_h_bar, d_fc2_weight, d_fc2_bias, d_out_weight
 
@@ -98,10 +100,13 @@ def _output_backward_fake(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight
 def _output_setup_context(ctx, inputs, output):
     _q, h_bar, fc2_weight, _fc2_bias, out_weight = inputs
     ctx.save_for_backward(h_bar, output[1], fc2_weight, out_weight)
+    ctx.set_materialize_grads(False)  # f_hat is rarely used downstream: no zero-filled d_f_hat launch for it
 
 
 def _output_autograd(ctx, d_q_hat, d_f_hat):
     h_bar, f_hat, fc2_weight, out_weight = ctx.saved_tensors
+    if d_q_hat is None:  # only f_hat was used
+        d_q_hat = torch.zeros_like(f_hat)
     d_h_bar, d_w2, d_b2, d_w_out = output_backward_op(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight)
     return d_q_hat, d_h_bar, d_w2, d_b2, d_w_out
 

@@ -169,8 +169,8 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
                 BLOCK_SIZE_L=block_l, BLOCK_SIZE_M=_block_m(M), num_warps=cfg["num_warps"],
             )
     d_hid = matmul(ds, w2)  # [L, M] @ [M, R]
-    d_w2 = matmul(ds.t(), hid)  # [M, L] @ [L, R]
-    d_b2 = ds.to(acc_dtype(dtype)).sum(0).to(dtype)
+    d_b2 = alloc((M,), dtype, dev)
+    d_w2 = matmul(ds.t(), hid, row_sum=d_b2)  # [M, L] @ [L, R]; d_b2 = sum_l dS as its A-row sums
     return d_hid, d_w2, d_b2
 
 
@@ -203,9 +203,12 @@ def _route_setup_context(ctx, inputs, output):
     hid, w2, _b2, _k = inputs
     topk_idx, alpha = output
     ctx.save_for_backward(hid, w2, topk_idx, alpha)
+    ctx.set_materialize_grads(False)  # topk_idx (integer) has no gradient: no zero-filled [L, K] launch for it
 
 
 def _route_autograd(ctx, _d_topk_idx, d_alpha):
+    if d_alpha is None:  # alpha was not used
+        return None, None, None, None
     hid, w2, topk_idx, alpha = ctx.saved_tensors
     d_hid, d_w2, d_b2 = route_backward_op(d_alpha, alpha, topk_idx, hid, w2)
     return d_hid, d_w2, d_b2, None

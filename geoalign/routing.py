@@ -54,6 +54,15 @@ class BankRows:
             self._host = self.offsets.tolist()
         return self._host
 
+    def pair_positions(self, K: int) -> torch.Tensor:
+        """positions [L*K] int64: where pair (t, s) sits (at t*K + s). Built once from tokens / slots when the row
+        builder did not make it (every (t, s) must be a pair: P = L*K)."""
+        if self.positions is None:
+            positions = torch.empty_like(self.tokens)
+            positions[self.tokens * K + self.slots] = torch.arange(self.tokens.numel(), device=self.tokens.device)
+            self.positions = positions
+        return self.positions
+
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens, slots) of bank layer i's pairs."""
         offsets = self.host_offsets()

@@ -11,6 +11,7 @@ Tolerances (max |fast - ref| divided by max |ref| over each tensor), for torch-v
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -256,8 +257,9 @@ BANK_GRADS = ("alpha", "fc1_weight", "fc1_bias", "ln_weight", "ln_bias")
 
 
 def taped_bank(shape: Shape, dtype: torch.dtype, autocast: torch.dtype | None = None, seed: int = 0):
-    """A torch-backend bank after all M layers were added (so ``bank.tape`` holds x_hat, z per layer), every
-    parameter requiring grad; ``autocast``: add the layers under a CPU autocast to that dtype (z comes out in it).
+    """A torch-backend bank after all M layers were added and the bank completed (so ``bank.tape`` holds x_hat per
+    layer and z; TorchBackend.layer_tape), every parameter requiring grad; ``autocast``: add the layers and complete
+    the bank under a CPU autocast to that dtype (z comes out in it).
     Returns (bank, d_h_bar): a fresh random upstream gradient in h_bar's dtype."""
     from geoalign.backends.torch_sparse import TorchBackend
 
@@ -270,6 +272,8 @@ def taped_bank(shape: Shape, dtype: torch.dtype, autocast: torch.dtype | None = 
         bank = backend.open_bank(fusion, routing.alpha, gather_index, rows, range(shape.M), fusion.projector.fc1)
         for j in range(shape.M):
             backend.add_layer(bank, j, layers[j])
+        with torch.no_grad():
+            backend.complete_bank(bank)
     g = torch.Generator().manual_seed(seed + 3)
     return bank, torch.randn(bank.h_bar.shape, generator=g, dtype=torch.float64).to(bank.h_bar.dtype)
 
@@ -288,12 +292,17 @@ def call_bank_backward(bank, d_h_bar, to=lambda t: t, **need):
                                       [to(t) for t in bank.tape], to(d_h_bar), **flags)
 
 
+def gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """d/dz of the exact (erf) GELU, Phi(z) + z phi(z), written out (the backends use aten's gelu_backward)."""
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
 def bank_backward_fp64(bank, d_h_bar, round_dz: torch.dtype | None = None):
     """The bank's gradients in fp64 from its tape, by autograd: h_bar = sum alpha GELU(z), with z the taped value
     and its derivative that of W1 (gamma x_hat + beta) + b1 (the tape's z is what GELU and GELU' see).
     round_dz: instead, the docstring formulas with dz rounded to that dtype (the backward's GEMM operand);
     then only (d_fc1_bias, d_ln_bias) are returned. Shapes and order as bank_backward's outputs."""
-    from geoalign.backends.torch_sparse import gelu_grad
+    from geoalign.backends.torch_sparse import TorchBackend
 
     f64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     alpha, w1 = f64(bank.alpha), f64(bank.fc1_weight)
@@ -305,13 +314,13 @@ def bank_backward_fp64(bank, d_h_bar, round_dz: torch.dtype | None = None):
         db1 = torch.zeros(M, H, dtype=torch.float64)
         for j in range(M):
             tokens, slots = bank.rows.layer(j)
-            z = bank.tape[2 * j + 1].double()
+            z = TorchBackend.layer_tape(bank.tape, bank.rows, j)[1].double()
             db1[j] = (alpha[tokens, slots].unsqueeze(1) * dh[tokens] * gelu_grad(z)).to(round_dz).double().sum(0)
         return db1.sum(0).detach(), (db1 @ w1.reshape(H, -1, Dg).sum(1)).detach()
     h_bar = torch.zeros(bank.h_bar.shape, dtype=torch.float64)
     for j in range(bank.num_layers):
         tokens, slots = bank.rows.layer(j)
-        x_hat, z = bank.tape[2 * j].double(), bank.tape[2 * j + 1].double()
+        x_hat, z = (t.double() for t in TorchBackend.layer_tape(bank.tape, bank.rows, j))
         x = (x_hat * gammas[j] + betas[j]).reshape(x_hat.shape[0], x_hat.shape[1] * x_hat.shape[2])
         linear = x @ w1.t() + b1
         z = linear + (z - linear).detach()  # the value of z, the gradient of the linear map

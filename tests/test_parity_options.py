@@ -24,7 +24,7 @@ import pytest
 import torch
 
 
-from geoalign.backends.torch_sparse import layer_grads
+from geoalign.backends.torch_sparse import pair_grads
 from helpers import (BANK_GRADS, NEEDS, TOL, Shape, assert_parity, backend_params, bank_backward_fp64,
                      call_bank_backward, fast_backends, make_fusion, make_inputs, rel_err, run_backend,
                      run_cuda_backend, taped_bank)
@@ -235,7 +235,7 @@ def test_partly_frozen_bank(emulated, backend, trainable):
 def test_bank_backward_returns_only_what_is_needed():
     """bank_backward for each of the 16 combinations of need_* flags, on a bf16 tape: None for every gradient not
     needed; each needed one bit for bit the all-needed call's, d_alpha in alpha's dtype (fp32) and the rest in the
-    parameter dtype (bf16). layer_grads likewise returns d_alpha only when needed, dz and db1 only when needed."""
+    parameter dtype (bf16). pair_grads likewise returns d_alpha only when needed, dz only when needed."""
     shape = Shape(L=13, M=5, K=2, G=4)
     bank, d_h_bar = taped_bank(shape, torch.bfloat16)
     full = call_bank_backward(bank, d_h_bar)
@@ -251,12 +251,11 @@ def test_bank_backward_returns_only_what_is_needed():
                 continue
             assert g.dtype == (torch.float32 if name == "alpha" else torch.bfloat16), (need, name)
             assert torch.equal(g, f), (need, name)
-    j = max(range(shape.M), key=lambda i: bank.rows.layer(i)[0].numel())  # a layer with pairs
-    tokens, slots = bank.rows.layer(j)
+    tokens, slots = bank.rows.tokens, bank.rows.slots
     for need_alpha, need_params in itertools.product([False, True], repeat=2):
-        d_a, dz, db1 = layer_grads(d_h_bar[tokens], bank.alpha[tokens, slots], bank.tape[2 * j + 1], need_alpha,
-                                   need_params, torch.bfloat16)
-        assert (d_a is not None) == need_alpha and (dz is not None) == (db1 is not None) == need_params
+        d_a, dz = pair_grads(d_h_bar[tokens], bank.alpha[tokens, slots], bank.tape[-1], need_alpha, need_params,
+                             torch.bfloat16)
+        assert (d_a is not None) == need_alpha and (dz is not None) == need_params
 
 
 def ulps(got: torch.Tensor, exact: torch.Tensor, bits: int) -> float:
@@ -275,7 +274,7 @@ def test_bank_backward_accumulates_in_fp32():
       i.e. summed in fp32 and rounded once (seen 0.5 ulp; rounding each layer's sum of dz to bf16: >= 6 ulps)."""
     shape = Shape(L=37, M=12, K=2, G=4, D=28, Dg=18, H=44, R=10)
     bank, d_h_bar = taped_bank(shape, torch.float32, autocast=torch.bfloat16)
-    assert bank.tape[1].dtype == torch.bfloat16 and bank.fc1_weight.dtype == torch.float32
+    assert bank.tape[-1].dtype == torch.bfloat16 and bank.fc1_weight.dtype == torch.float32
     for name, got, exact in zip(BANK_GRADS, call_bank_backward(bank, d_h_bar), bank_backward_fp64(bank, d_h_bar)):
         assert got.dtype == torch.float32 and rel_err(got, exact) <= 1e-5, (name, rel_err(got, exact))
 

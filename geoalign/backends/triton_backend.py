@@ -65,14 +65,9 @@ class TritonBackend(SparseBackend):
         if not bank.save:
             return
         x_hat, z, affine = bank.tape
-        rows = bank.rows
-        positions = rows.positions
-        if positions is None:  # rows built elsewhere (the split projector's one-layer banks): invert the grouping
-            K = bank.alpha.shape[1]
-            positions = torch.empty_like(rows.tokens)
-            positions[rows.tokens * K + rows.slots] = torch.arange(rows.tokens.numel(), device=rows.tokens.device)
+        rows = bank.rows  # (the split projector's one-layer banks build their rows without positions)
         bank_tape_forward_op(bank.h_bar, bank.alpha, affine, bank.fc1_weight, bank.fc1_bias, rows.offsets,
-                             positions, x_hat, z)
+                             rows.pair_positions(bank.alpha.shape[1]), x_hat, z)
 
     @classmethod
     def bank_backward(cls, rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar, need_alpha, need_ln,

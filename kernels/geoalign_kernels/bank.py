@@ -513,6 +513,8 @@ def bank_tape_forward(h_bar: torch.Tensor, alpha: torch.Tensor, affine: torch.Te
             raise ValueError(f"{op}: {name} must be contiguous, got strides {list(t.stride())}")
     guard.check_index_range(op, "offsets", offsets, P + 1, "pair positions")
     guard.check_index_range(op, "positions", positions, P, "tape rows")
+    if P == 0:
+        return
     alpha, fc1_bias = rows_contiguous(alpha), fc1_bias.contiguous()
     types = _dtypes(dtype)
 

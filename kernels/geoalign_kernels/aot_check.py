@@ -4,8 +4,8 @@ GPU-only compile errors that the interpreter cannot see (dot shapes/dtypes, layo
 
     env -u TRITON_INTERPRET python -m geoalign_kernels.aot_check [capability]
 
-Each kernel's pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32), "i64" (ids) and
-"i32" (topk_idx); every other non-constexpr argument is an i32 scalar unless listed (strides are i64, eps fp32).
+Each kernel's pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32) and "i64" (ids, routes);
+every other non-constexpr argument is an i32 scalar unless listed (strides are i64, eps fp32).
 """
 import os
 import sys
@@ -57,31 +57,44 @@ def main():
         types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=tl.float32, DOT_PRECISION=prec)
         dot = {k: types[k] for k in ("DOT_DTYPE", "ACC_DTYPE", "DOT_PRECISION")}
         blocks, warps, stages = tile("gemm")
-        compile_kernel(gemm._matmul_kernel, dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param",
-                                                 residual_ptr="param"), {},
-                       dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, PARAM_DTYPE=param, **dot,
-                            **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
-        compile_kernel(gemm._matmul_kernel, dict(a_ptr="param", b_ptr="param", c_ptr="acc", bias_ptr="param",
-                                                 residual_ptr="param"), {},  # split-K: fp32 partials, no epilogue
-                       dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, PARAM_DTYPE=param,
-                            **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        gemm_ptrs = dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param", residual_ptr="param",
+                         row_sum_ptr="param")
+        compile_kernel(gemm._matmul_kernel, gemm_ptrs, {},
+                       dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False,
+                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        compile_kernel(gemm._matmul_kernel, gemm_ptrs, {},  # a weight gradient with its bias gradient (row sums)
+                       dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
+                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", row_sum_ptr="acc"), {},  # split-K partials
+                       dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
+                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
         compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
-                                                   topk_idx_ptr="i32", alpha_ptr="acc"), {},
+                                                   topk_idx_ptr="i64", alpha_ptr="acc"), {},
                        dict(K=2, K_POW2=2, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), 4, 1)
-        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i32",
+        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
                                                        d_logits_ptr="param"), {},
                        dict(K=2, K_POW2=2, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
                        4, 1)
         rows = _HOPPER[("rows", "large")]
-        compile_kernel(bank._gather_normalize_kernel, dict(layer_ptr="param", gather_ptr="i64", tokens_ptr="i64",
-                                                           offsets_ptr="i64", x_hat_ptr="param"), {"eps": "fp32"},
-                       dict(TAPE=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
-                            BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
+        row_blocks = dict(BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"])
+        if param == tl.bfloat16:  # (dtype-free kernels: once)
+            compile_kernel(bank._bank_rows_kernel, dict(topk_ptr="i64", tokens_ptr="i64", slots_ptr="i64",
+                                                        offsets_ptr="i64", positions_ptr="i64"), {},
+                           dict(PARAM_DTYPE=param, BLOCK_SIZE=1024), 4, 1)
+        for tape in (True, False):
+            compile_kernel(bank._gather_normalize_kernel, dict(
+                layer_ptr="param", gather_ptr="i64", tokens_ptr="i64", offsets_ptr="i64", x_hat_ptr="param",
+                ln_weight_ptr="param", ln_bias_ptr="param", affine_ptr="param"), {"eps": "fp32"},
+                dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), 4, 1)
         blocks, warps, stages = tile("bank_fwd")
-        compile_kernel(bank._bank_fwd_kernel, dict(
-            x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
-            tokens_ptr="i64", slots_ptr="i64", offsets_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc", z_ptr="param"),
-            {}, dict(TAPE=True, SAVE_Z=True, **types, **blocks), warps, stages)
+        for tape in (True, False):  # training: every layer at once, z stored; inference: one layer into h_bar
+            compile_kernel(bank._bank_fwd_kernel, dict(
+                x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
+                tokens_ptr="i64", slots_ptr="i64", offsets_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc",
+                z_ptr="param"), {}, dict(TAPE=tape, **types, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+        compile_kernel(bank._bank_combine_kernel, dict(z_ptr="param", positions_ptr="i64", alpha_ptr="acc",
+                                                       h_bar_ptr="acc"), {},
+                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), 4, 1)
         compile_kernel(bank._bank_dz_kernel, dict(
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
             d_alpha_partial_ptr="acc"), {},
@@ -92,6 +105,10 @@ def main():
             dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
             w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {},
             dict(STORE_DW1=True, **types, **blocks), warps, stages)
+        compile_kernel(bank._bank_backward_finish_kernel, dict(
+            d_alpha_partial_ptr="acc", d_alpha_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc",
+            d_gamma_ptr="param", d_beta_ptr="param", db1_acc_ptr="acc", db1_ptr="param"), {},
+            dict(NEED_LN=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE=128), 4, 1)
 
 if __name__ == "__main__":
     main()

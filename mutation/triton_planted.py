@@ -81,9 +81,11 @@ PLANTED = {
     "fwd-tiles-drop-partial-tile": ("bank.py", "        tiles = (count + BLOCK_SIZE_M - 1) // BLOCK_SIZE_M\n",
                                     "        tiles = count // BLOCK_SIZE_M\n",
                                     "GEMM1's walk over the layers' row tiles drops each layer's last, partial tile"),
-    "fwd-tile-straddles-layers": ("bank.py", "        hit = (tile >= 0) & (tile < tiles)\n",
-                                  "        hit = (tile >= 0) & (tile <= tiles)\n",
-                                  "a row tile past a layer's last is also claimed by that layer (two layers' rows mixed)"),
+    # (tile <= tiles would be equivalent: a later layer, or no row at all, always takes the tile past a layer's last)
+    "fwd-tile-claimed-by-the-next-layer": ("bank.py", "        hit = (tile >= 0) & (tile < tiles)\n",
+                                           "        hit = (tile >= -1) & (tile < tiles)\n",
+                                           "a layer's last row tile is claimed by the next layer too, which computes "
+                                           "those rows with its own LayerNorm affine"),
     "combine-overwrites-h-bar": ("bank.py", "tl.store(h_bar_ptrs, tl.load(h_bar_ptrs, mask=mask, other=0.0) + total, mask=mask)",
                                  "tl.store(h_bar_ptrs, total, mask=mask)",
                                  "the training forward's combine overwrites h_bar instead of adding to it"),
@@ -97,6 +99,10 @@ PLANTED = {
     "normalize-stacks-gamma-as-beta": ("bank.py", "tl.store(out + stride_affine_kind, tl.load(ln_bias_ptr + d0 + offs_d",
                                        "tl.store(out + stride_affine_kind, tl.load(ln_weight_ptr + d0 + offs_d",
                                        "the normalise pass stacks gamma_j where beta_j belongs"),
+    "normalize-no-program-for-an-empty-layer": ("bank.py", "(max(1, triton.cdiv(max_pairs * G, rcfg[\"BLOCK_SIZE_M\"])),)",
+                                                "(triton.cdiv(max_pairs * G, rcfg[\"BLOCK_SIZE_M\"]),)",
+                                                "a layer without pairs launches no normalise program, so its affine is "
+                                                "never stacked (the split projector's empty banks)"),
     "finish-d-alpha-first-tile-only": ("bank.py", "        for i in range(0, n_alpha_tiles):\n",
                                        "        for i in range(0, 1):\n",
                                        "the backward's finish keeps only the first H tile's d_alpha partial"),

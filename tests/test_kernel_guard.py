@@ -102,6 +102,20 @@ def test_out_of_range_ids_are_caught_in_guard_mode(guard_on, field, value, messa
         bank_layer_forward(**args)
 
 
+def test_out_of_range_ids_are_caught_in_guard_mode_with_a_tape(guard_on):
+    """The training path: x_hat at the pairs' tape rows and the stacked affine, then GEMM1 over every pair."""
+    from geoalign_kernels.bank import bank_tape_forward
+
+    args = bank_args()
+    args.update(affine=torch.zeros(2, 1, 8), tape=True, tokens=torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(GuardError, match=r"tokens must lie in \[0, 6\)"):
+        bank_layer_forward(**args)
+    with pytest.raises(GuardError, match=r"positions must lie in \[0, 6\) \(tape rows\), got values in \[0, 6\]"):
+        bank_tape_forward(torch.zeros(6, 16), torch.rand(6, 1), torch.ones(2, 1, 8), torch.randn(16, 32),
+                          torch.zeros(16), torch.tensor([0, 6]), torch.tensor([0, 1, 2, 3, 4, 6]), torch.zeros(6, 32),
+                          torch.zeros(6, 16))
+
+
 def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
     """With guard mode's host index checks switched off but its canaries on: a token id past h_bar, a slot past
     alpha and a gather row past the layer write nothing outside any buffer; the pair with the bad gather row turns

@@ -273,6 +273,18 @@ def test_bank_parity(G, dtype):
         assert_close(a, e, dtype, name)
 
 
+def test_closing_a_bank_with_a_missing_layer_is_refused():
+    """A bank closed before every layer was added would hand GEMM1 unwritten tape rows: refused, naming the layers."""
+    case = _bank_case(torch.float32, 4, L=7, Dg=8, H=16, M=3, seed=3)
+    bank = Bank(case["h0"].clone(), case["alpha"], case["gather_index"], case["rows"], case["ln_ws"], case["ln_bs"],
+                case["w1"], case["b1"], 1e-5)
+    backend = TritonBackend()
+    backend.prepare_bank(bank)
+    backend.add_layer(bank, 1, case["layers"][1])
+    with pytest.raises(RuntimeError, match=r"bank layers \[0, 2\] of 3 were never added"):
+        backend.close_bank(bank)
+
+
 def test_bank_inference_uses_a_scratch_buffer():
     """Without a gradient nothing is taped: x_hat goes to one min(L, L*K)-row scratch buffer reused by each layer."""
     case = _bank_case(torch.float32, 4, L=19, Dg=21, H=40, M=3, seed=5)
@@ -356,6 +368,42 @@ def test_bank_rows_kernel_scans_in_several_blocks(monkeypatch):
     assert torch.equal(offsets, expected.offsets)
     assert torch.equal(tokens, expected.tokens) and torch.equal(slots, expected.slots)
     assert torch.equal(tokens[positions], torch.arange(450) // 3)
+
+
+def test_bank_rows_kernel_marks_routes_outside_the_bank(monkeypatch):
+    """Ids outside [0, M) (only possible with guard mode's host check off) belong to no layer: their positions are
+    -1 and the unused tail of tokens / slots is -1, so the combine turns those tokens' rows NaN instead of reading a
+    stale pair; the valid routes are grouped as usual."""
+    from geoalign_kernels import guard
+    from geoalign_kernels.bank import bank_rows_op
+
+    monkeypatch.setattr(guard, "check_index_range", lambda *a, **k: None)
+    topk = torch.tensor([[0, 2], [5, 1], [2, -3], [1, 0]])
+    tokens, slots, offsets, positions = bank_rows_op(topk, 3)
+    assert offsets.tolist() == [0, 2, 4, 6]
+    assert tokens.tolist() == [0, 3, 1, 3, 0, 2, -1, -1] and slots.tolist() == [0, 1, 1, 0, 1, 0, -1, -1]
+    assert positions.tolist() == [0, 4, -1, 2, 5, -1, 3, 1]
+
+
+def test_split_bank_with_an_empty_layer_is_exact_poisoned():
+    """projector="split" runs a one-layer bank per layer; with feature_usage="single" every other layer's bank has no
+    pair. Its normalise launch still has a program that stacks the layer's affine (the buffer starts NaN here), so
+    the backward's dW1 = gamma M + beta db1 over zero pairs is exactly zero, not NaN."""
+    gen = torch.Generator().manual_seed(21)
+    cfg = GeoAlignConfig(hidden_size=24, geo_dim=20, bank_layers=[0, 1, 2], top_k=1, group_size=4,
+                         projector_hidden=28, router_hidden=12, projector="split", feature_usage="single",
+                         single_layer=1)
+    fusion = GeoAlignFusion(cfg)
+    q = torch.randn(9, 24, generator=gen)
+    layers = [torch.randn(40, 20, generator=gen) for _ in range(3)]
+    gather_index = torch.randint(0, 40, (9, 4), generator=gen)
+    ref = run_fusion(fusion, q, layers, gather_index, "torch")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert_close(out[0], ref[0], torch.float32, "q_hat")
+    for name in ref[3]:
+        assert torch.isfinite(out[3][name]).all(), name
+        assert_close(out[3][name], ref[3][name], torch.float32, name)
+    assert torch.count_nonzero(out[3]["projectors.0.fc1.weight"]) == 0
 
 
 @pytest.mark.parametrize("block_m", [16, 32])

@@ -34,7 +34,8 @@ from ..routing import BankRows, Routing, bank_rows, topk_lower_index
 class Bank:
     """The routed bank of one forward (docs/architecture.md, "Backends").
 
-    h_bar        [L, H] fp32 (fp64 for fp64 parameters), filled in place one bank layer at a time
+    h_bar        [L, H] fp32 (fp64 for fp64 parameters), filled in place: one bank layer at a time as the layers
+                 arrive, or (a backend that defers GEMM1 while a tape is kept) all at once in complete_bank
     alpha        [L, K] routing weights (differentiable); gather_index [L, G] rows into each layer
     rows         :class:`geoalign.routing.BankRows`, the pairs grouped by bank layer j = 0..M-1
     ln_weights   M LayerNorm weights [D'] (ln_biases likewise), one per bank layer of this bank
@@ -153,7 +154,8 @@ class SparseBackend:
 
     def add_layer(self, bank: Bank, j: int, layer: torch.Tensor) -> None:
         """Bank layer j's pairs: h_bar[t] += alpha[t, s] * GELU(W1 . concat_g LN_j(layer[gather_index[t, g]]) + b1),
-        in place, recording on the tape what backward needs. No autograd here (close_bank adds the one node)."""
+        in place, recording on the tape what backward needs (with a tape, the torch and triton backends only
+        normalise here and add to h_bar in complete_bank). No autograd here (close_bank adds the one node)."""
         if bank.added[j]:
             raise RuntimeError(f"bank layer {j} was already added to this bank")
         bank.added[j] = True
@@ -178,7 +180,7 @@ class SparseBackend:
                                   *tape)
 
     def prepare_bank(self, bank: Bank) -> None:
-        """Allocate what ``bank_layer`` writes besides h_bar (the torch backend needs nothing)."""
+        """Allocate what ``bank_layer`` writes besides h_bar (the tape, scratch buffers; nothing by default)."""
 
     def complete_bank(self, bank: Bank) -> None:
         """What the backend does once every layer is in, under no_grad, before the autograd node (the triton

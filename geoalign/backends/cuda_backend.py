@@ -1,9 +1,10 @@
 """The `cuda` backend: hand-written CUDA kernels (csrc/, see cuda_extension.py) for the small, latency-bound parts
-of the routed bank, torch for the GEMMs: the router's linears, GEMM1 (+ b1, GELU, alpha-weighted index_add into the
-fp32 h_bar), the output stage (inherited from the base protocol) and every backward GEMM.
+of the routed bank, torch for the GEMMs: the router's linears, GEMM1 and its epilogue (per layer at inference; once
+for every layer in training, as the torch backend does), the output stage (inherited from the base protocol) and
+every backward GEMM.
 
-The tape is the torch backend's: per bank layer the normalised gathered rows x_hat [n, G, D'] and z [n, H], both in
-the parameter dtype.
+The tape is the torch backend's: per bank layer the normalised gathered rows x_hat [n_j, G, D'], and z [L*K, H] in
+pair order, in the parameter dtype (TorchBackend.layer_tape).
 """
 from __future__ import annotations
 

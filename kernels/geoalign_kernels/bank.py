@@ -62,7 +62,9 @@ def _bank_rows_kernel(
         BLOCK_SIZE: tl.constexpr):  # pairs per step of the scan
     """Program j: the pairs routed to bank layer j, in flat order (so tokens ascend within the layer; a stable
     counting sort). Pass 1 counts the pairs of layers below j (layer j's first position), pass 2 places layer j's
-    pairs by a running prefix sum. Ids outside [0, M) belong to no layer (they get no position)."""
+    pairs by a running prefix sum. Ids outside [0, M) belong to no layer: program 0 gives them position -1 and the
+    last program fills the unused tail of tokens / slots with -1 (so what reads them sees an invalid id: NaN rows,
+    no stray writes)."""
     j = tl.program_id(0)
     offs = tl.arange(0, BLOCK_SIZE).to(tl.int64)
     below = tl.full([], 0, tl.int64)
@@ -81,9 +83,15 @@ def _bank_rows_kernel(
         tl.store(tokens_ptr + out, f // K, mask=hit)
         tl.store(slots_ptr + out, f % K, mask=hit)
         tl.store(positions_ptr + f, out, mask=hit)
+        if j == 0:
+            tl.store(positions_ptr + f, -1, mask=(f < n_pairs) & ((ids < 0) | (ids >= M)))
         position += tl.sum(hit.to(tl.int64), axis=0)
     if j == M - 1:
         tl.store(offsets_ptr + M, position)
+        for f0 in range(position, n_pairs, BLOCK_SIZE):  # empty unless some id was outside [0, M)
+            f = f0 + offs
+            tl.store(tokens_ptr + f, -1, mask=f < n_pairs)
+            tl.store(slots_ptr + f, -1, mask=f < n_pairs)
 
 
 @triton.jit
@@ -166,7 +174,8 @@ def _bank_fwd_kernel(
     (x = gamma_j x_hat + beta_j in the A-load). The row tiles walk the layers in order, a tile never straddling two
     layers; they are sized for the worst case and the surplus programs exit. 1-D grid in grouped order (Triton
     tutorial 03): GROUP_SIZE_M row tiles walk every H tile together, so their band of x_hat (in training the whole
-    tape, 264 MB at paper scale) is read from DRAM about once instead of once per H tile.
+    tape: L*K x G*D' = 16128 x 8192 bf16, about 250 MiB at paper scale) is read from DRAM about once instead of once
+    per H tile.
     TAPE: rows are the pairs' tape rows; epilogue + b1, stored as z (h_bar comes from z: _bank_combine_kernel).
     Else (one layer, rows 0..n_j-1 of a scratch buffer): + b1, exact GELU, * alpha, read-add-write into h_bar."""
     pid = tl.program_id(0)
@@ -361,8 +370,10 @@ def _bank_backward_finish_kernel(
     if task == 0:
         mask = offs < n_alpha
         total = tl.zeros((BLOCK_SIZE,), dtype=ACC_DTYPE)
+        partial_ptrs = d_alpha_partial_ptr + offs  # (pointer steps: 64-bit addresses however many tiles)
         for i in range(0, n_alpha_tiles):
-            total += tl.load(d_alpha_partial_ptr + i * n_alpha + offs, mask=mask, other=0.0)
+            total += tl.load(partial_ptrs, mask=mask, other=0.0)
+            partial_ptrs += n_alpha
         tl.store(d_alpha_ptr + offs, total.to(d_alpha_ptr.dtype.element_ty), mask=mask)
     elif task == 1:
         if NEED_LN:
@@ -372,11 +383,12 @@ def _bank_backward_finish_kernel(
             width = G * D_geo
             d_gamma = tl.zeros((BLOCK_SIZE,), dtype=ACC_DTYPE)
             d_beta = tl.zeros((BLOCK_SIZE,), dtype=ACC_DTYPE)
+            base = layer * width + d  # int64; one H tile's [M, G*D'] block further per step
             for i in range(0, n_h_tiles):
-                base = (i * M + layer) * width + d
                 for g in range(0, G):
                     d_gamma += tl.load(dgamma_partial_ptr + base + g * D_geo, mask=mask, other=0.0)
                     d_beta += tl.load(dbeta_partial_ptr + base + g * D_geo, mask=mask, other=0.0)
+                base += M * width
             tl.store(d_gamma_ptr + offs, d_gamma.to(d_gamma_ptr.dtype.element_ty), mask=mask)
             tl.store(d_beta_ptr + offs, d_beta.to(d_beta_ptr.dtype.element_ty), mask=mask)
     else:
@@ -470,7 +482,8 @@ def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
     types = _dtypes(dtype)
     rcfg = get_config("rows", max_pairs * G, dev)
     with guarded("bank_layer_forward/normalize", x_hat=x_hat, affine=affine) as out:
-        _gather_normalize_kernel[(triton.cdiv(max_pairs * G, rcfg["BLOCK_SIZE_M"]),)](
+        # at least one program: it also stacks the layer's affine, which the backward reads even with no pairs
+        _gather_normalize_kernel[(max(1, triton.cdiv(max_pairs * G, rcfg["BLOCK_SIZE_M"])),)](
             layer, layer.stride(0), N, gather_index, gather_index.stride(0), gather_index.stride(1), L, tokens,
             offsets, layer_pos, out.x_hat, ln_weight, ln_bias, out.affine, affine.stride(0), affine.stride(1), G, Dg,
             eps, TAPE=tape, PARAM_DTYPE=types["PARAM_DTYPE"], ACC_DTYPE=types["ACC_DTYPE"],

@@ -9,7 +9,7 @@ and `-x`. A planted bug is *caught* when that run fails.
 
     python -m mutation.triton_planted [--only NAME ...] [--out mutation/results/triton_planted.json]
 
-It takes roughly 1-3 minutes per bug on 2 cores (a surviving bug costs the full Triton suite).
+It takes roughly 0.3-7 minutes per bug on 2 shared cores (a surviving bug costs the full Triton suite).
 """
 from __future__ import annotations
 

@@ -260,25 +260,31 @@ def test_deepspeed_needs_cuda_for_several_processes(monkeypatch):
         build_accelerator(TrainConfig(distributed="deepspeed"), 1)
 
 
+def _deepspeed_run(setup, one_process, tmp_path):
+    """One ZeRO-2 run in one process on DeepSpeed's CPU accelerator; -> (its output dir, the overrides, losses)."""
+    pytest.importorskip("deepspeed")
+    one, over = one_process
+    over = {**over, "distributed": "deepspeed"}
+    ds = tmp_path / "ds"
+    _torchrun(setup, ds, over, nproc=1)
+    log_ds = read_jsonl(ds / "train_log.jsonl")
+    return ds, over, {r["step"]: r["loss"] for r in log_ds if "loss" in r}
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
 def test_deepspeed_zero2_engine_matches_single_process(setup, one_process, tmp_path):
     """DeepSpeed ZeRO-2 (the paper's engine, the package's JSON config) in one process on DeepSpeed's CPU
     accelerator: batches reach the engine, its losses and pre-clip gradient norms (``get_global_grad_norm``) equal
-    the plain run's, its checkpoint resumes exactly, and the final directory (consolidated) loads with
-    from_pretrained. Several processes need CUDA (accelerate's CPU path is DDP only)."""
-    pytest.importorskip("deepspeed")
+    the plain run's, and the final directory (consolidated) loads with from_pretrained. Several processes need CUDA
+    (accelerate's CPU path is DDP only). Its exact resume is the slow test below."""
     from safetensors.torch import load_file
 
     from geoalign.modeling import GeoAlignForConditionalGeneration
 
-    one, over = one_process
-    over = {**over, "distributed": "deepspeed"}
-    ds, resumed = tmp_path / "ds", tmp_path / "resumed"
-    _torchrun(setup, ds, over, nproc=1)
-    log_ds, log_one = read_jsonl(ds / "train_log.jsonl"), read_jsonl(one / "train_log.jsonl")
+    ds, _over, losses = _deepspeed_run(setup, one_process, tmp_path)
+    log_ds, log_one = read_jsonl(ds / "train_log.jsonl"), read_jsonl(one_process[0] / "train_log.jsonl")
     assert log_ds[0]["distributed_type"] == "DEEPSPEED"
-    losses = {r["step"]: r["loss"] for r in log_ds if "loss" in r}
     norms = {r["step"]: r["grad_norm"] for r in log_ds if "grad_norm" in r}
     assert list(losses) == list(norms) == [1, 2, 3]
     for r in log_one:
@@ -287,12 +293,21 @@ def test_deepspeed_zero2_engine_matches_single_process(setup, one_process, tmp_p
             assert norms[r["step"]] == pytest.approx(r["grad_norm"], rel=1e-5)
     state = json.loads((ds / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["distributed_type"] == "DEEPSPEED" and state["saved_frozen_weights"] is True
-    _torchrun(setup, resumed, {**over, "resume_from_checkpoint": str(ds / "checkpoint-2")}, nproc=1)
-    assert json.loads((resumed / "losses_rank0.json").read_text())["3"] == pytest.approx(losses[3], rel=1e-6)
     trained = load_file(str(ds / "params_rank0.safetensors"))
     params = dict(GeoAlignForConditionalGeneration.from_pretrained(str(ds / "final")).named_parameters())
     for k, v in trained.items():
         assert torch.equal(params[k], v), k
+
+
+@pytest.mark.slow  # a second DeepSpeed launch (~40 s): out of the default set to keep CI under 15 minutes
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_deepspeed_zero2_checkpoint_resumes_exactly(setup, one_process, tmp_path):
+    """A ZeRO-2 checkpoint (the engine's own files) resumes to the uninterrupted run's step-3 loss."""
+    ds, over, losses = _deepspeed_run(setup, one_process, tmp_path)
+    resumed = tmp_path / "resumed"
+    _torchrun(setup, resumed, {**over, "resume_from_checkpoint": str(ds / "checkpoint-2")}, nproc=1)
+    assert json.loads((resumed / "losses_rank0.json").read_text())["3"] == pytest.approx(losses[3], rel=1e-6)
 
 
 def test_fsdp_refuses_fp16_and_unknown_sharding():

@@ -34,7 +34,7 @@ class BankRows:
     offsets  [M+1] int64 on the device: built without a device->host copy, so the Triton path never syncs;
                          host_offsets() copies them to the host once (the torch and cuda backends slice with them)
     positions [L*K] int64 or None: the position of pair (t, s) at t*K + s (the inverse of the grouping; the Triton
-                         backend's row builder makes it, the others leave it None)
+                         backend's row builder makes it, pair_positions() builds it on first use otherwise)
     """
 
     __slots__ = ("tokens", "slots", "offsets", "positions", "_host")

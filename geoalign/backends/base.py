@@ -183,8 +183,8 @@ class SparseBackend:
         """Allocate what ``bank_layer`` writes besides h_bar (the tape, scratch buffers; nothing by default)."""
 
     def complete_bank(self, bank: Bank) -> None:
-        """What the backend does once every layer is in, under no_grad, before the autograd node (the triton
-        backend's GEMM1 over every taped pair; nothing by default)."""
+        """What the backend does once every layer is in, under no_grad, before the autograd node (with a tape, the
+        torch and triton backends' GEMM1 over every pair; nothing by default)."""
 
     def bank_layer(self, bank: Bank, j: int, layer: torch.Tensor) -> None:
         """The forward of bank layer j (see add_layer), under no_grad; appends to / fills bank.tape when bank.save."""

@@ -88,10 +88,10 @@ def _bank_rows_kernel(
         position += tl.sum(hit.to(tl.int64), axis=0)
     if j == M - 1:
         tl.store(offsets_ptr + M, position)
-        for f0 in range(position, n_pairs, BLOCK_SIZE):  # empty unless some id was outside [0, M)
-            f = f0 + offs
-            tl.store(tokens_ptr + f, -1, mask=f < n_pairs)
-            tl.store(slots_ptr + f, -1, mask=f < n_pairs)
+        for tail0 in range(position, n_pairs, BLOCK_SIZE):  # empty unless some id was outside [0, M)
+            tail = tail0 + offs  # (own names: triton 3.6 refuses a name that an if block retypes, int32 -> int64)
+            tl.store(tokens_ptr + tail, -1, mask=tail < n_pairs)
+            tl.store(slots_ptr + tail, -1, mask=tail < n_pairs)
 
 
 @triton.jit
@@ -340,6 +340,9 @@ def _bank_weight_grad_kernel(
             db1 += tl.sum(dz.to(ACC_DTYPE), axis=1)
             dz_ptrs += BLOCK_SIZE_K * H
             x_ptrs += BLOCK_SIZE_K * width
+        # the loop's db1 gets exactly one use (this select; rows past H are 0 anyway): triton 3.6's
+        # OptimizeThreadLocality pass, which rewrites the in-loop tl.sum, asserts that (fp32 build, sm_90)
+        db1 = tl.where(mask_h, db1, 0.0)
         ln_w = tl.load(ln_weight_ptr + j * stride_ln_layer + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
         ln_b = tl.load(ln_bias_ptr + j * stride_ln_layer + offs_c % D_geo, mask=mask_c, other=0.0).to(ACC_DTYPE)
         dw1 += acc * ln_w[None, :] + db1[:, None] * ln_b[None, :]

@@ -1,14 +1,26 @@
 """Ahead-of-time compile check: build every kernel for a CUDA target (default sm_90, H100/H200) at the Hopper configs
 for bf16/fp16/fp32, without a GPU (ttir -> ttgir -> llir -> ptx -> cubin with Triton's bundled ptxas). Catches
-GPU-only compile errors that the interpreter cannot see (dot shapes/dtypes, layouts, shared-memory use).
+GPU-only compile errors that the interpreter cannot see (dot shapes/dtypes, layouts, shared-memory use), and reports
+what decides a GEMM's speed: whether its loads are software-pipelined, shared memory, registers and spills.
 
     env -u TRITON_INTERPRET python -m geoalign_kernels.aot_check [capability]
 
-Each kernel's pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32) and "i64" (ids, routes);
-every other non-constexpr argument is an i32 scalar unless listed (strides are i64, eps fp32).
+Each kernel is built twice:
+  - "generic": every integer argument unknown (no hints), as for odd shapes;
+  - "launch": specialised as Triton's JIT specialises a launch at paper scale (L=8064 tokens, K=2, M=12 layers,
+    G=4, D=D'=2048, H=4096, router 512): an integer argument equal to 1 becomes the constant 1, one divisible by 16
+    and every pointer (torch allocations are aligned) carry tt.divisibility=16. Without these hints no load can be
+    vectorised, so no GEMM is pipelined: only the "launch" build shows what a GPU runs.
+A "launch" build of a GEMM kernel whose tile loads are not pipelined (no async copy in its TTGIR) fails the check.
+
+Pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32) and "i64" (ids, routes); the other
+non-constexpr arguments get their type from their example value (i32 when it fits, else i64; eps fp32).
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import triton
 import triton.language as tl
@@ -23,27 +35,84 @@ from .configs import _HOPPER, GROUP_SIZE_M  # noqa: E402
 
 TARGET = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
 POINTER = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+#: paper scale: tokens, slots, bank layers, patch rows per token, D', H, pairs, router width, D
+L, K, M, G, DG, H, P, R, D = 8064, 2, 12, 4, 2048, 4096, 8064 * 2, 512, 2048
 
 
-def compile_kernel(fn, pointers: dict, scalars: dict, consts: dict, num_warps: int, num_stages: int) -> None:
-    """pointers: name -> role; scalars: name -> type (default i32); consts: the constexpr values (PARAM_DTYPE also
-    types the "param" pointers; entries the kernel does not take are ignored)."""
-    roles = {"acc": "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[consts["PARAM_DTYPE"]]}
-    label = roles["param"][1:]
+def specialize(fn, pointers: dict, values: dict, consts: dict, launch: bool, param) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of ``fn`` for ASTSource; launch=True applies the JIT's launch-time rules to the
+    example values (int == 1 -> constant 1; int % 16 == 0 and every pointer -> tt.divisibility 16)."""
+    roles = {"acc": "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[param]}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    signature = {}
-    for name in fn.arg_names:
+    signature, attrs = {}, {}
+    missing = [n for n in fn.arg_names if n not in consts and n not in pointers and n not in values]
+    if missing:
+        raise SystemExit(f"aot_check: no example value for {fn.__name__}'s arguments {missing}")
+    for i, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = roles[pointers[name]]
-        elif name.startswith("stride_"):
-            signature[name] = "i64"
+            if launch:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(values[name], float):
+            signature[name] = "fp32"
         else:
-            signature[name] = scalars.get(name, "i32")
-    kernel = triton.compile(ASTSource(fn, signature, consts), target=TARGET,
-                            options={"num_warps": num_warps, "num_stages": num_stages})
-    print("OK", fn.__name__, label, "shared bytes", kernel.metadata.shared)
+            value = values[name]
+            if launch and value == 1:
+                consts[name] = 1
+                signature[name] = "constexpr"
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if launch and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) from ptxas -v on the build's PTX, with the first of Triton's bundled
+    ptxas binaries that accepts its PTX version; (-1, -1) when none does."""
+    paths = []
+    for knob in ("ptxas", "ptxas_blackwell"):
+        try:
+            paths.append(getattr(triton.knobs.nvidia, knob).path)
+        except AttributeError:
+            pass
+    arch = f"sm_{TARGET.arch}a" if TARGET.arch >= 90 else f"sm_{TARGET.arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        for path in paths:
+            proc = subprocess.run([path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", proc.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+            if proc.returncode == 0 and regs and spills:
+                return int(regs.group(1)), int(spills.group(1))
+    return -1, -1
+
+
+def compile_kernel(fn, pointers: dict, values: dict, consts: dict, num_warps: int, num_stages: int,
+                   pipelined: bool = False, variant: str = "") -> None:
+    """Build ``fn`` generic and launch-specialised (see the module docstring) and print one line per build.
+    values: every non-pointer, non-constexpr argument's paper-scale example; consts: the constexpr values
+    (PARAM_DTYPE also types the "param" pointers; entries the kernel does not take are ignored).
+    pipelined: a GEMM kernel whose launch build must have pipelined (async-copied) tile loads.
+    variant: a tag printed after the kernel's name (kernel[variant]) where one kernel is built several ways."""
+    param = consts["PARAM_DTYPE"]
+    for build in ("generic", "launch"):
+        signature, constexprs, attrs = specialize(fn, pointers, values, consts, build == "launch", param)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+        ttgir = kernel.asm["ttgir"]
+        copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local")
+        regs, spills = ptxas_usage(kernel.asm["ptx"])
+        name = f"{fn.__name__}[{variant}]" if variant else fn.__name__
+        print("OK", name, POINTER[param][1:], build, "shared bytes", kernel.metadata.shared,
+              "async copies", copies, "registers", regs, "spill bytes", spills)
+        if build == "launch" and pipelined and copies == 0:
+            raise SystemExit(f"aot_check: {name} ({POINTER[param][1:]}, launch build) has no pipelined "
+                             "loads: its GEMM would run unpipelined on the GPU")
 
 
 def tile(op: str) -> tuple[dict, int, int]:
@@ -59,56 +128,81 @@ def main():
         blocks, warps, stages = tile("gemm")
         gemm_ptrs = dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param", residual_ptr="param",
                          row_sum_ptr="param")
-        compile_kernel(gemm._matmul_kernel, gemm_ptrs, {},
-                       dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False,
-                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
-        compile_kernel(gemm._matmul_kernel, gemm_ptrs, {},  # a weight gradient with its bias gradient (row sums)
-                       dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
-                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
-        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", row_sum_ptr="acc"), {},  # split-K partials
-                       dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
-                            PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
-        compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
-                                                   topk_idx_ptr="i64", alpha_ptr="acc"), {},
-                       dict(K=2, K_POW2=2, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), 4, 1)
-        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
-                                                       d_logits_ptr="param"), {},
-                       dict(K=2, K_POW2=2, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
-                       4, 1)
-        rows = _HOPPER[("rows", "large")]
+        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+        # the output stage: [L, H] @ fc2^T (fc2 [D, H] row-major) + bias + residual [L, D]
+        compile_kernel(gemm._matmul_kernel, gemm_ptrs, dict(
+            M=L, N=D, K=H, stride_am=H, stride_ak=1, stride_bk=1, stride_bn=H, stride_cm=D, stride_cn=1,
+            stride_rm=D, stride_rn=1, stride_cs=0, stride_row_sum_s=0),
+            dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False, **gemm_consts),
+            warps, stages, pipelined=True, variant="output")
+        # a weight gradient with its bias gradient (row sums): dfc2 = dY^T [D, L] @ hidden [L, H]
+        compile_kernel(gemm._matmul_kernel, gemm_ptrs, dict(
+            M=D, N=H, K=L, stride_am=1, stride_ak=D, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1,
+            stride_rm=0, stride_rn=0, stride_cs=0, stride_row_sum_s=0),
+            dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True, **gemm_consts),
+            warps, stages, pipelined=True, variant="weight_grad")
+        # split-K partials: the router's dW2 = dS^T [M, L] @ hidden [L, R], 4 K ranges into fp32 [4, M, R]
+        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", row_sum_ptr="acc"), dict(
+            M=M, N=R, K=L, stride_am=1, stride_ak=M, stride_bk=R, stride_bn=1, stride_cm=R, stride_cn=1,
+            stride_rm=0, stride_rn=0, stride_cs=M * R, stride_row_sum_s=M),
+            dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True, **gemm_consts),
+            warps, stages, pipelined=True, variant="split_k")
+        rows = _HOPPER[("rows", "large")]  # the row kernels' config (routing takes its warps too)
         row_blocks = dict(BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"])
+        row_warps = rows["num_warps"]
+        compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
+                                                   topk_idx_ptr="i64", alpha_ptr="acc"),
+                       dict(L=L, R=R, M=M, stride_hid_l=R, stride_hid_r=1, stride_w2_m=R, stride_w2_r=1),
+                       dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), row_warps, 1)
+        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
+                                                       d_logits_ptr="param"), dict(L=L, M=M),
+                       dict(K=K, K_POW2=K, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
+                       row_warps, 1)
         if param == tl.bfloat16:  # (dtype-free kernels: once)
             compile_kernel(bank._bank_rows_kernel, dict(topk_ptr="i64", tokens_ptr="i64", slots_ptr="i64",
-                                                        offsets_ptr="i64", positions_ptr="i64"), {},
-                           dict(PARAM_DTYPE=param, BLOCK_SIZE=1024), 4, 1)
+                                                        offsets_ptr="i64", positions_ptr="i64"),
+                           dict(n_pairs=P, K=K, M=M), dict(PARAM_DTYPE=param, BLOCK_SIZE=1024), 4, 1)
+        frames_rows = 32 * 1374  # a VGGT layer's rows at 32 frames (camera + register + 37 x 37 patch tokens each)
         for tape in (True, False):
             compile_kernel(bank._gather_normalize_kernel, dict(
                 layer_ptr="param", gather_ptr="i64", tokens_ptr="i64", offsets_ptr="i64", x_hat_ptr="param",
-                ln_weight_ptr="param", ln_bias_ptr="param", affine_ptr="param"), {"eps": "fp32"},
-                dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), 4, 1)
+                ln_weight_ptr="param", ln_bias_ptr="param", affine_ptr="param"),
+                dict(stride_layer_row=DG, N=frames_rows, stride_gather_l=G, stride_gather_g=1, L=L, layer_pos=3,
+                     stride_affine_kind=M * DG, stride_affine_layer=DG, G=G, D_geo=DG, eps=1e-6),
+                dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1,
+                variant="tape" if tape else "layer")
         blocks, warps, stages = tile("bank_fwd")
         for tape in (True, False):  # training: every layer at once, z stored; inference: one layer into h_bar
             compile_kernel(bank._bank_fwd_kernel, dict(
                 x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
                 tokens_ptr="i64", slots_ptr="i64", offsets_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc",
-                z_ptr="param"), {}, dict(TAPE=tape, **types, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages)
+                z_ptr="param"),
+                dict(stride_ln_layer=DG if tape else 0, stride_w1_h=G * DG, stride_w1_k=1,
+                     layer_lo=0 if tape else 3, layer_hi=M if tape else 4, stride_alpha_l=K, stride_h_bar_l=H,
+                     H=H, D_geo=DG, G=G, L=L, K=K, num_row_tiles=P // blocks["BLOCK_SIZE_M"] + M),
+                dict(TAPE=tape, **types, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), warps, stages, pipelined=True,
+                variant="tape" if tape else "layer")
         compile_kernel(bank._bank_combine_kernel, dict(z_ptr="param", positions_ptr="i64", alpha_ptr="acc",
-                                                       h_bar_ptr="acc"), {},
-                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), 4, 1)
+                                                       h_bar_ptr="acc"),
+                       dict(stride_alpha_l=K, stride_h_bar_l=H, L=L, H=H, K=K, P=P),
+                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1)
         compile_kernel(bank._bank_dz_kernel, dict(
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
-            d_alpha_partial_ptr="acc"), {},
-            dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE_M=rows["BLOCK_SIZE_M"],
-                 BLOCK_SIZE_N=rows["BLOCK_SIZE_N"]), 4, 1)
+            d_alpha_partial_ptr="acc"), dict(stride_d_h_bar_l=H, stride_alpha_l=K, P=P, H=H, L=L, K=K),
+            dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1)
         blocks, warps, stages = tile("bank_dw1")
         compile_kernel(bank._bank_weight_grad_kernel, dict(
             dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
-            w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"), {},
-            dict(STORE_DW1=True, **types, **blocks), warps, stages)
+            w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"),
+            dict(num_layers=M, stride_ln_layer=DG, stride_w1_h=G * DG, stride_w1_k=1, H=H, D_geo=DG, G=G),
+            dict(STORE_DW1=True, **types, **blocks), warps, stages, pipelined=True)
         compile_kernel(bank._bank_backward_finish_kernel, dict(
             d_alpha_partial_ptr="acc", d_alpha_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc",
-            d_gamma_ptr="param", d_beta_ptr="param", db1_acc_ptr="acc", db1_ptr="param"), {},
+            d_gamma_ptr="param", d_beta_ptr="param", db1_acc_ptr="acc", db1_ptr="param"),
+            dict(n_alpha_tiles=H // rows["BLOCK_SIZE_N"], n_alpha=P, n_h_tiles=H // blocks["BLOCK_SIZE_M"], M=M, G=G,
+                 D_geo=DG, H=H),
             dict(NEED_LN=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE=128), 4, 1)
+
 
 if __name__ == "__main__":
     main()

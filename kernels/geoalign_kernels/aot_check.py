@@ -3,7 +3,7 @@ for bf16/fp16/fp32, without a GPU (ttir -> ttgir -> llir -> ptx -> cubin with Tr
 GPU-only compile errors that the interpreter cannot see (dot shapes/dtypes, layouts, shared-memory use), and reports
 what decides a GEMM's speed: whether its loads are software-pipelined, shared memory, registers and spills.
 
-    env -u TRITON_INTERPRET python -m geoalign_kernels.aot_check [capability]
+    env -u TRITON_INTERPRET python -m geoalign_kernels.aot_check [capability [dtype ...]]   # dtype: bf16 fp16 fp32 fp64
 
 Each kernel is built twice:
   - "generic": every integer argument unknown (no hints), as for odd shapes;
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -31,10 +32,13 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("run without TRITON_INTERPRET (kernels must be JITFunctions)")
 
 from . import bank, gemm, routing  # noqa: E402
-from .configs import _HOPPER, GROUP_SIZE_M  # noqa: E402
+from .configs import GROUP_SIZE_M, config_for  # noqa: E402
 
 TARGET = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
-POINTER = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32"}
+POINTER = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
+TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32,
+               tl.float64: torch.float64}
+DEVICE = "NVIDIA H200"  # the config tables' device (tuned_configs.json entries included)
 #: paper scale: tokens, slots, bank layers, patch rows per token, D', H, pairs, router width, D
 L, K, M, G, DG, H, P, R, D = 8064, 2, 12, 4, 2048, 4096, 8064 * 2, 512, 2048
 
@@ -42,7 +46,7 @@ L, K, M, G, DG, H, P, R, D = 8064, 2, 12, 4, 2048, 4096, 8064 * 2, 512, 2048
 def specialize(fn, pointers: dict, values: dict, consts: dict, launch: bool, param) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of ``fn`` for ASTSource; launch=True applies the JIT's launch-time rules to the
     example values (int == 1 -> constant 1; int % 16 == 0 and every pointer -> tt.divisibility 16)."""
-    roles = {"acc": "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[param]}
+    roles = {"acc": "*fp64" if param == tl.float64 else "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[param]}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     missing = [n for n in fn.arg_names if n not in consts and n not in pointers and n not in values]
@@ -115,17 +119,24 @@ def compile_kernel(fn, pointers: dict, values: dict, consts: dict, num_warps: in
                              "loads: its GEMM would run unpipelined on the GPU")
 
 
-def tile(op: str) -> tuple[dict, int, int]:
-    cfg = _HOPPER[(op, "large")]
+def tile(op: str, param, rows: int = P) -> tuple[dict, int, int]:
+    """(block sizes, num_warps, num_stages) the launcher gets for ``op`` on an H200 at ``rows`` GEMM rows: the
+    configs module's own lookup (tuned_configs.json, else the static table; fp64 adjusted)."""
+    cfg = config_for(op, rows, DEVICE, TORCH_DTYPE[param])
     consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")}
     return consts, cfg["num_warps"], cfg["num_stages"]
 
 
 def main():
-    for param, prec in [(tl.bfloat16, None), (tl.float16, None), (tl.float32, "ieee")]:
-        types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=tl.float32, DOT_PRECISION=prec)
+    only = sys.argv[2:]  # optional dtype names (bf16 fp16 fp32 fp64): build only these
+    sorted_rows = False
+    for param, prec in [(tl.bfloat16, None), (tl.float16, None), (tl.float32, "ieee"), (tl.float64, "ieee")]:
+        if only and POINTER[param][1:] not in only:
+            continue
+        acc = tl.float64 if param == tl.float64 else tl.float32
+        types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=acc, DOT_PRECISION=prec)
         dot = {k: types[k] for k in ("DOT_DTYPE", "ACC_DTYPE", "DOT_PRECISION")}
-        blocks, warps, stages = tile("gemm")
+        blocks, warps, stages = tile("gemm", param)
         gemm_ptrs = dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param", residual_ptr="param",
                          row_sum_ptr="param")
         gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
@@ -147,21 +158,21 @@ def main():
             stride_rm=0, stride_rn=0, stride_cs=M * R, stride_row_sum_s=M),
             dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True, **gemm_consts),
             warps, stages, pipelined=True, variant="split_k")
-        rows = _HOPPER[("rows", "large")]  # the row kernels' config (routing takes its warps too)
+        rows, row_warps, _ = tile("rows", param, L)  # the row kernels' config (routing takes its warps too)
         row_blocks = dict(BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"])
-        row_warps = rows["num_warps"]
         compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
                                                    topk_idx_ptr="i64", alpha_ptr="acc"),
                        dict(L=L, R=R, M=M, stride_hid_l=R, stride_hid_r=1, stride_w2_m=R, stride_w2_r=1),
                        dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), row_warps, 1)
         compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
                                                        d_logits_ptr="param"), dict(L=L, M=M),
-                       dict(K=K, K_POW2=K, ACC_DTYPE=tl.float32, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
+                       dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
                        row_warps, 1)
-        if param == tl.bfloat16:  # (dtype-free kernels: once)
+        if not sorted_rows:  # the counting sort has no float operand: built once
             compile_kernel(bank._bank_rows_kernel, dict(topk_ptr="i64", tokens_ptr="i64", slots_ptr="i64",
                                                         offsets_ptr="i64", positions_ptr="i64"),
                            dict(n_pairs=P, K=K, M=M), dict(PARAM_DTYPE=param, BLOCK_SIZE=1024), 4, 1)
+            sorted_rows = True
         frames_rows = 32 * 1374  # a VGGT layer's rows at 32 frames (camera + register + 37 x 37 patch tokens each)
         for tape in (True, False):
             compile_kernel(bank._gather_normalize_kernel, dict(
@@ -169,9 +180,9 @@ def main():
                 ln_weight_ptr="param", ln_bias_ptr="param", affine_ptr="param"),
                 dict(stride_layer_row=DG, N=frames_rows, stride_gather_l=G, stride_gather_g=1, L=L, layer_pos=3,
                      stride_affine_kind=M * DG, stride_affine_layer=DG, G=G, D_geo=DG, eps=1e-6),
-                dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1,
+                dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1,
                 variant="tape" if tape else "layer")
-        blocks, warps, stages = tile("bank_fwd")
+        blocks, warps, stages = tile("bank_fwd", param)
         for tape in (True, False):  # training: every layer at once, z stored; inference: one layer into h_bar
             compile_kernel(bank._bank_fwd_kernel, dict(
                 x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
@@ -185,12 +196,12 @@ def main():
         compile_kernel(bank._bank_combine_kernel, dict(z_ptr="param", positions_ptr="i64", alpha_ptr="acc",
                                                        h_bar_ptr="acc"),
                        dict(stride_alpha_l=K, stride_h_bar_l=H, L=L, H=H, K=K, P=P),
-                       dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1)
+                       dict(PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1)
         compile_kernel(bank._bank_dz_kernel, dict(
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
             d_alpha_partial_ptr="acc"), dict(stride_d_h_bar_l=H, stride_alpha_l=K, P=P, H=H, L=L, K=K),
-            dict(PARAM_DTYPE=param, ACC_DTYPE=tl.float32, **row_blocks), row_warps, 1)
-        blocks, warps, stages = tile("bank_dw1")
+            dict(PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1)
+        blocks, warps, stages = tile("bank_dw1", param)
         compile_kernel(bank._bank_weight_grad_kernel, dict(
             dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
             w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"),
@@ -201,7 +212,7 @@ def main():
             d_gamma_ptr="param", d_beta_ptr="param", db1_acc_ptr="acc", db1_ptr="param"),
             dict(n_alpha_tiles=H // rows["BLOCK_SIZE_N"], n_alpha=P, n_h_tiles=H // blocks["BLOCK_SIZE_M"], M=M, G=G,
                  D_geo=DG, H=H),
-            dict(NEED_LN=True, PARAM_DTYPE=param, ACC_DTYPE=tl.float32, BLOCK_SIZE=128), 4, 1)
+            dict(NEED_LN=True, PARAM_DTYPE=param, ACC_DTYPE=acc, BLOCK_SIZE=128), 4, 1)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def _bank_fwd_kernel(
         ln_b = tl.load(ln_b_ptr + cols % D_geo, mask=mask_k, other=0.0).to(ACC_DTYPE)
         x = tl.where(mask_m[:, None] & mask_k[None, :], x_hat * ln_w[None, :] + ln_b[None, :], 0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x.to(PARAM_DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(x.to(PARAM_DTYPE).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
         a_ptrs += BLOCK_SIZE_K
         w_ptrs += BLOCK_SIZE_K * stride_w1_k
     z = (acc + tl.load(b1_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]).to(PARAM_DTYPE)
@@ -234,11 +235,13 @@ def _bank_fwd_kernel(
         token = tl.load(tokens_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
         slot = tl.load(slots_ptr + first + offs_m, mask=mask_m, other=0).to(tl.int64)
         valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
-        alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
+        # alpha as a [BLOCK_SIZE_M, 1] column: loaded as a 1-D vector, it breaks triton 3.6's fp64 build (the
+        # RemoveLayoutConversions pass leaves the load's mask and pointer in different layouts)
+        alpha = tl.load(alpha_ptr + (token * stride_alpha_l + slot)[:, None], mask=valid[:, None], other=0.0)
         h_bar_ptrs = h_bar_ptr + token[:, None] * stride_h_bar_l + offs_n[None, :]
         mask_h = valid[:, None] & mask_n[None, :]
         h_old = tl.load(h_bar_ptrs, mask=mask_h, other=0.0)
-        tl.store(h_bar_ptrs, h_old + alpha[:, None] * gelu(z.to(ACC_DTYPE)), mask=mask_h)
+        tl.store(h_bar_ptrs, h_old + alpha.to(ACC_DTYPE) * gelu(z.to(ACC_DTYPE)), mask=mask_h)
 
 
 @triton.jit
@@ -287,11 +290,12 @@ def _bank_dz_kernel(
     token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
-    alpha = tl.load(alpha_ptr + token * stride_alpha_l + slot, mask=valid, other=0.0).to(ACC_DTYPE)
+    # alpha as a [BLOCK_SIZE_M, 1] column (a 1-D load breaks triton 3.6's fp64 build: see _bank_fwd_kernel)
+    alpha = tl.load(alpha_ptr + (token * stride_alpha_l + slot)[:, None], mask=valid[:, None], other=0.0)
     dh = tl.load(d_h_bar_ptr + token[:, None] * stride_d_h_bar_l + offs_n[None, :], mask=mask & valid[:, None],
                  other=0.0).to(ACC_DTYPE)
     z = tl.load(z_ptr + offs_m[:, None] * H + offs_n[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-    dz = (alpha[:, None] * dh * gelu_grad(z)).to(PARAM_DTYPE)
+    dz = (alpha.to(ACC_DTYPE) * dh * gelu_grad(z)).to(PARAM_DTYPE)
     tl.store(dz_ptr + offs_m[:, None] * H + offs_n[None, :], dz, mask=mask)
     d_alpha = tl.sum(tl.where(mask, dh * gelu(z), 0.0), axis=1)
     tl.store(d_alpha_partial_ptr + (pid_n.to(tl.int64) * L + token) * K + slot, d_alpha, mask=valid)
@@ -336,7 +340,8 @@ def _bank_weight_grad_kernel(
             mask_p = offs_p < hi - p0
             dz = tl.load(dz_ptrs, mask=mask_h[:, None] & mask_p[None, :], other=0.0)
             x_hat = tl.load(x_ptrs, mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(dz.to(DOT_DTYPE), x_hat.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(dz.to(DOT_DTYPE), x_hat.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
             db1 += tl.sum(dz.to(ACC_DTYPE), axis=1)
             dz_ptrs += BLOCK_SIZE_K * H
             x_ptrs += BLOCK_SIZE_K * width

@@ -66,7 +66,8 @@ def _matmul_kernel(
         mask_k = offs_k < k_end - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
         if HAS_ROW_SUM:
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_SIZE_K * stride_ak

@@ -46,7 +46,8 @@ def _route_kernel(
         mask_r = offs_r < R - r0
         hid = tl.load(hid_ptrs, mask=mask_l[:, None] & mask_r[None, :], other=0.0)
         w2 = tl.load(w2_ptrs, mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        acc = tl.dot(hid.to(DOT_DTYPE), w2.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(hid.to(DOT_DTYPE), w2.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
         hid_ptrs += BLOCK_SIZE_R * stride_hid_r
         w2_ptrs += BLOCK_SIZE_R * stride_w2_r
     s = acc + tl.load(b2_ptr + offs_m, mask=mask_m, other=0.0).to(ACC_DTYPE)[None, :]

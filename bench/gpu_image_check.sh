@@ -11,16 +11,17 @@
 #
 #   bash bench/gpu_image_check.sh [VENV_DIR] [OUT_DIR]     # defaults /tmp/geoalign-gpu-image, /tmp/gpu-image-check
 set -uo pipefail
-VENV=${1:-/tmp/geoalign-gpu-image}
-OUT=${2:-/tmp/gpu-image-check}
+VENV=$(realpath -m "${1:-/tmp/geoalign-gpu-image}")
+OUT=$(realpath -m "${2:-/tmp/gpu-image-check}")
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 mkdir -p "$OUT"
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -f "$VENV/.geoalign-installed" ]; then  # (the marker: a failed install is redone, not reused)
   python3 -m venv "$VENV" || exit 1
   "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" "accelerate==1.15.0" peft \
     safetensors "numpy<2.4" pillow pyyaml tqdm matplotlib ninja psutil nvidia-ml-py pytest pytest-timeout \
     hypothesis pytest-benchmark pyarrow tensorboard wheel setuptools || exit 1
+  touch "$VENV/.geoalign-installed"
 fi
 PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT:$ROOT/kernels"

@@ -429,7 +429,7 @@ def stage_training(st: Stage, out: Path) -> None:
     gpu = st.device.type == "cuda"
     with tempfile.TemporaryDirectory(prefix="proof-train-") as tmp:
         # image folders and image lists only: the GPU image has no PyAV to write or decode videos
-        records = make_colour_dataset(tmp, 8, kinds=("folder", "images"), frame_counts=(1, 2), height=8)
+        records = make_colour_dataset(tmp, 8, kinds=("folder", "images"), frame_counts=(1, 2, 2), height=8)
         cfg = TrainConfig(train_data=[records], media_root=tmp, output_dir=os.path.join(tmp, "run"),
                           precision="bf16" if gpu else "no", distributed="ddp", global_batch_size=2,
                           per_device_batch_size=1, learning_rate=3e-3, num_workers=0, logging_steps=0,

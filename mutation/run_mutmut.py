@@ -56,7 +56,7 @@ GROUPS = {
     },
     "gap-metrics": {
         "mutate": ["geoalign/eval/boxes3d.py", "geoalign/eval/gap.py"],
-        "tests": ["tests/test_gap_boxes.py", "tests/test_gap_finetune_data.py"],
+        "tests": ["tests/test_gap_boxes.py", "tests/test_gap_finetune_data.py", "tests/test_eval_gap.py"],
     },
     "training": {
         "mutate": ["geoalign/training/data.py", "geoalign/training/checkpoint.py", "geoalign/training/loss_scaling.py",

@@ -50,26 +50,27 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-m", "geoalign_kernels.aot_check", "90"], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # 13 kernels x bf16, fp16, fp32, fp64 (the GEMM plain, with row sums and split-K; gather + normalise and GEMM1 each
-    # with and without the tape; combine, dz, weight gradient, finish, route, route backward) + the counting sort,
-    # each built generic and launch-specialised
+    # 14 builds x bf16, fp16, fp32, fp64 (the shared GEMM as fc2, out_proj, a weight gradient with row sums and the
+    # router's split-K; gather + normalise and GEMM1 each with and without the tape; combine, dz, weight gradient,
+    # finish, route, route backward) + the counting sort, each built generic and launch-specialised
     lines = [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
-    assert len(lines) == 106, proc.stdout
+    assert len(lines) == 114, proc.stdout
     launch = {}
     for line in lines:
         _, name, dtype, build, *rest = line.split()
         numbers = dict(re.findall(r"([a-z ]+?) (-?\d+)", " ".join(rest)))
         if build == "launch":
             launch.setdefault((name, dtype), []).append({k.strip(): int(v) for k, v in numbers.items()})
-    for name in ("_matmul_kernel[output]", "_matmul_kernel[weight_grad]", "_matmul_kernel[split_k]",
-                 "_bank_fwd_kernel[tape]", "_bank_fwd_kernel[layer]", "_bank_weight_grad_kernel"):
+    gemms = [name for name, dtype in launch if dtype == "bf16" and name.startswith("_matmul_kernel")]
+    assert len(gemms) == 4, gemms
+    for name in gemms + ["_bank_fwd_kernel[tape]", "_bank_fwd_kernel[layer]", "_bank_weight_grad_kernel"]:
         for build in launch[(name, "bf16")]:
             assert build["async copies"] > 0, (name, build)
-    # no register spills in bf16 in the output-stage / router GEMMs, training's GEMM1 and the row kernels. (Not
-    # asserted: inference's GEMM1 (254-255 registers, triton 3.6 / 3.9 spill 0 / 24 bytes) and the weight gradient
-    # (two fp32 accumulators, ~270 bytes spilled in its per-layer epilogue, outside the K loop).)
-    for name in ("_matmul_kernel[output]", "_matmul_kernel[weight_grad]", "_matmul_kernel[split_k]",
-                 "_bank_fwd_kernel[tape]", "_gather_normalize_kernel[tape]", "_gather_normalize_kernel[layer]",
-                 "_bank_combine_kernel", "_bank_dz_kernel", "_route_kernel", "_route_bwd_kernel"):
+    # no register spills in bf16 in the shared GEMM (output stage, weight gradients, router), training's GEMM1 and
+    # the row kernels. (Not asserted: inference's GEMM1 (254-255 registers, triton 3.6 / 3.9 spill 0 / 24 bytes) and
+    # the bank's weight gradient (two fp32 accumulators, ~270 bytes spilled in its per-layer epilogue, outside the K
+    # loop).)
+    for name in gemms + ["_bank_fwd_kernel[tape]", "_gather_normalize_kernel[tape]", "_gather_normalize_kernel[layer]",
+                         "_bank_combine_kernel", "_bank_dz_kernel", "_route_kernel", "_route_bwd_kernel"]:
         for build in launch[(name, "bf16")]:
             assert build["registers"] > 0 and build["spill bytes"] == 0, (name, build)  # registers -1: no ptxas

@@ -73,7 +73,7 @@ def specialize(fn, pointers: dict, values: dict, consts: dict, launch: bool, par
     return signature, consts, attrs
 
 
-def ptxas_usage(ptx: str) -> tuple[int, int]:
+def ptxas_usage(ptx: str, name: str) -> tuple[int, int]:
     """(registers per thread, spill store bytes) from ptxas -v on the build's PTX, with the first of Triton's bundled
     ptxas binaries that accepts its PTX version; (-1, -1) when none does."""
     paths = []
@@ -89,8 +89,13 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
         for path in paths:
             proc = subprocess.run([path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
                                   capture_output=True, text=True)
-            regs = re.search(r"Used (\d+) registers", proc.stderr)
-            spills = re.search(r"(\d+) bytes spill stores", proc.stderr)
+            text = proc.stderr
+            at = text.find(f"Compiling entry function '{name}'")  # this kernel's block only (not a helper .func's)
+            text = text[at:] if at >= 0 else ""
+            nxt = text.find("Compiling entry function", 1)
+            text = text if nxt < 0 else text[:nxt]
+            regs = re.search(r"Used (\d+) registers", text)
+            spills = re.search(r"(\d+) bytes spill stores", text)
             if proc.returncode == 0 and regs and spills:
                 return int(regs.group(1)), int(spills.group(1))
     return -1, -1
@@ -110,7 +115,7 @@ def compile_kernel(fn, pointers: dict, values: dict, consts: dict, num_warps: in
                                 options={"num_warps": num_warps, "num_stages": num_stages})
         ttgir = kernel.asm["ttgir"]
         copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local")
-        regs, spills = ptxas_usage(kernel.asm["ptx"])
+        regs, spills = ptxas_usage(kernel.asm["ptx"], fn.__name__)
         name = f"{fn.__name__}[{variant}]" if variant else fn.__name__
         print("OK", name, POINTER[param][1:], build, "shared bytes", kernel.metadata.shared,
               "async copies", copies, "registers", regs, "spill bytes", spills)
@@ -136,37 +141,52 @@ def main():
         acc = tl.float64 if param == tl.float64 else tl.float32
         types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=acc, DOT_PRECISION=prec)
         dot = {k: types[k] for k in ("DOT_DTYPE", "ACC_DTYPE", "DOT_PRECISION")}
-        blocks, warps, stages = tile("gemm", param)
         gemm_ptrs = dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param", residual_ptr="param",
                          row_sum_ptr="param")
+        blocks, warps, stages = tile("gemm", param, L)
         gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
-        # the output stage: [L, H] @ fc2^T (fc2 [D, H] row-major) + bias + residual [L, D]
-        compile_kernel(gemm._matmul_kernel, gemm_ptrs, dict(
+        # the output stage's first GEMM: f_hat = h_bar [L, H] (fp32 / fp64) @ fc2^T (fc2 [D, H] row-major) + b2
+        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, a_ptr="acc"), dict(
             M=L, N=D, K=H, stride_am=H, stride_ak=1, stride_bk=1, stride_bn=H, stride_cm=D, stride_cn=1,
             stride_rm=D, stride_rn=1, stride_cs=0, stride_row_sum_s=0),
-            dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False, **gemm_consts),
-            warps, stages, pipelined=True, variant="output")
-        # a weight gradient with its bias gradient (row sums): dfc2 = dY^T [D, L] @ hidden [L, H]
+            dict(SPLIT_K=1, HAS_BIAS=True, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=False, **gemm_consts),
+            warps, stages, pipelined=True, variant="fc2")
+        # its second: q_hat = f_hat [L, D] @ out_proj^T (out_proj [D, D]) + q
         compile_kernel(gemm._matmul_kernel, gemm_ptrs, dict(
+            M=L, N=D, K=D, stride_am=D, stride_ak=1, stride_bk=1, stride_bn=D, stride_cm=D, stride_cn=1,
+            stride_rm=D, stride_rn=1, stride_cs=0, stride_row_sum_s=0),
+            dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False, **gemm_consts),
+            warps, stages, pipelined=True, variant="out_proj")
+        # a weight gradient with its bias gradient (row sums): dfc2 = dF^T [D, L] @ h_bar [L, H] (fp32 / fp64)
+        blocks, warps, stages = tile("gemm", param, D)
+        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, b_ptr="acc"), dict(
             M=D, N=H, K=L, stride_am=1, stride_ak=D, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1,
-            stride_rm=0, stride_rn=0, stride_cs=0, stride_row_sum_s=0),
+            stride_rm=H, stride_rn=1, stride_cs=0, stride_row_sum_s=0),
             dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True, **gemm_consts),
             warps, stages, pipelined=True, variant="weight_grad")
-        # split-K partials: the router's dW2 = dS^T [M, L] @ hidden [L, R], 4 K ranges into fp32 [4, M, R]
-        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", row_sum_ptr="acc"), dict(
+        # split-K partials: the router's dW2 = dS^T [M, L] @ hid [L, R] (M rows: the "small" config) into fp32 /
+        # fp64 [SPLIT_K, M, R], split as gemm.split_k_for splits it on a 132-SM H200
+        blocks, warps, stages = tile("gemm", param, M)
+        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+        splits = gemm.split_k_for(M, R, L, blocks, 132)
+        compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", bias_ptr="acc", residual_ptr="acc",
+                                                 row_sum_ptr="acc"), dict(
             M=M, N=R, K=L, stride_am=1, stride_ak=M, stride_bk=R, stride_bn=1, stride_cm=R, stride_cn=1,
-            stride_rm=0, stride_rn=0, stride_cs=M * R, stride_row_sum_s=M),
-            dict(SPLIT_K=4, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True, **gemm_consts),
-            warps, stages, pipelined=True, variant="split_k")
+            stride_rm=R, stride_rn=1, stride_cs=M * R, stride_row_sum_s=M),
+            dict(SPLIT_K=splits, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
+                 **gemm_consts), warps, stages, pipelined=True, variant=f"split_k{splits}")
         rows, row_warps, _ = tile("rows", param, L)  # the row kernels' config (routing takes its warps too)
         row_blocks = dict(BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"])
         compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
                                                    topk_idx_ptr="i64", alpha_ptr="acc"),
                        dict(L=L, R=R, M=M, stride_hid_l=R, stride_hid_r=1, stride_w2_m=R, stride_w2_r=1),
-                       dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, BLOCK_SIZE_R=64), row_warps, 1)
+                       dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=max(16, min(rows["BLOCK_SIZE_M"], 64)),
+                            BLOCK_SIZE_M=16, BLOCK_SIZE_R=max(16, rows["BLOCK_SIZE_K"])), row_warps, 1)
         compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
                                                        d_logits_ptr="param"), dict(L=L, M=M),
-                       dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=32, BLOCK_SIZE_M=16, PARAM_DTYPE=param),
+                       dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=max(16, min(rows["BLOCK_SIZE_M"], 64)),
+                            BLOCK_SIZE_M=16, PARAM_DTYPE=param),
                        row_warps, 1)
         if not sorted_rows:  # the counting sort has no float operand: built once
             compile_kernel(bank._bank_rows_kernel, dict(topk_ptr="i64", tokens_ptr="i64", slots_ptr="i64",

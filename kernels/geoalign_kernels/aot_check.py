@@ -13,7 +13,7 @@ Each kernel is built twice:
     vectorised, so no GEMM is pipelined: only the "launch" build shows what a GPU runs.
 A "launch" build of a GEMM kernel whose tile loads are not pipelined (no async copy in its TTGIR) fails the check.
 
-Pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32) and "i64" (ids, routes); the other
+Pointer arguments are typed by role: "param" (the parameter dtype), "acc" (fp32; fp64 for fp64) and "i64"; the other
 non-constexpr arguments get their type from their example value (i32 when it fits, else i64; eps fp32).
 """
 import os
@@ -35,9 +35,6 @@ from . import bank, gemm, routing  # noqa: E402
 from .configs import GROUP_SIZE_M, config_for  # noqa: E402
 
 TARGET = GPUTarget("cuda", int(sys.argv[1]) if len(sys.argv) > 1 else 90, 32)
-POINTER = {tl.bfloat16: "*bf16", tl.float16: "*fp16", tl.float32: "*fp32", tl.float64: "*fp64"}
-TORCH_DTYPE = {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16, tl.float32: torch.float32,
-               tl.float64: torch.float64}
 DEVICE = "NVIDIA H200"  # the config tables' device (tuned_configs.json entries included)
 #: paper scale: tokens, slots, bank layers, patch rows per token, D', H, pairs, router width, D
 L, K, M, G, DG, H, P, R, D = 8064, 2, 12, 4, 2048, 4096, 8064 * 2, 512, 2048
@@ -46,7 +43,8 @@ L, K, M, G, DG, H, P, R, D = 8064, 2, 12, 4, 2048, 4096, 8064 * 2, 512, 2048
 def specialize(fn, pointers: dict, values: dict, consts: dict, launch: bool, param) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) of ``fn`` for ASTSource; launch=True applies the JIT's launch-time rules to the
     example values (int == 1 -> constant 1; int % 16 == 0 and every pointer -> tt.divisibility 16)."""
-    roles = {"acc": "*fp64" if param == tl.float64 else "*fp32", "i64": "*i64", "i32": "*i32", "param": POINTER[param]}
+    acc = "fp64" if param == tl.float64 else "fp32"
+    roles = {"acc": f"*{acc}", "i64": "*i64", "i32": "*i32", "param": f"*{param.name}"}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     missing = [n for n in fn.arg_names if n not in consts and n not in pointers and n not in values]
@@ -117,17 +115,17 @@ def compile_kernel(fn, pointers: dict, values: dict, consts: dict, num_warps: in
         copies = ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local")
         regs, spills = ptxas_usage(kernel.asm["ptx"], fn.__name__)
         name = f"{fn.__name__}[{variant}]" if variant else fn.__name__
-        print("OK", name, POINTER[param][1:], build, "shared bytes", kernel.metadata.shared,
+        print("OK", name, param.name, build, "shared bytes", kernel.metadata.shared,
               "async copies", copies, "registers", regs, "spill bytes", spills)
         if build == "launch" and pipelined and copies == 0:
-            raise SystemExit(f"aot_check: {name} ({POINTER[param][1:]}, launch build) has no pipelined "
+            raise SystemExit(f"aot_check: {name} ({param.name}, launch build) has no pipelined "
                              "loads: its GEMM would run unpipelined on the GPU")
 
 
-def tile(op: str, param, rows: int = P) -> tuple[dict, int, int]:
+def tile(op: str, dtype: torch.dtype, rows: int = P) -> tuple[dict, int, int]:
     """(block sizes, num_warps, num_stages) the launcher gets for ``op`` on an H200 at ``rows`` GEMM rows: the
     configs module's own lookup (tuned_configs.json, else the static table; fp64 adjusted)."""
-    cfg = config_for(op, rows, DEVICE, TORCH_DTYPE[param])
+    cfg = config_for(op, rows, DEVICE, dtype)
     consts = {k: cfg[k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K")}
     return consts, cfg["num_warps"], cfg["num_stages"]
 
@@ -135,16 +133,19 @@ def tile(op: str, param, rows: int = P) -> tuple[dict, int, int]:
 def main():
     only = sys.argv[2:]  # optional dtype names (bf16 fp16 fp32 fp64): build only these
     sorted_rows = False
-    for param, prec in [(tl.bfloat16, None), (tl.float16, None), (tl.float32, "ieee"), (tl.float64, "ieee")]:
-        if only and POINTER[param][1:] not in only:
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        types = bank._dtypes(dtype)  # the launchers' own dtype constexprs (PARAM, DOT, ACC, DOT_PRECISION)
+        param, acc = types["PARAM_DTYPE"], types["ACC_DTYPE"]
+        if only and param.name not in only:
             continue
-        acc = tl.float64 if param == tl.float64 else tl.float32
-        types = dict(PARAM_DTYPE=param, DOT_DTYPE=param, ACC_DTYPE=acc, DOT_PRECISION=prec)
-        dot = {k: types[k] for k in ("DOT_DTYPE", "ACC_DTYPE", "DOT_PRECISION")}
         gemm_ptrs = dict(a_ptr="param", b_ptr="param", c_ptr="param", bias_ptr="param", residual_ptr="param",
                          row_sum_ptr="param")
-        blocks, warps, stages = tile("gemm", param, L)
-        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+
+        def gemm_tile(rows):  # the shared GEMM's constexprs, warps and stages at ``rows`` output rows
+            blocks, warps, stages = tile("gemm", dtype, rows)
+            return dict(types, **blocks, GROUP_SIZE_M=GROUP_SIZE_M), blocks, warps, stages
+
+        gemm_consts, _, warps, stages = gemm_tile(L)
         # the output stage's first GEMM: f_hat = h_bar [L, H] (fp32 / fp64) @ fc2^T (fc2 [D, H] row-major) + b2
         compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, a_ptr="acc"), dict(
             M=L, N=D, K=H, stride_am=H, stride_ak=1, stride_bk=1, stride_bn=H, stride_cm=D, stride_cn=1,
@@ -158,8 +159,7 @@ def main():
             dict(SPLIT_K=1, HAS_BIAS=False, HAS_RESIDUAL=True, APPLY_GELU=False, HAS_ROW_SUM=False, **gemm_consts),
             warps, stages, pipelined=True, variant="out_proj")
         # a weight gradient with its bias gradient (row sums): dfc2 = dF^T [D, L] @ h_bar [L, H] (fp32 / fp64)
-        blocks, warps, stages = tile("gemm", param, D)
-        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+        gemm_consts, _, warps, stages = gemm_tile(D)
         compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, b_ptr="acc"), dict(
             M=D, N=H, K=L, stride_am=1, stride_ak=D, stride_bk=H, stride_bn=1, stride_cm=H, stride_cn=1,
             stride_rm=H, stride_rn=1, stride_cs=0, stride_row_sum_s=0),
@@ -167,8 +167,7 @@ def main():
             warps, stages, pipelined=True, variant="weight_grad")
         # split-K partials: the router's dW2 = dS^T [M, L] @ hid [L, R] (M rows: the "small" config) into fp32 /
         # fp64 [SPLIT_K, M, R], split as gemm.split_k_for splits it on a 132-SM H200
-        blocks, warps, stages = tile("gemm", param, M)
-        gemm_consts = dict(PARAM_DTYPE=param, **dot, **blocks, GROUP_SIZE_M=GROUP_SIZE_M)
+        gemm_consts, blocks, warps, stages = gemm_tile(M)
         splits = gemm.split_k_for(M, R, L, blocks, 132)
         compile_kernel(gemm._matmul_kernel, dict(gemm_ptrs, c_ptr="acc", bias_ptr="acc", residual_ptr="acc",
                                                  row_sum_ptr="acc"), dict(
@@ -176,17 +175,17 @@ def main():
             stride_rm=R, stride_rn=1, stride_cs=M * R, stride_row_sum_s=M),
             dict(SPLIT_K=splits, HAS_BIAS=False, HAS_RESIDUAL=False, APPLY_GELU=False, HAS_ROW_SUM=True,
                  **gemm_consts), warps, stages, pipelined=True, variant=f"split_k{splits}")
-        rows, row_warps, _ = tile("rows", param, L)  # the row kernels' config (routing takes its warps too)
+        rows, row_warps, _ = tile("rows", dtype, L)  # the row kernels' config (routing takes its warps too)
         row_blocks = dict(BLOCK_SIZE_M=rows["BLOCK_SIZE_M"], BLOCK_SIZE_N=rows["BLOCK_SIZE_N"])
         compile_kernel(routing._route_kernel, dict(hid_ptr="param", w2_ptr="param", b2_ptr="param",
                                                    topk_idx_ptr="i64", alpha_ptr="acc"),
                        dict(L=L, R=R, M=M, stride_hid_l=R, stride_hid_r=1, stride_w2_m=R, stride_w2_r=1),
-                       dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=max(16, min(rows["BLOCK_SIZE_M"], 64)),
-                            BLOCK_SIZE_M=16, BLOCK_SIZE_R=max(16, rows["BLOCK_SIZE_K"])), row_warps, 1)
+                       dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=routing._block_l(rows),
+                            BLOCK_SIZE_M=routing._block_m(M), BLOCK_SIZE_R=max(16, rows["BLOCK_SIZE_K"])), row_warps, 1)
         compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
                                                        d_logits_ptr="param"), dict(L=L, M=M),
-                       dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=max(16, min(rows["BLOCK_SIZE_M"], 64)),
-                            BLOCK_SIZE_M=16, PARAM_DTYPE=param),
+                       dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=routing._block_l(rows),
+                            BLOCK_SIZE_M=routing._block_m(M), PARAM_DTYPE=param),
                        row_warps, 1)
         if not sorted_rows:  # the counting sort has no float operand: built once
             compile_kernel(bank._bank_rows_kernel, dict(topk_ptr="i64", tokens_ptr="i64", slots_ptr="i64",
@@ -202,7 +201,7 @@ def main():
                      stride_affine_kind=M * DG, stride_affine_layer=DG, G=G, D_geo=DG, eps=1e-6),
                 dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1,
                 variant="tape" if tape else "layer")
-        blocks, warps, stages = tile("bank_fwd", param)
+        blocks, warps, stages = tile("bank_fwd", dtype)
         for tape in (True, False):  # training: every layer at once, z stored; inference: one layer into h_bar
             compile_kernel(bank._bank_fwd_kernel, dict(
                 x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
@@ -221,7 +220,7 @@ def main():
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
             d_alpha_partial_ptr="acc"), dict(stride_d_h_bar_l=H, stride_alpha_l=K, P=P, H=H, L=L, K=K),
             dict(PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1)
-        blocks, warps, stages = tile("bank_dw1", param)
+        blocks, warps, stages = tile("bank_dw1", dtype)
         compile_kernel(bank._bank_weight_grad_kernel, dict(
             dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
             w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"),

@@ -32,10 +32,49 @@ if os.environ.get("GEOALIGN_BUILD_CUDA", "1") != "0":
     except ImportError:
         pass
 
+# Tested ranges (README, "Dependencies"): every lower bound is a version the test suite has passed with
+# (bash .ci/lowest: the lowest versions these ranges allow, torch held at 2.13.0), torch 2.11 / triton 3.6 /
+# transformers 5.17 / accelerate 1.15 are the GPU image's (bench/gpu_image_check.sh), and constraints.txt records the
+# versions the last full CI run used. No upper bounds: none is known to break (bash .ci/latest finds out).
+BASE = [
+    "torch>=2.11",
+    "numpy>=1.26",
+    "safetensors>=0.4.3",
+    "transformers>=5.17",
+    "accelerate>=1.15",          # transformers needs it to place a model on a device (device_map)
+    "pillow>=10.1",
+    "av>=12.0",
+    "tqdm>=4.66",
+    "pyyaml>=6.0.1",
+]
+EXTRAS = {
+    "plots": ["matplotlib>=3.8"],                              # bench / routes / eval --save-routing PNGs
+    "triton": ["triton>=3.6"],                                 # the triton backend (CUDA torch wheels bring it)
+    "eval": ["pycocoevalcap>=1.2", "pyarrow>=14"],             # ScanQA's caption metrics; VSI-Bench parquet files
+    "train": ["peft>=0.13", "tensorboard>=2.15"],              # train_mode: lora; report_to: tensorboard
+    "deepspeed": ["deepspeed>=0.16"],                          # distributed: deepspeed (ZeRO-2, the paper's)
+    "wandb": ["wandb"],                                        # report_to: wandb
+    "gpu": ["flash-attn>=2.6", "nvidia-ml-py>=12.535"],        # attn flash_attention_2; the driver version in bench
+}
+EXTRAS["dev"] = sorted({*EXTRAS["plots"], *EXTRAS["triton"], *EXTRAS["eval"], *EXTRAS["train"], *EXTRAS["deepspeed"],
+                        "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"})
+
 setup(
     name="geoalign",
     version="0.1.0",
     description="GeoAlign: Top-K routed multi-layer geometry fusion for MLLMs, with exact sparse streaming kernels",
+    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"),
+                          encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    author="The geoalign developers",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Intended Audience :: Science/Research",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["geoalign", "geoalign.*"]) + ["geoalign_kernels", "geoalign_bench"],
     package_dir={
@@ -43,25 +82,8 @@ setup(
         "geoalign_kernels": "kernels/geoalign_kernels",
         "geoalign_bench": "bench",
     },
-    install_requires=[
-        "torch>=2.11",
-        "numpy",
-        "safetensors",
-        "transformers>=5.17",
-        "pillow",
-        "av",
-        "tqdm",
-        "pyyaml",
-    ],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "eval": ["pycocoevalcap", "pyarrow"],
-        "train": ["accelerate>=1.0", "peft", "tensorboard"],
-        "deepspeed": ["deepspeed"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "matplotlib", "pycocoevalcap", "pyarrow",
-                "accelerate>=1.0", "peft", "tensorboard", "deepspeed"],
-        "plots": ["matplotlib"],
-    },
+    install_requires=BASE,
+    extras_require=EXTRAS,
     package_data={"geoalign.geometry": ["*.json"], "geoalign.training": ["*.json"]},
     entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},
     ext_modules=ext_modules,

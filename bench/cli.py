@@ -10,19 +10,19 @@ import argparse
 import os
 import sys
 
-import torch
+from geoalign.backends import ALL_BACKENDS
+from geoalign.cli_args import (UsageError, fail, has_module, output_dir, positive_float, positive_int,
+                               resolve_device)
 
-from .encoder_case import run_encoder_case
-from .fusion_case import MODES, SHAPES, run_fusion_case, shape_dict
-from .peak import measure_ceilings
-from .report import environment, format_table, write_json, write_plots
+from .shapes import MODES, SHAPES, shape_dict
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = ("bfloat16", "float16", "float32", "float64")
 CASES = ("fusion", "encoder", "train")
 DEFAULT_CASES = ("fusion", "encoder")  # `train` spawns a process per variant: ask for it with --case train
+BACKENDS = ("reference", "compiled-reference") + ALL_BACKENDS[1:]
 
 
-def default_backends(device: torch.device) -> list[str]:
+def default_backends(device) -> list[str]:
     """Every backend that runs natively here. Triton under the CPU interpreter is a correctness tool, not a fast
     path, so it is left out on CPU unless named with --backends; torch.compile(reference) is on GPU by default."""
     from geoalign.backends import available_backends
@@ -37,29 +37,55 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="geoalign bench", description=__doc__)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--case", choices=CASES, action="append",
-                   help="case(s) to run (default: fusion and encoder; 'train' = one training step of a small model, "
-                        "streaming+sparse vs all layers+dense, each in a fresh process)")
-    p.add_argument("--frames", type=int, nargs="+", help="frame counts to sweep (252 visual tokens per frame)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, float32 on CPU")
+                   help="case(s) to run, repeatable (default: fusion and encoder; 'train' = one training step of a "
+                        "small model, streaming+sparse vs all layers+dense, each in a fresh process)")
+    p.add_argument("--frames", type=positive_int, nargs="+",
+                   help="frame counts to sweep, 252 visual tokens per frame (default: 8 16 32 on GPU, 1 2 3 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                   help="fusion widths: 'paper' (D=D'=2048, H=4096; GPU default) or 'cpu' (1/4 width; CPU default)")
-    p.add_argument("--backends", nargs="+", default=None,
-                   help="fusion backends (reference is always added): reference, compiled-reference, torch, triton")
+                   help="fusion widths: 'paper' (D=D'=2048, H=4096; the GPU default), 'cpu' (1/4 of the paper's "
+                        "widths; the CPU default) or 'tiny' (D=64, D'=48, H=96: for counting launches, not timing)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None, metavar="BACKEND",
+                   help="fusion backends (reference is always added): " + ", ".join(BACKENDS)
+                        + " (default: every one that runs natively here)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None, help="fusion modes (default: all)")
     p.add_argument("--quick", action="store_true", help="one small frame count, short timing budget")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timing per measurement")
-    p.add_argument("--out", default="bench_out", help="directory for results.json and the PNG plots")
+    p.add_argument("--budget", type=positive_float, default=None,
+                   help="seconds of timing per measurement (default 1.0 on GPU, 0.5 on CPU, 0.3 with --quick)")
+    p.add_argument("--out", default="bench_out", type=output_dir,
+                   help="directory for results.json and the PNG plots (default bench_out)")
     p.set_defaults(func=run)
     return p
 
 
+def _check_backends(names: list[str] | None, device) -> None:
+    """Every backend named with --backends must run on ``device`` here (UsageError naming what can)."""
+    if not names:
+        return
+    from geoalign.backends import available_backends
+
+    runnable = available_backends(device) + ["compiled-reference"]
+    missing = [n for n in names if n not in runnable]
+    if missing:
+        raise UsageError(f"--backends {' '.join(missing)}: cannot run on {device} here (available: "
+                         f"{', '.join(runnable)}; triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)")
+
+
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda given, but no CUDA device is available", file=sys.stderr)
-        return 2
+    try:
+        device = resolve_device(args.device)
+        _check_backends(args.backends, device)
+    except UsageError as e:
+        return fail("bench", e)
+    import torch
+
+    from .encoder_case import run_encoder_case
+    from .fusion_case import run_fusion_case
+    from .peak import measure_ceilings
+    from .report import environment, format_table, write_json, write_plots
+
     gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     shape = SHAPES[args.shape or ("paper" if gpu else "cpu")]
     if args.frames:
         frames = args.frames
@@ -74,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
     modes = tuple(args.modes or MODES)
     cases = args.case or list(DEFAULT_CASES)
     encoder_backend = [b for b in backends if b not in ("reference", "compiled-reference")][-1:] or ["reference"]
+    plots = has_module("matplotlib")
+    if not plots:
+        print("geoalign bench: matplotlib is not installed, so no PNG plots will be drawn (results.json and the "
+              "table are written): pip install \"geoalign[plots]\"", file=sys.stderr)
 
     steps = [(c, f) for c in cases for f in frames]
     total = len(steps)
@@ -113,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
                 "dtype": str(dtype).replace("torch.", ""), "frames": frames, "rows": rows})
     written = ["results.json"]
     for c in cases:
-        if write_plots(os.path.join(args.out, f"{c}.png"), [r for r in rows if r["case"] == c], f"{c} | {title}"):
+        if plots and write_plots(os.path.join(args.out, f"{c}.png"), [r for r in rows if r["case"] == c],
+                                 f"{c} | {title}"):
             written.append(f"{c}.png")
-    print(f"wrote {', '.join(written)} to {args.out}")
+    print(f"wrote {', '.join(written)} to {args.out}" + ("" if plots else " (no PNGs: matplotlib is not installed)"))
     return 0
 
 

@@ -27,7 +27,8 @@ from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .fusion_case import SHAPES, FusionShape, make_case
+from .fusion_case import make_case
+from .shapes import SHAPES, FusionShape
 from .report import environment, write_json
 
 aten = torch.ops.aten

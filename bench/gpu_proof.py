@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .fusion_case import SHAPES, FusionShape
+from .shapes import SHAPES, FusionShape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def _parity_case(name, cfg, frames_or_L, st: Stage, backends) -> dict:
     """Every backend in the run's dtype against reference in fp32 on the same (rounded) values."""
     from geoalign.geometry import build_gather_index
 
-    from .fusion_case import VGGT_GRID
+    from .shapes import VGGT_GRID
 
     dev, dtype = st.device, st.dtype
     fusion = _random_fusion(cfg, dtype, dev, seed=7)
@@ -334,7 +334,8 @@ def _why_unavailable(backend: str, device) -> str:
 def stage_fusion(st: Stage, out: Path) -> None:
     from geoalign.backends import available_backends
 
-    from .fusion_case import add_ratios, run_fusion_case, shape_dict
+    from .fusion_case import add_ratios, run_fusion_case
+    from .shapes import shape_dict
 
     peak = _ceiling(out, "matmul_tflops")
     shape = DRY_SHAPE if st.dry_run else SHAPES["paper"]

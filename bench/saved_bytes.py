@@ -13,7 +13,7 @@ import torch
 from geoalign import GeoAlignFusion
 from geoalign.memory import SavedTensorMeter
 
-from .fusion_case import SHAPES
+from .shapes import SHAPES
 from .report import environment, write_json
 
 

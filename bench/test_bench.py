@@ -8,7 +8,8 @@ import torch
 from geoalign.backends import available_backends
 
 from .encoder_case import BANK, encoder_setup
-from .fusion_case import FusionShape, make_case
+from .fusion_case import make_case
+from .shapes import FusionShape
 
 SMALL = FusionShape("small", hidden_size=128, geo_dim=128, projector_hidden=256, router_hidden=32)
 CPU_BACKENDS = [b for b in available_backends(torch.device("cpu")) if b != "triton"]

@@ -1,38 +1,54 @@
-"""The `geoalign` command: `geoalign bench`, and the sub-commands other parts of the package register."""
+"""The ``geoalign`` command. Each sub-command lives beside the code it drives and registers its own parser; parsing
+imports nothing heavy (tests/test_cli.py checks that torch, transformers and numpy stay unimported), so ``--help``
+and argument errors come back at once."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+DESCRIPTION = """GeoAlign: routed multi-layer VGGT geometry fused into Qwen2.5-VL's visual tokens, with exact sparse
+fast paths. Only local files are read; nothing is downloaded.
+
+new here?  geoalign demo --out demo   writes a tiny model, a video, a scene and a benchmark folder to try each
+command on (README, "Try it")."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="geoalign", description="GeoAlign: routed multi-layer geometry fusion")
-    sub = parser.add_subparsers(dest="command", required=True)
-    from geoalign_bench.cli import build_parser as build_bench
+    from . import __version__
+    from .demo import add_demo_parser
+    from .eval.cli import add_eval_parser, add_score_parser
+    from .gap.cli import add_gap_data_parser
+    from .model_cli import add_answer_parser, add_convert_parser
+    from .routes_cli import add_routes_parser
+    from .training.cli import add_train_parser
 
-    build_bench(sub.add_parser("bench", help="kernel benchmark: time and memory of each backend vs reference"))
-    from geoalign.eval.cli import add_eval_parser, add_score_parser
-
+    parser = argparse.ArgumentParser(prog="geoalign", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"geoalign {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_parser(sub)
+    add_answer_parser(sub)
+    add_routes_parser(sub)
     add_eval_parser(sub)
     add_score_parser(sub)
-    from geoalign.model_cli import add_answer_parser, add_convert_parser
-
-    add_answer_parser(sub)
-    add_convert_parser(sub)
-    from geoalign.routes_cli import add_routes_parser
-
-    add_routes_parser(sub)
-    from geoalign.gap.cli import add_gap_data_parser
-
-    add_gap_data_parser(sub)
-    from geoalign.training.cli import add_train_parser
-
     add_train_parser(sub)
+    add_gap_data_parser(sub)
+    add_convert_parser(sub)
+    from geoalign_bench import cli as bench_cli
+
+    bench_cli.build_parser(sub.add_parser("bench", help="kernel benchmark: time and memory of each fusion backend "
+                                                        "against the reference, on this machine",
+                                          description=bench_cli.__doc__))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns its exit code (2 for a usage error, printed as one line on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help, --version, or an argument error (argparse already printed it)
+        return e.code if isinstance(e.code, int) else 2
     return int(args.func(args) or 0)
 
 

@@ -551,8 +551,10 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             qwen_dir, vggt_dir, fusion_dir = legacy_parts(path)
             return cls.from_qwen_and_vggt(qwen or qwen_dir, vggt or vggt_dir, geoalign or fusion_dir,
                                           **_base_kwargs(kwargs))
-        if not os.path.exists(os.fspath(path)) and os.fspath(path).startswith((".", "/", "~")):
-            raise FileNotFoundError(f"GeoAlign model directory not found: {os.fspath(path)!r}")
+        local_only = kwargs.setdefault("local_files_only", True)   # the hub only when asked: local_files_only=False
+        if local_only and not os.path.isdir(os.fspath(path)):
+            raise FileNotFoundError(f"GeoAlign model directory not found: {os.fspath(path)!r} (only local files are "
+                                    "read; pass local_files_only=False to let transformers look on the hub)")
         _check_geoalign_directory(os.fspath(path))
         device = kwargs.pop("device", None)  # a single device: transformers' device_map names it
         if device is not None and kwargs.get("device_map") is None:
@@ -582,19 +584,25 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 def _check_geoalign_directory(path: str) -> None:
     """A local directory's config.json must be a GeoAlign model's (a plain Qwen2.5-VL checkpoint would load with a
     random VGGT and fusion)."""
+    if not os.path.isdir(path):
+        return                                   # a hub name (local_files_only=False): transformers reports
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
-        return                                   # not a local directory: transformers reports what it finds
+        raise FileNotFoundError(f"{path!r} is not a GeoAlign model directory: it has no config.json (expected a "
+                                "directory written by save_pretrained, `geoalign train` or `geoalign demo`)")
     try:
         with open(cfg) as f:
             model_type = json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{cfg!r} is not a readable JSON object: {e}") from None
+    if model_type is None:
+        raise ValueError(f"{cfg!r} has no model_type: it is not a transformers model config (a GeoAlign model's "
+                         f"says {GeoAlignModelConfig.model_type!r})")
     if model_type != GeoAlignModelConfig.model_type:
         raise ValueError(f"{path!r} holds a {model_type!r} checkpoint, not a GeoAlign model (config.json model_type "
-                         f"{GeoAlignModelConfig.model_type!r}): it has no VGGT encoder or fusion. Build one with "
-                         f"from_pretrained(qwen={path!r}, vggt=VGGT_PATH, geoalign=FUSION_DIR), or pass a directory "
-                         "written by GeoAlignForConditionalGeneration.save_pretrained")
+                         f"{GeoAlignModelConfig.model_type!r}): it has no VGGT encoder or fusion. Build one from it "
+                         f"with `--qwen {path} --vggt VGGT_PATH` on the command line, or "
+                         f"from_pretrained(qwen={path!r}, vggt=VGGT_PATH) in Python")
 
 
 def _with_geometry_parameters(qwen_forward) -> inspect.Signature:

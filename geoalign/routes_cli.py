@@ -1,6 +1,18 @@
-"""``geoalign routes``: where the router sends each input's visual tokens (the paper's Figure 3, for your scenes).
+"""``geoalign routes``: where the router sends each input's visual tokens (the paper's Figure 3, for your scenes)."""
+from __future__ import annotations
 
-    geoalign routes --model DIR --video a.mp4 b.mp4 [--images frames/ ...] --out routes/ [--num-frames 32]
+import argparse
+import os
+
+from .backends import ALL_BACKENDS
+from .cli_args import (UsageError, fail, local_path, output_dir, positive_int, require_module)
+from .model_cli import add_model_arguments, check_model_arguments, load_model_and_processor, move_to
+
+ROUTES_HELP = """Where GeoAlign's router sends each input's visual tokens: the mean routing weight per VGGT bank layer,
+per input and per frame (the paper's Figure 3, for your own scenes).
+
+example:
+  geoalign routes --model DIR --video a.mp4 b.mp4 --images frames/ --out routes/
 
 For each input, one prefill forward (the router reads only Qwen's visual tokens, so the question does not change the
 routing; it is asked for completeness). Writes into ``--out``:
@@ -8,28 +20,23 @@ routing; it is asked for completeness). Writes into ``--out``:
                         layer, per-frame per-layer means, token and frame counts (geoalign/routing_analysis.py)
   routing_layers.png    Figure 3 style bars: per bank layer, one bar per input
   routing_heatmap.png   per input (rows) and frame: the highest-alpha bank layer at every token, over the faded frame
+The PNGs need matplotlib (pip install "geoalign[plots]").
 """
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-from .model_cli import FUSION_BACKENDS, add_model_arguments, load_model_and_processor
 
 
 def add_routes_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("routes", help="routing analysis: mean routing weight per VGGT bank layer, per input "
-                              "and per frame, as JSON and PNGs", description=__doc__,
+                              "and per frame, as JSON and PNGs", description=ROUTES_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
-    p.add_argument("--video", nargs="+", default=[], help="video files")
-    p.add_argument("--images", nargs="+", default=[], help="folders of frames (natural sort order)")
-    p.add_argument("--out", required=True, help="output directory (created)")
-    p.add_argument("--num-frames", type=int, default=32, help="frames sampled uniformly per input (default 32)")
+    p.add_argument("--video", nargs="+", type=local_path, default=[], help="video files")
+    p.add_argument("--images", nargs="+", type=local_path, default=[], help="folders of frames (natural sort order)")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory (created if missing)")
+    p.add_argument("--num-frames", type=positive_int, default=32, help="frames sampled uniformly per input (default 32)")
     p.add_argument("--question", default="Describe the scene.", help="the prompt of the prefill forward")
-    p.add_argument("--max-frames", type=int, default=4, help="frames per input in the heat map (default 4)")
-    p.add_argument("--backend", default=None, choices=FUSION_BACKENDS, help="fusion backend")
+    p.add_argument("--max-frames", type=positive_int, default=4, help="frames per input in the heat map (default 4)")
+    p.add_argument("--backend", default=None, choices=ALL_BACKENDS,
+                   help="fusion backend (default: the model's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_routes)
     return p
@@ -42,32 +49,25 @@ def input_names(sources: list[str]) -> list[str]:
 
 
 def run_routes(args: argparse.Namespace) -> int:
+    sources = list(args.video) + list(args.images)
+    try:
+        if not sources:
+            raise UsageError("give at least one --video FILE or --images DIR")
+        for path in args.video:
+            if not os.path.isfile(path):
+                raise UsageError(f"--video {path!r} is not a file")
+        for path in args.images:
+            if not os.path.isdir(path):
+                raise UsageError(f"--images {path!r} is not a folder")
+        require_module("matplotlib", "plots", "geoalign routes (its PNGs)")
+        device = check_model_arguments(args)
+        model, processor = load_model_and_processor(args, device)
+    except (FileNotFoundError, ValueError) as e:
+        return fail("routes", e)
     import torch
 
     from .atomic_files import write_json
     from .routing_analysis import plot_heatmaps, plot_layer_bars
-
-    sources = list(args.video) + list(args.images)
-    if not sources:
-        print("geoalign routes: give at least one --video FILE or --images DIR", file=sys.stderr)
-        return 2
-    for path in args.video:
-        if not os.path.isfile(path):
-            print(f"geoalign routes: video not found: {path!r}", file=sys.stderr)
-            return 2
-    for path in args.images:
-        if not os.path.isdir(path):
-            print(f"geoalign routes: image folder not found: {path!r}", file=sys.stderr)
-            return 2
-    if args.max_frames < 1:
-        print(f"geoalign routes: --max-frames must be >= 1, got {args.max_frames}", file=sys.stderr)
-        return 2
-    try:
-        model, processor, device = load_model_and_processor(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"geoalign routes: {e}", file=sys.stderr)
-        return 2
-    from .model_cli import _to
 
     names = input_names(sources)
     samples, frames, records = [], [], []
@@ -81,15 +81,13 @@ def run_routes(args: argparse.Namespace) -> int:
             try:
                 inputs = processor(source, args.question)
             except (FileNotFoundError, ValueError, OSError) as e:
-                print(f"geoalign routes: {source}: {e}", file=sys.stderr)
-                return 2
-            inputs = {k: _to(v, device) for k, v in inputs.items()}
+                return fail("routes", f"{source}: {e}")
+            inputs = move_to(inputs, device)
             try:
                 with torch.no_grad(), model.record_routing(keep_tensors=True) as recorder:
                     model(**inputs, fusion_backend=args.backend)
             except ValueError as e:
-                print(f"geoalign routes: {e}", file=sys.stderr)
-                return 2
+                return fail("routes", e)
             sample = recorder.samples[0]
             samples.append(sample)
             frames.append(inputs["vggt_pixel_values"][0])

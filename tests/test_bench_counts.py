@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.counts import KernelCounter, count_backend, formula_flops
-from bench.fusion_case import SHAPES
+from bench.shapes import SHAPES
 
 TINY = SHAPES["tiny"]
 

@@ -83,15 +83,24 @@ def test_kernels_folder_is_not_a_package():
 
 def test_transformers_probe_from_the_repository_root_leaves_every_op_callable():
     """The crash's own path: repository root on sys.path, geoalign_kernels imported, then transformers'
-    activations (its `kernels` probe), then every op."""
+    activations (its probe for Hugging Face's `kernels` package), then every op. Whatever `kernels` the probe finds
+    (none, or Hugging Face's own, which newer transformers install) must not be this repository's folder: at most
+    an empty namespace package with no code of ours run."""
     code = textwrap.dedent(f'''
-        import sys
+        import os, sys
         sys.path.insert(0, {str(ROOT)!r})
         import geoalign_kernels.bank, geoalign_kernels.output, geoalign_kernels.routing
         import transformers.activations
         from transformers.utils import import_utils
+        ours = os.path.realpath({str(ROOT / "kernels")!r})
         mod = sys.modules.get("kernels")
-        assert mod is None or getattr(mod, "__file__", None) is None, f"ran a kernels package: {{mod}}"
+        if mod is not None:
+            where = [getattr(mod, "__file__", None) or ""] + list(getattr(mod, "__path__", []))
+            inside = [w for w in where if w and os.path.realpath(w).startswith(ours)]
+            assert not inside or getattr(mod, "__file__", None) is None, f"ran the repository's kernels/: {{mod}}"
+            ran = sorted(n for n in sys.modules if n.startswith("kernels."))
+            assert not (inside and ran), f"imported modules from the repository's kernels/: {{ran}}"
+        print("kernels module:", getattr(mod, "__file__", None) if mod is not None else None)
     ''') + CALL_EVERY_OP
     proc = run_fresh(code)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"

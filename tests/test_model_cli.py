@@ -9,36 +9,46 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from geoalign.model_cli import add_answer_parser, main  # noqa: E402
+from geoalign.cli import main  # noqa: E402
+from geoalign.model_cli import add_answer_parser  # noqa: E402
 
 
-def test_parser_registers_answer():
+@pytest.fixture
+def paths(tmp_path):
+    """An (empty) model directory and a video file that exist: what argument parsing checks."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "v.mp4").write_bytes(b"")
+    return str(tmp_path / "m"), str(tmp_path / "v.mp4")
+
+
+def test_parser_registers_answer(paths):
+    m, v = paths
     parser = argparse.ArgumentParser(prog="geoalign")
     add_answer_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["answer", "--model", "m", "--video", "v.mp4", "--question", "q?"])
+    args = parser.parse_args(["answer", "--model", m, "--video", v, "--question", "q?"])
     assert args.func.__name__ == "run_answer" and args.num_frames == 32
     with pytest.raises(SystemExit):
-        parser.parse_args(["answer", "--model", "m", "--video", "v", "--images", "d", "--question", "q"])
+        parser.parse_args(["answer", "--model", m, "--video", v, "--images", m, "--question", "q"])
 
 
-def test_backend_choices_are_every_fusion_backend():
+def test_backend_choices_are_every_fusion_backend(paths):
     from geoalign.backends import ALL_BACKENDS
-    from geoalign.model_cli import FUSION_BACKENDS
 
+    m, v = paths
     parser = argparse.ArgumentParser(prog="geoalign")
     add_answer_parser(parser.add_subparsers(dest="command", required=True))
-    assert FUSION_BACKENDS == ALL_BACKENDS
     for name in ALL_BACKENDS:
-        assert parser.parse_args(["answer", "--model", "m", "--video", "v", "--question", "q",
+        assert parser.parse_args(["answer", "--model", m, "--video", v, "--question", "q",
                                   "--backend", name]).backend == name
 
 
-def test_missing_model_is_a_clear_error(tmp_path, capsys):
-    rc = main(["answer", "--model", str(tmp_path / "nowhere"), "--video", "x.mp4", "--question", "q"])
+def test_missing_model_is_a_clear_error(tmp_path, paths, capsys):
+    rc = main(["answer", "--model", str(tmp_path / "nowhere"), "--video", paths[1], "--question", "q"])
     assert rc == 2
     assert "nowhere" in capsys.readouterr().err
-    rc = main(["answer", "--video", "x.mp4", "--question", "q"])
+    rc = main(["answer", "--video", paths[1], "--question", "q"])
     assert rc == 2
+    assert "give --model DIR, or both --qwen DIR and --vggt PATH" in capsys.readouterr().err
 
 
 @pytest.mark.slow

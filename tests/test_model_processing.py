@@ -124,7 +124,7 @@ def test_video_timing_matches_qwen_processor(tok, tmp_path):
     from transformers.video_utils import VideoMetadata
 
     from geoalign.eval.media import MediaRef, load_frames
-    from geoalign.geometry.frames import sample_frame_indices
+    from geoalign.geometry.sampling import sample_frame_indices
     from geoalign.tiny import tiny_model
     from geoalign.training.data import GeoAlignCollator, GeoAlignSFTDataset
     from helpers import write_video

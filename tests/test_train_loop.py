@@ -202,7 +202,7 @@ def test_lora_final_model_is_merged_and_loads(train_data, tmp_path):
     # and it answers, through generate() and the CLI
     from PIL import Image
 
-    from geoalign.model_cli import main as cli
+    from geoalign.cli import main as cli
 
     frames = tmp_path / "frames"
     frames.mkdir()

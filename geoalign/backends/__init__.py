@@ -5,18 +5,19 @@ torch      exact sparse + streaming in plain PyTorch                            
 triton     the same maths with fused Triton kernels (package ``geoalign_kernels``)        backends/triton_backend.py
 cuda       CUDA kernels from csrc/ for routing, row lists and gather + LayerNorm          backends/cuda_backend.py
 
-Every sparse backend is a :class:`geoalign.backends.base.SparseBackend` (route, bank_rows, open_bank, add_layer,
-accumulate, accumulate_split, finish / output), driven by :class:`geoalign.fusion.FusionStream`.
+Every sparse backend is a :class:`geoalign.backends.base.SparseBackend`, driven by
+:class:`geoalign.fusion.FusionStream`. This module imports torch only inside its functions, so the backend names can
+be read (e.g. by the command line's argument parser) without importing torch.
 """
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-import torch
-from geoalign_kernels.runtime import INTERPRET
+if TYPE_CHECKING:
+    import torch
 
-from .base import SparseBackend
-from .torch_sparse import TorchBackend
+    from .base import SparseBackend
 
 SPARSE_BACKENDS = ("torch", "triton", "cuda")
 ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
@@ -25,6 +26,9 @@ ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when Triton imports and can run here (a CUDA device, or the interpreter with TRITON_INTERPRET=1)."""
+    import torch
+    from geoalign_kernels.runtime import INTERPRET
+
     try:
         import triton  # noqa: F401
     except Exception:
@@ -45,7 +49,11 @@ def resolve_backend_name(name: str | None, default: str, device: torch.device) -
 @functools.lru_cache(maxsize=None)
 def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
     """The (cached) backend object for a sparse backend name; fold_output: see SparseBackend."""
+    import torch
+
     if name == "torch":
+        from .torch_sparse import TorchBackend
+
         return TorchBackend(fold_output=fold_output)
     if name == "triton":
         if not triton_available():
@@ -67,6 +75,8 @@ def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
 
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on `device` here: triton on CUDA devices, and on CPU only under the interpreter."""
+    from geoalign_kernels.runtime import INTERPRET
+
     names = ["reference", "torch"]
     if triton_available() and (device.type == "cuda" or (device.type == "cpu" and INTERPRET)):
         names.append("triton")

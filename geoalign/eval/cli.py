@@ -1,7 +1,6 @@
-"""``geoalign eval`` and ``geoalign score`` sub-commands.
+"""``geoalign eval`` and ``geoalign score`` sub-commands (``python -m geoalign.eval.cli`` runs them under torchrun).
 
-The package's top-level CLI registers them with :func:`add_eval_parser` and
-:func:`add_score_parser`; ``python -m geoalign.eval.cli`` runs them stand-alone.
+Parsing imports nothing heavy; torch and transformers are imported when a command runs.
 """
 from __future__ import annotations
 
@@ -12,9 +11,12 @@ import sys
 import traceback
 
 from ..atomic_files import write_json
-from ..geometry.frames import FRAME_SAMPLING
-from .predictor import FUSION_BACKENDS
+from ..backends import ALL_BACKENDS
+from ..cli_args import (UsageError, check_backend, fail, has_module, local_path, not_found, output_file,
+                        positive_int, resolve_device)
+from ..geometry.sampling import FRAME_SAMPLING
 from . import sqa3d, vsibench
+from .predictor import DTYPES
 from .tasks import DEFAULT_SPLIT, TASKS
 
 _META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "sqa3d_style",
@@ -26,32 +28,35 @@ _META_DEFAULTS = {"frame_sampling": FRAME_SAMPLING[0], "sqa3d_style": "default",
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval TASK --data DIR --model DIR ...``."""
     p = subparsers.add_parser(
-        "eval", help="run a model on VSI-Bench / ScanQA / SQA3D and score it",
+        "eval", help="answer a benchmark's questions with a model and score them",
         description="Answer every question of a benchmark read from local files (greedy decoding), "
-                    "appending predictions to a JSONL as they come (reruns resume), then score them.")
+                    "appending predictions to a JSONL as they come (a rerun resumes), then score them "
+                    "(README, \"Evaluation\", lists each task's data layout and the predictions record).")
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--data", required=True, help="benchmark folder (annotation files; see docs)")
-    p.add_argument("--model", help="GeoAlign checkpoint folder (loaded by geoalign.eval.predictor.load_predictor)")
+    p.add_argument("--data", required=True, type=local_path, help="benchmark folder (annotation files)")
+    p.add_argument("--model", help="GeoAlign model directory (local)")
     p.add_argument("--predictor", help="use 'package.module:factory' instead of the GeoAlign adapter; "
                                         "the factory receives --model and keyword options")
-    p.add_argument("--media", help="video/frame root (default: --data for VSI-Bench; for ScanQA/SQA3D the "
+    p.add_argument("--media", type=local_path, help="video/frame root (default: --data for VSI-Bench; for ScanQA/SQA3D the "
                                    "first of DATA/{scannet/posed_images,posed_images,scannet/videos,videos,"
                                    "scannet/frames,frames,scannet,.} holding {scene_id}.mp4 or {scene_id}/)")
     p.add_argument("--split", help="dataset split (default: vsibench test, scanqa val, sqa3d test)")
-    p.add_argument("--out", help="predictions JSONL (default: eval_results/TASK/predictions.jsonl)")
-    p.add_argument("--num-frames", type=int, default=32, help="frames uniformly sampled per question (32)")
+    p.add_argument("--out", type=output_file,
+                   help="predictions JSONL (default: eval_results/TASK/predictions.jsonl); an existing one is resumed")
+    p.add_argument("--num-frames", type=positive_int, default=32, help="frames uniformly sampled per question (32)")
     p.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=FRAME_SAMPLING[0],
                    help="indices round(linspace(0, n-1, N)) (linspace-round, default) or truncated as VG-LLM's "
                         "np.linspace(...).astype(int) (linspace-floor)")
-    p.add_argument("--batch-size", type=int, default=1, help="questions per predict() call (capped by the predictor)")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: vsibench 16, others 32)")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="questions per predict() call (capped by the predictor)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: vsibench 16, others 32)")
     p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
-    p.add_argument("--limit", type=int, help="only the first N questions (quick run)")
-    p.add_argument("--device", help="torch device for the model (default: cuda if available)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N questions (a quick run)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="model dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
-    p.add_argument("--fusion-backend", choices=FUSION_BACKENDS,
+    p.add_argument("--fusion-backend", choices=ALL_BACKENDS,
                    help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
     p.add_argument("--vsibench-subset", choices=vsibench.SUBSETS, default="full",
                    help="VSI-Bench: every test question (full) or VSI-Bench-Debiased (debiased; needs "
@@ -83,10 +88,12 @@ def _scoring_options(args) -> dict:
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``score TASK predictions.jsonl``."""
-    p = subparsers.add_parser("score", help="metrics of a predictions JSONL, in the paper's layout")
+    p = subparsers.add_parser("score", help="score a predictions JSONL, in the paper's layout",
+                              description="Score a predictions JSONL written by `geoalign eval`, or by your own code "
+                                          "in the same record format (README, \"Evaluation\").")
     p.add_argument("task", choices=TASKS)
-    p.add_argument("predictions", help="JSONL written by `geoalign eval` (or in the same record format)")
-    p.add_argument("--json", dest="json_out", help="also write the scores as JSON to this path")
+    p.add_argument("predictions", type=local_path, help="predictions JSONL")
+    p.add_argument("--json", dest="json_out", type=output_file, help="also write the scores as JSON to this path")
     _add_scoring_options(p)
     p.set_defaults(func=run_score_command)
     return p
@@ -190,6 +197,23 @@ def _gather_ranks(out: str, proc, info: dict) -> dict:
     return total
 
 
+def _check_eval_arguments(args, proc) -> None:
+    """Run-time checks before any work: a model source, the device, the fusion backend (UsageError)."""
+    if not args.model and not args.predictor:
+        raise UsageError("give --model DIR (or --predictor module:factory)")
+    if args.predictor:
+        return                      # --model and --device mean whatever the predictor's factory makes of them
+    if not os.path.exists(args.model):
+        raise UsageError(f"--model: {not_found(args.model)}")
+    if not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model!r} is a file; expected a GeoAlign model directory")
+    device = resolve_device(proc.device(args.device))
+    check_backend(args.fusion_backend, device)
+    if args.save_routing and not has_module("matplotlib"):
+        print("geoalign eval: matplotlib is not installed, so the routing plot will be skipped (the table and the "
+              "JSON are written): pip install \"geoalign[plots]\"", file=sys.stderr)
+
+
 def run_eval_command(args) -> int:
     """Body of ``geoalign eval``: one process, or one rank of a sharded run (geoalign.eval.distributed)."""
     from .distributed import broadcast_from_rank0, process_info
@@ -197,12 +221,9 @@ def run_eval_command(args) -> int:
 
     try:
         proc = process_info()
+        _check_eval_arguments(args, proc)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not args.model and not args.predictor:
-        print("error: give --model DIR (or --predictor module:factory)", file=sys.stderr)
-        return 2
+        return fail("eval", e)
     out = args.out or os.path.join("eval_results", args.task, "predictions.jsonl")
     meta = {"task": args.task, "split": args.split or DEFAULT_SPLIT[args.task], "num_frames": args.num_frames,
             "frame_sampling": args.frame_sampling, "sqa3d_style": args.sqa3d_style,
@@ -213,7 +234,7 @@ def run_eval_command(args) -> int:
     verdict = broadcast_from_rank0(_prepare_output(args, out, meta) if proc.rank == 0 else None, proc)
     if verdict is not None:
         if proc.rank == 0:
-            print(f"error: {verdict}", file=sys.stderr)
+            fail("eval", verdict)
         return 2
     try:
         samples, info = _answer(args, proc, out, meta)
@@ -228,7 +249,7 @@ def run_eval_command(args) -> int:
                 write_status(out, proc.rank, proc.world_size, {"ok": False, "error": message})
             message = (f"rank {proc.rank} of {proc.world_size} failed: {message}; its answers so far are in "
                        f"{shard_path(out, proc.rank, proc.world_size)}; run the same command again to resume")
-        print(f"error: {message}", file=sys.stderr)
+        fail("eval", message)
         return e.code if isinstance(e, _Stop) else 1
     if proc.sharded:
         if proc.rank != 0:
@@ -237,7 +258,7 @@ def run_eval_command(args) -> int:
         try:
             info = _gather_ranks(out, proc, info)
         except _Stop as e:
-            print(f"error: {e}", file=sys.stderr)
+            fail("eval", e)
             return e.code
     merge_shards(out, [s.id for s in samples])
     where = f" on {proc.world_size} processes" if proc.sharded else ""
@@ -269,6 +290,8 @@ def _routing_report(pred_path: str, scores: dict) -> None:
     try:
         plot_layer_bars(list(groups.values()), [f"{g} (n={d['n']})" for g, d in groups.items()], png)
     except ImportError:                 # matplotlib is optional
+        print("routing plot skipped: matplotlib is not installed (pip install \"geoalign[plots]\")",
+              file=sys.stderr)
         return
     print(f"routing plot written to {png}")
 
@@ -278,13 +301,11 @@ def run_score_command(args) -> int:
     from .runner import score_file
 
     if not os.path.isfile(args.predictions):
-        print(f"error: no such file {args.predictions}", file=sys.stderr)
-        return 2
+        return fail("score", f"{args.predictions!r} is not a file")
     try:
         scores = score_file(args.task, args.predictions, **_scoring_options(args))
     except (ValueError, KeyError) as e:
-        print(f"error: cannot score {args.predictions} as {args.task}: {e!r}", file=sys.stderr)
-        return 2
+        return fail("score", f"cannot score {args.predictions} as {args.task}: {e}")
     _routing_report(args.predictions, scores)
     _print_scores(args.task, scores)
     if args.json_out:

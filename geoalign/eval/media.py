@@ -66,9 +66,10 @@ def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
 def load_frames(media: MediaRef, num_frames: int | None = 32, sampling: str = "linspace-round") -> list:
     """``num_frames`` uniformly sampled RGB frames (uint8 ``[H, W, 3]`` arrays for videos, ``PIL``
     images for frame folders), ready for ``GeoAlignProcessor``; None: all frames; ``sampling``: one of
-    ``geoalign.geometry.frames.FRAME_SAMPLING``. A video's frames come as :class:`SampledFrames`, which keeps
+    ``geoalign.geometry.sampling.FRAME_SAMPLING``. A video's frames come as :class:`SampledFrames`, which keeps
     their rate."""
-    from geoalign.geometry.frames import SampledFrames, load_image, load_video_frames, sample_frame_indices
+    from geoalign.geometry.frames import SampledFrames, load_image, load_video_frames
+    from geoalign.geometry.sampling import sample_frame_indices
 
     if media.kind == "video":
         frames, _, sampled_fps = load_video_frames(media.path, num_frames, sampling)

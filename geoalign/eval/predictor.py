@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from ..backends import ALL_BACKENDS
 from .media import MediaRef, load_frames
 
 
@@ -26,7 +27,7 @@ class Sample:
     num_frames: int = 32
     max_new_tokens: int = 16
     meta: dict[str, Any] = field(default_factory=dict)  # ground truth etc., for the record
-    frame_sampling: str = "linspace-round"  # geoalign.geometry.frames.FRAME_SAMPLING
+    frame_sampling: str = "linspace-round"  # geoalign.geometry.sampling.FRAME_SAMPLING
 
     def load_frames(self) -> list:
         """This question's ``num_frames`` uniformly sampled RGB frames (lazy; see :mod:`.media`)."""
@@ -49,7 +50,6 @@ class Predictor(Protocol):
 #: ``--dtype`` names -> torch dtype names ("auto": bfloat16 on CUDA, float32 on CPU)
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-FUSION_BACKENDS = ("reference", "torch", "triton", "cuda")  # geoalign.backends.ALL_BACKENDS (a test checks)
 
 
 def _to_device(v: Any, device):
@@ -79,7 +79,9 @@ class GeoAlignPredictor:
         self.model = model
         self.processor = processor
         self.device = device if device is not None else model.device
-        self.max_batch_size = max(1, int(max_batch_size))
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        self.max_batch_size = max_batch_size
         self.fusion_backend = fusion_backend
         cfg = getattr(getattr(model, "fusion", None), "config", None)
         if save_routing and cfg is not None and (cfg.injection_layers or cfg.is_progressive):
@@ -167,8 +169,8 @@ def load_predictor(model_dir: str, *, device: str | None = None, dtype: str | No
     from geoalign.modeling import GeoAlignForConditionalGeneration
     from geoalign.processing import GeoAlignProcessor
 
-    if fusion_backend is not None and fusion_backend not in FUSION_BACKENDS:
-        raise ValueError(f"unknown fusion backend {fusion_backend!r}; choose from {FUSION_BACKENDS}")
+    if fusion_backend is not None and fusion_backend not in ALL_BACKENDS:
+        raise ValueError(f"unknown fusion backend {fusion_backend!r}; choose from {ALL_BACKENDS}")
     device, torch_dtype = resolve_device_dtype(device, dtype)
     model = GeoAlignForConditionalGeneration.from_pretrained(
         model_dir, dtype=torch_dtype, device=device, attn_implementation=attn_implementation)

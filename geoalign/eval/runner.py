@@ -93,7 +93,9 @@ def run_eval(samples: Sequence[Sample], predictor: Predictor, out_path: str, *,
     done = answered_ids(out_path, rank, world_size)
     mine = list(samples)[rank::world_size]
     todo = [s for s in mine if s.id not in done]
-    bs = max(1, batch_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    bs = batch_size
     cap = getattr(predictor, "max_batch_size", None)
     if cap:
         bs = min(bs, int(cap))

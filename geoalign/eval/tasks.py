@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ..geometry.frames import FRAME_SAMPLING
+from ..geometry.sampling import FRAME_SAMPLING
 from . import gap, scanqa, sqa3d, vsibench
 from .media import MediaRef, find_scene_media
 from .predictor import Sample
@@ -68,12 +68,17 @@ def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: 
 
     Media are located eagerly (a missing scene fails here, with the paths tried) but
     frames are decoded only when a predictor calls ``Sample.load_frames()`` (``num_frames``
-    sampled by ``frame_sampling``, one of ``geoalign.geometry.frames.FRAME_SAMPLING``).
+    sampled by ``frame_sampling``, one of ``geoalign.geometry.sampling.FRAME_SAMPLING``).
     ``vsibench_subset``: ``vsibench.SUBSETS``; ``sqa3d_style``: ``sqa3d.STYLES`` (prompt, and
     VG-LLM's 16 new tokens when ``max_new_tokens`` is None).
     """
     if frame_sampling not in FRAME_SAMPLING:
         raise ValueError(f"unknown frame sampling {frame_sampling!r}; expected one of {FRAME_SAMPLING}")
+    for name, value in (("limit", limit), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None (all), got {value!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     sqa3d.check_style(sqa3d_style)
     split = split or DEFAULT_SPLIT[task]
     if max_new_tokens is None and task == "sqa3d" and sqa3d_style == "vg-llm":
@@ -82,21 +87,21 @@ def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: 
               "frame_sampling": frame_sampling}
     if task == "vsibench":
         docs = vsibench.load_docs(data_dir, vsibench_subset)
-        docs = docs[:limit] if limit else docs
+        docs = docs if limit is None else docs[:limit]
         return _vsibench_samples(docs, data_dir, media_dir, common)
     if task == "scanqa":
         docs = scanqa.load_docs(data_dir, split)
-        docs = docs[:limit] if limit else docs
+        docs = docs if limit is None else docs[:limit]
         return _scene_samples("scanqa", docs, lambda d: scanqa.build_prompt(d, prompt_suffix),
                               ("answers", "scene_id", "question"), data_dir, media_dir, common)
     if task == "sqa3d":
         docs = sqa3d.load_docs(data_dir, split)
-        docs = docs[:limit] if limit else docs
+        docs = docs if limit is None else docs[:limit]
         return _scene_samples("sqa3d", docs, lambda d: sqa3d.build_prompt(d, prompt_suffix, sqa3d_style),
                               ("answers", "question_type", "scene_id", "question"), data_dir, media_dir, common)
     if task == "gap":
         docs = gap.load_docs(data_dir, split)
-        docs = docs[:limit] if limit else docs
+        docs = docs if limit is None else docs[:limit]
         root = media_dir or data_dir
         return [Sample(id=str(d["id"]), task="gap", prompt=gap.prompt(d),
                        media=MediaRef(os.path.join(root, d["images"]), "frames"), meta=gap.meta(d), **common)

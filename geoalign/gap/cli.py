@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from ..cli_args import fail, local_path, output_file, positive_int
 
 
 def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("gap-data", help="GAP-MLLM pre-training data: numbered visual prompts with their label "
                               "and 3D point, from posed RGB-D scenes", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenes", required=True, help="directory of scenes in ScanNet's exported layout")
-    p.add_argument("--out", required=True, help="output JSON file (LLaVA-style records)")
+    p.add_argument("--scenes", required=True, type=local_path,
+                   help="directory of scenes in ScanNet's exported layout (or written by `geoalign demo`)")
+    p.add_argument("--out", required=True, type=output_file, help="output JSON file (LLaVA-style records)")
     p.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain",
                    help="pretrain: visual prompts -> label + 3D point; finetune: 3D detection and grounding")
-    p.add_argument("--prompts-per-sample", type=int, default=4, help="pretrain: numbered markers per sample")
-    p.add_argument("--grounding-per-sample", type=int, default=2, help="finetune: grounding queries per sample")
-    p.add_argument("--frames", type=int, default=4, help="frames per sample (default 4)")
-    p.add_argument("--samples-per-scene", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--prompts-per-sample", type=positive_int, default=4,
+                   help="pretrain: numbered markers per sample (default 4)")
+    p.add_argument("--grounding-per-sample", type=positive_int, default=2,
+                   help="finetune: grounding queries per sample (default 2)")
+    p.add_argument("--frames", type=positive_int, default=4, help="frames per sample (default 4)")
+    p.add_argument("--samples-per-scene", type=positive_int, default=8, help="samples per scene (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_gap_data)
     return p
 
@@ -63,8 +67,7 @@ def run_gap_data(args: argparse.Namespace) -> int:
     try:
         scenes = scene_dirs(args.scenes)
     except (FileNotFoundError, ValueError) as e:
-        print(f"geoalign gap-data: {e}", file=sys.stderr)
-        return 2
+        return fail("gap-data", e)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     media = os.path.join(out_dir, os.path.splitext(os.path.basename(args.out))[0] + "_media")
     bar = None
@@ -79,8 +82,7 @@ def run_gap_data(args: argparse.Namespace) -> int:
                 scene = load_scannet_scene(path)
                 records += make(scene, media, out_dir)
             except (FileNotFoundError, ValueError) as e:
-                print(f"geoalign gap-data: {e}", file=sys.stderr)
-                return 2
+                return fail("gap-data", e)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -16,66 +16,57 @@ Typical use with the real checkpoint (local path; nothing is downloaded)::
 * :func:`load_aggregator_weights` - strict loading of ``aggregator.*`` from ``.safetensors`` / ``.pt``.
 * :func:`prepare_frames` - video/folder/tensor -> VGGT frames, Qwen frames, ``gather_index`` [L, G] (int64).
 * :func:`build_gather_index`, :func:`concat_gather_indices` - the token map and its batched form.
-"""
-from .aggregator import VGGTAggregator, count_parameters
-from .checkpoint import (
-    load_aggregator_weights,
-    official_aggregator_param_shapes,
-    read_aggregator_state_dict,
-    resolve_checkpoint_path,
-)
-from .alignment import (
-    build_gather_index,
-    check_grid_thw,
-    check_grids,
-    check_token_count,
-    concat_gather_indices,
-    gather_rows,
-    num_visual_tokens,
-    qwen_grid_for_vggt,
-    qwen_grid_thw,
-)
-from .config import VGGTAggregatorConfig
-from .frames import (
-    AlignedFrames,
-    check_qwen_size,
-    crop_for_qwen,
-    SampledFrames,
-    load_frames,
-    load_image_folder,
-    load_video_frames,
-    prepare_frames,
-    resize_for_vggt,
-    sample_frame_indices,
-    vggt_frame_shape,
-)
 
-__all__ = [
-    "AlignedFrames",
-    "build_gather_index",
-    "check_grid_thw",
-    "check_grids",
-    "check_qwen_size",
-    "check_token_count",
-    "concat_gather_indices",
-    "crop_for_qwen",
-    "gather_rows",
-    "load_frames",
-    "SampledFrames",
-    "load_image_folder",
-    "load_video_frames",
-    "num_visual_tokens",
-    "prepare_frames",
-    "qwen_grid_for_vggt",
-    "qwen_grid_thw",
-    "resize_for_vggt",
-    "sample_frame_indices",
-    "vggt_frame_shape",
-    "VGGTAggregator",
-    "VGGTAggregatorConfig",
-    "count_parameters",
-    "load_aggregator_weights",
-    "official_aggregator_param_shapes",
-    "read_aggregator_state_dict",
-    "resolve_checkpoint_path",
-]
+The names are imported on first use (PEP 562): ``geoalign.geometry.sampling`` (frame sampling rules, numpy only)
+can be imported without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "VGGTAggregator": "aggregator",
+    "count_parameters": "aggregator",
+    "load_aggregator_weights": "checkpoint",
+    "official_aggregator_param_shapes": "checkpoint",
+    "read_aggregator_state_dict": "checkpoint",
+    "resolve_checkpoint_path": "checkpoint",
+    "build_gather_index": "alignment",
+    "check_grid_thw": "alignment",
+    "check_grids": "alignment",
+    "check_token_count": "alignment",
+    "concat_gather_indices": "alignment",
+    "gather_rows": "alignment",
+    "num_visual_tokens": "alignment",
+    "qwen_grid_for_vggt": "alignment",
+    "qwen_grid_thw": "alignment",
+    "VGGTAggregatorConfig": "config",
+    "AlignedFrames": "frames",
+    "check_qwen_size": "frames",
+    "crop_for_qwen": "frames",
+    "SampledFrames": "frames",
+    "load_frames": "frames",
+    "load_image_folder": "frames",
+    "load_video_frames": "frames",
+    "prepare_frames": "frames",
+    "resize_for_vggt": "frames",
+    "sample_frame_indices": "sampling",
+    "vggt_frame_shape": "frames",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geoalign.geometry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

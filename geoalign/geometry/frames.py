@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .alignment import (MERGE_SIZE, PATCH_SIZE, build_gather_index, num_visual_tokens, qwen_grid_for_vggt,
                         qwen_grid_thw)
+from .sampling import sample_frame_indices
 
 logger = logging.getLogger("geoalign.geometry")
 
@@ -68,28 +69,6 @@ def check_qwen_size(height: int, width: int, min_pixels: int = QWEN_MIN_PIXELS,
 
 
 # ----------------------------------------------------------------------------------------------- loading
-#: how ``num_frames`` indices are picked from ``linspace(0, total - 1, num_frames)``: rounded to the nearest index
-#: (numpy's round-half-to-even; the default) or truncated, as VG-LLM's ``np.linspace(...).astype(int)``
-FRAME_SAMPLING = ("linspace-round", "linspace-floor")
-
-
-def sample_frame_indices(total: int, num_frames: int | None, sampling: str = "linspace-round") -> list[int]:
-    """Uniform sampling: ``round(linspace(0, total-1, N))`` (``sampling="linspace-floor"``: truncated instead); all
-    frames when N is None or N >= total."""
-    if sampling not in FRAME_SAMPLING:
-        raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {FRAME_SAMPLING}")
-    if total <= 0:
-        raise ValueError("cannot sample frames from an empty sequence (0 frames)")
-    if num_frames is None or num_frames >= total:
-        if num_frames is not None and num_frames > total:
-            logger.warning("asked for %d frames but only %d exist; using all %d", num_frames, total, total)
-        return list(range(total))
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    points = np.linspace(0, total - 1, num_frames)
-    return (np.round(points) if sampling == "linspace-round" else points).astype(np.int64).tolist()
-
-
 def _video_error(path: str, e: BaseException) -> ValueError:
     return ValueError(f"cannot read video {path!r} (unreadable or corrupt): {type(e).__name__}: {e}")
 

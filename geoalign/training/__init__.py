@@ -6,17 +6,29 @@
 CLI: ``geoalign train --config FILE.yaml``; multi-GPU: ``torchrun --nproc_per_node=8 -m geoalign.training.cli
 --config FILE.yaml``. Needs ``accelerate`` (and ``peft`` for LoRA, ``deepspeed`` for ZeRO-2), imported lazily.
 """
-from .config import TrainConfig
-from .data import (GeoAlignCollator, GeoAlignSFTDataset, MissingMediaError, Record, RecordError, load_records,
-                   parse_record, tokenize_conversation)
+from __future__ import annotations
 
-__all__ = ["TrainConfig", "GeoAlignTrainer", "TrainResult", "GeoAlignSFTDataset", "GeoAlignCollator", "Record",
-           "RecordError", "MissingMediaError", "load_records", "parse_record", "tokenize_conversation"]
+import importlib
+
+#: public name -> the submodule that defines it (imported on first use: ``geoalign train --help`` needs no torch)
+_EXPORTS = {
+    "TrainConfig": "config",
+    "GeoAlignTrainer": "trainer", "TrainResult": "trainer",
+    "GeoAlignSFTDataset": "data", "GeoAlignCollator": "data", "Record": "data", "RecordError": "data",
+    "MissingMediaError": "data", "load_records": "data", "parse_record": "data", "tokenize_conversation": "data",
+}
+
+__all__ = list(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in ("GeoAlignTrainer", "TrainResult"):
-        from . import trainer
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geoalign.training' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(trainer, name)
-    raise AttributeError(name)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

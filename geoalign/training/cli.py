@@ -1,8 +1,10 @@
-"""``geoalign train --config FILE.yaml``: supervised fine-tuning of GeoAlign (see :class:`TrainConfig` for the keys).
+"""``geoalign train --config FILE.yaml``: supervised fine-tuning of GeoAlign (the config keys: README, "Training").
 
 Single process:   geoalign train --config configs/train_paper.yaml
 Multi-GPU:        torchrun --nproc_per_node=8 -m geoalign.training.cli --config configs/train_paper.yaml
 Overrides:        geoalign train --config c.yaml --set learning_rate=2e-5 --set train_mode=lora
+Resume:           geoalign train --config c.yaml --resume latest   (the newest checkpoint in output_dir; with none
+                  yet, training starts at step 0 and says so)
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import argparse
 import logging
 import os
 import sys
+
+from ..cli_args import fail, local_path, non_negative_int, require_module
 
 
 def _parse_override(item: str):
@@ -22,12 +26,16 @@ def _parse_override(item: str):
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", required=True, help="YAML file of TrainConfig keys (defaults = the paper's)")
+    parser.add_argument("--config", required=True, type=local_path,
+                        help="YAML file of training keys (unset keys take the paper's values); see configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value parsed as YAML); repeatable")
     parser.add_argument("--output-dir", default=None, help="override output_dir")
-    parser.add_argument("--resume", default=None, metavar="latest|DIR", help="override resume_from_checkpoint")
-    parser.add_argument("--max-steps", type=int, default=None, help="override max_steps")
+    parser.add_argument("--resume", default=None, metavar="latest|DIR",
+                        help="resume from a checkpoint directory, or 'latest': the newest in output_dir (none yet: "
+                             "start at step 0, with a warning)")
+    parser.add_argument("--max-steps", type=non_negative_int, default=None,
+                        help="override max_steps (0: as many as num_train_epochs gives)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=run_train)
     return parser
@@ -35,7 +43,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``train`` on an argparse sub-parsers object (``geoalign/cli.py``)."""
-    p = subparsers.add_parser("train", help="train GeoAlign (fusion + LLM) from a YAML config",
+    p = subparsers.add_parser("train", help="train GeoAlign (the fusion and the LLM) from a YAML config",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     return _configure(p)
 
@@ -60,12 +68,14 @@ def run_train(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
             return 0
+        cfg.check_model_source()            # the paths exist: fail before anything loads
+        for module, extra, why in cfg.optional_modules():
+            require_module(module, extra, why)
         from .trainer import GeoAlignTrainer
 
         result = GeoAlignTrainer(cfg).train()
     except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"geoalign train: error: {e}", file=sys.stderr)
-        return 2
+        return fail("train", e)
     if rank == 0:
         last = result.losses[max(result.losses)] if result.losses else float("nan")
         print(f"geoalign train: done: {result.global_step} steps, last loss {last:.4f}, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..atomic_files import write_json
+from ..backends import ALL_BACKENDS
 
 PRECISIONS = ("bf16", "fp16", "no")
 DISTRIBUTED = ("ddp", "deepspeed", "fsdp")
@@ -159,6 +160,8 @@ class TrainConfig:
             bad("distributed", f"must be one of {DISTRIBUTED}")
         if self.fusion_config is not None and not isinstance(self.fusion_config, dict):
             bad("fusion_config", "must be a mapping of GeoAlignConfig fields to values, or null")
+        if self.fusion_backend is not None and self.fusion_backend not in ("auto",) + ALL_BACKENDS:
+            bad("fusion_backend", f"must be 'auto' or one of {ALL_BACKENDS}")
         if self.fsdp_sharding not in FSDP_SHARDING:
             bad("fsdp_sharding", f"must be one of {FSDP_SHARDING}")
         if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
@@ -186,13 +189,32 @@ class TrainConfig:
             raise ValueError("TrainConfig: max_steps, save_steps, logging_steps and eval_steps must be >= 0")
 
     def check_model_source(self) -> None:
+        """The model and data paths: set, and present on this machine (only local files are read)."""
         if self.model_path is None and (self.qwen_path is None or self.vggt_path is None):
             raise ValueError("TrainConfig: set model_path (a saved GeoAlign directory) or both qwen_path and vggt_path")
+        for key in ("model_path", "qwen_path", "vggt_path", "fusion_path"):
+            path = getattr(self, key)
+            if path is not None and not os.path.exists(path):
+                raise FileNotFoundError(f"TrainConfig.{key}: not found: {path!r} (geoalign reads local files only "
+                                        "and downloads nothing; give the path of a local copy)")
         if self.fusion_config and (self.model_path is not None or self.fusion_path is not None):
             raise ValueError("TrainConfig.fusion_config builds a fresh fusion from qwen_path + vggt_path; it cannot "
                              "change the fusion of model_path or fusion_path")
         if not self.train_data:
             raise ValueError("TrainConfig.train_data: give at least one JSON/JSONL file")
+
+    def optional_modules(self) -> list[tuple[str, str, str]]:
+        """(module, geoalign extra that installs it, what needs it) for the optional packages this config uses."""
+        need = []
+        if self.distributed == "deepspeed":
+            need.append(("deepspeed", "deepspeed", "distributed: deepspeed (or set distributed: ddp / fsdp)"))
+        if self.train_mode == "lora":
+            need.append(("peft", "train", "train_mode: lora"))
+        if "tensorboard" in self.report_to:
+            need.append(("tensorboard", "train", "report_to: tensorboard"))
+        if "wandb" in self.report_to:
+            need.append(("wandb", "wandb", "report_to: wandb"))
+        return need
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -260,7 +260,8 @@ class GeoAlignSFTDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _source(self, rec: Record):
-        from ..geometry.frames import load_image, sample_frame_indices
+        from ..geometry.frames import load_image
+        from ..geometry.sampling import sample_frame_indices
 
         if rec.media_kind == "images" and isinstance(rec.media, list):
             idx = sample_frame_indices(len(rec.media), self.num_frames)

@@ -94,6 +94,9 @@ class GeoAlignTrainer:
         self.resumed_from = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
         if self.resumed_from:
             self._load(self.resumed_from)
+        elif cfg.resume_from_checkpoint == "latest" and self.accelerator.is_main_process:
+            logger.warning("resume_from_checkpoint='latest': no checkpoint in %s yet, so training starts at step 0",
+                           cfg.output_dir)
 
     def _prepare_engine(self) -> None:
         """The accelerator, the accumulation steps (global batch = per device x processes x accumulation), the seed."""

@@ -1,0 +1,139 @@
+"""Argument checks shared by every ``geoalign`` sub-command, run before any work starts.
+
+Everything here imports only the standard library at module level (``geoalign --help`` must not import torch);
+:func:`resolve_device` and :func:`check_backend` import torch when called, after argument parsing.
+
+Parse-time types (``type=`` of ``add_argument``; argparse turns their error into ``PROG: error: argument --x: MSG``):
+  positive_int, non_negative_int, positive_float, local_path, output_dir, output_file
+Run-time checks (raise :class:`UsageError`; :func:`fail` prints it as one line and returns exit code 2):
+  resolve_device, check_backend, require_module
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+LOCAL_ONLY = "geoalign reads local files only and downloads nothing"
+
+
+class UsageError(ValueError):
+    """A command-line input that cannot work here (a device, a backend, a missing optional package)."""
+
+
+def fail(command: str, error: BaseException | str) -> int:
+    """Print ``geoalign COMMAND: error: MESSAGE`` on stderr (one line) and return the usage exit code 2."""
+    print(f"geoalign {command}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def not_found(text: str) -> str:
+    """The message for a model / data path that does not exist here."""
+    return f"not found: {text!r} ({LOCAL_ONLY}; give the path of a local copy)"
+
+
+def local_path(text: str) -> str:
+    """An existing local file or directory (a model, checkpoint or data path); never a hub name."""
+    path = os.path.expanduser(text)
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(not_found(text))
+    return path
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into: it may exist (as a directory) or not; an existing file is refused."""
+    path = os.path.expanduser(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file, not a directory")
+    return path
+
+
+def output_file(text: str) -> str:
+    """A file to write: it may exist (as a file) or not; an existing directory is refused."""
+    path = os.path.expanduser(text)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing directory, not a file")
+    return path
+
+
+def resolve_device(name: str | None):
+    """The torch device for ``--device`` (None: cuda when available, else cpu), checked to exist here.
+    Raises UsageError naming the device asked for and what this machine has."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device name (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = (f"this torch {torch.__version__} is a CPU build" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise UsageError(f"--device {name} is not available: {why}; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name} is not available: {count} CUDA device(s) present "
+                             f"(cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        available = getattr(module, "is_available", None)
+        if available is None or not available():
+            raise UsageError(f"--device {name} is not available here (this torch: {torch.__version__})")
+    return device
+
+
+def check_backend(name: str | None, device) -> None:
+    """A fusion backend named on the command line must run on ``device`` here (None: the model's own choice)."""
+    if name is None:
+        return
+    from .backends import available_backends
+
+    available = available_backends(device)
+    if name not in available:
+        hint = {"triton": "Triton runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow; for tests)",
+                "cuda": "the cuda backend needs a CUDA device and its extension"}.get(name, "")
+        raise UsageError(f"fusion backend {name!r} cannot run on {device} here (available: {', '.join(available)})"
+                         + (f"; {hint}" if hint else ""))
+
+
+def require_module(module: str, extra: str, what: str) -> None:
+    """UsageError unless ``module`` is importable: ``WHAT needs MODULE: pip install "geoalign[EXTRA]"``."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{what} needs {module}, which is not installed: pip install \"geoalign[{extra}]\"")
+
+
+def has_module(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

@@ -1,8 +1,11 @@
-"""`geoalign bench` / `python -m bench`: time, throughput and memory of each backend against its baseline,
-measured in one run on one device.
+"""Time, throughput and memory of every fusion backend against the reference, measured in one run on this machine.
 
-Cases: `fusion` (the GeoAlign op, every backend vs `reference`) and `encoder` (VGGT aggregator + fusion, streaming
-the bank layers vs keeping VGGT's layer list). The device's matmul and copy ceilings are measured first.
+cases:
+  fusion   the GeoAlign op: every backend against reference, in the modes fwd, bwd, fwdbwd, infer and infer-fold
+  encoder  the VGGT aggregator with the fusion: streaming the bank layers against keeping VGGT's layer list
+  train    one training step of a small model, streaming + sparse against all layers + dense (--case train)
+The device's matmul and copy ceilings are measured first. Writes OUT/results.json and one PNG per case (the PNGs
+need matplotlib: pip install "geoalign[plots]"). `python -m bench` from the repository root runs the same.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def default_backends(device) -> list[str]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="geoalign bench", description=__doc__)
+    p = parser or argparse.ArgumentParser(prog="geoalign bench", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--case", choices=CASES, action="append",
                    help="case(s) to run, repeatable (default: fusion and encoder; 'train' = one training step of a "

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-DESCRIPTION = """GeoAlign: routed multi-layer VGGT geometry fused into Qwen2.5-VL's visual tokens, with exact sparse
-fast paths. Only local files are read; nothing is downloaded.
+DESCRIPTION = """GeoAlign: multi-layer VGGT geometry routed into Qwen2.5-VL's visual tokens, with exact sparse fast
+paths. Only local files are read; nothing is downloaded.
 
-new here?  geoalign demo --out demo   writes a tiny model, a video, a scene and a benchmark folder to try each
+new here? `geoalign demo --out demo` writes a tiny model, a video, a scene and a benchmark folder to try every
 command on (README, "Try it")."""
 
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_cli.build_parser(sub.add_parser("bench", help="kernel benchmark: time and memory of each fusion backend "
                                                         "against the reference, on this machine",
-                                          description=bench_cli.__doc__))
+                                          description=bench_cli.__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 

@@ -129,6 +129,12 @@ def check_backend(name: str | None, device) -> None:
                          + (f"; {hint}" if hint else ""))
 
 
+def check_attn(name: str | None) -> None:
+    """--attn flash_attention_2 needs the flash-attn package (the [gpu] extra) and a CUDA device."""
+    if name == "flash_attention_2":
+        require_module("flash_attn", "gpu", "--attn flash_attention_2")
+
+
 def require_module(module: str, extra: str, what: str) -> None:
     """UsageError unless ``module`` is importable: ``WHAT needs MODULE: pip install "geoalign[EXTRA]"``."""
     if importlib.util.find_spec(module) is None:

@@ -9,7 +9,8 @@ import json
 import os
 
 from .backends import ALL_BACKENDS
-from .cli_args import (UsageError, check_backend, fail, local_path, output_dir, positive_int, resolve_device)
+from .cli_args import (UsageError, check_attn, check_backend, fail, local_path, output_dir, positive_int,
+                       resolve_device)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -70,6 +71,7 @@ def check_model_arguments(args: argparse.Namespace):
         raise UsageError(f"--model {args.model!r} is a file; expected a model directory")
     device = resolve_device(args.device)
     check_backend(getattr(args, "backend", None), device)
+    check_attn(args.attn)
     return device
 
 

@@ -15,7 +15,7 @@ example:
   geoalign routes --model DIR --video a.mp4 b.mp4 --images frames/ --out routes/
 
 For each input, one prefill forward (the router reads only Qwen's visual tokens, so the question does not change the
-routing; it is asked for completeness). Writes into ``--out``:
+routing; it is asked for completeness). Writes into --out:
   routing.json          per input: mean routing weight per bank layer in % (sums to 100), selection frequency per
                         layer, per-frame per-layer means, token and frame counts (geoalign/routing_analysis.py)
   routing_layers.png    Figure 3 style bars: per bank layer, one bar per input
@@ -32,7 +32,8 @@ def add_routes_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--video", nargs="+", type=local_path, default=[], help="video files")
     p.add_argument("--images", nargs="+", type=local_path, default=[], help="folders of frames (natural sort order)")
     p.add_argument("--out", required=True, type=output_dir, help="output directory (created if missing)")
-    p.add_argument("--num-frames", type=positive_int, default=32, help="frames sampled uniformly per input (default 32)")
+    p.add_argument("--num-frames", type=positive_int, default=32,
+                   help="frames sampled uniformly per input (default 32)")
     p.add_argument("--question", default="Describe the scene.", help="the prompt of the prefill forward")
     p.add_argument("--max-frames", type=positive_int, default=4, help="frames per input in the heat map (default 4)")
     p.add_argument("--backend", default=None, choices=ALL_BACKENDS,

@@ -56,6 +56,20 @@ def test_sample_indices():
         sample_frame_indices(0, 4)
 
 
+def test_too_few_frames_warns_once_per_pair(caplog):
+    """An eval asks every question for N frames of short clips: the warning comes once per (asked, present) pair,
+    not once per question."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="geoalign.geometry"):
+        for _ in range(3):
+            assert sample_frame_indices(5, 9) == list(range(5))
+        assert sample_frame_indices(4, 9) == list(range(4))
+    said = [r.getMessage() for r in caplog.records if "exist" in r.getMessage()]
+    assert said == ["asked for 9 frames but only 5 exist; using all 5 (said once per such pair)",
+                    "asked for 9 frames but only 4 exist; using all 4 (said once per such pair)"]
+
+
 def test_sample_indices_floor_is_vg_llms_truncation():
     # linspace(0, 99, 5) = [0, 24.75, 49.5, 74.25, 99]: rounded (half to even) vs VG-LLM's .astype(int)
     assert sample_frame_indices(100, 5, "linspace-round") == [0, 25, 50, 74, 99]

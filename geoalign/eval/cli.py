@@ -12,8 +12,8 @@ import traceback
 
 from ..atomic_files import write_json
 from ..backends import ALL_BACKENDS
-from ..cli_args import (UsageError, check_backend, fail, has_module, local_path, not_found, output_file,
-                        positive_int, resolve_device)
+from ..cli_args import (UsageError, check_attn, check_backend, fail, has_module, local_path, not_found,
+                        output_file, positive_int, resolve_device)
 from ..geometry.sampling import FRAME_SAMPLING
 from . import sqa3d, vsibench
 from .predictor import DTYPES
@@ -37,9 +37,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", help="GeoAlign model directory (local)")
     p.add_argument("--predictor", help="use 'package.module:factory' instead of the GeoAlign adapter; "
                                         "the factory receives --model and keyword options")
-    p.add_argument("--media", type=local_path, help="video/frame root (default: --data for VSI-Bench; for ScanQA/SQA3D the "
-                                   "first of DATA/{scannet/posed_images,posed_images,scannet/videos,videos,"
-                                   "scannet/frames,frames,scannet,.} holding {scene_id}.mp4 or {scene_id}/)")
+    p.add_argument("--media", type=local_path,
+                   help="video/frame root (default: --data for VSI-Bench; for ScanQA/SQA3D the first of "
+                        "DATA/{scannet/posed_images,posed_images,scannet/videos,videos,scannet/frames,frames,scannet,.} "
+                        "holding {scene_id}.mp4 or {scene_id}/)")
     p.add_argument("--split", help="dataset split (default: vsibench test, scanqa val, sqa3d test)")
     p.add_argument("--out", type=output_file,
                    help="predictions JSONL (default: eval_results/TASK/predictions.jsonl); an existing one is resumed")
@@ -74,15 +75,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
-    p.add_argument("--vsibench-no-strip", action="store_true",
-                   help="VSI-Bench: parse each answer unstripped, as lmms-eval's task code does (default: stripped)")
+    p.add_argument("--vsibench-parsing", choices=vsibench.PARSINGS, default=vsibench.DEFAULT_PARSING,
+                   help="VSI-Bench answer parsing, named by the code it follows: official (default; "
+                        "thinking-in-space's task code = lmms-eval <= 0.7.2: the raw answer's first space-separated "
+                        "token, then float()), lmms-eval-0.7.3 (its extract_number for numeric answers: the first "
+                        "number or number words in the answer, so '3.5m' and 'three' count; letters as official), "
+                        "stripped (official parsing of the answer stripped of surrounding whitespace, this "
+                        "package's old default)")
     p.add_argument("--sqa3d-style", choices=sqa3d.STYLES, default="default",
                    help="SQA3D: prompt (eval) and answer parsing: default, or vg-llm (VG-LLM's prompt, first line "
                         "of the answer, 16 new tokens)")
 
 
 def _scoring_options(args) -> dict:
-    return {"use_java": False if args.no_java else None, "vsibench_strip": not args.vsibench_no_strip,
+    return {"use_java": False if args.no_java else None, "vsibench_parsing": args.vsibench_parsing,
             "sqa3d_style": args.sqa3d_style}
 
 
@@ -209,6 +215,7 @@ def _check_eval_arguments(args, proc) -> None:
         raise UsageError(f"--model {args.model!r} is a file; expected a GeoAlign model directory")
     device = resolve_device(proc.device(args.device))
     check_backend(args.fusion_backend, device)
+    check_attn(args.attn)
     if args.save_routing and not has_module("matplotlib"):
         print("geoalign eval: matplotlib is not installed, so the routing plot will be skipped (the table and the "
               "JSON are written): pip install \"geoalign[plots]\"", file=sys.stderr)

@@ -1,12 +1,12 @@
-"""``geoalign gap-data``: GAP-MLLM training records from posed RGB-D scenes (ScanNet's exported layout).
+"""geoalign gap-data: GAP-MLLM training records from posed RGB-D scenes (ScanNet's exported layout).
 
     geoalign gap-data --scenes scans/ --out data/gap_pretrain.json [--prompts-per-sample 4 --frames 4
                       --samples-per-scene 8 --seed 0]                            # stage 1: the pre-training task
     geoalign gap-data --task finetune --scenes scans/ --out data/gap_finetune.json [--grounding-per-sample 2]
                                                                                # stage 2: detection + grounding
 
-Every sub-directory of ``--scenes`` holding ``color/`` is a scene. Marked frames go to ``<out stem>_media/`` beside
-``--out``; image paths in the records are relative to the directory of ``--out`` (the trainer's ``media_root``).
+Every sub-directory of --scenes holding color/ is a scene. Marked frames go to <out stem>_media/ beside
+--out; image paths in the records are relative to the directory of --out (the trainer's media_root).
 """
 from __future__ import annotations
 
@@ -89,5 +89,6 @@ def run_gap_data(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     write_json(args.out, records)
-    print(f"wrote {len(records)} records from {len(scenes)} scenes to {args.out} (media: {media})")
+    print(f"wrote {len(records)} records from {len(scenes)} scene{'s' if len(scenes) != 1 else ''} to {args.out} "
+          f"(media: {media})")
     return 0

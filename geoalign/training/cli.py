@@ -1,4 +1,4 @@
-"""``geoalign train --config FILE.yaml``: supervised fine-tuning of GeoAlign (the config keys: README, "Training").
+"""geoalign train --config FILE.yaml: supervised fine-tuning of GeoAlign (the config keys: README, "Training").
 
 Single process:   geoalign train --config configs/train_paper.yaml
 Multi-GPU:        torchrun --nproc_per_node=8 -m geoalign.training.cli --config configs/train_paper.yaml

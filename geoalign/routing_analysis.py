@@ -15,8 +15,9 @@ Kept only on request (``keep_tensors``): topk_idx / alpha [L, K] and each token'
 of the VGGT patch grid, from gather_index -- what the per-token heat map needs. Summaries are a few hundred floats
 per sample, so recording over a whole benchmark is cheap.
 
-Plots (matplotlib): :func:`plot_layer_bars` (Figure 3 style) and :func:`plot_heatmaps` (per frame, the layer with
-the highest alpha at each token's patches, over the faded frame).
+Plots (matplotlib): :func:`plot_layer_bars` (Figure 3 style, legend beside the bars) and :func:`plot_heatmaps` (per
+frame, the layer with the highest alpha at each token's patches, one qualitative colour per layer over the frame faded
+to grey, a legend naming the layers); :func:`layer_bars_figure` / :func:`heatmaps_figure` return the figures unsaved.
 """
 from __future__ import annotations
 
@@ -158,46 +159,83 @@ def _save_png(fig, path: str, dpi: int) -> None:
     write_bytes(path, buf.getvalue())
 
 
-def _colours(m: int):
+def _colours(m: int) -> list:
+    """``m`` distinct qualitative colours, none of them grey (the heat map's frame beneath is grey): tab10 without
+    its grey, then the light tab20 shades (no light grey), then tab20b's dark shades, then a colour wheel."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if m <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(m)]
+    tab20, tab20b = matplotlib.colormaps["tab20"], matplotlib.colormaps["tab20b"]
+    palette = [tab20(i) for i in range(0, 20, 2) if i != 14] + [tab20(i) for i in range(1, 20, 2) if i != 15]
+    palette += [tab20b(i) for i in range(0, 20, 4)]
+    if m > len(palette):
+        wheel = matplotlib.colormaps["hsv"]
+        palette += [wheel(i / (m - len(palette))) for i in range(m - len(palette))]
+    return palette[:m]
 
 
-def plot_layer_bars(summaries: list[dict], names: list[str], path: str) -> None:
-    """Figure 3 style: per bank layer, the mean routing weight (%) of each input, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def layer_bars_figure(summaries: list[dict], names: list[str]):
+    """The figure :func:`plot_layer_bars` saves: one bar per input (or question-type group) per bank layer, the
+    legend beside the axes (outside the bars) in one column, for any number of groups."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Patch
 
     if not summaries:
         raise ValueError("no routing to plot")
     layers = summaries[0]["bank_layers"]
-    x = np.arange(len(layers))
-    width = 0.8 / len(summaries)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers) * max(1, len(summaries)) ** 0.5 + 3), 3.8))
+    n, M = len(summaries), len(layers)
+    x = np.arange(M)
+    width = 0.8 / n
+    colours = _colours(n)
+    hatch_from = 9                              # after tab10's 9 colours come their light shades: hatch those
+    entries = n + 1
+    axes_w = min(16.0, max(5.0, M * (0.3 + 0.08 * n)))
+    legend_w = min(4.5, 0.9 + 0.065 * max(len(str(v)) for v in list(names) + ["uniform (1/M)"]))
+    height = max(3.8 if n <= 6 else 5.0, 0.2 * entries + 1.4)
+    fig = plt.figure(figsize=(axes_w + legend_w + 0.8, height), layout="constrained")
+    ax = fig.add_subplot()
+    top = 0.0
     for i, (s, name) in enumerate(zip(summaries, names)):
-        ax.bar(x - 0.4 + width * (i + 0.5), s["mean_alpha_pct"], width, label=name)
+        ax.bar(x - 0.4 + width * (i + 0.5), s["mean_alpha_pct"], width, color=colours[i], label=name,
+               hatch="///" if i >= hatch_from else None, edgecolor="white" if i >= hatch_from else None,
+               linewidth=0)
+        top = max(top, max(s["mean_alpha_pct"], default=0.0))
+    for b in x[:-1]:
+        ax.axvline(b + 0.5, color="0.85", lw=0.6, zorder=0)
     ax.set_xticks(x, [str(v) for v in layers])
+    ax.set_xlim(-0.5, M - 0.5)
+    ax.set_ylim(0, max(top, 100 / M) * 1.08 or 1)
     ax.set_xlabel("VGGT layer (bank)")
     ax.set_ylabel("mean routing weight α (%)")
-    ax.set_title("Routing over the bank layers, whole visual sequence")
-    ax.axhline(100 / len(layers), color="grey", lw=0.8, ls="--", label="uniform")
-    ax.legend(fontsize=8, ncol=min(4, len(summaries) + 1))
-    fig.tight_layout()
-    _save_png(fig, path, dpi=120)
+    ax.set_title("Routing over the bank layers, whole visual sequence", fontsize=10)
+    uniform = ax.axhline(100 / M, color="0.3", lw=0.9, ls="--", label=f"uniform ({100 / M:.3g}%)")
+    handles = [Patch(facecolor=colours[i], hatch="///" if i >= hatch_from else None, edgecolor="white",
+                     label=name) for i, name in enumerate(names[:n])] + [uniform]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
+    return fig
 
 
-def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], names: list[str], path: str,
-                  max_frames: int = 4) -> None:
-    """Per input (rows) and frame (up to ``max_frames``, evenly spaced), the bank layer with the highest alpha at
-    each token's patches, over the frame faded beneath. ``frames``: each input's VGGT frames [S, 3, H, W] in [0, 1]."""
+def plot_layer_bars(summaries: list[dict], names: list[str], path: str) -> None:
+    """Figure 3 style: per bank layer, the mean routing weight (%) of each input, side by side; the legend beside
+    the bars. Works for 1 to ~20 inputs or groups (``geoalign eval --save-routing`` plots one per question type)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    fig = layer_bars_figure(summaries, names)
+    _save_png(fig, path, dpi=120)
+
+
+def _faded_grey(img):
+    """[H, W, 3] in [0, 1] -> [H, W] luminance squeezed into [0.35, 0.85]: the frame stays legible beneath the layer
+    colours without lending them its hue."""
+    lum = 0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2]
+    return 0.35 + 0.5 * lum
+
+
+def heatmaps_figure(samples: list[SampleRouting], frames: list[torch.Tensor], names: list[str], max_frames: int = 4):
+    """The figure :func:`plot_heatmaps` saves: one sub-figure per input (its name above its row), one panel per
+    shown frame, the layer colours over the frame in faded grey, and a legend naming the layers. Constrained layout
+    keeps every title clear of the images for any number of inputs and frames."""
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import ListedColormap
@@ -209,28 +247,57 @@ def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], name
         raise ValueError("no routing to plot")
     layers = samples[0].bank_layers
     colours = _colours(len(layers))
+    cmap = ListedColormap(colours)
     cols = max(min(max_frames, s.num_frames) for s in samples)
-    fig, axes = plt.subplots(len(samples), cols, figsize=(3.2 * cols, 2.6 * len(samples) + 0.6), squeeze=False)
-    for r, (s, imgs, name) in enumerate(zip(samples, frames, names)):
+    H0, W0 = frames[0].shape[-2:]
+    cell_w = min(3.2, max(1.5, 14.0 / cols))
+    cell_h = cell_w * H0 / W0
+    legend_cols = min(len(layers) + 1, max(3, int((cols * cell_w) // 1.05)), 13)
+    legend_h = 0.45 + 0.22 * -(-(len(layers) + 1) // legend_cols)
+    row_h = cell_h + 0.75
+    fig = plt.figure(figsize=(max(cols * (cell_w + 0.1) + 0.3, 4.5), len(samples) * row_h + legend_h + 0.5),
+                     layout="constrained")
+    subfigs = fig.subfigures(len(samples) + 1, 1, height_ratios=[row_h] * len(samples) + [legend_h], squeeze=False)
+    subfigs = subfigs[:, 0]
+    for sf, s, imgs, name in zip(subfigs, samples, frames, names):
+        plural = "s" if s.num_frames != 1 else ""
+        sf.suptitle(f"{name} ({s.num_frames} frame{plural})", fontsize=9, fontweight="bold")
+        axes = sf.subplots(1, cols, squeeze=False)[0]
         chosen = np.unique(np.linspace(0, s.num_frames - 1, min(cols, s.num_frames)).round().astype(int))
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
+        for c, ax in enumerate(axes):
+            ax.set_axis_off()
             if c >= len(chosen):
                 continue
             f = int(chosen[c])
             img = imgs[f].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
             H, W = img.shape[:2]
-            ax.imshow(img, alpha=0.45)
+            ax.imshow(_faded_grey(img), cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
             top = s.top_layer_map(f).numpy()
-            shown = np.ma.masked_less(top, 0)
-            ax.imshow(shown, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(layers) - 0.5, alpha=0.55,
+            ax.imshow(np.ma.masked_less(top, 0), cmap=cmap, vmin=-0.5, vmax=len(layers) - 0.5, alpha=0.7,
                       interpolation="nearest", extent=(0, top.shape[1] * PATCH_SIZE, top.shape[0] * PATCH_SIZE, 0))
             ax.set_xlim(0, W)
             ax.set_ylim(H, 0)
-            ax.set_title(f"{name} · frame {f}" if c == 0 else f"frame {f}", fontsize=8)
-    fig.legend(handles=[Patch(color=colours[i], label=f"layer {v}") for i, v in enumerate(layers)],
-               loc="lower center", ncol=min(len(layers), 8), fontsize=8)
+            ax.set_title(f"frame {f}", fontsize=8)
+    handles = [Patch(facecolor=colours[i], edgecolor="0.3", linewidth=0.5, label=f"layer {v}")
+               for i, v in enumerate(layers)]
+    handles.append(Patch(facecolor="0.6", edgecolor="0.3", linewidth=0.5, label="no token"))
+    legend_rows = -(-len(handles) // legend_cols)
+    legend_cols = -(-len(handles) // legend_rows)            # balanced rows; the legend fills column by column,
+    handles = [handles[r * legend_cols + c] for c in range(legend_cols) for r in range(legend_rows)
+               if r * legend_cols + c < len(handles)]          # so order the handles to read row by row
+    subfigs[-1].legend(handles=handles, loc="center", ncol=legend_cols, fontsize=8, frameon=False,
+                       title="highest-α bank layer (VGGT layer id)", title_fontsize=8)
     fig.suptitle("Highest-α bank layer per token", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    return fig
+
+
+def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], names: list[str], path: str,
+                  max_frames: int = 4) -> None:
+    """Per input (rows) and frame (up to ``max_frames``, evenly spaced), the bank layer with the highest alpha at
+    each token's patches, over the frame faded to grey beneath. ``frames``: each input's VGGT frames [S, 3, H, W]
+    in [0, 1]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = heatmaps_figure(samples, frames, names, max_frames=max_frames)
     _save_png(fig, path, dpi=110)

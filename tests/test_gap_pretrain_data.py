@@ -91,4 +91,44 @@ def test_gap_data_cli_writes_records_the_trainer_reads(scenes, tmp_path, capsys)
     batch = GeoAlignCollator.for_processor(ds.processor)([ds[0], ds[1]])
     assert batch["vggt_pixel_values"][0].shape[0] == 2 and (batch["labels"] != -100).any()
     assert main(["gap-data", "--scenes", str(tmp_path / "none"), "--out", str(out), "--no-progress"]) == 2
-    assert "scenes directory not found" in capsys.readouterr().err
+    assert "none' (geoalign reads local files only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [7, 12])
+def test_markers_stay_whole_inside_the_frame_at_the_edges(n):
+    from PIL import Image, ImageDraw
+
+    from geoalign.gap.pretrain_data import MARKER_RADIUS, draw_markers, marker_layout
+
+    H, W, pad = 72, 96, 40
+    frame = np.full((H, W, 3), (30, 60, 160), np.uint8)
+
+    def ink_outside(lay) -> int:
+        """Pixels of the number (fill and outline) that fall outside the frame: drawn on a padded canvas."""
+        canvas = Image.new("L", (W + 2 * pad, H + 2 * pad))
+        draw = ImageDraw.Draw(canvas)
+        x, y = lay["text_xy"]
+        draw.text((x + pad, y + pad), str(n), font=draw.getfont(), fill=255, stroke_width=1, stroke_fill=255)
+        ink = np.asarray(canvas) > 0
+        assert ink.sum() > 10
+        return int(ink.sum() - ink[pad:pad + H, pad:pad + W].sum())
+
+    r = MARKER_RADIUS
+    for u, v in [(W - 1 - r, H // 2), (W - 1 - r, r), (r, r), (W // 2, r), (r, H - 1 - r), (W - 1 - r, H - 1 - r),
+                 (W - 3, 2), (2, H - 3), (W // 2, H - 1)]:
+        lay = marker_layout(u, v, n, W, H)
+        x0, y0, x1, y1 = lay["text_box"]
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H, (u, v, lay)             # the number's pixel box is inside
+        assert ink_outside(lay) == 0, (u, v, lay)                                 # and so is every pixel of it
+        d0, e0, d1, e1 = lay["disc"]
+        assert ((d0 + d1) / 2, (e0 + e1) / 2) == (u, v)                            # centred on the marked point
+        if min(u, v, W - 1 - u, H - 1 - v) >= 2:
+            assert 0 <= d0 and d1 <= W - 1 and 0 <= e0 and e1 <= H - 1, (u, v, lay)  # the disc is inside too
+        assert x1 <= d0 + 1 or x0 >= d1, (u, v, lay)          # beside the disc: at most its outline touches the ring
+        if u >= W - 1 - r:
+            assert x1 <= u                                                          # moved inward, left of the point
+        img = draw_markers(frame, [(u, v, n)])
+        ys, xs = np.nonzero((img > 200).all(-1))                                   # the white disc did not move
+        assert abs(xs.mean() - u) <= 1 and abs(ys.mean() - v) <= 1, (u, v)
+    inner = marker_layout(W // 2, H // 2, n, W, H)
+    assert inner["radius"] == r and inner["text_xy"] == (W // 2 + r + 1, H // 2 - r - 2)   # away from edges: as before

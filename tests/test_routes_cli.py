@@ -133,7 +133,7 @@ def test_routes_bad_inputs_are_clear_errors(saved, tmp_path, capsys):
 
     model = str(saved / "model")
     assert _routes("--model", model, "--video", str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "o")) == 2
-    assert "video not found" in capsys.readouterr().err
+    assert "missing.mp4' (geoalign reads local files only" in capsys.readouterr().err
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 50)
     assert _routes("--model", model, "--video", str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "o")) == 2
     assert "bad.mp4" in capsys.readouterr().err
@@ -144,3 +144,112 @@ def test_routes_bad_inputs_are_clear_errors(saved, tmp_path, capsys):
     assert _routes("--model", model, "--out", str(tmp_path / "o")) == 2
     assert "at least one --video" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
+
+
+def _fake_sample(num_frames: int, bank_layers, seed: int, grid=(6, 8)):
+    """A SampleRouting with tensors: tokens of G = 4 patches (2 x 2 blocks) over every frame, random routes."""
+    rows, cols = grid
+    g = torch.Generator().manual_seed(seed)
+    gi = torch.tensor([[f * rows * cols + (r + dr) * cols + c + dc for dr in (0, 1) for dc in (0, 1)]
+                       for f in range(num_frames) for r in range(0, rows, 2) for c in range(0, cols, 2)])
+    M, L = len(bank_layers), gi.shape[0]
+    idx = torch.stack([torch.randperm(M, generator=g)[:2] for _ in range(L)])
+    alpha = torch.rand(L, 2, generator=g).softmax(-1)
+    return summarize(Routing(idx, alpha), gi, num_frames, grid, bank_layers, keep_tensors=True)
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _inside(a, b) -> bool:
+    return a.x0 >= b.x0 and a.x1 <= b.x1 and a.y0 >= b.y0 and a.y1 <= b.y1
+
+
+@pytest.mark.parametrize("inputs,frames,max_frames", [(1, 1, 4), (2, 3, 4), (3, 6, 6), (5, 2, 4), (2, 9, 8)])
+def test_heatmap_titles_never_overlap_images_and_colours_name_the_layers(inputs, frames, max_frames):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import colorsys
+
+    import matplotlib.pyplot as plt
+
+    from geoalign.routing_analysis import heatmaps_figure
+
+    layers = [12, 15, 18, 21, 23]
+    samples = [_fake_sample(max(1, frames - i), layers, seed=i) for i in range(inputs)]
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(s.num_frames, 3, 84, 112, generator=g) for s in samples]      # saturated noise frames
+    names = [f"input number {i} with a long file name.mp4" for i in range(inputs)]
+    fig = heatmaps_figure(samples, imgs, names, max_frames=max_frames)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        image_axes = [ax for ax in fig.get_axes() if ax.get_images()]
+        assert len(image_axes) == sum(min(max_frames, s.num_frames) for s in samples)
+        titles = [ax.title for ax in fig.get_axes() if ax.get_title()]
+        titles += [f._suptitle for f in [fig, *fig.subfigs] if getattr(f, "_suptitle", None) is not None]
+        assert len(titles) >= len(image_axes) + inputs + 1
+        for t in titles:
+            box = t.get_window_extent(renderer)
+            for ax in image_axes:
+                assert not _overlaps(box, ax.get_window_extent(renderer)), (t.get_text(), ax.get_title())
+        legend = fig.subfigs[-1].legends[0]
+        reading = sorted(legend.get_texts(), key=lambda t: (-round(t.get_window_extent(renderer).y0),
+                                                            t.get_window_extent(renderer).x0))
+        assert [t.get_text() for t in reading] == [f"layer {v}" for v in layers] + ["no token"]   # row by row
+        assert all(_inside(t.get_window_extent(renderer), fig.bbox) for t in legend.get_texts())
+        assert not any(_overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+                       for ax in image_axes)
+        by_label = {t.get_text(): h.get_facecolor()[:3] for t, h in zip(legend.get_texts(), legend.legend_handles)}
+        colours = [by_label[f"layer {v}"] for v in layers]
+        hues = [colorsys.rgb_to_hsv(*c)[0] for c in colours]
+        assert all(colorsys.rgb_to_hsv(*c)[1] > 0.3 for c in colours)           # no grey layer over the grey frame
+        # the rendered colour at each covered patch reads as its layer's colour: nearest hue = the true layer
+        pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255.0
+        height = pixels.shape[0]
+        for sf, s in zip(fig.subfigs, samples):
+            ax = [a for a in sf.get_axes() if a.get_images()][-1]
+            f = int(ax.get_title().split()[-1])
+            top = s.top_layer_map(f)
+            for r, c in np.ndindex(*top.shape):
+                x, y = ax.transData.transform(((c + 0.5) * 14, (r + 0.5) * 14))
+                rgb = pixels[int(round(height - y)), int(round(x))]
+                h = colorsys.rgb_to_hsv(*rgb)[0]
+                dist = [min(abs(h - q), 1 - abs(h - q)) for q in hues]
+                assert int(np.argmin(dist)) == int(top[r, c]), (f, r, c, rgb)
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 7, 15])
+def test_layer_bars_legend_sits_outside_the_bars(groups, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from geoalign.routing_analysis import layer_bars_figure, plot_layer_bars
+
+    rng = np.random.default_rng(groups)
+    layers = list(range(12, 24))
+    summaries = [{"bank_layers": layers, "mean_alpha_pct": list(rng.dirichlet(np.ones(12)) * 100)}
+                 for _ in range(groups)]
+    names = [f"question_type_{i}_with_a_long_name (n={10 * i + 3})" for i in range(groups)]
+    fig = layer_bars_figure(summaries, names)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (ax,) = fig.get_axes()
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()][:groups] == names
+        assert not _overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+        assert _inside(legend.get_window_extent(renderer), fig.bbox)
+        looks = {(tuple(c.patches[0].get_facecolor()), c.patches[0].get_hatch()) for c in ax.containers}
+        assert len(looks) == groups                                              # every group its own look
+        assert fig.get_size_inches()[0] <= 24
+    finally:
+        plt.close(fig)
+    plot_layer_bars(summaries, names, str(tmp_path / "bars.png"))
+    assert (tmp_path / "bars.png").stat().st_size > 1000

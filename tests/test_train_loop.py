@@ -70,6 +70,18 @@ def test_resume_matches_uninterrupted(train_data, tmp_path):
         assert resumed.losses[s] == pytest.approx(full.losses[s], rel=1e-6, abs=1e-7), (s, resumed.losses, full.losses)
 
 
+def test_resume_latest_without_a_checkpoint_says_it_starts_at_step_0(train_data, tmp_path, caplog):
+    """--resume latest is what a requeued job passes every time: with no checkpoint yet it starts at step 0 and
+    says so (a warning), rather than failing or starting silently."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="geoalign.training"):
+        res = tiny_trainer(train_config(train_data, tmp_path, max_steps=1, resume_from_checkpoint="latest")).train()
+    assert res.global_step == 1 and sorted(res.losses) == [1]
+    said = [r.getMessage() for r in caplog.records if "resume_from_checkpoint" in r.getMessage()]
+    assert said == [f"resume_from_checkpoint='latest': no checkpoint in {tmp_path} yet, so training starts at step 0"]
+
+
 def test_staging_checkpoint_is_ignored(train_data, tmp_path):
     # a crash mid-save leaves a staging directory (and maybe a half-written checkpoint without its state file)
     os.makedirs(tmp_path / ".staging-checkpoint-6")

@@ -54,16 +54,53 @@ def promptable(depth: np.ndarray, labels: np.ndarray, border: int) -> np.ndarray
     return ok
 
 
+def marker_layout(u: float, v: float, n: int, width: int, height: int, font=None) -> dict:
+    """Where :func:`draw_markers` puts marker ``n`` of point (u, v) in a ``width`` x ``height`` frame, all inside
+    the frame: the disc stays centred on the point (its radius shrinks below MARKER_RADIUS only for a point nearer
+    the edge than that, down to 2 px); the number goes beside the disc, upper right as usual, else the first of upper
+    left, lower right, lower left that fits (so it moves inward at the right and top edges), else beside the disc
+    shifted vertically into the frame, else (a frame too narrow for either side) clamped inside. Returns
+    {"radius", "disc": (x0, y0, x1, y1), "text_xy": where to draw the text, "text_box": its pixel box (x0, y0, x1,
+    y1), right and bottom exclusive}. ``font``: a PIL font (default: PIL's default font)."""
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font = font or measure.getfont()
+    edge = min(u, width - 1 - u, v, height - 1 - v)
+    r = int(max(2, min(MARKER_RADIUS, int(edge))))
+    l, t, rr, b = measure.textbbox((0, 0), str(n), font=font, stroke_width=1)
+    w, h = rr - l, b - t
+    gap_x, gap_y = 1 + l, 2 - t               # upper right is where the text always went: drawn at (u+r+1, v-r-2)
+    lefts = {"right": u + r + gap_x, "left": u - r - gap_x - w}
+    tops = {"upper": v - r - gap_y, "lower": v + r + gap_y - h, "inside": min(max(v - h / 2, 0), height - h)}
+    box = None
+    for vert, horiz in (("upper", "right"), ("upper", "left"), ("lower", "right"), ("lower", "left"),
+                        ("inside", "right"), ("inside", "left")):
+        x0, y0 = lefts[horiz], tops[vert]
+        if x0 >= 0 and y0 >= 0 and x0 + w <= width and y0 + h <= height:
+            box = (x0, y0)
+            break
+    if box is None:                                  # a frame too small for any side: clamp inside
+        box = (min(max(lefts["right"], 0), max(width - w, 0)), min(max(tops["upper"], 0), max(height - h, 0)))
+    x0, y0 = int(round(box[0])), int(round(box[1]))
+    x0, y0 = min(max(x0, 0), max(width - w, 0)), min(max(y0, 0), max(height - h, 0))
+    return {"radius": r, "disc": (u - r, v - r, u + r, v + r), "text_xy": (x0 - l, y0 - t),
+            "text_box": (x0, y0, x0 + w, y0 + h)}
+
+
 def draw_markers(image: np.ndarray, marks: list[tuple[float, float, int]]) -> np.ndarray:
-    """A copy of ``image`` [H, W, 3] uint8 with a numbered marker (white disc, black ring and number) per (u, v, n)."""
+    """A copy of ``image`` [H, W, 3] uint8 with a numbered marker (white disc, black ring, yellow number with a
+    black outline) per (u, v, n), disc and number kept whole inside the frame (see :func:`marker_layout`)."""
     from PIL import Image, ImageDraw
 
     im = Image.fromarray(image)
     draw = ImageDraw.Draw(im)
-    r = MARKER_RADIUS
+    font = draw.getfont()
+    H, W = image.shape[:2]
     for u, v, n in marks:
-        draw.ellipse((u - r, v - r, u + r, v + r), fill=(255, 255, 255), outline=(0, 0, 0), width=2)
-        draw.text((u + r + 1, v - r - 2), str(n), fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
+        lay = marker_layout(u, v, n, W, H, font)
+        draw.ellipse(lay["disc"], fill=(255, 255, 255), outline=(0, 0, 0), width=2 if lay["radius"] >= 4 else 1)
+        draw.text(lay["text_xy"], str(n), font=font, fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
     return np.asarray(im)
 
 

@@ -1,8 +1,12 @@
 """Metric unit tests on hand-computed cases (VSI-Bench, SQA3D/ScanQA normalisation, COCO metrics)."""
+import functools
+import json
 import math
+import os
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import types
 import warnings
@@ -53,11 +57,22 @@ def test_mra_boundaries(pred, gt, expected):
     assert vsibench.mra_score(pred, gt) == pytest.approx(expected, abs=1e-12)
 
 
-def test_mra_zero_ground_truth_counts_only_an_exact_zero():
-    # Never in VSI-Bench (the official |pred - gt| / gt would divide by zero): only 0 itself is right.
-    assert vsibench.mra_score("0", "0") == 1.0
-    assert vsibench.mra_score("0.", "0.0") == 1.0
-    assert vsibench.mra_score("1", "0") == 0.0
+@pytest.mark.parametrize("parsing", vsibench.PARSINGS)
+def test_mra_zero_ground_truth_scores_zero_like_the_official_division(parsing):
+    # Never in VSI-Bench. The official |pred - gt| / gt divides by the 0 (Python floats: ZeroDivisionError, the run
+    # stops); evaluated in float64 it is 1 / 0 = inf for a prediction 1 and 0 / 0 = nan for a prediction 0, and
+    # neither inf <= 1 - t nor nan <= 1 - t holds for any of the 10 thresholds: MRA 0, the exact 0 included
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert 1.0 / np.float64(0.0) == np.inf and np.isnan(np.float64(0.0) / np.float64(0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide / invalid warnings are not raised either
+        assert vsibench.mra_score("0", "0", parsing) == 0.0
+        assert vsibench.mra_score("0.", "0.0", parsing) == 0.0
+        assert vsibench.mra_score("1", "0", parsing) == 0.0
+        assert vsibench.mean_relative_accuracy(0.0, 0.0) == 0.0
+        s = vsibench.score([{"question_type": "object_counting", "prediction": "0", "ground_truth": "0"},
+                            {"question_type": "object_counting", "prediction": "2", "ground_truth": "2"}], parsing)
+    assert s["object_counting"] == 50.0 and s["overall"] == 50.0   # (0 + 100) / 2
 
 
 def test_mra_boundary_floating_point_is_official():
@@ -93,20 +108,79 @@ def test_mca_letter_parsing(pred, gt, ok):
     assert vsibench.mca_accuracy(pred, gt) == ok
 
 
-def test_vsibench_no_strip_parses_the_raw_answer():
-    # lmms-eval's vsibench_process_results parses results[0] as it is: " A".split(" ")[0] == "" -> wrong
+def test_vsibench_parsing_modes():
+    # official (thinking-in-space = lmms-eval <= 0.7.2, the default) parses results[0] as it is:
+    # " A".split(" ")[0] == "" -> wrong; stripped strips first; lmms-eval-0.7.3 reads numbers with extract_number
     recs = [{"question_type": "route_planning", "prediction": " A", "ground_truth": "A"},
             {"question_type": "object_counting", "prediction": " 3", "ground_truth": "3"},
-            {"question_type": "object_abs_distance", "prediction": "2.2\n", "ground_truth": "2"}]  # same either way
-    stripped, raw = vsibench.score(recs), vsibench.score(recs, strip=False)
-    assert (stripped["route_planning"], raw["route_planning"]) == (100.0, 0.0)
-    assert (stripped["object_counting"], raw["object_counting"]) == (100.0, 0.0)
-    assert stripped["object_abs_distance"] == raw["object_abs_distance"] == pytest.approx(90.0)
-    assert (stripped["stripped"], raw["stripped"]) == (True, False)
-    assert vsibench.format_table(raw).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100, answers not stripped "
-                                                 "(lmms-eval))\n")
-    assert vsibench.format_table(stripped).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100)\n")
-    assert vsibench.format_table(dict(raw, subset="debiased")).startswith("VSI-Bench-Debiased (")
+            {"question_type": "object_counting", "prediction": "three", "ground_truth": "3"},
+            {"question_type": "object_size_estimation", "prediction": "3.5m", "ground_truth": "3.5"},
+            {"question_type": "object_abs_distance", "prediction": "2.2\n", "ground_truth": "2"}]  # same for all
+    official, stripped, lmms = (vsibench.score(recs, parsing) for parsing in
+                                ("official", "stripped", "lmms-eval-0.7.3"))
+    assert vsibench.score(recs) == official                                  # the default
+    # route_planning: official "" != "A"; stripped "A"; 0.7.3 reads letters as official -> 0
+    assert (official["route_planning"], stripped["route_planning"], lmms["route_planning"]) == (0.0, 100.0, 0.0)
+    # counting " 3" / "three": official float("") and float("three") fail -> 0, 0; stripped 3 -> 100, "three" 0;
+    # 0.7.3 reads 3 and 3 -> 100, 100
+    assert (official["object_counting"], stripped["object_counting"], lmms["object_counting"]) == (0.0, 50.0, 100.0)
+    # "3.5m": float("3.5m") fails -> 0 (official, stripped); 0.7.3 reads 3.5 == 3.5 -> 100
+    assert [s["object_size_estimation"] for s in (official, stripped, lmms)] == [0.0, 0.0, 100.0]
+    # "2.2\n".split(" ")[0].rstrip(".").strip() == "2.2": |2.2 - 2| / 2 = 0.1 passes 9 of 10 thresholds
+    assert [s["object_abs_distance"] for s in (official, stripped, lmms)] == [pytest.approx(90.0)] * 3
+    assert [s["parsing"] for s in (official, stripped, lmms)] == ["official", "stripped", "lmms-eval-0.7.3"]
+    assert vsibench.format_table(official).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100)\n")
+    assert vsibench.format_table(stripped).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100, answers stripped "
+                                                      "before the official parsing)\n")
+    assert vsibench.format_table(lmms).startswith("VSI-Bench (MCA: accuracy, NA: MRA; x100, NA numbers read as "
+                                                  "lmms-eval 0.7.3)\n")
+    assert vsibench.format_table(dict(official, subset="debiased")).startswith("VSI-Bench-Debiased (")
+    with pytest.raises(ValueError, match=r"unknown VSI-Bench parsing 'raw'; expected one of \('official', "
+                                         r"'lmms-eval-0.7.3', 'stripped'\)"):
+        vsibench.score(recs, "raw")
+
+
+@pytest.mark.parametrize("answer, number", [
+    # lmms-eval 0.7.3 extract_number (PR #1386), each worked out by hand from its code: the text stripped and
+    # lower-cased; the first regex match -?\d+(?:\.\d+)? or the first run of number words, whichever starts first
+    ("3", 3.0), ("3.0", 3.0), ("There are 3 boxes", 3.0), ("3.5m", 3.5), ("-3", -3.0),
+    ("1e2", 1.0),                       # no exponent in the pattern: "1", then "e2" is not part of it
+    ("1.5e3", 1.5), (".5", 5.0), ("1,000", 1.0), ("3.", 3.0),
+    ("three", 3.0), ("Three boxes.", 3.0), ("  TWELVE  ", 12.0), ("about twelve feet", 12.0),
+    ("twenty-one", 21.0),               # [a-z]+ runs "twenty", "one": the hyphen is passed over, 20 + 1
+    ("three hundred and twenty-one", 321.0),   # (0 + 3) * 100 = 300, "and" skipped, + 20 + 1
+    ("a hundred", 100.0),               # "a" is no number word; "hundred" alone: max(0, 1) * 100
+    ("one thousand two hundred", 1200.0),      # 1 -> total 1000, current 0; 2 -> 2 * 100 = 200
+    ("twenty one and two", 23.0),       # one run: 20 + 1 + 2
+    ("five and a half", 5.0),           # "a" ends the run
+    ("one apple, room 2", 1.0),         # the word comes first
+    ("room 2, one apple", 2.0),         # the digit comes first
+    ("2 thousand", 2.0),
+    ("someone", None),                  # "someone" is one [a-z]+ run, not "one"
+    ("none", None), ("no chairs", None), ("", None), ("   ", None), (None, None),
+])
+def test_lmms_eval_073_number(answer, number):
+    assert vsibench.lmms_eval_073_number(answer) == number
+    got = vsibench.parse_number(answer, "lmms-eval-0.7.3")
+    assert got == number and (got is None or type(got) is float)
+
+
+def test_lmms_eval_073_scores_numbers_and_letters():
+    na, mca = "object_counting", "obj_appearance_order"
+    lmms = functools.partial(vsibench.score_sample, parsing="lmms-eval-0.7.3")
+    assert lmms(na, "three", "3") == 1.0 and lmms(na, "3.5m", "3.5") == 1.0
+    assert lmms(na, "I count 4 chairs", "2") == 0.0          # |4 - 2| / 2 = 1 fails every threshold
+    assert lmms(na, "1e2", "100") == 0.0                      # reads 1: |1 - 100| / 100 = 0.99
+    assert lmms(na, "1e2", "1") == 1.0
+    # reads 2 ("point" ends the run): |2 - 2.5| / 2.5 = 0.2 passes t = .5 .. .75, 6 of 10 (at .8 the float64
+    # 1 - 0.8 = 0.19999999999999996 is below 0.2)
+    assert lmms(na, "two point five", "2.5") == pytest.approx(0.6, abs=1e-15)
+    assert lmms(na, "two point five", "2") == 1.0
+    assert lmms(na, "nothing here", "2") == 0.0               # no number: 0 (upstream's TypeError -> worst case)
+    # letters: the official fuzzy_matching on the raw answer
+    assert lmms(mca, "B. the lamp", "B") == 1.0 and lmms(mca, "b", "B") == 1.0
+    assert lmms(mca, " B", "B") == 0.0 and lmms(mca, "The answer is B", "B") == 0.0
+    assert vsibench.score_sample(mca, " B", "B", "stripped") == 1.0
 
 
 def test_vsibench_aggregation():
@@ -265,6 +339,50 @@ def test_scanqa_reports_both_em_rules():
                                                       "EM@1-refined-LEO 75.0")
 
 
+# Each answer is its own reference. LEO cleans prediction and references with one function, so identical text
+# always matches there; here both go through normalize_answer. With the whitespace squeezed in the prediction only,
+# the first four and "two\n" scored EM 0 ("brown\nchair" was "brown chair" against the reference "brown\nchair"),
+# and "" scored 0 as an empty prediction; the others are guards.
+@pytest.mark.parametrize("answer", ["brown\nchair", " brown chair\r\n", "brown\t\tchair", "left\u00a0\u00a0side",
+                                    "brown\tchair", "brown\u00a0chair", "left\u2003side", "two\n", "The Table.", ""])
+def test_em_answer_identical_to_its_reference_always_matches(answer):
+    recs = [{"id": "1", "prediction": answer, "answers": [answer, "sofa"], "question_type": "what"}]
+    s = scanqa.score(recs, use_java=False, meteor=False)
+    assert (s["EM@1"], s["EM@1-refined"], s["EM@1-LEO"], s["EM@1-refined-LEO"]) == (100.0,) * 4
+    assert sqa3d.score(recs)["EM-1"] == 100.0
+    assert textnorm.normalize_answer(answer) == clean_answer(" ".join(answer.split()))
+    if "\n" not in answer.strip():                     # vg-llm scores the first line only
+        assert sqa3d.score(recs, style="vg-llm")["EM-1"] == 100.0
+
+
+def test_whitespace_is_normalised_alike_in_prediction_and_references():
+    # every run of whitespace is one space, ends trimmed; then LEO's clean_answer
+    assert textnorm.normalize_whitespace(" a\t\tb\u00a0c\r\nd  e\u2003") == "a b c d e"
+    assert textnorm.normalize_answer("The\u00a0brown\n chair.") == "brown chair"
+    assert textnorm.normalize_answer("ASSISTANT: two</s>") == "two"
+    # the prediction "brown chair" against the reference "brown\nchair": one answer (the old path gave 0)
+    s = scanqa.score([{"id": "1", "prediction": "brown chair", "answers": ["brown\nchair"]}], use_java=False,
+                     meteor=False)
+    assert s["EM@1"] == 100.0 and s["EM@1-LEO"] == 100.0
+
+
+def test_em_empty_prediction_matches_an_empty_reference_as_leo():
+    # LEO's answer_match tests pred == gt first: two empty (cleaned) strings are an exact match
+    assert answer_match("", [""]) == (1, 1)
+    assert answer_match("", ["chair", ""]) == (1, 1)                     # exact-first: the equal reference
+    assert answer_match("", ["chair"]) == (0, 0)                         # still no refined match for ""
+    assert textnorm.leo_answer_match("", [""]) == (1, 1)
+    assert textnorm.leo_answer_match("", ["chair", ""]) == (0, 1)        # LEO: "chair" first, "" is in it
+    # through the scorers: "" against "" and "?" against "!" (both clean to "") are exact matches
+    recs = [{"id": "1", "prediction": "", "answers": [""], "question_type": "what"},
+            {"id": "2", "prediction": "?", "answers": ["!"], "question_type": "what"},
+            {"id": "3", "prediction": "", "answers": ["sofa"], "question_type": "what"}]    # (0, 0); LEO (0, 1)
+    s = scanqa.score(recs, use_java=False, meteor=False)
+    assert (s["EM@1"], s["EM@1-refined"]) == (pytest.approx(200 / 3), pytest.approx(200 / 3))
+    assert (s["EM@1-LEO"], s["EM@1-refined-LEO"]) == (pytest.approx(200 / 3), 100.0)
+    assert sqa3d.score(recs)["EM-1"] == pytest.approx(200 / 3)
+
+
 def test_typo_and_number_rules_apply_to_whole_words_only():
     # every typo / number-word rule is built by _word: "let" -> "left" must leave "letter", "outlet" alone
     assert textnorm._word("let").sub("left", "let the letter by the outlet") == "left the letter by the outlet"
@@ -309,14 +427,14 @@ def test_sqa3d_score_counts_and_types_from_questions():
     recs = [
         # no prediction: wrong, even though the text "None" would normalise to this answer ("zero")
         {"answers": ["0"], "question_type": "how"},
-        # no prediction against a reference that normalises to nothing: wrong under refined EM as well
+        # no prediction against a reference that normalises to nothing: "" == "", an exact match (LEO: pred == gt)
         {"answers": ["?"], "question": "What is behind me?"},
         {"prediction": "yes", "answers": ["yes"], "question": "Can I see the door from here?"},
         {"prediction": "left", "answers": ["left"]},  # neither type nor question: "others"
     ]
     s = sqa3d.score(recs)
-    assert s["EM-1"] == 50.0 and s["EM-1-refined"] == 50.0 and s["num_samples"] == 4
-    assert s["per_type"] == {"what": 0.0, "how": 0.0, "can": 100.0, "others": 100.0}
+    assert s["EM-1"] == 75.0 and s["EM-1-refined"] == 75.0 and s["num_samples"] == 4
+    assert s["per_type"] == {"what": 100.0, "how": 0.0, "can": 100.0, "others": 100.0}
     assert s["counts"] == {"what": 1, "how": 1, "can": 1, "others": 1}
 
 
@@ -405,10 +523,122 @@ def test_simple_tokenizer_matches_ptb_on_cleaned_answers():
 
 def test_missing_pycocoevalcap_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
+    assert not caption.pycocoevalcap_available()
     with pytest.raises(ImportError,
-                       match=r"need 'pycocoevalcap' \(`pip install pycocoevalcap`\); EM scores do not") as e:
+                       match=r"need 'pycocoevalcap' \(`pip install \"geoalign\[eval\]\"`\); EM scores do not") as e:
         caption.caption_scores({"q": ["chair"]}, {"q": "chair"}, use_java=False)
     assert str(e.value).startswith("ScanQA caption metrics")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter at the repository root; the JSON it prints last."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_scanqa_em_without_pycocoevalcap():
+    # pycocoevalcap blocked in a fresh interpreter: EM is still scored, the caption metrics are None, and the
+    # scores (and the table's NOTE line) name the install command
+    got = run_python("""
+        import json, sys
+        sys.modules["pycocoevalcap"] = None                      # every import of it fails
+        from geoalign.eval import scanqa
+        recs = [{"id": "1", "prediction": "Brown.", "answers": ["brown wooden", "brown"]},
+                {"id": "2", "prediction": "table", "answers": ["desk"]}]
+        s = scanqa.score(recs)
+        print(json.dumps({"scores": s, "table": scanqa.format_table(s)}))
+    """)
+    s, table = got["scores"], got["table"].split("\n")
+    # 1: exact-first (1, 1), LEO "brown wooden" first -> (0, 1); 2: (0, 0) both -> 50, 50, 0, 50
+    assert (s["EM@1"], s["EM@1-refined"], s["EM@1-LEO"], s["EM@1-refined-LEO"]) == (50.0, 50.0, 0.0, 50.0)
+    assert s["num_samples"] == 2
+    assert {m: s[m] for m in scanqa.CAPTION_METRICS} == dict.fromkeys(scanqa.CAPTION_METRICS)
+    assert 'pip install "geoalign[eval]"' in s["caption_metrics_missing_reason"]
+    assert table[0] == "ScanQA (n=2)"
+    assert table[3].split(" | ") == ["   n/a", "   n/a", "   n/a", "    n/a", "  n/a", "50.0"]
+    assert table[-1] == "NOTE: " + s["caption_metrics_missing_reason"]
+
+
+METRIC_MODULES = ("scanqa", "vsibench", "sqa3d", "textnorm", "boxes3d", "gap", "caption")
+
+
+def test_metric_modules_import_without_torch():
+    # the benchmark metrics are plain Python + numpy: none of these modules may need torch (or pycocoevalcap, or
+    # transformers) at import time. Needs a lazy geoalign/__init__.py (importing geoalign must not import torch).
+    got = run_python(f"""
+        import importlib, json, sys
+
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "pycocoevalcap"):
+                    raise ImportError(f"{{name}} is blocked in this test")
+
+        sys.meta_path.insert(0, Blocked())
+        for name in {METRIC_MODULES!r}:
+            importlib.import_module("geoalign.eval." + name)
+        print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))))
+    """)
+    assert got == []
+
+
+# ----------------------------------------------------------------------------- scoring a predictions file
+@pytest.mark.parametrize("task", ["vsibench", "scanqa", "sqa3d", "gap"])
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_scoring_an_empty_predictions_file_is_one_error(task, content, tmp_path, capsys):
+    from geoalign.eval import cli, runner
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} holds no predictions$"):
+        runner.score_file(task, str(path))
+    assert cli.main(["score", task, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"{path} holds no predictions\n") and err.count("\n") == 1
+
+
+def test_a_json_array_is_named_as_such(tmp_path):
+    from geoalign.eval import runner
+
+    record = {"id": "1", "task": "vsibench", "prediction": "A", "question_type": "route_planning",
+              "ground_truth": "A"}
+    for name, text in (("one_line.json", json.dumps([record])), ("pretty.json", json.dumps([record], indent=2)),
+                       ("blank_first.json", "\n\n" + json.dumps([record, record], indent=1))):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError) as e:
+            runner.read_predictions(str(path))
+        assert str(e.value) == (f"{path} looks like a JSON array (it starts with '['); predictions must be JSONL: "
+                                f"one JSON object per line")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps(record) + "\n")
+    assert runner.read_predictions(str(jsonl)) == [record]
+
+
+def test_score_file_records_the_vsibench_parsing(tmp_path):
+    from geoalign.eval import cli, runner
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "1", "task": "vsibench", "prediction": " A", "question_type": "route_planning", "ground_truth": "A"},
+        {"id": "2", "task": "vsibench", "prediction": "3.5m", "question_type": "object_counting",
+         "ground_truth": "3.5"}]))
+    # official: " A" -> "" (0), "3.5m" unparsable (0); stripped: "A" (100), 0; lmms-eval-0.7.3: 0, 3.5 (100)
+    expected = {"official": (0.0, 0.0), "stripped": (100.0, 0.0), "lmms-eval-0.7.3": (0.0, 100.0)}
+    for parsing, (route, count) in expected.items():
+        s = runner.score_file("vsibench", str(path), vsibench_parsing=parsing)
+        assert (s["route_planning"], s["object_counting"], s["parsing"]) == (route, count, parsing)
+        out = tmp_path / f"{parsing}.json"
+        assert cli.main(["score", "vsibench", str(path), "--vsibench-parsing", parsing, "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["parsing"] == parsing
+    assert runner.score_file("vsibench", str(path))["parsing"] == "official"       # the default
+    out = tmp_path / "default.json"
+    assert cli.main(["score", "vsibench", str(path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["parsing"] == "official"
 
 
 def test_caption_scores_rejects_mismatched_or_empty_input():

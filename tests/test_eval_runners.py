@@ -152,18 +152,23 @@ class SpacedOracle(FakePredictor):
         return [f" {a}\n" for a in super().predict(samples)]
 
 
-def test_predictions_are_stored_raw_and_scoring_decides_to_strip(vsi_dir, tmp_path, capsys):
+def test_predictions_are_stored_raw_and_scoring_decides_how_to_parse(vsi_dir, tmp_path, capsys):
     samples = tasks.load_samples("vsibench", vsi_dir, num_frames=4)
     out = str(tmp_path / "p.jsonl")
     runner.run_eval(samples, SpacedOracle(mode="oracle"), out, progress=False)
     assert lines(out)[4]["prediction"] == " B.\n" and lines(out)[0]["prediction"] == " 3\n"
-    assert runner.score_file("vsibench", out)["overall"] == pytest.approx(100.0)
-    raw = runner.score_file("vsibench", out, vsibench_strip=False)  # lmms-eval: " B.".split(" ")[0] == ""
-    assert raw["overall"] == 0.0 and raw["stripped"] is False
-    js = str(tmp_path / "raw.json")
-    assert cli.main(["score", "vsibench", out, "--vsibench-no-strip", "--json", js]) == 0
-    assert json.load(open(js))["overall"] == 0.0 and "answers not stripped" in capsys.readouterr().out
-    assert cli.main(["score", "vsibench", out, "--json", js]) == 0 and json.load(open(js))["overall"] == 100.0
+    # official (the default, thinking-in-space = lmms-eval <= 0.7.2) parses the raw answer:
+    # " B.".split(" ")[0] == "" and " 3".split(" ")[0] == "": every answer is wrong
+    raw = runner.score_file("vsibench", out)
+    assert raw["overall"] == 0.0 and raw["parsing"] == "official"
+    stripped = runner.score_file("vsibench", out, vsibench_parsing="stripped")
+    assert stripped["overall"] == pytest.approx(100.0) and stripped["parsing"] == "stripped"
+    js = str(tmp_path / "stripped.json")
+    assert cli.main(["score", "vsibench", out, "--vsibench-parsing", "stripped", "--json", js]) == 0
+    assert json.load(open(js))["overall"] == pytest.approx(100.0) and json.load(open(js))["parsing"] == "stripped"
+    assert "answers stripped before the official parsing" in capsys.readouterr().out
+    assert cli.main(["score", "vsibench", out, "--json", js]) == 0
+    assert json.load(open(js))["overall"] == 0.0 and json.load(open(js))["parsing"] == "official"
 
 
 def debiased_copy(vsi_dir, tmp_path, name, content):

@@ -25,14 +25,13 @@ def test_box3d_stores_float_tuples_and_its_array():
 
 
 @pytest.mark.parametrize("center, size, exc, message", [
-    ((0, 0, 0), (1, 1, -1), ValueError, "size must be > 0"),
-    ((0, 0, 0), (1, 0, 1), ValueError, "size must be > 0"),
+    ((0, 0, 0), (1, 1, -1), ValueError, "size must be >= 0"),          # a size of 0 is a (zero-size) box
     ((0, float("nan"), 0), (1, 1, 1), ValueError, "non-finite"),
     ((0, 0, 0), (1, 1, float("inf")), ValueError, "non-finite"),
     ((0, 0), (1, 1, 1), ValueError, "center must be 3 numbers (metres), got 2"),
     ((0, 0, 0), (1, 1, 1, 1), ValueError, "size must be 3 numbers (metres), got 4"),
     ("123", (1, 1, 1), TypeError, "center must be 3 numbers (metres), got str"),
-    ((1e20, 0, 0), (1, 1, 1), ValueError, "zero or infinite volume"),   # 1e20 + 0.5 == 1e20 - 0.5 in float64
+    ((1e20, 0, 0), (1, 1, 1), ValueError, "vanishing extent"),          # 1e20 + 0.5 == 1e20 - 0.5 in float64
 ])
 def test_box3d_rejects_bad_boxes(center, size, exc, message):
     with pytest.raises(exc) as e:
@@ -42,13 +41,13 @@ def test_box3d_rejects_bad_boxes(center, size, exc, message):
 
 def test_box3d_rejects_a_box_whose_extent_vanishes_in_float64():
     # at x = 1e16 doubles are 2 apart: 1e16 -+ 0.5 both round to 1e16 (no extent), 1e16 -+ 1.5 to 1e16 -+ 2
-    with pytest.raises(ValueError, match="zero or infinite volume"):
+    with pytest.raises(ValueError, match="vanishing extent or infinite volume"):
         Box3D("far", (1e16, 0, 0), (1, 1, 1))
     far = Box3D("far", (1e16, 0, 0), (3, 1, 1))
     assert iou3d(far, far) == 1.0
-    with pytest.raises(ValueError, match="zero or infinite volume"):
+    with pytest.raises(ValueError, match="vanishing extent or infinite volume"):
         Box3D("huge", (0, 0, 0), (1e200, 1e200, 1))
-    # the check uses the IoU's own extents, centre -+ size / 2: where the spacing of doubles differs on the two sides
+    # the check uses the extents centre -+ size / 2: where the spacing of doubles differs on the two sides
     # (4 below -2**54 and above 2**54, 2 on the other side), -+ 1.2 moves only one side, by 2: a valid box
     for x in (2.0**54, -2.0**54):
         edge = Box3D("edge", (x, 0, 0), (2.4, 1, 1))
@@ -114,11 +113,72 @@ def test_pairwise_iou_is_every_pair():
     assert iou3d(cube(), torch.tensor([0.5, 0, 0, 1, 1, 1], requires_grad=True)) == 0.5 / 1.5
 
 
+def old_extent_iou(a, b):
+    """The IoU this module computed before (volumes from the corner extents, (hi - lo).prod()), for comparison."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a_lo, a_hi, b_lo, b_hi = a[:3] - a[3:] / 2, a[:3] + a[3:] / 2, b[:3] - b[3:] / 2, b[:3] + b[3:] / 2
+    inter = np.clip(np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo), 0.0, None).prod()
+    return float(inter / ((a_hi - a_lo).prod() + (b_hi - b_lo).prod() - inter))
+
+
+# Boxes whose IoU is exactly 0.25 or 0.5 on paper, where the old extent-volume IoU landed one ulp (float64 spacing
+# 2.8e-17 below 0.25, 5.6e-17 below 0.5, 1.1e-16 above) off the threshold. Found by a search over boxes with
+# 1-decimal x-centre and x-size (y, z: unit, centred), keeping those whose exact (Fraction) IoU is 1/4 or 1/2 and
+# whose old float IoU was not; the numbers are hard-coded here. Only x differs, so IoU = overlap_x / union_x.
+EXACT_IOU_CASES = [
+    # x-extents [-.15, .15] and [-.05, .65]: overlap .2, union .3 + .7 - .2 = .8 -> .25 (old: one ulp below)
+    ([0, 0, 0, 0.3, 1, 1], [0.3, 0, 0, 0.7, 1, 1], 0.25, 0.24999999999999997),
+    # [-.3, .9] and [-.1, 1.7]: overlap 1, union 1.2 + 1.8 - 1 = 2 -> .5 (old: one ulp below)
+    ([0.3, 0, 0, 1.2, 1, 1], [0.8, 0, 0, 1.8, 1, 1], 0.5, 0.49999999999999994),
+    # [.05, .15] inside [-.2, .2]: .1 / .4 -> .25 (old: one ulp above)
+    ([0, 0, 0, 0.4, 1, 1], [0.1, 0, 0, 0.1, 1, 1], 0.25, 0.25000000000000006),
+    # [.4, 1.4] inside [.3, 2.3]: 1 / 2 -> .5 (old: one ulp above)
+    ([1.3, 0, 0, 2.0, 1, 1], [0.9, 0, 0, 1.0, 1, 1], 0.5, 0.5000000000000001),
+]
+
+
+@pytest.mark.parametrize("a, b, on_paper, old", EXACT_IOU_CASES)
+def test_iou_from_sizes_is_exact_where_the_extent_volumes_were_an_ulp_off(a, b, on_paper, old):
+    assert old_extent_iou(a, b) == old and abs(old - on_paper) == np.spacing(min(old, on_paper))
+    assert iou3d(a, b) == on_paper and iou3d(b, a) == on_paper        # volumes from the sizes: exact
+    # the decisions follow: ScanRefer's inclusive >= is a hit (the two "below" cases used to miss), VoteNet's
+    # strict > a miss at that threshold (the two "above" cases used to be true positives)
+    target, pred = Box3D("t", a[:3], a[3:]), Box3D("t", b[:3], b[3:])
+    assert grounding_accuracy([pred], [target], thresholds=(on_paper,))[f"acc@{on_paper:g}"] == 1.0
+    assert detection_map({"s": [pred]}, {"s": [target]}, thresholds=(on_paper,))[f"mAP@{on_paper:g}"] == 0.0
+
+
+def test_zero_size_box_has_iou_zero_with_everything():
+    flat = Box3D("chair", (0, 0, 0), (1, 0, 1))                     # size 0 in y: volume 0
+    assert iou3d(flat, cube()) == 0.0 and iou3d(cube(), flat) == 0.0   # inside the unit cube, still 0
+    assert iou3d(flat, flat) == 0.0                                    # 0 / 0 would be NaN: 0 as well
+    assert iou3d([0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]) == 0.0
+    got = iou3d_pairwise([flat, cube()], [cube(), flat])
+    np.testing.assert_array_equal(got, [[0.0, 0.0], [1.0, 0.0]])
+    assert not np.isnan(got).any()
+
+
+def test_zero_size_predicted_box_is_a_false_positive_detection():
+    # VoteNet counts every output box: the zero-size line is a detection of IoU 0, ranked first (output order)
+    gt = {"s": [cube()]}
+    text = "chair: [0, 0, 0, 0, 1, 1]\nchair: [0, 0, 0, 1, 1, 1]\nchair: [0, 0, 0, -1, 1, 1]"
+    parsed = parse_boxes(text)
+    assert [b.size for b in parsed.boxes] == [(0.0, 1.0, 1.0), (1.0, 1.0, 1.0)]
+    assert parsed.rejected == [("chair: [0, 0, 0, -1, 1, 1]", "size must be >= 0 in every axis")]
+    # ranked FP, TP: recall [0, 1], precision [0, 1/2] -> AP = (1 - 0) * 1/2 = 0.5 at both thresholds
+    # (dropping the zero-size line as malformed gave TP alone: AP 1)
+    got = detection_map({"s": text}, gt)
+    assert got["mAP@0.25"] == got["mAP@0.5"] == 0.5
+    assert got["num_pred"] == {"chair": 2} and got["malformed"] == 1    # the negative size only
+    # even at threshold 0 it never matches (VoteNet: IoU 0 is not > 0)
+    assert detection_map({"s": "chair: [0, 0, 0, 1, 1, 0]"}, gt, thresholds=(0.0,))["mAP@0"] == 0.0
+
+
 def test_iou_rejects_bad_programmatic_boxes():
     with pytest.raises(ValueError, match=r"a must have shape \[N, 6\] .*got \(2, 5\)"):
         iou3d_pairwise(np.zeros((2, 5)), [cube()])
-    with pytest.raises(ValueError, match=r"b\[1\] = \[0.0, 0.0, 0.0, 1.0, 0.0, 1.0\]: size must be > 0"):
-        iou3d_pairwise([cube()], [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 1]])
+    with pytest.raises(ValueError, match=r"b\[1\] = \[0.0, 0.0, 0.0, 1.0, -1.0, 1.0\]: size must be >= 0"):
+        iou3d_pairwise([cube()], [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, -1, 1]])
     with pytest.raises(ValueError, match=r"^b must be a Box3D or 6 numbers .*got shape \(5,\)"):
         iou3d(cube(), [0, 0, 0, 1, 1])
     with pytest.raises(ValueError, match=r"^a must be a Box3D or 6 numbers .*got shape \(2, 3\)"):
@@ -220,8 +280,8 @@ def test_parser_tolerates_formatting_variants(line, label):
     ("chair: [1, 2, nan, 1, 1, 1]", "non-finite number"),
     ("chair: [1, 2, 3, inf, 1, 1]", "non-finite number"),
     ("chair: [1, 2, 3, 1, 1, 1e400]", "non-finite number"),
-    ("chair: [1, 2, 3, -0.5, 1, 1]", "size must be > 0 in every axis"),
-    ("chair: [1, 2, 3, 1, 0.00, 1]", "size must be > 0 in every axis"),
+    ("chair: [1, 2, 3, -0.5, 1, 1]", "size must be >= 0 in every axis"),    # a size of 0 is a box (IoU 0)
+    ("chair: [1, 2, 3, 1, -0.00, -1]", "size must be >= 0 in every axis"),
     ("chair: [1, 2, 3, 1, 1, abc]", "unparsable number 'abc'"),
     ("chair: [1, 2.3.4, 3, 1, 1, 1]", "unparsable number '2.3.4'"),
     ("chair: [1, 2, 3, 1m, 1, 1]", "unparsable number '1m'"),
@@ -231,7 +291,7 @@ def test_parser_tolerates_formatting_variants(line, label):
     ("chair: 1, 2, 3, 1, 1", "expected 6 numbers (x, y, z, dx, dy, dz), got 5"),
     ("chair: 1 2 3", "expected 6 numbers (x, y, z, dx, dy, dz), got 3"),
     ("chair: [1e20, 0, 0, 1, 1, 1]",                # 1e20 + 0.5 == 1e20 - 0.5 in float64
-     "size too small or too large for its centre in float64 (zero or infinite volume)"),
+     "size too small or too large for its centre in float64 (vanishing extent or infinite volume)"),
     ("chair: [1, 2, 3, 1, 1, 1], table: [0, 0, 0, 1, 1, 1]", "unparsable number 'table:'"),
 ])
 def test_parser_counts_malformed_boxes(line, reason):
@@ -284,8 +344,8 @@ def test_parser_never_raises_on_any_text():
         assert got.malformed == len(got.rejected)
         assert len(got.boxes) + got.malformed <= len(text.splitlines())
         for b in got.boxes:
-            assert all(math.isfinite(v) for v in b.center + b.size) and min(b.size) > 0
-            assert iou3d(b, b) == 1.0
+            assert all(math.isfinite(v) for v in b.center + b.size) and min(b.size) >= 0
+            assert iou3d(b, b) == (1.0 if min(b.size) > 0 else 0.0)   # a zero-size box: IoU 0 with everything
 
     check()
 
@@ -504,12 +564,28 @@ def test_grounding_accuracy_by_hand():
     assert got == {"acc@0.25": 0.5, "acc@0.5": 0.25, "n": 8, "malformed": 3}
 
 
-def test_grounding_takes_the_first_valid_box_of_the_output():
-    text = "Let me look.\nchair: [0, 0, 0, 1, nan, 1]\nchair: [0.5, 0, 0, 1, 1, 1]\nchair: [0, 0, 0, 1, 1, 1]"
-    got = grounding_accuracy([text], [cube()])       # the second line (IoU 1/3), not the third (IoU 1)
-    assert got["acc@0.25"] == 1.0 and got["acc@0.5"] == 0.0 and got["malformed"] == 0
+def test_grounding_takes_the_first_box_line_of_the_output():
+    # prose before the first box line is skipped; the first box line is the prediction, later ones never count
+    text = "Let me look.\nchair: [0.5, 0, 0, 1, 1, 1]\nchair: [0, 0, 0, 1, 1, 1]"
+    got = grounding_accuracy([text], [cube()])       # the first box (IoU 1/3), not the second (IoU 1)
+    assert got == {"acc@0.25": 1.0, "acc@0.5": 0.0, "n": 1, "malformed": 0}
     assert grounding_accuracy([text], [cube()], thresholds=(0.3, 0.4)) == {
         "acc@0.3": 1.0, "acc@0.4": 0.0, "n": 1, "malformed": 0}
+
+
+def test_grounding_malformed_or_zero_size_first_box_is_a_miss():
+    # ScanRefer / VG-LLM's first-box rule: a bad first box is the answer, and it is wrong; the valid exact box on
+    # the next line does not stand in for it (the scorer used to skip to it: acc 1, malformed 0)
+    exact = "chair: [0, 0, 0, 1, 1, 1]"
+    preds = [
+        f"Let me look.\nchair: [0, 0, 0, 1, nan, 1]\n{exact}",   # malformed first box line: a miss
+        f"chair: [0, 0, 0, 1, 1]\n{exact}",                       # 5 numbers: a miss
+        f"chair: [0, 0, 0, 1, 0, 1]\n{exact}",                    # zero-size first box: a miss
+        Box3D("chair", (0, 0, 0), (1, 0, 1)),                      # the same as a Box3D
+        f"Here it is:\n\n{exact}\nchair: [0, 0, 0, 1, 0, 1]",    # prose first, then the exact box: a hit
+    ]
+    # 1 hit of 5 at both thresholds; the 4 misses have no usable box
+    assert grounding_accuracy(preds, [cube()] * 5) == {"acc@0.25": 0.2, "acc@0.5": 0.2, "n": 5, "malformed": 4}
 
 
 def test_thresholds_may_be_zero_or_one():

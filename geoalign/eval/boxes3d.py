@@ -10,7 +10,17 @@ Which published protocol each metric follows:
 
 * :func:`iou3d` / :func:`iou3d_pairwise`: the axis-aligned 3D IoU of VoteNet's ``utils/metric_util.py``
   (``calc_iou``: boxes as centre + size, intersection of the extents over the union of the volumes), in float64.
-  The volumes are taken from the same corner extents as the intersection, so identical boxes give exactly 1.0.
+  As there, each volume is the product of the box's *sizes* (not of its corner extents, whose rounding depends on
+  where the box is). The overlap along an axis is the length of the two extents' intersection, written in the
+  equal form ``min(size_a, size_b, (size_a + size_b) / 2 - |centre_a - centre_b|)`` (clipped at 0), which depends
+  only on the sizes and the centre distance: identical boxes give exactly 1.0 and a box nested in another with the
+  same centre exactly the volume ratio (as far as the product of the sizes is exact). VoteNet's own float expression
+  (``min(max) - max(min)`` of the corners) rounds differently: the two can differ in the last bit, so on an IoU that
+  is mathematically exactly a threshold either may fall on either side (no float64 formula decides every such
+  decimal case exactly).
+* Zero-size boxes: a box with a size of 0 in some axis (``chair: [1, 2, 3, 0, 1, 1]``) is a box, of volume 0: its
+  IoU with any box is 0 (VoteNet's ``calc_iou`` returns 0.0 when the extents do not overlap with positive length),
+  so as a detection it is a false positive. A negative or non-finite size is no box at all (a malformed line).
 * :func:`detection_map`: ScanNet 3D detection mAP@0.25 / mAP@0.5 as VoteNet's ``utils/eval_det.py``
   (``eval_det_cls`` + ``voc_ap`` with ``use_07_metric=False``), also used by ScanRefer, 3DETR, Group-Free-3D.
   Per class, the predictions of all scenes in descending score; each is compared with every ground-truth box of its
@@ -21,6 +31,9 @@ Which published protocol each metric follows:
   curve (:func:`average_precision`); mAP = mean AP over the classes with ground truth.
 * :func:`grounding_accuracy`: ScanRefer's Acc@0.25 / Acc@0.5 (``lib/eval_helper.py``: ``ious >= 0.25``,
   *inclusive*): the share of queries whose predicted box has IoU >= the threshold with the query's one target box.
+  The prediction is the *first* box line of the answer (ScanRefer and VG-LLM take the first box): prose lines before
+  it are skipped as the parser skips them, and when that first box line is malformed or of zero size the query is a
+  miss (counted in ``malformed``); a later line never stands in for it.
 
 All scores are fractions in [0, 1] (papers print them x100).
 """
@@ -38,18 +51,21 @@ THRESHOLDS = (0.25, 0.5)
 
 # ------------------------------------------------------------------------------------------------------------ boxes
 def _box_problem(center: tuple[float, ...], size: tuple[float, ...]) -> str | None:
-    """Why (centre, size) is not a usable box, or None. Shared by :class:`Box3D` (raises) and the parser (counts)."""
+    """Why (centre, size) is not a usable box, or None. Shared by :class:`Box3D` (raises) and the parser (counts).
+
+    A size of 0 is allowed (a zero-size box, IoU 0 with everything); a negative size, a NaN or an infinity is not:
+    such numbers describe no box, so the line is malformed rather than a detection. Also refused: a positive size
+    that vanishes at its centre in float64 (centre -+ size / 2 round to one number: the text holds no usable
+    extent) and an infinite volume."""
     if len(center) != 3 or len(size) != 3:
         return f"expected 6 numbers (x, y, z, dx, dy, dz), got {len(center) + len(size)}"
     if not all(math.isfinite(v) for v in center + size):
         return "non-finite number"
-    if any(s <= 0 for s in size):
-        return "size must be > 0 in every axis"
-    lo = [c - s / 2 for c, s in zip(center, size)]
-    hi = [c + s / 2 for c, s in zip(center, size)]
-    volume = math.prod(h - low for h, low in zip(hi, lo))
-    if not (math.isfinite(volume) and volume > 0):
-        return "size too small or too large for its centre in float64 (zero or infinite volume)"
+    if any(s < 0 for s in size):
+        return "size must be >= 0 in every axis"
+    vanished = any(s > 0 and not c + s / 2 > c - s / 2 for c, s in zip(center, size))
+    if vanished or not math.isfinite(math.prod(size)):
+        return "size too small or too large for its centre in float64 (vanishing extent or infinite volume)"
     return None
 
 
@@ -65,7 +81,8 @@ def _triple(value, what: str) -> tuple[float, float, float]:
 @dataclass(frozen=True)
 class Box3D:
     """An axis-aligned 3D box: ``center`` (x, y, z) and ``size`` (dx, dy, dz) in metres, ``score`` its confidence
-    (1.0 for boxes read from text, which carry none). Raises on a non-finite value or a size <= 0."""
+    (1.0 for boxes read from text, which carry none). Raises on a non-finite value or a size < 0; a size of 0 is a
+    zero-size box (volume 0, IoU 0 with every box)."""
 
     label: str
     center: tuple[float, float, float]
@@ -104,7 +121,8 @@ def format_boxes(objects: Iterable[Box3D]) -> str:
 
     ``parse_boxes(format_boxes(objs)).boxes`` gives the objects back in that order with every number rounded to
     2 decimals, and formatting that again gives the same text. Raises ValueError for a label that would not read
-    back (empty, ':' or '[' in it, surrounding spaces, ...) or a size that rounds to 0.00 (the parser rejects it)."""
+    back (empty, ':' or '[' in it, surrounding spaces, ...) or a size that rounds to 0.00 (a zero-size target box
+    could never be matched)."""
     rows = []
     for i, box in enumerate(objects):
         if not isinstance(box, Box3D):
@@ -114,7 +132,7 @@ def format_boxes(objects: Iterable[Box3D]) -> str:
         cells = [_fmt(v) for v in box.center + box.size]
         if any(float(c) <= 0 for c in cells[3:]):
             raise ValueError(f"objects[{i}] ({box.label!r}): size {box.size} rounds to {cells[3:]} at 2 decimals; "
-                             f"the parser rejects a size <= 0")
+                             f"a target box needs a size > 0 (a zero-size box has IoU 0 with everything)")
         line = f"{box.label}: [{', '.join(cells)}]"
         back = _parse_line(line)
         if not isinstance(back, Box3D) or back.label != box.label:
@@ -190,7 +208,9 @@ def parse_boxes(text: str | None) -> ParseResult:
     label ``""``). The label is the text before the box (after its last ':'), trimmed of spaces, '*', quotes and
     backticks. Lines of prose are skipped without being counted. A line that looks like a box (it has '[', or is
     3+ numbers, or is ``label: ...`` with a comma and a number after the colon) but does not have exactly 6 plain
-    numbers, all finite, with sizes > 0, is counted in ``malformed`` with its reason in ``rejected``.
+    numbers, all finite, with sizes >= 0, is counted in ``malformed`` with its reason in ``rejected``. A size of 0
+    gives a zero-size box (in ``boxes``: a detection that can never match, as VoteNet counts every output box); a
+    negative or NaN size is malformed (it describes no box).
     """
     if text is None:
         return ParseResult()
@@ -227,13 +247,17 @@ def _as_box_array(x, name: str) -> np.ndarray:
 def iou3d_pairwise(a, b) -> np.ndarray:
     """IoU of every box of ``a`` with every box of ``b``: ``a`` [N, 6] and ``b`` [M, 6] as (x, y, z, dx, dy, dz) in
     metres (numpy array, CPU torch tensor, nested lists, or a list of Box3D); returns [N, M] float64 in [0, 1].
-    Exact up to float64 rounding (no sampling or approximation)."""
+    Exact up to float64 rounding (no sampling or approximation): volumes are the products of the sizes, the overlap
+    per axis ``min(size_a, size_b, (size_a + size_b) / 2 - |centre_a - centre_b|)`` clipped at 0 (module doc). A
+    zero-size box has IoU 0 with every box (two of them too, where 0 / 0 would be NaN)."""
     a, b = _as_box_array(a, "a"), _as_box_array(b, "b")
-    a_lo, a_hi = (a[:, None, :3] - a[:, None, 3:] / 2), (a[:, None, :3] + a[:, None, 3:] / 2)
-    b_lo, b_hi = (b[None, :, :3] - b[None, :, 3:] / 2), (b[None, :, :3] + b[None, :, 3:] / 2)
-    inter = np.clip(np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo), 0.0, None).prod(-1)
-    vol_a, vol_b = (a_hi - a_lo).prod(-1), (b_hi - b_lo).prod(-1)
-    return inter / (vol_a + vol_b - inter)
+    size_a, size_b = a[:, None, 3:], b[None, :, 3:]
+    overlap = np.minimum(np.minimum(size_a, size_b),
+                         (size_a + size_b) / 2 - np.abs(a[:, None, :3] - b[None, :, :3]))
+    inter = np.clip(overlap, 0.0, None).prod(-1)
+    union = a[:, None, 3:].prod(-1) + b[None, :, 3:].prod(-1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
 
 
 def _one_box(x, name: str):
@@ -292,7 +316,8 @@ def detection_map(predictions: Mapping[str, Sequence[Box3D] | str | None],
 
     predictions: scene id -> Box3D list, or the model's text for the scene (read with :func:`parse_boxes`; its
         malformed lines are counted in ``"malformed"``), or None (no output). Every scene must be in
-        ``ground_truth``; a ground-truth scene without predictions has no detections.
+        ``ground_truth``; a ground-truth scene without predictions has no detections. A zero-size box is a
+        detection like any other (VoteNet counts every output box) with IoU 0: always a false positive.
     ground_truth: scene id -> Box3D list (an empty list for a scene without objects).
     Labels compare case-insensitively with spaces collapsed ("Office Chair" is class "office chair").
 
@@ -380,13 +405,18 @@ def _class_ap(dets: list[tuple[str, Box3D]], gt: dict[str, list[Box3D]], thresho
 
 # ------------------------------------------------------------------------------------------------------- grounding
 def _first_box(pred, i: int) -> Box3D | None:
+    """The query's predicted box, or None (a miss): the first line of the text that looks like a box decides (prose
+    before it is skipped, as :func:`parse_boxes` skips it); a malformed or zero-size first box is None, whatever
+    follows it."""
     if pred is None:
         return None
-    if isinstance(pred, Box3D):
-        return pred
     if isinstance(pred, str):
-        boxes = parse_boxes(pred).boxes
-        return boxes[0] if boxes else None
+        read = (_parse_line(line) for line in pred.splitlines())
+        pred = next((got for got in read if got is not None), None)   # a Box3D, why it is malformed, or no box line
+        if not isinstance(pred, Box3D):
+            return None
+    if isinstance(pred, Box3D):
+        return pred if min(pred.size) > 0 else None
     raise TypeError(f"predictions[{i}] must be model text, a Box3D or None, got {type(pred).__name__}")
 
 
@@ -395,11 +425,14 @@ def grounding_accuracy(predictions: Sequence[str | Box3D | None], targets: Seque
     """ScanRefer Acc@0.25 / Acc@0.5: the share of queries whose predicted box has IoU >= threshold (inclusive) with
     the query's target box.
 
-    predictions[i]: the model's text for query i (its first parsable box is the prediction; labels are ignored),
-        a Box3D, or None (no output). No box (None, or text without a valid box) is a miss.
+    predictions[i]: the model's text for query i, a Box3D, or None (no output). In text, the first line that looks
+        like a box (as :func:`parse_boxes` reads lines; prose lines before it are skipped) is the prediction and
+        labels are ignored; only that line counts (ScanRefer / VG-LLM's first box): when it is malformed, or the box
+        has a size of 0, the query is a miss even if a later line holds a valid box.
     targets[i]: the one ground-truth Box3D of query i.
-    Returns ``{"acc@0.25": float, "acc@0.5": float, "n": queries, "malformed": queries without a box}``
-    (accuracies in [0, 1]; keys per threshold as ``f"acc@{t:g}"``).
+    Returns ``{"acc@0.25": float, "acc@0.5": float, "n": queries, "malformed": queries without a usable box}``
+    (accuracies in [0, 1]; keys per threshold as ``f"acc@{t:g}"``); ``malformed`` counts the misses for want of a
+    box: no output, no box line, a malformed first box line, or a zero-size first box.
     """
     thresholds = _check_thresholds(thresholds)
     if isinstance(predictions, str):

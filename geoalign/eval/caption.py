@@ -35,12 +35,24 @@ def java_available() -> bool:
         return False
 
 
-def _require_pycocoevalcap():
+#: why BLEU / METEOR / ROUGE-L / CIDEr are missing when pycocoevalcap is not installed (EM needs none of it)
+PYCOCOEVALCAP_MISSING = ('BLEU, METEOR, ROUGE-L and CIDEr not computed: they need pycocoevalcap, '
+                         'install it with `pip install "geoalign[eval]"` (EM scores do not need it)')
+
+
+def pycocoevalcap_available() -> bool:
+    """True when ``pycocoevalcap`` can be imported (the caption metrics need it; EM does not)."""
     try:
         import pycocoevalcap  # noqa: F401
-    except ImportError as e:
-        raise ImportError("ScanQA caption metrics need 'pycocoevalcap' "
-                          "(`pip install pycocoevalcap`); EM scores do not") from e
+    except ImportError:
+        return False
+    return True
+
+
+def _require_pycocoevalcap():
+    if not pycocoevalcap_available():
+        raise ImportError("ScanQA caption metrics need 'pycocoevalcap' (`pip install \"geoalign[eval]\"`); "
+                          "EM scores do not")
 
 
 def simple_tokenize(text: str) -> str:

@@ -60,9 +60,24 @@ def remove_shards(out_path: str, kinds: Sequence[str] = ("jsonl", "status.json")
             os.remove(path)
 
 
+def _starts_like_json_array(path: str) -> bool:
+    """True when the first non-blank line of ``path`` starts with '[' (a JSON array, not JSONL)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("[")
+    return False
+
+
 def read_predictions(path: str) -> list[dict]:
     """Records of a predictions JSONL; ignores a cut last line (an interrupted append), keeps the first of
-    duplicate ids; a corrupt line before the end, or a record without a string id, is a ValueError."""
+    duplicate ids; a corrupt line before the end, a record without a string id, or a file that starts like a JSON
+    array ('[') is a ValueError."""
+    if _starts_like_json_array(path):
+        raise ValueError(f"{path} looks like a JSON array (it starts with '['); predictions must be JSONL: one JSON "
+                         f"object per line")
     records, seen = [], set()
     for line, r in read_jsonl(path, line_numbers=True):
         if not isinstance(r, dict) or not isinstance(r.get("id"), str):
@@ -162,12 +177,19 @@ def merge_shards(out_path: str, ids: Sequence[str]) -> int:
 
 
 def score_file(task: str, pred_path: str, ids: Sequence[str] | None = None, **options) -> dict:
-    """Scores of the records in ``pred_path`` (only ``ids`` when given); options: ``tasks.score_records``'."""
+    """Scores of the records in ``pred_path`` (only ``ids`` when given); options: ``tasks.score_records``' (e.g.
+    ``vsibench_parsing``, one of ``vsibench.PARSINGS``, default official; recorded as the scores' ``"parsing"``).
+    A file without records (or without any of ``ids``) is a ValueError "FILE holds no predictions", whatever the
+    task."""
     records = read_predictions(pred_path)
+    if not records:
+        raise ValueError(f"{pred_path} holds no predictions")
     bad = {r.get("task") for r in records} - {task, None}
     if bad:
         raise ValueError(f"{pred_path} holds predictions of task(s) {sorted(bad)}, not {task!r}")
     if ids is not None:
         keep = set(ids)
         records = [r for r in records if r["id"] in keep]
+        if not records:
+            raise ValueError(f"{pred_path} holds no predictions (none of the {len(keep)} questions asked for)")
     return score_records(task, records, **options)

@@ -6,17 +6,19 @@ scene_id, situation, question, ...}]}``) and
 ``v1_balanced_sqa_annotations_{split}_scannetv2.json`` (``{"annotations":
 [{question_id, scene_id, answers: [{answer, ...}]}]}``); papers report the test split.
 
-EM-1: ``clean_answer(prediction)`` equals ``clean_answer`` of the answer; the refined
-variant (substring match without spaces, see ``textnorm.answer_match``) is reported
-separately, labelled "EM-1-refined".  Breakdown by the question's first word
-(What / Is / How / Can / Which / Others) as in the SQA3D paper.
+EM-1: the prediction (parsed by the style, below) equals the answer, both through the same
+``textnorm.normalize_answer`` (whitespace made single spaces, then ``clean_answer``), so an answer
+identical to its reference always matches (in the vg-llm style: a one-line answer); the refined
+variant (substring match without spaces, see ``textnorm.answer_match``) is reported separately,
+labelled "EM-1-refined".  Breakdown by the question's first word (What / Is / How / Can / Which /
+Others) as in the SQA3D paper.
 
 Styles (prompt + answer parsing): ``"default"``: ``"{situation} {question} {suffix}"``, the
-prediction cleaned of chat-template leftovers with its lines joined (``textnorm.strip_special``);
+prediction cleaned of chat-template leftovers with its lines joined (``textnorm.normalize_answer``);
 ``"vg-llm"``: VG-LLM's lmms-eval task (``tasks/sqa3d``: ``sqa3d_doc_to_text`` with its yaml's
 prompts, ``sqa3d_process_results``): three lines, ``VG_LLM_PRE_PROMPT``, ``"{situation}
 {question}"`` and ``VG_LLM_POST_PROMPT``; only the first line of the stripped prediction is
-scored; 16 new tokens by default.
+scored (through ``normalize_answer``, like the references); 16 new tokens by default.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .textnorm import answer_match, clean_answer, strip_special
+from .textnorm import answer_match, normalize_answer
 
 PROMPT_SUFFIX = "Answer the question using a single word or phrase."
 QUESTION_TYPES = ("what", "is", "how", "can", "which", "others")
@@ -93,10 +95,11 @@ def build_prompt(doc: dict, suffix: str | None = None, style: str = "default") -
 
 def parse_prediction(prediction: str, style: str = "default") -> str:
     """The cleaned answer that EM compares: ``default``: chat-template leftovers removed and lines joined;
-    ``vg-llm``: the first line of the stripped prediction (``pred.strip().split("\\n")[0]``)."""
+    ``vg-llm``: the first line of the stripped prediction (``pred.strip().split("\\n")[0]``); then the references'
+    path, :func:`~geoalign.eval.textnorm.normalize_answer`."""
     check_style(style)
-    text = str(prediction).strip().split("\n")[0] if style == "vg-llm" else strip_special(str(prediction))
-    return clean_answer(text)
+    text = str(prediction).strip().split("\n")[0] if style == "vg-llm" else str(prediction)
+    return normalize_answer(text)
 
 
 def score(records: Iterable[dict], style: str = "default") -> dict:
@@ -105,7 +108,7 @@ def score(records: Iterable[dict], style: str = "default") -> dict:
     em, ref, per_type = [], [], {}
     for r in records:
         p = parse_prediction(r.get("prediction", ""), style)
-        e, rf = answer_match(p, [clean_answer(a) for a in r["answers"]])
+        e, rf = answer_match(p, [normalize_answer(a) for a in r["answers"]])
         em.append(e)
         ref.append(rf)
         qt = r.get("question_type") or question_type(r.get("question", ""))

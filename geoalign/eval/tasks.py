@@ -114,11 +114,12 @@ def make_record(sample: Sample, prediction: str) -> dict:
     return {"id": sample.id, "task": sample.task, "prediction": prediction, **sample.meta}
 
 
-def score_records(task: str, records: list[dict], use_java: bool | None = None, vsibench_strip: bool = True,
-                  sqa3d_style: str = "default") -> dict:
-    """Metrics of ``task`` from prediction records (options: see ``vsibench.score`` / ``sqa3d.score``)."""
+def score_records(task: str, records: list[dict], use_java: bool | None = None,
+                  vsibench_parsing: str = vsibench.DEFAULT_PARSING, sqa3d_style: str = "default") -> dict:
+    """Metrics of ``task`` from prediction records (options: see ``vsibench.score`` / ``scanqa.score`` /
+    ``sqa3d.score``)."""
     if task == "vsibench":
-        return vsibench.score(records, strip=vsibench_strip)
+        return vsibench.score(records, parsing=vsibench_parsing)
     if task == "scanqa":
         return scanqa.score(records, use_java=use_java)
     if task == "sqa3d":

@@ -8,14 +8,24 @@ numbers spelled out, article before a word dropped.  The steps are applied in th
 same order as there because later steps depend on earlier ones (e.g. "tv" becomes
 "TV" after lower-casing, and prediction and references go through the same path).
 
+``normalize_answer`` is the one path that the prediction *and every reference* take before they are
+compared: ``strip_special`` (chat-template leftovers removed; every run of whitespace, "\\n", "\\t",
+"\\r", a non-breaking space and the other Unicode spaces included, made one space; ends trimmed),
+then ``clean_answer``. LEO sends prediction and references through one function (its
+``clean_answer``), so a prediction identical to a reference always matches it; with the same path
+on both sides that holds here too (it did not while only the prediction's whitespace was squeezed:
+a reference "brown\\nchair" never matched the answer "brown\\nchair").
+
 ``answer_match`` gives (EM, refined EM) by the exact-first rule: EM = the cleaned prediction
-equals one of the cleaned references; refined EM additionally accepts a prediction whose
-space-free form contains, or is contained in, a reference's space-free form (empty -> 0).
+equals one of the cleaned references (identical strings match, two empty strings included, as
+LEO's ``pred == gt``); otherwise refined EM accepts a non-empty prediction whose space-free form
+contains, or is contained in, a reference's space-free form (an empty prediction that equals no
+reference -> (0, 0)).
 ``leo_answer_match`` is LEO's own loop (``evaluator/scanqa_eval.py``, ``answer_match``): the
 references in order, the first that equals the prediction (1, 1) or is in a substring relation
 with it (0, 1) decides. It gives EM 0 where an earlier reference merely overlaps a later exact one
 (["brown chair", "brown"] vs "brown") and refined EM 1 for an empty prediction ("" is in every
-string).
+string); an empty prediction against an empty first reference is (1, 1) there too.
 """
 from __future__ import annotations
 
@@ -69,11 +79,13 @@ def clean_answer(text: str) -> str:
 
 
 def answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
-    """(EM, refined EM) of an already cleaned prediction against cleaned references."""
-    if len(pred) == 0:
-        return 0, 0
+    """(EM, refined EM) of an already cleaned prediction against cleaned references: (1, 1) when the prediction
+    equals a reference (``"" == ""`` included, as LEO); else (0, 1) when it is non-empty and its space-free form
+    contains or is contained in a reference's; else (0, 0)."""
     if pred in refs:
         return 1, 1
+    if len(pred) == 0:
+        return 0, 0
     p = "".join(pred.split())
     for ref in refs:
         r = "".join(ref.split())
@@ -83,7 +95,8 @@ def answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
 
 
 def leo_answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
-    """(EM, refined EM) by LEO's rule: the first reference, in order, that matches decides (module docstring)."""
+    """(EM, refined EM) by LEO's rule: the first reference, in order, that matches decides (module docstring):
+    equal strings (two empty ones included) give (1, 1), a space-free substring relation (0, 1)."""
     p = "".join(pred.split())
     for ref in refs:
         r = "".join(ref.split())
@@ -94,9 +107,19 @@ def leo_answer_match(pred: str, refs: Sequence[str]) -> tuple[int, int]:
     return 0, 0
 
 
+def normalize_whitespace(text: str) -> str:
+    """Every run of whitespace (``str.split``'s: spaces, "\\n", "\\t", "\\r", non-breaking and other Unicode spaces)
+    as one space, without leading or trailing whitespace."""
+    return " ".join(str(text).split())
+
+
 def strip_special(text: str) -> str:
-    """Remove chat-template leftovers and newlines from a decoded answer, then squeeze spaces."""
+    """Remove chat-template leftovers from a decoded answer, then :func:`normalize_whitespace` (lines joined)."""
     for tok in ("ASSISTANT:", "<|im_end|>", "<|endoftext|>", "</s>", "<s>", "<unk>"):
         text = text.replace(tok, "")
-    text = text.replace("\n", " ").strip()
-    return re.sub(r"\s{2,}", " ", text)
+    return normalize_whitespace(text)
+
+
+def normalize_answer(text) -> str:
+    """The path every prediction and every reference takes before EM: ``clean_answer(strip_special(text))``."""
+    return clean_answer(strip_special(str(text)))

@@ -14,11 +14,25 @@ Definitions follow the lmms-eval task shipped with VSI-Bench
   official code, e.g. 3 vs 2 -> 0.1 and 2.2 vs 2 -> 0.9 (0.1000...09 <=
   1 - 0.9000...02); do not "fix" this with a tolerance or the numbers stop
   matching published ones.  Unparsable answers score 0.
+* a ground truth of 0 (none in VSI-Bench): the official code divides by it, which stops the whole
+  run with ZeroDivisionError (Python floats). Here the same expression is evaluated in numpy
+  float64, where it gives ``inf`` (prediction != 0) or ``nan`` (prediction 0); neither is
+  ``<= 1 - t`` for any threshold, so the question scores 0, an exact 0 included (no warning).
 * per question-type means; relative direction = mean of its three sub-types;
   overall = mean of the task scores present (the 8 tasks on the full set).
-* the stored answer is stripped of surrounding whitespace first (``strip=True``, the default, as
-  this package always did); lmms-eval's task code does not strip (``strip=False``), which only
-  matters for an answer that starts with whitespace: ``" A"`` parses as ``""`` there.
+
+Answer parsing (``parsing``, :data:`PARSINGS`), each named by the code it follows:
+
+* ``"official"`` (the default): thinking-in-space's task code, identical in lmms-eval up to 0.7.2
+  (``vsibench_process_results``): the raw answer, not stripped, through ``fuzzy_matching`` above
+  for both kinds, then ``float()`` for NA; an answer that starts with whitespace parses as ``""``
+  (``" A"`` is wrong), ``"3.5m"`` and ``"three"`` are unparsable (0).
+* ``"lmms-eval-0.7.3"``: lmms-eval 0.7.3 (PR #1386): MCA as official; an NA answer is read by its
+  ``extract_number`` (:func:`lmms_eval_073_number`): the first number in the text, digits
+  (regex ``-?\\d+(?:\\.\\d+)?``) or English number words, whichever comes first, so ``"3.5m"`` is
+  3.5, ``"three"`` 3, ``"twenty-one"`` 21, and ``"1e2"`` 1 (no exponents).
+* ``"stripped"``: the official parsing of the answer stripped of surrounding whitespace first (this
+  package's default before the parsing modes existed).
 
 Subsets: ``"full"`` (every test question) or ``"debiased"`` (VSI-Bench-Debiased, the questions
 left by Iterative Bias Pruning: ``test_debiased.parquet`` or ``test.jsonl`` minus
@@ -30,6 +44,7 @@ import glob
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -73,10 +88,87 @@ MCA_POST_PROMPT = "Answer with the option's letter from the given choices direct
 MRA_THRESHOLDS = np.linspace(0.5, 0.95, int((0.95 - 0.5) / 0.05 + 2))
 
 
+#: answer parsing modes (module docstring); the first is the default
+PARSINGS = ("official", "lmms-eval-0.7.3", "stripped")
+DEFAULT_PARSING = PARSINGS[0]
+
+
+def check_parsing(parsing: str) -> None:
+    """ValueError unless ``parsing`` is one of :data:`PARSINGS`."""
+    if parsing not in PARSINGS:
+        raise ValueError(f"unknown VSI-Bench parsing {parsing!r}; expected one of {PARSINGS}")
+
+
 # --------------------------------------------------------------------------- metrics
 def parse_answer(pred: str) -> str:
     """Official answer parsing: first ' '-separated token, trailing '.' removed, stripped."""
     return str(pred).split(" ")[0].rstrip(".").strip()
+
+
+# lmms-eval 0.7.3's extract_number, reimplemented from its behaviour (EvolvingLMMs-Lab/lmms-eval PR #1386,
+# commit eab6655a, lmms_eval/tasks/vsibench/utils.py): the number words it knows and its digit pattern.
+_LMMS_073_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split())}
+_LMMS_073_WORDS.update(twenty=20, thirty=30, forty=40, fifty=50, sixty=60, seventy=70, eighty=80, ninety=90,
+                       hundred=100, thousand=1000)
+_LMMS_073_DIGITS = re.compile(r"-?\d+(?:\.\d+)?")
+_LMMS_073_WORD = re.compile(r"[a-z]+")
+
+
+def lmms_eval_073_number(text) -> float | None:
+    """The number lmms-eval 0.7.3 reads from an NA answer (its ``extract_number``), or None.
+
+    The text is stripped and lower-cased. Candidates: the first digit match ``-?\\d+(?:\\.\\d+)?`` (no
+    exponent: "1e2" reads 1; "3.5m" 3.5; ".5" 5) and the first run of number words (runs of ``[a-z]+``; the run
+    starts at the first number word, goes on over further number words, skips "and", ends at any other word;
+    anything that is not a letter between them is passed over, so "twenty-one" is one run). Whichever starts
+    first wins. Words add up, "hundred" multiplies what precedes it (or 1) by 100, "thousand" moves it (or 1)
+    x 1000 into the total: "three hundred and twenty-one" is 321.0, "a hundred" 100.0.
+    """
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    if not s:
+        return None
+    digits = _LMMS_073_DIGITS.search(s)
+    run: list[str] = []
+    run_start = None
+    for m in _LMMS_073_WORD.finditer(s):
+        word = m.group(0)
+        if word in _LMMS_073_WORDS:
+            run_start = m.start() if run_start is None else run_start
+            run.append(word)
+        elif run_start is not None and word != "and":
+            break
+    if digits is not None and (run_start is None or digits.start() < run_start):
+        return float(digits.group(0))
+    if run_start is None:
+        return None
+    total = current = 0
+    for word in run:
+        value = _LMMS_073_WORDS[word]
+        if value == 100:
+            current = max(current, 1) * 100
+        elif value == 1000:
+            total += max(current, 1) * 1000
+            current = 0
+        else:
+            current += value
+    return float(total + current)
+
+
+def _as_parsed(pred: Any, parsing: str) -> str:
+    check_parsing(parsing)
+    text = str(pred)
+    return text.strip() if parsing == "stripped" else text
+
+
+def parse_number(pred: Any, parsing: str = DEFAULT_PARSING) -> float | None:
+    """The number an NA answer gives under ``parsing`` (module docstring), or None when it gives none."""
+    if parsing == "lmms-eval-0.7.3":
+        return lmms_eval_073_number(pred)
+    return to_float(parse_answer(_as_parsed(pred, parsing)))
 
 
 def to_float(x: Any) -> float | None:
@@ -87,49 +179,52 @@ def to_float(x: Any) -> float | None:
         return None
 
 
-def mca_accuracy(pred: str, ground_truth: str) -> float:
-    """1.0 when the parsed letter equals the ground-truth letter (case-insensitive)."""
-    return 1.0 if parse_answer(pred).lower() == str(ground_truth).lower() else 0.0
+def mca_accuracy(pred: str, ground_truth: str, parsing: str = DEFAULT_PARSING) -> float:
+    """1.0 when the parsed letter equals the ground-truth letter (case-insensitive); every parsing reads the letter
+    with the official ``fuzzy_matching`` (``"stripped"``: of the stripped answer)."""
+    return 1.0 if parse_answer(_as_parsed(pred, parsing)).lower() == str(ground_truth).lower() else 0.0
 
 
 def mean_relative_accuracy(pred: float, gt: float) -> float:
-    """MRA of one numeric prediction (float64, same expression as lmms-eval)."""
-    rel = abs(pred - gt) / gt
+    """MRA of one numeric prediction (float64, same expression as lmms-eval). A ground truth of 0 gives inf or nan
+    there, which passes no threshold: 0.0 (module docstring)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.abs(np.float64(pred) - np.float64(gt)) / np.float64(gt)
     return float(np.mean(rel <= 1 - MRA_THRESHOLDS))
 
 
-def mra_score(pred: str, ground_truth: Any) -> float:
-    """MRA of a raw model answer; unparsable answer (or ground truth) -> 0."""
-    p = to_float(parse_answer(pred))
+def mra_score(pred: str, ground_truth: Any, parsing: str = DEFAULT_PARSING) -> float:
+    """MRA of a raw model answer read by ``parsing``; unparsable answer (or ground truth) -> 0."""
+    p = parse_number(pred, parsing)
     g = to_float(ground_truth)
     if p is None or g is None:
         return 0.0
-    if g == 0:  # never in VSI-Bench; the official code would raise ZeroDivisionError here
-        return float(p == 0)
     return mean_relative_accuracy(p, g)
 
 
-def score_sample(question_type: str, prediction: str, ground_truth: Any) -> float:
-    """Per-question score in [0, 1]."""
+def score_sample(question_type: str, prediction: str, ground_truth: Any, parsing: str = DEFAULT_PARSING) -> float:
+    """Per-question score in [0, 1]; ``parsing``: one of :data:`PARSINGS`."""
     if question_type in MCA_QUESTION_TYPES:
-        return mca_accuracy(prediction, ground_truth)
+        return mca_accuracy(prediction, ground_truth, parsing)
     if question_type in NA_QUESTION_TYPES:
-        return mra_score(prediction, ground_truth)
+        return mra_score(prediction, ground_truth, parsing)
     raise ValueError(f"unknown VSI-Bench question_type: {question_type!r}")
 
 
-def score(records: Iterable[dict], strip: bool = True) -> dict:
+def score(records: Iterable[dict], parsing: str = DEFAULT_PARSING) -> dict:
     """Aggregate prediction records into VSI-Bench scores (0-100).
 
-    Each record needs ``question_type``, ``prediction`` and ``ground_truth``; ``strip``: strip each
-    prediction before parsing it (False: lmms-eval's task code, which parses the raw answer).
-    Returns ``{"overall", <task>: ..., "per_type": {...}, "counts": {...}, "num_samples", "stripped"}``.
+    Each record needs ``question_type``, ``prediction`` and ``ground_truth``; ``parsing``: how an answer is read,
+    one of :data:`PARSINGS` (module docstring).
+    Returns ``{"overall", <task>: ..., "per_type": {...}, "counts": {...}, "num_samples", "missing_tasks",
+    "parsing"}``.
     """
+    check_parsing(parsing)
     per_type: dict[str, list[float]] = {}
     for r in records:
         qt = r["question_type"]
         pred = str(r.get("prediction", ""))
-        per_type.setdefault(qt, []).append(score_sample(qt, pred.strip() if strip else pred, r["ground_truth"]))
+        per_type.setdefault(qt, []).append(score_sample(qt, pred, r["ground_truth"], parsing))
     type_means = {qt: 100.0 * float(np.mean(v)) for qt, v in per_type.items()}
     out: dict[str, Any] = {}
     for qt in MCA_QUESTION_TYPES + NA_QUESTION_TYPES:
@@ -147,7 +242,7 @@ def score(records: Iterable[dict], strip: bool = True) -> dict:
     result["counts"] = {qt: len(v) for qt, v in per_type.items()}
     result["num_samples"] = sum(len(v) for v in per_type.values())
     result["missing_tasks"] = [t for t in TASKS if t not in out]
-    result["stripped"] = strip
+    result["parsing"] = parsing
     return result
 
 
@@ -160,9 +255,10 @@ def format_table(scores: dict) -> str:
         cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}")
     widths = [max(len(h), len(c)) for h, c in zip(headers, cells)]
     name = "VSI-Bench-Debiased" if scores.get("subset") == "debiased" else "VSI-Bench"
-    raw = ", answers not stripped (lmms-eval)" if scores.get("stripped") is False else ""
+    how = {"stripped": ", answers stripped before the official parsing",
+           "lmms-eval-0.7.3": ", NA numbers read as lmms-eval 0.7.3"}.get(scores.get("parsing"), "")
     lines = [
-        f"{name} (MCA: accuracy, NA: MRA; x100{raw})",
+        f"{name} (MCA: accuracy, NA: MRA; x100{how})",
         " | ".join(h.rjust(w) for h, w in zip(headers, widths)),
         "-+-".join("-" * w for w in widths),
         " | ".join(c.rjust(w) for c, w in zip(cells, widths)),

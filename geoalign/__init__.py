@@ -7,36 +7,23 @@ with ``AutoConfig``, ``AutoModelForImageTextToText`` and ``AutoProcessor``.
 """
 from __future__ import annotations
 
-import importlib
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
-#: public name -> the submodule that defines it
+#: public name -> the submodule it is taken from (the config and the processor through modeling, which registers the
+#: Auto classes with all three)
 _EXPORTS = {
     "GeoAlignConfig": "config",
     "GeoAlignFusion": "fusion",
     "FusionStream": "fusion",
     "Routing": "routing",
     "GeoAlignForConditionalGeneration": "modeling",
-    "GeoAlignModelConfig": "model_config",
-    "GeoAlignProcessor": "processing",
+    "GeoAlignModelConfig": "modeling",
+    "GeoAlignProcessor": "modeling",
     "load_fusion": "modeling",
     "save_fusion": "modeling",
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'geoalign' has no attribute {name!r}")
-    if module in ("model_config", "processing"):
-        module = "modeling"   # the Auto classes are registered there, with the config and the processor
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -115,7 +115,7 @@ CLI_CASES: dict[str, CliCase] = {
                                        "--frames", "0"], "argument --frames: must be a positive integer, got 0"),
     "train-max-steps-neg": CliCase("train --max-steps -1", lambda t: ["train", "--config", str(t / "train.yaml"),
                                                                       "--max-steps", "-1"],
-                                   "argument --max-steps: must be >= 0, got -1"),
+                                   "argument --max-steps: must be an integer >= 0, got -1"),
     # ---- devices and backends
     "answer-cuda": CliCase("answer --device cuda on a machine without CUDA", answer("--device", "cuda"), CPU_TORCH),
     "routes-cuda": CliCase("routes --device cuda on a machine without CUDA", routes("--out", "o", "--device", "cuda"),

@@ -23,7 +23,7 @@ can be imported without torch.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 #: public name -> the submodule that defines it
 _EXPORTS = {
@@ -57,16 +57,4 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'geoalign.geometry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,8 +14,8 @@ import os
 import sys
 
 from geoalign.backends import ALL_BACKENDS
-from geoalign.cli_args import (UsageError, fail, has_module, output_dir, positive_float, positive_int,
-                               resolve_device)
+from geoalign.cli_args import (ArgumentParser, UsageError, fail, has_module, output_dir, positive_float,
+                               positive_int, resolve_device, use_device)
 
 from .shapes import MODES, SHAPES, shape_dict
 
@@ -37,8 +37,8 @@ def default_backends(device) -> list[str]:
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="geoalign bench", description=__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser or ArgumentParser(prog="geoalign bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--case", choices=CASES, action="append",
                    help="case(s) to run, repeatable (default: fusion and encoder; 'train' = one training step of a "
@@ -66,13 +66,12 @@ def _check_backends(names: list[str] | None, device) -> None:
     """Every backend named with --backends must run on ``device`` here (UsageError naming what can)."""
     if not names:
         return
-    from geoalign.backends import available_backends
+    from geoalign.backends import backend_runs_on
 
-    runnable = available_backends(device) + ["compiled-reference"]
-    missing = [n for n in names if n not in runnable]
+    missing = [n for n in names if n != "compiled-reference" and not backend_runs_on(n, device)]
     if missing:
-        raise UsageError(f"--backends {' '.join(missing)}: cannot run on {device} here (available: "
-                         f"{', '.join(runnable)}; triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)")
+        raise UsageError(f"--backends {' '.join(missing)}: cannot run on {device} here (triton runs on CUDA, or on "
+                         "the CPU under TRITON_INTERPRET=1; cuda needs a CUDA device and its extension)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         _check_backends(args.backends, device)
     except UsageError as e:
         return fail("bench", e)
+    use_device(device)
     import torch
 
     from .encoder_case import run_encoder_case

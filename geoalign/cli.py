@@ -1,6 +1,6 @@
-"""The ``geoalign`` command. Each sub-command lives beside the code it drives and registers its own parser; parsing
-imports nothing heavy (tests/test_cli.py checks that torch, transformers and numpy stay unimported), so ``--help``
-and argument errors come back at once."""
+"""The geoalign command. Each sub-command lives beside the code it drives and registers its own parser; parsing
+imports nothing heavy (tests/test_cli.py checks that torch, transformers, triton and matplotlib stay unimported), so
+--help and argument errors come back at once."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ command on (README, "Try it")."""
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .cli_args import ArgumentParser
     from .demo import add_demo_parser
     from .eval.cli import add_eval_parser, add_score_parser
     from .gap.cli import add_gap_data_parser
@@ -22,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .routes_cli import add_routes_parser
     from .training.cli import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="geoalign", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="geoalign", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"geoalign {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_parser(sub)

@@ -19,6 +19,14 @@ from typing import Callable
 LOCAL_ONLY = "geoalign reads local files only and downloads nothing"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with an argument error printed as one line (no usage block) and exit status 2. Its
+    sub-command parsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class UsageError(ValueError):
     """A command-line input that cannot work here (a device, a backend, a missing optional package)."""
 
@@ -68,11 +76,21 @@ def local_path(text: str) -> str:
     return path
 
 
+def _check_parents(text: str, path: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a directory (``notes.txt/out`` can never be created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be created: {parent!r} is a file, not a directory")
+
+
 def output_dir(text: str) -> str:
     """A directory to write into: it may exist (as a directory) or not; an existing file is refused."""
     path = os.path.expanduser(text)
     if os.path.exists(path) and not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{text!r} is an existing file, not a directory")
+    _check_parents(text, path)
     return path
 
 
@@ -81,6 +99,7 @@ def output_file(text: str) -> str:
     path = os.path.expanduser(text)
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{text!r} is an existing directory, not a file")
+    _check_parents(text, path)
     return path
 
 
@@ -113,21 +132,28 @@ def resolve_device(name: str | None):
 
 
 def check_backend(name: str | None, device) -> None:
-    """A fusion backend named on the command line must run on ``device`` here (None: the model's own choice)."""
+    """A fusion backend named on the command line must run on ``device`` here (None: the model's own choice). Only
+    the named backend is probed (the cuda backend's probe may build its extension)."""
     if name is None:
         return
-    from .backends import available_backends
+    from .backends import backend_runs_on
 
-    available = available_backends(device)
-    if name not in available:
+    if not backend_runs_on(name, device):
         hint = {"triton": "Triton runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow; for tests)",
-                "cuda": "the cuda backend needs a CUDA device and its extension"}.get(name, "")
-        raise UsageError(f"fusion backend {name!r} cannot run on {device} here (available: {', '.join(available)})"
-                         + (f"; {hint}" if hint else ""))
+                "cuda": "the cuda backend needs a CUDA device and its extension"}[name]
+        raise UsageError(f"fusion backend {name!r} cannot run on {device} here; {hint}")
+
+
+def use_device(device) -> None:
+    """Make a CUDA ``device`` with an index (cuda:1) the current one: Triton launches on the current device."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def check_attn(name: str | None) -> None:
-    """--attn flash_attention_2 needs the flash-attn package (the [gpu] extra) and a CUDA device."""
+    """--attn flash_attention_2 needs the flash-attn package (the [gpu] extra)."""
     if name == "flash_attention_2":
         require_module("flash_attn", "gpu", "--attn flash_attention_2")
 

@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from .cli_args import fail, output_dir
+from .cli_args import fail, non_negative_int, output_dir
 
 DEMO_HELP = __doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0] + """
 
@@ -38,7 +38,8 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
                                            "VSI-Bench folder to try every command on",
                               description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=output_dir, help="directory to write into (must be empty or new)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the room and of the model's weights (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the room and of the model's weights (default 0)")
     p.set_defaults(func=run_demo)
     return p
 

@@ -10,10 +10,8 @@ import os
 
 from .backends import ALL_BACKENDS
 from .cli_args import (UsageError, check_attn, check_backend, fail, local_path, output_dir, positive_int,
-                       resolve_device)
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+                       resolve_device, use_device)
+from .eval.predictor import DTYPES
 
 ANSWER_HELP = """Answer one question about a video or a folder of frames with a GeoAlign model (greedy decoding).
 
@@ -72,6 +70,7 @@ def check_model_arguments(args: argparse.Namespace):
     device = resolve_device(args.device)
     check_backend(getattr(args, "backend", None), device)
     check_attn(args.attn)
+    use_device(device)
     return device
 
 

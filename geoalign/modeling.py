@@ -555,7 +555,8 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if local_only and not os.path.isdir(os.fspath(path)):
             raise FileNotFoundError(f"GeoAlign model directory not found: {os.fspath(path)!r} (only local files are "
                                     "read; pass local_files_only=False to let transformers look on the hub)")
-        _check_geoalign_directory(os.fspath(path))
+        if "subfolder" not in kwargs and "config" not in kwargs:   # else transformers finds the config itself
+            _check_geoalign_directory(os.fspath(path))
         device = kwargs.pop("device", None)  # a single device: transformers' device_map names it
         if device is not None and kwargs.get("device_map") is None:
             kwargs["device_map"] = torch.device(device)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .backends import ALL_BACKENDS
-from .cli_args import (UsageError, fail, local_path, output_dir, positive_int, require_module)
+from .cli_args import UsageError, fail, has_module, local_path, output_dir, positive_int
 from .model_cli import add_model_arguments, check_model_arguments, load_model_and_processor, move_to
 
 ROUTES_HELP = """Where GeoAlign's router sends each input's visual tokens: the mean routing weight per VGGT bank layer,
@@ -20,7 +21,7 @@ routing; it is asked for completeness). Writes into --out:
                         layer, per-frame per-layer means, token and frame counts (geoalign/routing_analysis.py)
   routing_layers.png    Figure 3 style bars: per bank layer, one bar per input
   routing_heatmap.png   per input (rows) and frame: the highest-alpha bank layer at every token, over the faded frame
-The PNGs need matplotlib (pip install "geoalign[plots]").
+The PNGs need matplotlib (pip install "geoalign[plots]"); without it routing.json alone is written.
 """
 
 
@@ -60,7 +61,6 @@ def run_routes(args: argparse.Namespace) -> int:
         for path in args.images:
             if not os.path.isdir(path):
                 raise UsageError(f"--images {path!r} is not a folder")
-        require_module("matplotlib", "plots", "geoalign routes (its PNGs)")
         device = check_model_arguments(args)
         model, processor = load_model_and_processor(args, device)
     except (FileNotFoundError, ValueError) as e:
@@ -69,6 +69,11 @@ def run_routes(args: argparse.Namespace) -> int:
 
     from .atomic_files import write_json
     from .routing_analysis import plot_heatmaps, plot_layer_bars
+
+    plots = has_module("matplotlib")
+    if not plots:
+        print("geoalign routes: matplotlib is not installed, so no PNGs will be drawn (routing.json is written): "
+              "pip install \"geoalign[plots]\"", file=sys.stderr)
 
     names = input_names(sources)
     samples, frames, records = [], [], []
@@ -102,11 +107,14 @@ def run_routes(args: argparse.Namespace) -> int:
     write_json(os.path.join(args.out, "routing.json"),
                {"model": args.model or {"qwen": args.qwen, "vggt": args.vggt, "fusion": args.fusion},
                 "question": args.question, "num_frames": args.num_frames, "inputs": records})
-    plot_layer_bars(records, names, os.path.join(args.out, "routing_layers.png"))
-    plot_heatmaps(samples, frames, names, os.path.join(args.out, "routing_heatmap.png"), max_frames=args.max_frames)
+    if plots:
+        plot_layer_bars(records, names, os.path.join(args.out, "routing_layers.png"))
+        plot_heatmaps(samples, frames, names, os.path.join(args.out, "routing_heatmap.png"),
+                      max_frames=args.max_frames)
     for r in records:
         top = max(range(len(r["bank_layers"])), key=lambda i: r["mean_alpha_pct"][i])
         print(f"{r['name']}: {r['num_tokens']} tokens, {r['num_frames']} frames; most weight on layer "
               f"{r['bank_layers'][top]} ({r['mean_alpha_pct'][top]:.1f}%)")
-    print(f"wrote {os.path.join(args.out, 'routing.json')}, routing_layers.png, routing_heatmap.png")
+    print(f"wrote {os.path.join(args.out, 'routing.json')}"
+          + (", routing_layers.png, routing_heatmap.png" if plots else " (no PNGs: matplotlib is not installed)"))
     return 0

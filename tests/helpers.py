@@ -560,3 +560,8 @@ def assert_greedy_by_full_forwards(model, inputs: dict, new_tokens: torch.Tensor
             nxt = model(input_ids=ids, attention_mask=att, **kw).logits[:, -1].argmax(-1, keepdim=True)
         assert nxt.item() == new_tokens[0, step].item(), step
         ids, att = torch.cat([ids, nxt], dim=1), torch.cat([att, torch.ones_like(nxt)], dim=1)
+
+
+def boxes_overlap(a, b) -> bool:
+    """Whether two matplotlib bounding boxes (window extents) overlap."""
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1

@@ -56,10 +56,14 @@ def test_sample_indices():
         sample_frame_indices(0, 4)
 
 
-def test_too_few_frames_warns_once_per_pair(caplog):
+def test_too_few_frames_warns_once_per_pair(caplog, monkeypatch):
     """An eval asks every question for N frames of short clips: the warning comes once per (asked, present) pair,
     not once per question."""
     import logging
+
+    from geoalign.geometry import sampling
+
+    monkeypatch.setattr(sampling, "_WARNED", set())          # pairs warned about by earlier tests do not count
 
     with caplog.at_level(logging.WARNING, logger="geoalign.geometry"):
         for _ in range(3):

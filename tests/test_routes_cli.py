@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 from geoalign.routing import Routing  # noqa: E402
 from geoalign.routing_analysis import summarize  # noqa: E402
+from helpers import boxes_overlap  # noqa: E402
 
 
 def test_summaries_by_hand():
@@ -126,6 +127,19 @@ def test_routes_writes_json_and_both_pngs_for_two_inputs(saved, tmp_path, capsys
     assert "most weight on layer" in capsys.readouterr().out
 
 
+def test_routes_without_matplotlib_writes_the_json_and_says_so(saved, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # importlib.util.find_spec then answers None
+    out = tmp_path / "o"
+    assert _routes("--model", str(saved / "model"), "--images", str(saved / "room"), "--out", str(out)) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed, so no PNGs will be drawn (routing.json is written)" in captured.err
+    assert "(no PNGs: matplotlib is not installed)" in captured.out
+    assert sorted(os.listdir(out)) == ["routing.json"]
+    assert json.loads((out / "routing.json").read_text())["inputs"][0]["num_frames"] == 3
+
+
 def test_routes_bad_inputs_are_clear_errors(saved, tmp_path, capsys):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -156,10 +170,6 @@ def _fake_sample(num_frames: int, bank_layers, seed: int, grid=(6, 8)):
     idx = torch.stack([torch.randperm(M, generator=g)[:2] for _ in range(L)])
     alpha = torch.rand(L, 2, generator=g).softmax(-1)
     return summarize(Routing(idx, alpha), gi, num_frames, grid, bank_layers, keep_tensors=True)
-
-
-def _overlaps(a, b) -> bool:
-    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
 def _inside(a, b) -> bool:
@@ -194,13 +204,13 @@ def test_heatmap_titles_never_overlap_images_and_colours_name_the_layers(inputs,
         for t in titles:
             box = t.get_window_extent(renderer)
             for ax in image_axes:
-                assert not _overlaps(box, ax.get_window_extent(renderer)), (t.get_text(), ax.get_title())
+                assert not boxes_overlap(box, ax.get_window_extent(renderer)), (t.get_text(), ax.get_title())
         legend = fig.subfigs[-1].legends[0]
         reading = sorted(legend.get_texts(), key=lambda t: (-round(t.get_window_extent(renderer).y0),
                                                             t.get_window_extent(renderer).x0))
         assert [t.get_text() for t in reading] == [f"layer {v}" for v in layers] + ["no token"]   # row by row
         assert all(_inside(t.get_window_extent(renderer), fig.bbox) for t in legend.get_texts())
-        assert not any(_overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+        assert not any(boxes_overlap(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
                        for ax in image_axes)
         by_label = {t.get_text(): h.get_facecolor()[:3] for t, h in zip(legend.get_texts(), legend.legend_handles)}
         colours = [by_label[f"layer {v}"] for v in layers]
@@ -244,7 +254,7 @@ def test_layer_bars_legend_sits_outside_the_bars(groups, tmp_path):
         (ax,) = fig.get_axes()
         (legend,) = fig.legends
         assert [t.get_text() for t in legend.get_texts()][:groups] == names
-        assert not _overlaps(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+        assert not boxes_overlap(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
         assert _inside(legend.get_window_extent(renderer), fig.bbox)
         looks = {(tuple(c.patches[0].get_facecolor()), c.patches[0].get_hatch()) for c in ax.containers}
         assert len(looks) == groups                                              # every group its own look

@@ -73,16 +73,25 @@ def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
     raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Backends that can run on `device` here: triton on CUDA devices, and on CPU only under the interpreter."""
+def backend_runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on ``device`` here: reference and torch anywhere; triton on CUDA devices, and
+    on the CPU only under the interpreter; cuda on CUDA devices with its extension (the first call may JIT-build
+    csrc/, cached afterwards: only this name pays for it)."""
     from geoalign_kernels.runtime import INTERPRET
 
-    names = ["reference", "torch"]
-    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and INTERPRET)):
-        names.append("triton")
-    if device.type == "cuda":
+    if name in ("reference", "torch"):
+        return True
+    if name == "triton":
+        return triton_available() and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
+    if name == "cuda":
+        if device.type != "cuda":
+            return False
         from .cuda_extension import cuda_backend_available
 
-        if cuda_backend_available():  # the first call may JIT-build csrc/ (cached afterwards)
-            names.append("cuda")
-    return names
+        return cuda_backend_available()
+    raise ValueError(f"unknown backend {name!r}; expected one of {ALL_BACKENDS}")
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The backends that can run on ``device`` here (:func:`backend_runs_on`), in ALL_BACKENDS order."""
+    return [name for name in ALL_BACKENDS if backend_runs_on(name, device)]

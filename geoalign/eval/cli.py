@@ -12,8 +12,8 @@ import traceback
 
 from ..atomic_files import write_json
 from ..backends import ALL_BACKENDS
-from ..cli_args import (UsageError, check_attn, check_backend, fail, has_module, local_path, not_found,
-                        output_file, positive_int, resolve_device)
+from ..cli_args import (ArgumentParser, UsageError, check_attn, check_backend, fail, has_module, local_path,
+                        not_found, output_file, positive_int, resolve_device, use_device)
 from ..geometry.sampling import FRAME_SAMPLING
 from . import sqa3d, vsibench
 from .predictor import DTYPES
@@ -216,6 +216,7 @@ def _check_eval_arguments(args, proc) -> None:
     device = resolve_device(proc.device(args.device))
     check_backend(args.fusion_backend, device)
     check_attn(args.attn)
+    use_device(device)
     if args.save_routing and not has_module("matplotlib"):
         print("geoalign eval: matplotlib is not installed, so the routing plot will be skipped (the table and the "
               "JSON are written): pip install \"geoalign[plots]\"", file=sys.stderr)
@@ -322,7 +323,7 @@ def run_score_command(args) -> int:
 
 def main(argv=None) -> int:
     """Stand-alone entry point (``python -m geoalign.eval.cli eval|score ...``)."""
-    parser = argparse.ArgumentParser(prog="geoalign")
+    parser = ArgumentParser(prog="geoalign")
     sub = parser.add_subparsers(dest="command", required=True)
     add_eval_parser(sub)
     add_score_parser(sub)

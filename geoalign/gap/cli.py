@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..cli_args import fail, local_path, output_file, positive_int
+from ..cli_args import fail, local_path, non_negative_int, output_file, positive_int
 
 
 def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="finetune: grounding queries per sample (default 2)")
     p.add_argument("--frames", type=positive_int, default=4, help="frames per sample (default 4)")
     p.add_argument("--samples-per-scene", type=positive_int, default=8, help="samples per scene (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_gap_data)
     return p

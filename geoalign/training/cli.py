@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from ..cli_args import fail, local_path, non_negative_int, require_module
+from ..cli_args import ArgumentParser, fail, local_path, non_negative_int, output_dir, require_module
 
 
 def _parse_override(item: str):
@@ -30,7 +30,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="YAML file of training keys (unset keys take the paper's values); see configs/")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value parsed as YAML); repeatable")
-    parser.add_argument("--output-dir", default=None, help="override output_dir")
+    parser.add_argument("--output-dir", default=None, type=output_dir, help="override output_dir")
     parser.add_argument("--resume", default=None, metavar="latest|DIR",
                         help="resume from a checkpoint directory, or 'latest': the newest in output_dir (none yet: "
                              "start at step 0, with a warning)")
@@ -68,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
 
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
             return 0
-        cfg.check_model_source()            # the paths exist: fail before anything loads
+        cfg.check_paths()            # the paths exist: fail before anything loads
         for module, extra, why in cfg.optional_modules():
             require_module(module, extra, why)
         from .trainer import GeoAlignTrainer
@@ -86,8 +86,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m geoalign.training.cli --config FILE`` (for torchrun before ``geoalign train`` is wired)."""
-    parser = _configure(argparse.ArgumentParser(prog="geoalign train", description=__doc__,
-                                                formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = _configure(ArgumentParser(prog="geoalign train", description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

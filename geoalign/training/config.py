@@ -188,8 +188,10 @@ class TrainConfig:
         if self.max_steps < 0 or self.save_steps < 0 or self.logging_steps < 0 or self.eval_steps < 0:
             raise ValueError("TrainConfig: max_steps, save_steps, logging_steps and eval_steps must be >= 0")
 
-    def check_model_source(self) -> None:
-        """The model and data paths: set, and present on this machine (only local files are read)."""
+    def check_paths(self) -> None:
+        """Every path the run reads or writes, before anything loads: the model source (set, and present on this
+        machine: only local files are read), the data files, a checkpoint to resume from, and output_dir (not a
+        file). Raises FileNotFoundError / ValueError naming the key and the path."""
         if self.model_path is None and (self.qwen_path is None or self.vggt_path is None):
             raise ValueError("TrainConfig: set model_path (a saved GeoAlign directory) or both qwen_path and vggt_path")
         for key in ("model_path", "qwen_path", "vggt_path", "fusion_path"):
@@ -202,6 +204,16 @@ class TrainConfig:
                              "change the fusion of model_path or fusion_path")
         if not self.train_data:
             raise ValueError("TrainConfig.train_data: give at least one JSON/JSONL file")
+        for key in ("train_data", "eval_data"):
+            for path in getattr(self, key):
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"TrainConfig.{key}: training data file not found: {path!r}")
+        if self.output_dir and os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ValueError(f"TrainConfig.output_dir: {self.output_dir!r} is an existing file, not a directory")
+        if self.resume_from_checkpoint not in (None, "", "latest"):
+            from .checkpoint import resolve_resume
+
+            resolve_resume(self.resume_from_checkpoint, self.output_dir)
 
     def optional_modules(self) -> list[tuple[str, str, str]]:
         """(module, geoalign extra that installs it, what needs it) for the optional packages this config uses."""

@@ -50,7 +50,7 @@ def build_model_and_processor(cfg: TrainConfig):
     from ..modeling import GeoAlignForConditionalGeneration
     from ..processing import GeoAlignProcessor
 
-    cfg.check_model_source()
+    cfg.check_paths()
     kw = dict(attn_implementation=cfg.attn_implementation)
     if cfg.model_path:
         model = GeoAlignForConditionalGeneration.from_pretrained(cfg.model_path, geoalign=cfg.fusion_path, **kw)

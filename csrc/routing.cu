@@ -104,9 +104,15 @@ route_backward_kernel(const typename AccOf<T>::type* __restrict__ d_alpha,
     da = d_alpha[off];
     idx = topk_idx[off];
   }
-  Acc dot = a * da;
-  for (int o = W >> 1; o > 0; o >>= 1) dot += __shfl_xor_sync(kFullMask, dot, o);
-  const Acc g = a * (da - dot);  // softmax backward over the K kept logits
+  // softmax backward over the K kept logits: g = a * sum_j a_j (da - da_j), without the cancellation of
+  // a * (da - sum_j a_j da_j) when a ~ 1 (geoalign.routing.kept_softmax_backward); lanes past K hold a = 0
+  Acc centred = Acc(0);
+  for (int j = 0; j < K; ++j) {
+    const Acc aj = __shfl_sync(kFullMask, a, group_base + j);
+    const Acc daj = __shfl_sync(kFullMask, da, group_base + j);
+    centred += aj * (da - daj);
+  }
+  const Acc g = a * centred;
   Acc out = Acc(0);
   for (int k = 0; k < K; ++k) {  // lane `sub` owns logit column `sub`: pick the slot routed to it, if any
     const Acc gk = __shfl_sync(kFullMask, g, group_base + k);

@@ -7,7 +7,11 @@ The Top-K policy is part of the contract, the same in every backend (reference, 
   - so the K indices of a row are always distinct and in [0, M), whatever the logits hold;
   - alpha is the softmax over the K kept logits with torch.softmax's semantics: a kept NaN, or K kept logits that
     are all -inf (or +inf ties), make that row's alpha NaN, and the NaN reaches that token's output (only that
-    token's), loudly rather than silently.
+    token's), loudly rather than silently;
+  - alpha's backward (the fast backends; the reference differentiates torch.softmax literally) is
+    dS_k = alpha_k * sum_j alpha_j (d_alpha_k - d_alpha_j), which equals torch's alpha_k (d_alpha_k - sum_j alpha_j
+    d_alpha_j) in exact arithmetic but does not subtract two nearly equal numbers when one slot holds alpha ~ 1:
+    in fp32 torch's form loses digits there (router gradients 10-100x further from fp64 than this form).
 Logits of -inf arise from a router bias of -inf (a layer switched off); NaN only from NaN parameters, since
 GeoAlignFusion rejects non-finite queries.
 """
@@ -77,6 +81,30 @@ def topk_lower_index(logits: torch.Tensor, k: int) -> torch.Tensor:
     the policy (``torch.topk`` ranks NaN first too, but promises no order among ties).
     """
     return torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def kept_softmax_backward(alpha: torch.Tensor, d_alpha: torch.Tensor) -> torch.Tensor:
+    """dS [L, K] from alpha and d alpha [L, K] (the softmax over the K kept logits): dS_k = alpha_k * sum_j alpha_j
+    (d_alpha_k - d_alpha_j), the form without cancellation (module docstring)."""
+    return alpha * (alpha.unsqueeze(1) * (d_alpha.unsqueeze(2) - d_alpha.unsqueeze(1))).sum(2)
+
+
+class _KeptSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kept_logits: torch.Tensor) -> torch.Tensor:
+        alpha = torch.softmax(kept_logits, dim=-1)
+        ctx.save_for_backward(alpha)
+        return alpha
+
+    @staticmethod
+    def backward(ctx, d_alpha: torch.Tensor) -> torch.Tensor:
+        (alpha,) = ctx.saved_tensors
+        return kept_softmax_backward(alpha, d_alpha)
+
+
+def kept_softmax(kept_logits: torch.Tensor) -> torch.Tensor:
+    """alpha [L, K] = torch.softmax over the K kept logits [L, K], differentiated by kept_softmax_backward."""
+    return _KeptSoftmax.apply(kept_logits)
 
 
 def bank_rows(topk_idx: torch.Tensor, num_layers: int) -> BankRows:

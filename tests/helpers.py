@@ -22,7 +22,7 @@ import torch
 
 from geoalign import GeoAlignConfig, GeoAlignFusion
 from geoalign.backends import available_backends
-from geoalign.routing import bank_rows, topk_lower_index
+from geoalign.routing import bank_rows, kept_softmax_backward, topk_lower_index
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class EmulatedExt:
 
     def route_backward(self, d_alpha, alpha, topk_idx, d_logits, stream):
         self.calls.append("route_backward")
-        g = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))
+        g = kept_softmax_backward(alpha, d_alpha)
         d_logits.zero_()
         d_logits.scatter_(1, topk_idx, g.to(d_logits.dtype))
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from geoalign_kernels.runtime import acc_dtype
 
-from ..routing import BankRows, Routing, bank_rows, topk_lower_index
+from ..routing import BankRows, Routing, bank_rows, kept_softmax, topk_lower_index
 
 
 class Bank:
@@ -132,7 +132,7 @@ class SparseBackend:
         """Router MLP + Top-K (geoalign.routing's policy) + softmax over the K kept logits (== eqs. 5-6)."""
         logits = fusion.router(q)
         topk_idx = topk_lower_index(logits, fusion.config.top_k)
-        alpha = torch.softmax(logits.gather(1, topk_idx).to(acc_dtype(q.dtype)), dim=-1)
+        alpha = kept_softmax(logits.gather(1, topk_idx).to(acc_dtype(q.dtype)))
         return Routing(topk_idx, alpha)
 
     def bank_rows(self, topk_idx: torch.Tensor, num_layers: int) -> BankRows:

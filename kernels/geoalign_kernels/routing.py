@@ -98,11 +98,14 @@ def _route_bwd_kernel(
     alpha = tl.load(alpha_ptr + offs_in, mask=mask_slot, other=0.0).to(ACC_DTYPE)
     d_alpha = tl.load(d_alpha_ptr + offs_in, mask=mask_slot, other=0.0).to(ACC_DTYPE)
     ids = tl.load(topk_idx_ptr + offs_in, mask=mask_slot, other=-1)
-    d_kept = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None])  # softmax backward over the K kept
     offs_m = tl.arange(0, BLOCK_SIZE_M)
     d_logits = tl.zeros((BLOCK_SIZE_L, BLOCK_SIZE_M), dtype=ACC_DTYPE)
     for k in tl.static_range(K):
-        d_k = tl.sum(tl.where(offs_slot[None, :] == k, d_kept, 0.0), axis=1)
+        # softmax backward over the K kept: dS_k = alpha_k * sum_j alpha_j (d_alpha_k - d_alpha_j) (no cancellation
+        # when alpha_k ~ 1; geoalign.routing.kept_softmax_backward); slots past K hold alpha 0
+        alpha_k = tl.sum(tl.where(offs_slot[None, :] == k, alpha, 0.0), axis=1)
+        d_alpha_k = tl.sum(tl.where(offs_slot[None, :] == k, d_alpha, 0.0), axis=1)
+        d_k = alpha_k * tl.sum(alpha * (d_alpha_k[:, None] - d_alpha), axis=1)
         id_k = tl.sum(tl.where(offs_slot[None, :] == k, ids, 0), axis=1)
         d_logits = tl.where(offs_m[None, :] == id_k[:, None], d_k[:, None], d_logits)
     d_logits_ptrs = d_logits_ptr + offs_l[:, None] * M + offs_m[None, :]

@@ -565,3 +565,82 @@ def assert_greedy_by_full_forwards(model, inputs: dict, new_tokens: torch.Tensor
 def boxes_overlap(a, b) -> bool:
     """Whether two matplotlib bounding boxes (window extents) overlap."""
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+class CodeOnLoad:
+    """An object whose pickle runs ``touch MARKER`` when unpickled with arbitrary globals (os.system): what a hostile
+    checkpoint file would hold. Safe loaders must refuse it without creating the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def hostile_torch_file(path, marker) -> None:
+    """``torch.save`` of a dict holding a CodeOnLoad (torch's format, as accelerate's .bin / .pkl files are)."""
+    torch.save({"state": CodeOnLoad(marker), "x": torch.zeros(2)}, str(path))
+
+
+def reseal_checkpoint(path) -> None:
+    """Recompute the manifest of a checkpoint's state file after files in it were replaced: a tampered checkpoint
+    whose manifest is consistent (an attacker can compute SHA-256), so only the safe loaders stand in the way."""
+    from geoalign.training import checkpoint as ckpt
+
+    state_file = os.path.join(str(path), ckpt.STATE_FILE)
+    with open(state_file) as f:
+        state = json.load(f)
+    state["files"] = ckpt.manifest(str(path))
+    with open(state_file, "w") as f:
+        json.dump(state, f)
+
+
+def build_fuzz_case(case):
+    """The fusion and inputs of one tests/test_fuzz_parity.py example (a dict of the drawn choices): fresh random
+    parameters with the drawn ties and unused layers, q / layers / gather_index in the drawn memory layouts."""
+    shape, dtype, seed = case["shape"], case["dtype"], case["seed"]
+    fusion = make_fusion(shape, dtype, seed=seed, layer_norm_eps=case["eps"])
+    with torch.no_grad():
+        w, b = fusion.router.fc2.weight, fusion.router.fc2.bias
+        for i in case["tied"]:  # exactly equal logits: zero weight rows (an exact 0 dot product), equal biases
+            w[i].zero_()
+            b[i] = 1.5
+        for i in case["unused"]:
+            if i not in case["tied"]:
+                w[i].zero_()
+                b[i] = -1e4  # never in any token's top-K while a finite logit is left: a layer with no pairs
+    g = torch.Generator().manual_seed(seed + 1)
+    N = shape.N
+    q = torch.randn(shape.L, shape.D, generator=g, dtype=torch.float64).to(dtype)
+    if case["q_layout"] == "column-slice":
+        wide = torch.randn(shape.L, shape.D + 3, generator=g, dtype=torch.float64).to(dtype)
+        wide[:, 1:1 + shape.D] = q
+        q = wide[:, 1:1 + shape.D]
+    layers = []
+    for i in range(shape.M):
+        x = (torch.randn(N, shape.Dg, generator=g, dtype=torch.float64) * (1 + i) + 0.3 * i).to(dtype)
+        if case["layer_layout"] == "padded-rows":
+            pad = torch.zeros(N, shape.Dg + 5, dtype=dtype)
+            pad[:, :shape.Dg] = x
+            x = pad[:, :shape.Dg]
+        elif case["layer_layout"] == "transposed-copy":
+            x = x.t().contiguous().t()  # column-major: unit stride along rows, not along D'
+        layers.append(x)
+    gi = torch.randint(0, N, (shape.L, shape.G), generator=g)
+    if case["index_layout"] == "int32":
+        gi = gi.to(torch.int32)
+    elif case["index_layout"] == "transposed":
+        gi = gi.t().contiguous().t()
+    return fusion, q.requires_grad_(True), layers, gi
+
+
+def reference_in_fp64(fusion, q, layers, gi, grad_out):
+    """The reference on the same (rounded) inputs and parameters, in fp64: the exact answer to within fp64."""
+    import copy
+
+    f64 = copy.deepcopy(fusion).double()
+    q64 = q.detach().double().requires_grad_(True)
+    return run_backend(f64, "reference", q64, [x.double() for x in layers], gi, grad_out.double())

@@ -31,7 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from geoalign.backends.reference import reference_logits  # noqa: E402
 
-from helpers import TOL, TRITON_TOL, Shape, fast_backends, make_fusion, run_backend  # noqa: E402
+from helpers import (TOL, TRITON_TOL, Shape, build_fuzz_case, fast_backends, reference_in_fp64,  # noqa: E402
+                     run_backend)
 
 FUZZ_TRITON_TOL = {torch.float64: TRITON_TOL[torch.float64], torch.float32: TOL[torch.float32]}  # random shapes
 ATOL = {torch.float64: 1e-13, torch.float32: 1e-6}
@@ -78,43 +79,6 @@ def cases(draw, dtypes):
     )
 
 
-def build(case):
-    shape, dtype, seed = case["shape"], case["dtype"], case["seed"]
-    fusion = make_fusion(shape, dtype, seed=seed, layer_norm_eps=case["eps"])
-    with torch.no_grad():
-        w, b = fusion.router.fc2.weight, fusion.router.fc2.bias
-        for i in case["tied"]:  # exactly equal logits: zero weight rows (an exact 0 dot product), equal biases
-            w[i].zero_()
-            b[i] = 1.5
-        for i in case["unused"]:
-            if i not in case["tied"]:
-                w[i].zero_()
-                b[i] = -1e4  # never in any token's top-K while a finite logit is left: a layer with no pairs
-    g = torch.Generator().manual_seed(seed + 1)
-    N = shape.N
-    q = torch.randn(shape.L, shape.D, generator=g, dtype=torch.float64).to(dtype)
-    if case["q_layout"] == "column-slice":
-        wide = torch.randn(shape.L, shape.D + 3, generator=g, dtype=torch.float64).to(dtype)
-        wide[:, 1:1 + shape.D] = q
-        q = wide[:, 1:1 + shape.D]
-    layers = []
-    for i in range(shape.M):
-        x = (torch.randn(N, shape.Dg, generator=g, dtype=torch.float64) * (1 + i) + 0.3 * i).to(dtype)
-        if case["layer_layout"] == "padded-rows":
-            pad = torch.zeros(N, shape.Dg + 5, dtype=dtype)
-            pad[:, :shape.Dg] = x
-            x = pad[:, :shape.Dg]
-        elif case["layer_layout"] == "transposed-copy":
-            x = x.t().contiguous().t()  # column-major: unit stride along rows, not along D'
-        layers.append(x)
-    gi = torch.randint(0, N, (shape.L, shape.G), generator=g)
-    if case["index_layout"] == "int32":
-        gi = gi.to(torch.int32)
-    elif case["index_layout"] == "transposed":
-        gi = gi.t().contiguous().t()
-    return fusion, q.requires_grad_(True), layers, gi
-
-
 def boundary_is_clear(fusion, q, k: int) -> bool:
     """No two logits around the top-K cut within 1e-6 relative unless exactly equal (fp64 logits)."""
     with torch.no_grad():
@@ -127,17 +91,8 @@ def boundary_is_clear(fusion, q, k: int) -> bool:
     return not bool(near.any())
 
 
-def reference_in_fp64(fusion, q, layers, gi, grad_out):
-    """The reference on the same (rounded) inputs and parameters, in fp64: the exact answer to within fp64."""
-    import copy
-
-    f64 = copy.deepcopy(fusion).double()
-    q64 = q.detach().double().requires_grad_(True)
-    return run_backend(f64, "reference", q64, [x.double() for x in layers], gi, grad_out.double())
-
-
 def check(case, backend, tol):
-    fusion, q, layers, gi = build(case)
+    fusion, q, layers, gi = build_fuzz_case(case)
     assume(boundary_is_clear(fusion, q, case["shape"].K))
     grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(case["seed"] + 2))
     ref = run_backend(fusion, "reference", q, layers, gi, grad_out)

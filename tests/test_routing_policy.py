@@ -275,12 +275,12 @@ def test_router_gradients_in_fp32_next_to_tied_layers_as_close_to_fp64_as_the_re
     further from fp64 than the fp32 reference (2.8e-6 against 3.3e-7); with kept_softmax_backward 13x closer."""
     import copy
 
-    from test_fuzz_parity import build, reference_in_fp64
+    from helpers import build_fuzz_case, reference_in_fp64
 
     case = {"shape": Shape(L=20, M=4, K=3, G=1, D=3, Dg=17, H=37, R=6, N=16), "dtype": torch.float32, "eps": 1e-6,
             "tied": [0, 1], "unused": [], "q_layout": "column-slice", "layer_layout": "contiguous",
             "index_layout": "int64", "seed": 39259}
-    fusion, q, layers, gi = build(case)
+    fusion, q, layers, gi = build_fuzz_case(case)
     grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(case["seed"] + 2))
     ref = run_backend(fusion, "reference", q, layers, gi, grad_out)
     if backend == "cuda-emulated":

@@ -6,6 +6,7 @@ interrupted trainer_state.json write is tests/test_atomic_files.py::test_trainin
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -91,7 +92,8 @@ def test_commit_writes_the_state_with_complete_and_step(tmp_path):
     # a stale "complete"/"step" in the caller's state is overridden by the commit's own
     path = save(out, 12, {"model.safetensors": "w12"}, {"global_step": 12, "seed": 3, "complete": False, "step": 1})
     assert path == str(out / "checkpoint-12")
-    assert ckpt.read_state(path) == {"global_step": 12, "seed": 3, "complete": True, "step": 12}
+    manifest = {"model.safetensors": {"size": 3, "sha256": hashlib.sha256(b"w12").hexdigest()}}
+    assert ckpt.read_state(path) == {"global_step": 12, "seed": 3, "complete": True, "step": 12, "files": manifest}
     assert ckpt.resolve_resume("latest", str(out)) == path and ckpt.resolve_resume(path, str(out)) == path
     assert sorted(os.listdir(path)) == ["model.safetensors", "trainer_state.json"] and hidden(out) == []
 
@@ -105,7 +107,9 @@ def test_resaving_a_step_replaces_it_whole(tmp_path, elsewhere):
     assert path == str(out / "checkpoint-3")
     assert sorted(os.listdir(path)) == ["model.safetensors", "trainer_state.json"]  # no stale optimizer.bin
     assert Path(path, "model.safetensors").read_text() == "second"
-    assert ckpt.read_state(path) == {"global_step": 3, "try": 2, "complete": True, "step": 3}
+    state = ckpt.read_state(path)
+    assert state.pop("files") == {"model.safetensors": {"size": 6, "sha256": hashlib.sha256(b"second").hexdigest()}}
+    assert state == {"global_step": 3, "try": 2, "complete": True, "step": 3}
     assert [s for s, _ in ckpt.list_checkpoints(str(out))] == [2, 3] and hidden(out) == []
     assert os.listdir(elsewhere) == []
 

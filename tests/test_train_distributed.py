@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from geoalign.atomic_files import read_jsonl  # noqa: E402
+from helpers import hostile_torch_file, reseal_checkpoint  # noqa: E402
 from geoalign.tiny import tiny_model  # noqa: E402
 
 pytest.importorskip("accelerate")
@@ -228,6 +229,18 @@ def test_two_process_fsdp2_shards_and_matches_single_process(setup, one_process,
     assert state["distributed_type"] == "FSDP2" and state["world_size"] == 2
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(two / "checkpoint-2" / "fsdp"))
 
+    # a checkpoint from someone else: accelerate would unpickle a custom_checkpoint_0.pkl with weights_only=False
+    # (the scheduler used to be registered with it); the schedule is JSON now and nothing reads that file
+    assert "custom_checkpoint_0.pkl" not in os.listdir(two / "checkpoint-2")
+    assert "scheduler.json" in os.listdir(two / "checkpoint-2")
+    hostile = two / "hostile"
+    shutil.copytree(two / "checkpoint-2", hostile / "checkpoint-2")
+    marker = tmp_path / "ran"
+    hostile_torch_file(hostile / "checkpoint-2" / "custom_checkpoint_0.pkl", marker)
+    reseal_checkpoint(hostile / "checkpoint-2")
+    with pytest.raises(AssertionError, match="holds custom_checkpoint_0.pkl, a pickle geoalign never writes"):
+        _torchrun(setup, tmp_path / "refused", {**over, "resume_from_checkpoint": str(hostile / "checkpoint-2")})
+    assert not marker.exists()
     _torchrun(setup, resumed, {**over, "resume_from_checkpoint": str(two / "checkpoint-2")})
     lr = json.loads((resumed / "losses_rank0.json").read_text())
     assert list(lr) == ["3"] and lr["3"] == pytest.approx(l0["3"], rel=1e-6), (lr, l0)

@@ -10,17 +10,27 @@ valid checkpoints or a staging directory that is ignored (and cleaned up on the 
 leaves the aside copy, which still counts as that step's checkpoint (latest_checkpoint finds it) and is renamed
 back by the next save, so even save_total_limit=1 always leaves one to resume from. Needs a file system
 shared by all ranks (the usual set-up for multi-node training too).
+
+The state file is also the checkpoint's manifest: ``files`` maps every other file (relative path) to its size and
+SHA-256, computed by rank 0 just before the state file is written. A resume verifies them first
+(:func:`verify_checkpoint`): a file cut short by a copy, flipped bits or a missing file is one error naming the file,
+and ``resume="latest"`` then falls back to the newest intact checkpoint, with a warning.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 
 from ..atomic_files import fsync_dir, fsync_tree, write_json
 
+logger = logging.getLogger("geoalign.training")
+
 STATE_FILE = "trainer_state.json"
+SCHEDULER_JSON = "scheduler.json"              # the LR schedule of an FSDP2 run (the other modes: accelerate's)
 PREFIX = "checkpoint-"
 STAGING_PREFIX = ".staging-"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -78,24 +88,86 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def file_digest(path: str, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(directory: str) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under ``directory`` but the state file."""
+    out = {}
+    for root, _dirs, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != STATE_FILE:
+                out[rel] = {"size": os.path.getsize(path), "sha256": file_digest(path)}
+    return dict(sorted(out.items()))
+
+
+def verify_checkpoint(path: str) -> None:
+    """Check every file the state file's manifest lists: present, of its size, with its SHA-256. Raises ValueError
+    naming the first file that is not (a checkpoint written before manifests existed is accepted, with a warning)."""
+    files = read_state(path).get("files")
+    if files is None:
+        logger.warning("checkpoint %s has no file manifest (written before geoalign 0.1.0 recorded one): its files "
+                       "cannot be verified", path)
+        return
+    for rel, want in files.items():
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            raise ValueError(f"checkpoint file missing: {f}")
+        size = os.path.getsize(f)
+        if size != want["size"]:
+            raise ValueError(f"checkpoint file damaged: {f} has {size} bytes, the manifest says {want['size']} "
+                             "(cut short by a copy?)")
+        if file_digest(f) != want["sha256"]:
+            raise ValueError(f"checkpoint file damaged: {f} does not match its SHA-256 in {STATE_FILE} (changed "
+                             "after it was written)")
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """None -> None; "latest" -> the newest valid checkpoint in output_dir (None if there is none); a path -> that
-    checkpoint (it must be valid)."""
+    """None -> None; "latest" -> the newest valid checkpoint in output_dir whose files verify (None if there is none;
+    a damaged newer one is skipped with a warning naming the damage); a path -> that checkpoint, which must be valid
+    and verify (else ValueError naming the file)."""
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)
+        for _step, path in reversed(list_checkpoints(output_dir)):
+            try:
+                verify_checkpoint(path)
+            except (OSError, ValueError) as e:
+                logger.warning("skipping damaged %s: %s; trying an older checkpoint", path, e)
+                continue
+            return path
+        return None
     if not os.path.isdir(resume):
         raise FileNotFoundError(f"resume_from_checkpoint: {resume!r} is not a directory")
     if not is_valid_checkpoint(resume):
         raise ValueError(f"resume_from_checkpoint: {resume!r} is not a complete checkpoint (no {STATE_FILE} marked "
                          "complete, or not named checkpoint-<step>)")
+    verify_checkpoint(resume)
     return resume
 
 
+def read_json_state(path: str) -> dict:
+    """A JSON object from a checkpoint file; ValueError naming the file if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"checkpoint file {path} is not valid JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint file {path} must hold a JSON object, got {type(state).__name__}")
+    return state
+
+
 def read_state(path: str) -> dict:
-    with open(os.path.join(path, STATE_FILE)) as f:
-        return json.load(f)
+    return read_json_state(os.path.join(path, STATE_FILE))
 
 
 def begin(output_dir: str, step: int, is_main: bool) -> str:
@@ -115,7 +187,8 @@ def commit(output_dir: str, step: int, state: dict, save_total_limit: int | None
     stage = staging_dir(output_dir, step)
     final = checkpoint_dir(output_dir, step)
     _restore_asides(output_dir)
-    write_json(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step)))
+    fsync_tree(stage)                        # every rank's files are on disk before they are hashed
+    write_json(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step), files=manifest(stage)))
     fsync_tree(stage)
     if os.path.exists(final):                 # re-saving a step: move the old one out of the way first
         old = os.path.join(output_dir, f"{STAGING_PREFIX}old-{PREFIX}{int(step)}")

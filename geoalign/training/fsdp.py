@@ -11,7 +11,8 @@ reduced in fp32 (``MixedPrecisionPolicy``); the master weights and AdamW states 
 Works on CUDA (NCCL) and on CPU (gloo), so the default tests shard for real with two CPU processes.
 
 Checkpoints: ``torch.distributed.checkpoint`` (each rank writes its own shards of the model and optimizer into
-``<checkpoint>/fsdp/``); the final model: a full state dict gathered on rank 0 (``full_state_dict``).
+``<checkpoint>/fsdp/``; read back by geoalign.training.safe_loading's reader, which runs no code from the files);
+the final model: a full state dict gathered on rank 0 (``full_state_dict``).
 """
 from __future__ import annotations
 
@@ -94,8 +95,9 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_
                  trainable_only: bool) -> None:
     """Read what ``save_sharded`` wrote back into the sharded model and optimizer (collective; any world size: DCP
     reshards on load)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from .safe_loading import safe_dcp_load
 
     path = os.path.join(checkpoint_dir, SHARDED_DIR)
     if not os.path.isdir(path):
@@ -104,7 +106,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_
     options = _options(trainable_only)
     msd, osd = get_state_dict(model, optimizer, options=options)
     state = {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=path)
+    safe_dcp_load(state, path)              # DCP's metadata and items read without running code from them
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=options)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..atomic_files import append_jsonl
+from ..atomic_files import append_jsonl, write_json
 from ..memory import peak_memory_bytes
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -30,6 +30,7 @@ from . import fsdp
 from .distributed import build_accelerator, distributed_type, world_size
 from .loss_scaling import backward_scale, supervised_tokens
 from .optimization import build_optimizer, configure_trainable, lr_lambda, merge_lora_state_dict
+from .safe_loading import check_accelerate_files, deepspeed_weights_only
 from .sampler import StepSampler
 
 logger = logging.getLogger("geoalign.training")
@@ -163,9 +164,10 @@ class GeoAlignTrainer:
         optimizer = build_optimizer(self.model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, self.warmup_steps, self.total_steps))
-        if self.fsdp:       # model and AdamW state go to sharded checkpoints (fsdp.py); accelerate keeps the rest
+        if self.fsdp:       # model and AdamW state go to sharded checkpoints (fsdp.py), the schedule to JSON;
+            # accelerate keeps the RNG states (it would pickle a scheduler registered with it, and unpickle it with
+            # weights_only=False on resume: code from a checkpoint directory someone hands us)
             self.model_ddp, self.optimizer, self.scheduler = self.model, optimizer, scheduler
-            acc.register_for_checkpointing(scheduler)
         else:
             self.model_ddp, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self._trainable = {n for n, p in acc.unwrap_model(self.model_ddp).named_parameters() if p.requires_grad}
@@ -204,12 +206,16 @@ class GeoAlignTrainer:
             if missing:
                 raise ValueError(f"checkpoint {path!r} lacks trainable parameters {missing[:5]} (different train_mode "
                                  "or model?)")
-        if self.distributed_type == "FSDP2":
-            acc.load_state(path)            # RNG states and the schedule
-            fsdp.load_sharded(self.model_ddp, self.optimizer, path, trainable_only=not strict)
-        elif self.distributed_type == "DEEPSPEED":
-            acc.load_state(path)            # its own checkpoint format (full module states)
+        if self.distributed_type == "DEEPSPEED":
+            with deepspeed_weights_only():  # its own checkpoint format (full module states), read weights_only
+                acc.load_state(path)
         else:
+            check_accelerate_files(path, acc.process_index)   # a refused or damaged file: one error naming it
+        if self.distributed_type == "FSDP2":
+            acc.load_state(path)            # the RNG states
+            fsdp.load_sharded(self.model_ddp, self.optimizer, path, trainable_only=not strict)
+            self.scheduler.load_state_dict(ckpt.read_json_state(os.path.join(path, ckpt.SCHEDULER_JSON)))
+        elif self.distributed_type != "DEEPSPEED":
             acc.load_state(path, strict=strict)
         self.start_step = int(state["global_step"])
         self.log_history = state.get("log_history", [])
@@ -223,6 +229,8 @@ class GeoAlignTrainer:
         acc.save_state(stage)
         if self.fsdp:
             fsdp.save_sharded(self.model_ddp, self.optimizer, stage, trainable_only=not cfg.save_frozen_weights)
+            if acc.is_main_process:
+                write_json(os.path.join(stage, ckpt.SCHEDULER_JSON), self.scheduler.state_dict())
         acc.wait_for_everyone()
         path = ckpt.checkpoint_dir(cfg.output_dir, step)
         if acc.is_main_process:

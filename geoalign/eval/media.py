@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..local_paths import resolve_inside
+
 VIDEO_EXTS = (".mp4", ".mkv", ".avi", ".mov", ".webm")
 
 
@@ -49,14 +51,15 @@ def list_frame_files(folder: str) -> list[str]:
 
 
 def find_scene_media(scene_id: str, roots: Sequence[str]) -> MediaRef:
-    """First match of ``{root}/{scene_id}{.mp4,...}`` or ``{root}/{scene_id}/`` (frames)."""
+    """First match of ``{root}/{scene_id}{.mp4,...}`` or ``{root}/{scene_id}/`` (frames); a scene id that climbs out of
+    a root (``..``) is a ValueError."""
     tried = []
     for root in roots:
         for ext in VIDEO_EXTS:
-            p = os.path.join(root, scene_id + ext)
+            p = resolve_inside(root, scene_id + ext, "scene")
             if os.path.isfile(p):
                 return MediaRef(p, "video")
-        d = os.path.join(root, scene_id)
+        d = resolve_inside(root, scene_id, "scene")
         if os.path.isdir(d) and list_frame_files(d):
             return MediaRef(d, "frames")
         tried.append(os.path.join(root, scene_id) + "{" + ",".join(VIDEO_EXTS) + ",/}")

@@ -14,6 +14,7 @@ import os
 from typing import Callable
 
 from ..geometry.sampling import FRAME_SAMPLING
+from ..local_paths import resolve_inside
 from . import gap, scanqa, sqa3d, vsibench
 from .media import MediaRef, find_scene_media
 from .predictor import Sample
@@ -104,7 +105,8 @@ def load_samples(task: str, data_dir: str, media_dir: str | None = None, split: 
         docs = docs if limit is None else docs[:limit]
         root = media_dir or data_dir
         return [Sample(id=str(d["id"]), task="gap", prompt=gap.prompt(d),
-                       media=MediaRef(os.path.join(root, d["images"]), "frames"), meta=gap.meta(d), **common)
+                       media=MediaRef(resolve_inside(root, d["images"], "GAP record images"), "frames"),
+                       meta=gap.meta(d), **common)
                 for d in docs]
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 

@@ -49,6 +49,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..local_paths import resolve_inside
+
 MCA_QUESTION_TYPES = (
     "object_rel_direction_easy",
     "object_rel_direction_medium",
@@ -382,5 +384,6 @@ def load_docs(data_dir: str, subset: str = "full") -> list[dict]:
 
 
 def video_path(data_dir: str, doc: dict) -> str:
-    """``{data_dir}/{dataset}/{scene_name}.mp4`` as in the benchmark."""
-    return os.path.join(data_dir, str(doc["dataset"]), f"{doc['scene_name']}.mp4")
+    """``{data_dir}/{dataset}/{scene_name}.mp4`` as in the benchmark (a ``..`` that climbs out of data_dir is a
+    ValueError)."""
+    return resolve_inside(data_dir, os.path.join(str(doc["dataset"]), f"{doc['scene_name']}.mp4"), "VSI-Bench video")

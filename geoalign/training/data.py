@@ -9,7 +9,8 @@ A record (one JSON object in a ``.json`` list or one line of a ``.jsonl`` file):
                        {"from": "gpt", "value": "4"},
                        {"from": "human", "value": "And tables?"}, {"from": "gpt", "value": "1"}]}
 
-Media paths are resolved against ``media_root`` (absolute paths are used as they are). Frames are sampled and
+Relative media paths are resolved against ``media_root`` and must stay inside it (a ``..`` that climbs out is an error
+naming the record); absolute paths, or any path without ``media_root``, are used as written. Frames are sampled and
 prepared exactly as :class:`geoalign.GeoAlignProcessor` does (``processor.prepare``); the frames go first in the
 first user turn (``<image>`` / ``<video>`` markers in the text are removed). Only assistant tokens (each answer and
 its ``<|im_end|>``) are supervised; for one question and one answer the tokens and labels equal the processor's.
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+
+from ..local_paths import resolve_inside
 
 logger = logging.getLogger("geoalign.training")
 
@@ -85,9 +88,16 @@ def read_records(path: str | os.PathLike) -> list[tuple[dict, str]]:
 
 
 def _resolve(root: str | None, rel: Any, rid: str, key: str) -> str:
+    """A record's media path: absolute, or without media_root, as written; else media_root/path, which must stay
+    inside media_root (a ``..`` that climbs out is an error naming the record)."""
     if not isinstance(rel, str) or not rel:
         raise RecordError(rid, f"{key!r} must be a non-empty path string, got {rel!r}")
-    return rel if os.path.isabs(rel) or root is None else os.path.join(root, rel)
+    if root is None:
+        return rel
+    try:
+        return resolve_inside(root, rel, key)
+    except ValueError as e:
+        raise RecordError(rid, str(e)) from None
 
 
 def parse_record(raw: Any, source: str, media_root: str | None = None, check_media: bool = True) -> Record:

@@ -557,6 +557,7 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                                     "read; pass local_files_only=False to let transformers look on the hub)")
         if "subfolder" not in kwargs and "config" not in kwargs:   # else transformers finds the config itself
             _check_geoalign_directory(os.fspath(path))
+        _check_weight_files(os.fspath(path))
         device = kwargs.pop("device", None)  # a single device: transformers' device_map names it
         if device is not None and kwargs.get("device_map") is None:
             kwargs["device_map"] = torch.device(device)
@@ -580,6 +581,23 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             super().save_pretrained(stage, *args, **kwargs)
             if processor is not None:
                 processor.save_pretrained(stage)
+
+
+def _check_weight_files(path: str) -> None:
+    """Every safetensors file of a local model directory opens (its header parses and its data covers the file): a
+    file cut short by a copy, or not a safetensors file, is one ValueError naming it."""
+    if not os.path.isdir(path):
+        return
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(path, name), framework="pt"):
+                    pass
+            except Exception as e:
+                raise ValueError(f"model weights file {os.path.join(path, name)} is damaged or not a safetensors "
+                                 f"file (cut short by a copy?): {e}") from None
 
 
 def _check_geoalign_directory(path: str) -> None:

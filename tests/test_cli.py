@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from geoalign.cli import main
 
@@ -44,6 +46,11 @@ def files(tmp: Path) -> Path:
     (tmp / "train.yaml").write_text(f"model_path: {tmp / 'nosuchmodel'}\ntrain_data: [{tmp / 'file.txt'}]\n")
     (tmp / "ok.yaml").write_text(f"model_path: {tmp / 'empty'}\ntrain_data: [{tmp / 'file.txt'}]\n"
                                  f"output_dir: {tmp / 'run'}\n")
+    (tmp / "cut").mkdir()                                      # a model directory whose weights a copy cut short
+    (tmp / "cut" / "config.json").write_text(json.dumps({"model_type": "geoalign_qwen2_5_vl"}))
+    save_file({"w": torch.zeros(64, 64)}, str(tmp / "cut" / "model.safetensors"))
+    data = (tmp / "cut" / "model.safetensors").read_bytes()
+    (tmp / "cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
     (tmp / "empty.jsonl").write_text("")
     (tmp / "array.jsonl").write_text(json.dumps([{"id": "q1", "prediction": "A"}]) + "\n")
     return tmp
@@ -82,6 +89,10 @@ CLI_CASES: dict[str, CliCase] = {
     "model-config-empty": CliCase("--model whose config.json is {}",
                                   lambda t: ["answer", "--model", str(t / "noconfig"), "--video", str(t / "v.mp4"),
                                              "--question", "q?"], "has no model_type"),
+    "model-weights-cut": CliCase("--model whose model.safetensors was cut short by a copy",
+                                 lambda t: ["answer", "--model", str(t / "cut"), "--video", str(t / "v.mp4"),
+                                            "--question", "q?"],
+                                 "model.safetensors is damaged or not a safetensors file (cut short by a copy?)"),
     "video-missing": CliCase("a video that does not exist",
                              lambda t: ["answer", "--model", str(t / "empty"), "--video", str(t / "none.mp4"),
                                         "--question", "q?"], "argument --video: not found:"),

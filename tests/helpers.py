@@ -644,3 +644,36 @@ def reference_in_fp64(fusion, q, layers, gi, grad_out):
     f64 = copy.deepcopy(fusion).double()
     q64 = q.detach().double().requires_grad_(True)
     return run_backend(f64, "reference", q64, [x.double() for x in layers], gi, grad_out.double())
+
+
+def write_train_setup(root):
+    """Under ``root``: a tiny saved GeoAlign model (``model/``), a synthetic colour dataset of 8 records
+    (``data/``) and ``train.yaml`` training it on one CPU process (3 steps of 4 records, a checkpoint every 2 steps,
+    a log record every step). Returns ``root``."""
+    import textwrap
+
+    from geoalign.processing import GeoAlignProcessor
+    from geoalign.tiny import tiny_model
+    from geoalign.training.synthetic import make_colour_dataset
+
+    data = make_colour_dataset(str(root / "data"), 8, frame_counts=(1, 2), height=8)
+    model, tok = tiny_model(seed=0)
+    model.save_pretrained(str(root / "model"), processor=GeoAlignProcessor(tok, None, group_size=4, num_frames=4))
+    (root / "train.yaml").write_text(textwrap.dedent(f"""
+        model_path: {root / 'model'}
+        train_data: [{data}]
+        media_root: {root / 'data'}
+        num_frames: 4
+        precision: "no"
+        distributed: ddp
+        global_batch_size: 4
+        per_device_batch_size: 1
+        learning_rate: 3.0e-3
+        max_steps: 3
+        save_steps: 2
+        logging_steps: 1
+        num_workers: 0
+        progress_bar: false
+        save_final_model: false
+    """))
+    return root

@@ -14,13 +14,10 @@ import pytest
 import torch
 
 from geoalign.atomic_files import read_jsonl  # noqa: E402
-from helpers import hostile_torch_file, reseal_checkpoint  # noqa: E402
-from geoalign.tiny import tiny_model  # noqa: E402
+from helpers import hostile_torch_file, reseal_checkpoint, write_train_setup  # noqa: E402
 
 pytest.importorskip("accelerate")
 
-from geoalign.processing import GeoAlignProcessor  # noqa: E402
-from geoalign.training.synthetic import make_colour_dataset  # noqa: E402
 
 DRIVER = textwrap.dedent('''
     import json, os, sys, torch
@@ -48,29 +45,7 @@ DRIVER = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    data = make_colour_dataset(str(root / "data"), 8, frame_counts=(1, 2), height=8)
-    model, tok = tiny_model(seed=0)
-    proc = GeoAlignProcessor(tok, None, group_size=4, num_frames=4)
-    model.save_pretrained(str(root / "model"), processor=proc)
-    cfg = root / "train.yaml"
-    cfg.write_text(textwrap.dedent(f"""
-        model_path: {root / 'model'}
-        train_data: [{data}]
-        media_root: {root / 'data'}
-        num_frames: 4
-        precision: "no"
-        distributed: ddp
-        global_batch_size: 4
-        per_device_batch_size: 1
-        learning_rate: 3.0e-3
-        max_steps: 3
-        save_steps: 2
-        logging_steps: 1
-        num_workers: 0
-        progress_bar: false
-        save_final_model: false
-    """))
+    root = write_train_setup(tmp_path_factory.mktemp("dist"))
     (root / "driver.py").write_text(DRIVER)
     return root
 

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from ..atomic_files import append_jsonl, drop_cut_tail, read_jsonl, write_json, write_jsonl
+from ..faults import fault_point
 from .predictor import Predictor, Sample
 from .tasks import make_record, score_records
 
@@ -132,6 +133,7 @@ def run_eval(samples: Sequence[Sample], predictor: Predictor, out_path: str, *,
                 for rec, extra in zip(records, extras):
                     rec.update(extra)
             append_jsonl(target, records)
+            fault_point("eval-answered")
             written += len(batch)
             bar.update(len(batch))
     finally:

@@ -26,6 +26,7 @@ import re
 import shutil
 
 from ..atomic_files import fsync_dir, fsync_tree, write_json
+from ..faults import fault_point
 
 logger = logging.getLogger("geoalign.training")
 
@@ -190,18 +191,21 @@ def commit(output_dir: str, step: int, state: dict, save_total_limit: int | None
     fsync_tree(stage)                        # every rank's files are on disk before they are hashed
     write_json(os.path.join(stage, STATE_FILE), dict(state, complete=True, step=int(step), files=manifest(stage)))
     fsync_tree(stage)
+    fault_point("checkpoint-state-written")
     if os.path.exists(final):                 # re-saving a step: move the old one out of the way first
         old = os.path.join(output_dir, f"{STAGING_PREFIX}old-{PREFIX}{int(step)}")
         if os.path.exists(old):
             shutil.rmtree(old)
         os.rename(final, old)
         fsync_dir(output_dir)
+        fault_point("checkpoint-between-renames")
         os.rename(stage, final)
         fsync_dir(output_dir)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(stage, final)
         fsync_dir(output_dir)
+    fault_point("checkpoint-committed")
     if save_total_limit:
         ckpts = list_checkpoints(output_dir)
         for _, path in ckpts[:max(0, len(ckpts) - save_total_limit)]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..atomic_files import append_jsonl, write_json
+from ..faults import fault_point
 from ..memory import peak_memory_bytes
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -231,6 +232,7 @@ class GeoAlignTrainer:
             fsdp.save_sharded(self.model_ddp, self.optimizer, stage, trainable_only=not cfg.save_frozen_weights)
             if acc.is_main_process:
                 write_json(os.path.join(stage, ckpt.SCHEDULER_JSON), self.scheduler.state_dict())
+        fault_point("checkpoint-files-written")
         acc.wait_for_everyone()
         path = ckpt.checkpoint_dir(cfg.output_dir, step)
         if acc.is_main_process:
@@ -302,6 +304,7 @@ class GeoAlignTrainer:
         while step < end:
             step_loss, grad_norm = self._optimizer_step([next(batches) for _ in range(self.grad_accum)], meter)
             step += 1
+            fault_point("train-step")
             result.losses[step] = step_loss
             if bar is not None:
                 bar.update(1)

@@ -16,11 +16,14 @@ A reader of any path written here sees either the old content or the complete ne
       a whole line-oriented file replaced at once (as write_bytes), in append_jsonl's line format.
 
 The two low-level writers ``_write`` and ``_save_file`` are module attributes so tests can make a write fail
-halfway (tests/test_atomic_files.py); nothing else in the package writes files directly.
+halfway (tests/test_atomic_files.py); nothing else in the package writes files directly. A write that fails because
+the file system is full raises :class:`DiskFullError` naming the path and the bytes still free there (the old content,
+if any, is intact).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -77,6 +80,33 @@ def _new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+class DiskFullError(OSError):
+    """A write failed because its file system is full (or the user's quota is): the message names the path and the
+    bytes still free there."""
+
+
+def free_bytes(path: str) -> int:
+    """Bytes free on the file system of ``path`` (or of its nearest existing ancestor)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(error: BaseException, path: str) -> bool:
+    """Whether ``error`` (from writing under ``path``) is the file system running out of space: ENOSPC / EDQUOT, or
+    any other error of a library's writer (torch.save says "basic_ios::clear: iostream error") while under 1 MiB
+    is left there."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left" in str(error) or free_bytes(path) < 1 << 20
+
+
+def disk_full(path: str, what: str) -> DiskFullError:
+    return DiskFullError(errno.ENOSPC, f"no space left to write {what} {path}: {free_bytes(path)} bytes free on its "
+                                       "file system")
+
+
 def _parent(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
 
@@ -93,9 +123,11 @@ def _temporary_beside(path: str) -> Iterator[str]:
         os.chmod(tmp, _new_file_mode())   # readable like any output file (mkstemp's is private to this user)
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e, path):
+            raise disk_full(path, "the file") from e
         raise
     fsync_dir(parent)
 
@@ -186,10 +218,15 @@ def append_jsonl(path: str | os.PathLike, records: list) -> None:
     os.makedirs(_parent(path), exist_ok=True)
     drop_cut_tail(path)
     data = _jsonl_bytes(records)
-    with open(path, "ab") as f:
-        _write(f, data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            _write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:                  # a cut last line may be left: read_jsonl and the next append drop it
+        if is_disk_full(e, path):
+            raise disk_full(path, "records to") from e
+        raise
 
 
 def read_jsonl(path: str | os.PathLike, line_numbers: bool = False) -> list:

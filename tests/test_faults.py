@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -234,3 +236,75 @@ def test_sharded_eval_with_a_rank_killed_writes_every_answer_once(tmp_path):
     assert torchrun(args, fault="eval-answered@1:1") != 0
     torchrun(args)
     assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ full disk
+FULL_DISK_SCRIPT = r'''
+set -u
+mount -t tmpfs -o size=2700k tmpfs "$MNT" || exit 77
+py() { "$PYTHON" "$@"; }
+# training: checkpoint-1 (1.7 MB) fits, checkpoint-2 does not
+py -m geoalign.cli train --config "$SETUP/train.yaml" --output-dir "$MNT/run" --max-steps 4 --set save_steps=1 \
+    > "$LOG/train.out" 2> "$LOG/train.err"; echo $? > "$LOG/train.rc"
+py -c 'import json, os, sys; from geoalign.training import checkpoint as c; d = sys.argv[1]
+json.dump({"valid": [s for s, _ in c.list_checkpoints(d)], "latest": c.resolve_resume("latest", d),
+           "names": sorted(os.listdir(d))}, open(sys.argv[2], "w"))' "$MNT/run" "$LOG/train.json"
+rm -rf "$MNT/run"
+# predictions: a filler leaves room for a few answers only; then space is freed and the same command resumes
+head -c 4096 /dev/zero > "$MNT/room"                       # one page, freed below: room for ~20 answers
+dd if=/dev/zero of="$MNT/filler" bs=4096 2> /dev/null         # fills the rest (ends with ENOSPC)
+rm "$MNT/room"
+ARGS="eval vsibench --data $VSI --predictor geoalign.eval.fake:FakePredictor --model x --out $MNT/p.jsonl
+      --batch-size 1 --no-progress --no-score"
+py -m geoalign.cli $ARGS > "$LOG/eval1.out" 2> "$LOG/eval1.err"; echo $? > "$LOG/eval1.rc"
+rm "$MNT/filler"
+py -m geoalign.cli $ARGS > "$LOG/eval2.out" 2> "$LOG/eval2.err"; echo $? > "$LOG/eval2.rc"
+cp "$MNT/p.jsonl" "$LOG/p.jsonl"
+'''
+
+
+def many_questions(folder: Path, n: int) -> str:
+    """A VSI-Bench folder (helpers.make_vsibench) whose test.jsonl repeats its questions under new ids, n in all."""
+    data = make_vsibench(folder)
+    rows = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
+    (folder / "test.jsonl").write_text("".join(json.dumps({**rows[i % len(rows)], "id": i}) + "\n" for i in range(n)))
+    return data
+
+
+def test_a_full_disk_is_one_clear_error_and_loses_nothing(setup, tmp_path):
+    """On a 2.7 MB tmpfs (its own mount namespace; skipped where mounting is not allowed): training's second
+    checkpoint does not fit -- one error naming the directory and the free bytes, checkpoint-1 stays valid and is
+    what --resume latest takes, no staging directory is left; an eval of 120 questions with one page (4 KiB) left
+    stops with one error once its predictions fill it, and after space is freed the same command completes the file,
+    byte-equal to a run on a roomy disk (a line cut by the full disk is dropped and answered again)."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare not found")
+    data = many_questions(tmp_path / "vsi", 120)
+    assert evaluate(data, tmp_path / "full.jsonl") == 0
+    assert (tmp_path / "full.jsonl").stat().st_size > 3 * 4096      # more than the page left free
+    log, mnt = tmp_path / "log", tmp_path / "mnt"
+    log.mkdir()
+    mnt.mkdir()
+    env = dict(_env(), MNT=str(mnt), LOG=str(log), SETUP=str(setup), VSI=data, PYTHON=sys.executable)
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FULL_DISK_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 77 or (r.returncode != 0 and "unshare" in r.stderr):
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()[:200]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    assert (log / "train.rc").read_text().strip() == "2", (log / "train.err").read_text()[-3000:]
+    err = (log / "train.err").read_text().strip().splitlines()[-1]
+    assert re.fullmatch(rf"geoalign train: error: \[Errno 28\] no space left to write checkpoint 2 into {mnt}/run "
+                        rf"\([0-9]+ bytes free on its file system\): {mnt}/run/checkpoint-1 is intact; free some "
+                        r"space and run again with --resume latest", err), err
+    state = json.loads((log / "train.json").read_text())
+    assert state["valid"] == [1] and state["latest"] == f"{mnt}/run/checkpoint-1"
+    assert not [n for n in state["names"] if n.startswith(".staging")], state["names"]
+
+    assert (log / "eval1.rc").read_text().strip() == "1", (log / "eval1.err").read_text()[-2000:]
+    err = (log / "eval1.err").read_text().strip().splitlines()[-1]
+    assert err.startswith(f"geoalign eval: error: [Errno 28] no space left to write records to {mnt}/p.jsonl: ") \
+        and err.endswith(f"every answer written so far is kept in {mnt}/p.jsonl: run the same command again to "
+                         "resume"), err
+    assert (log / "eval2.rc").read_text().strip() == "0", (log / "eval2.err").read_text()[-2000:]
+    assert (log / "p.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()

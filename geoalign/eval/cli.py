@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from ..atomic_files import write_json
+from ..atomic_files import DiskFullError, write_json
 from ..backends import ALL_BACKENDS
 from ..cli_args import (ArgumentParser, UsageError, check_attn, check_backend, fail, has_module, local_path,
                         not_found, output_file, positive_int, resolve_device, use_device)
@@ -247,11 +247,14 @@ def run_eval_command(args) -> int:
     try:
         samples, info = _answer(args, proc, out, meta)
     except Exception as e:
-        if not proc.sharded and not isinstance(e, _Stop):
+        expected = isinstance(e, (_Stop, DiskFullError))        # said in one line; anything else is a bug: traceback
+        if not proc.sharded and not expected:
             raise
-        message = str(e) if isinstance(e, _Stop) else f"{type(e).__name__}: {e}"
+        message = str(e) if expected else f"{type(e).__name__}: {e}"
+        if isinstance(e, DiskFullError):
+            message += f"; every answer written so far is kept in {out}: run the same command again to resume"
         if proc.sharded:
-            if not isinstance(e, _Stop):
+            if not expected:
                 traceback.print_exc()
             if proc.rank != 0:
                 write_status(out, proc.rank, proc.world_size, {"ok": False, "error": message})

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from ..atomic_files import DiskFullError
 from ..cli_args import ArgumentParser, fail, local_path, non_negative_int, output_dir, require_module
 
 
@@ -74,7 +75,7 @@ def run_train(args: argparse.Namespace) -> int:
         from .trainer import GeoAlignTrainer
 
         result = GeoAlignTrainer(cfg).train()
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, DiskFullError) as e:
         return fail("train", e)
     if rank == 0:
         last = result.losses[max(result.losses)] if result.losses else float("nan")

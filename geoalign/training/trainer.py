@@ -13,15 +13,17 @@ applied by the trainer (fsdp.py; accelerate then keeps the RNG states and the sc
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..atomic_files import append_jsonl, write_json
+from ..atomic_files import DiskFullError, append_jsonl, free_bytes, is_disk_full, write_json
 from ..faults import fault_point
 from ..memory import peak_memory_bytes
 from . import checkpoint as ckpt
@@ -227,11 +229,22 @@ class GeoAlignTrainer:
         acc, cfg = self.accelerator, self.cfg
         stage = ckpt.begin(cfg.output_dir, step, acc.is_main_process)
         acc.wait_for_everyone()
-        acc.save_state(stage)
-        if self.fsdp:
-            fsdp.save_sharded(self.model_ddp, self.optimizer, stage, trainable_only=not cfg.save_frozen_weights)
-            if acc.is_main_process:
-                write_json(os.path.join(stage, ckpt.SCHEDULER_JSON), self.scheduler.state_dict())
+        try:
+            acc.save_state(stage)
+            if self.fsdp:
+                fsdp.save_sharded(self.model_ddp, self.optimizer, stage, trainable_only=not cfg.save_frozen_weights)
+                if acc.is_main_process:
+                    write_json(os.path.join(stage, ckpt.SCHEDULER_JSON), self.scheduler.state_dict())
+        except Exception as e:
+            if not is_disk_full(e, stage):
+                raise
+            if acc.is_main_process:                    # the half-written stage is never valid; give its space back
+                shutil.rmtree(stage, ignore_errors=True)
+            intact = ckpt.latest_checkpoint(cfg.output_dir)
+            raise DiskFullError(errno.ENOSPC, f"no space left to write checkpoint {step} into {cfg.output_dir} "
+                                f"({free_bytes(cfg.output_dir)} bytes free on its file system): "
+                                + (f"{intact} is intact; free some space and run again with --resume latest"
+                                   if intact else "no earlier checkpoint exists")) from e
         fault_point("checkpoint-files-written")
         acc.wait_for_everyone()
         path = ckpt.checkpoint_dir(cfg.output_dir, step)

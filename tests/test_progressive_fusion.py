@@ -121,8 +121,8 @@ def _plain_qwen(m, tok):
     return plain.eval()
 
 
-def _plain_forward_by_hand(plain, inputs, fused, mask, add_intermediate=True):
-    """Plain Qwen forward: visual tokens replaced by fused[-1]; fused[j] added after decoder layer INJECT[j]."""
+def _plain_forward_by_hand(plain, inputs, fused, mask, add_intermediate=True, inject=INJECT):
+    """Plain Qwen forward: visual tokens replaced by fused[-1]; fused[j] added after decoder layer inject[j]."""
     hooks = []
 
     def replace(mod, args, kwargs):
@@ -132,7 +132,7 @@ def _plain_forward_by_hand(plain, inputs, fused, mask, add_intermediate=True):
 
     hooks.append(plain.model.language_model.register_forward_pre_hook(replace, with_kwargs=True))
     if add_intermediate:
-        for j, k in enumerate(INJECT):
+        for j, k in enumerate(inject):
             def add(mod, args, out, j=j):
                 extra = torch.zeros_like(out).masked_scatter(mask[..., None].expand_as(out), fused[j])
                 return out + extra
@@ -146,9 +146,15 @@ def _plain_forward_by_hand(plain, inputs, fused, mask, add_intermediate=True):
             h.remove()
 
 
-@pytest.mark.parametrize("group_size", [4, 8], ids=["images", "video"])
-def test_logits_and_fused_tokens_match_a_by_hand_reference(model, group_size):
-    m, tok = model if group_size == 4 else _model(seed=2, group_size=8)
+@pytest.mark.parametrize("group_size,inject", [(4, INJECT), (8, INJECT), (4, (1, 0))],
+                         ids=["images", "video", "images-level0-after-layer1"])
+def test_logits_and_fused_tokens_match_a_by_hand_reference(model, group_size, inject):
+    """inject (1, 0): level 0 enters after decoder layer 1 and level 1 after layer 0, so a level's own index and
+    its decoder layer differ (every other config here has level j at layer j)."""
+    if inject != INJECT:
+        m, tok = _model(seed=4, progressive_inject_layers=inject)
+    else:
+        m, tok = model if group_size == 4 else _model(seed=2, group_size=8)
     inputs = _batch(tok, seed=11, group_size=group_size)
     mask = inputs["input_ids"] == (m.config.image_token_id if group_size == 4 else m.config.video_token_id)
     expected, q = _reference_levels(m, inputs, group_size)
@@ -176,13 +182,15 @@ def test_logits_and_fused_tokens_match_a_by_hand_reference(model, group_size):
     assert (expected[-1] - q).abs().max() > 1e-2, "the last level should change the visual tokens"
 
     plain = _plain_qwen(m, tok)
-    ref = _plain_forward_by_hand(plain, inputs, expected, mask)
+    ref = _plain_forward_by_hand(plain, inputs, expected, mask, inject=inject)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # the intermediate additions matter (so the comparison above would catch them missing or misplaced)
-    without = _plain_forward_by_hand(plain, inputs, expected, mask, add_intermediate=False)
+    without = _plain_forward_by_hand(plain, inputs, expected, mask, add_intermediate=False, inject=inject)
     assert (without - ref).abs().max() > 1e-3
-    swapped = _plain_forward_by_hand(plain, inputs, [expected[1], expected[0], expected[2]], mask)
+    swapped = _plain_forward_by_hand(plain, inputs, [expected[1], expected[0], expected[2]], mask, inject=inject)
     assert (swapped - ref).abs().max() > 1e-3
+    identity = _plain_forward_by_hand(plain, inputs, expected, mask, inject=tuple(range(len(inject))))
+    assert inject == tuple(range(len(inject))) or (identity - ref).abs().max() > 1e-3   # level j at layer j differs
 
 
 def test_gradients_reach_levels_and_mergers_not_vggt():

@@ -237,6 +237,73 @@ def test_two_process_fsdp2_shards_and_matches_single_process(setup, one_process,
         GeoAlignTrainer(cfg).train()
 
 
+BF16_DRIVER = textwrap.dedent('''
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    overrides = json.loads(sys.argv[3])
+    if overrides.pop("_reduce_in_bf16", False):      # the defect the test must catch: gradients reduced in bf16
+        import torch.distributed.fsdp as F
+        policy = F.MixedPrecisionPolicy
+        F.MixedPrecisionPolicy = lambda param_dtype=None, reduce_dtype=None, **kw: policy(
+            param_dtype=param_dtype, reduce_dtype=param_dtype, **kw)
+    from geoalign.training import fsdp
+    from geoalign.training.config import TrainConfig
+    from geoalign.training.trainer import GeoAlignTrainer
+    cfg = TrainConfig.from_yaml(sys.argv[1], {"output_dir": sys.argv[2], **overrides})
+    t = GeoAlignTrainer(cfg)
+    t._setup()
+    stats = {"forward": set()}
+    for layer in fsdp.decoder_layers(t.model):
+        layer.mlp.down_proj.register_forward_hook(lambda m, i, o: stats["forward"].add(str(o.dtype)))
+    def before_step(opt, args, kwargs):      # the reduced (sharded) gradients, before AdamW uses them
+        grads = [p.grad.to_local() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([x.float().flatten() for x in grads])
+        stats.update(grad={str(x.dtype) for x in grads}, param={str(p.dtype) for g in opt.param_groups
+                     for p in g["params"]}, not_bf16=(flat != flat.to(torch.bfloat16).float()).float().mean().item())
+    t.optimizer.register_step_pre_hook(before_step)
+    t.train()
+    with open(os.path.join(cfg.output_dir, f"bf16_rank{t.accelerator.process_index}.json"), "w") as f:
+        json.dump({k: sorted(v) if isinstance(v, set) else v for k, v in stats.items()}, f)
+''')
+
+
+def _bf16_fsdp_stats(setup, out, reduce_in_bf16=False):
+    """One step of 2-process FSDP2 with precision bf16 (one micro-batch per rank and no clipping, so the gradients
+    AdamW sees are exactly what the reduce-scatter produced): per rank, the dtypes of the forward's activations,
+    of the sharded gradients and master parameters, and the share of gradient elements not representable in bf16."""
+    (setup / "bf16_driver.py").write_text(BF16_DRIVER)
+    over = {"distributed": "fsdp", "precision": "bf16", "max_steps": 1, "global_batch_size": 2,
+            "max_grad_norm": 0, "save_steps": 0, "_reduce_in_bf16": reduce_in_bf16}
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(setup / "bf16_driver.py"),
+                        str(setup / "train.yaml"), str(out), json.dumps(over)], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [json.loads((out / f"bf16_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_fsdp2_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(setup, tmp_path):
+    """The production GPU policy (fsdp.py: parameters all-gathered in bf16, gradients reduced in fp32, fp32 master
+    weights) on 2 gloo processes: the decoder computes in bf16, the sharded gradients and masters are fp32, and about
+    half of the reduced gradient elements are not bf16 numbers -- the average of two ranks' bf16 gradients taken in
+    fp32 (a reduction in bf16 rounds every element to bf16: test_..._reduced_in_bf16_is_caught)."""
+    for stats in _bf16_fsdp_stats(setup, tmp_path / "out"):
+        assert stats["forward"] == ["torch.bfloat16"] and stats["grad"] == stats["param"] == ["torch.float32"]
+        assert stats["not_bf16"] > 0.3, stats
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not found")
+def test_fsdp2_bf16_gradients_reduced_in_bf16_is_caught(setup, tmp_path):
+    """The negative control of the test above: with the reduce dtype forced to bf16 every reduced gradient element
+    is a bf16 number, so its check (> 30% are not) fails."""
+    for stats in _bf16_fsdp_stats(setup, tmp_path / "out", reduce_in_bf16=True):
+        assert stats["not_bf16"] == 0.0, stats
+
+
 def test_deepspeed_needs_cuda_for_several_processes(monkeypatch):
     from geoalign.training.config import TrainConfig
     from geoalign.training.distributed import build_accelerator

@@ -51,6 +51,12 @@ def files(tmp: Path) -> Path:
     save_file({"w": torch.zeros(64, 64)}, str(tmp / "cut" / "model.safetensors"))
     data = (tmp / "cut" / "model.safetensors").read_bytes()
     (tmp / "cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp / "evil.yaml").write_text(f'learning_rate: !!python/object/apply:os.system ["touch {tmp / "ran"}"]\n')
+    damaged = tmp / "run" / "checkpoint-3"                      # a checkpoint whose file a copy cut short
+    damaged.mkdir(parents=True)
+    (damaged / "model.safetensors").write_bytes(b"abc")
+    (damaged / "trainer_state.json").write_text(json.dumps({"complete": True, "step": 3, "files": {
+        "model.safetensors": {"size": 5, "sha256": "0" * 64}}}))
     (tmp / "empty.jsonl").write_text("")
     (tmp / "array.jsonl").write_text(json.dumps([{"id": "q1", "prediction": "A"}]) + "\n")
     return tmp
@@ -160,6 +166,14 @@ CLI_CASES: dict[str, CliCase] = {
     "train-resume-missing": CliCase("train --resume DIR that does not exist (before the model loads)",
                                     lambda t: ["train", "--config", str(t / "ok.yaml"), "--resume",
                                                str(t / "checkpoint-9")], "is not a directory"),
+    "train-resume-damaged": CliCase("train --resume DIR whose file a copy cut short (before the model loads)",
+                                    lambda t: ["train", "--config", str(t / "ok.yaml"), "--resume",
+                                               str(t / "run" / "checkpoint-3")],
+                                    "checkpoint file damaged: {tmp}/run/checkpoint-3/model.safetensors has 3 bytes, "
+                                    "the manifest says 5 (cut short by a copy?)"),
+    "train-config-code": CliCase("a training YAML with a !!python tag (code)",
+                                 lambda t: ["train", "--config", str(t / "evil.yaml")],
+                                 "is not plain YAML data: could not determine a constructor for the tag"),
     # ---- outputs
     "out-under-file": CliCase("an output path below an existing file", routes("--out", "FILE/sub"),
                               "cannot be created: '{tmp}/file.txt' is a file, not a directory"),

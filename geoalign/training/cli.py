@@ -23,7 +23,10 @@ def _parse_override(item: str):
     if "=" not in item:
         raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
     key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {item!r}: the value is not plain YAML data: {str(e).splitlines()[0]}") from None
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -249,7 +249,11 @@ class TrainConfig:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"training config not found: {p!r}")
         with open(p) as f:
-            d = yaml.safe_load(f) or {}
+            try:
+                d = yaml.safe_load(f) or {}           # plain data only: a !!python tag is refused, never run
+            except yaml.YAMLError as e:
+                raise ValueError(f"training config {p!r} is not plain YAML data: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         if not isinstance(d, dict):
             raise ValueError(f"training config {p!r} must be a YAML mapping of keys to values")
         d.update(overrides or {})

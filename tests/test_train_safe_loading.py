@@ -158,3 +158,15 @@ def test_vggt_model_pt_with_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         read_aggregator_state_dict(tmp_path / "model.pt")
     assert not marker.exists()
+
+
+def test_a_pickle_in_place_of_the_state_file_is_not_a_checkpoint(run, tmp_path):
+    """trainer_state.json is read as JSON only: a pickle there (that would run a command) makes the directory an
+    incomplete checkpoint, skipped by --resume latest and refused by --resume DIR."""
+    out = copy_run(run, tmp_path)
+    marker = tmp_path / "ran"
+    (out / "checkpoint-2" / ckpt.STATE_FILE).write_bytes(pickle.dumps(CodeOnLoad(marker)))
+    assert ckpt.resolve_resume("latest", str(out)) == str(out / "checkpoint-1")
+    with pytest.raises(ValueError, match="is not a complete checkpoint"):
+        ckpt.resolve_resume(str(out / "checkpoint-2"), str(out))
+    assert not marker.exists()

@@ -21,6 +21,7 @@ import torch.nn as nn
 from .backends import get_sparse_backend, resolve_backend_name
 from .backends.reference import ReferenceStream, reference_route
 from .config import GeoAlignConfig
+from .layers import MLP
 from .routing import Routing, route_fixed
 
 logger = logging.getLogger(__name__)
@@ -31,18 +32,6 @@ def _notice_once(key, message: str) -> None:
     if key not in _NOTICED:
         _NOTICED.add(key)
         logger.info(message)
-
-
-class _MLP(nn.Module):
-    """fc2(GELU(fc1(x))), exact (erf) GELU."""
-
-    def __init__(self, d_in: int, d_hidden: int, d_out: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, d_hidden)
-        self.fc2 = nn.Linear(d_hidden, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
 def _describe(t) -> str:
@@ -166,11 +155,11 @@ class GeoAlignFusion(nn.Module):
         D = config.hidden_size
         self.layer_norms = nn.ModuleList(nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps) for _ in range(M))
         if config.projector == "shared":
-            self.projector = _MLP(G * config.geo_dim, config.projector_hidden, D)
+            self.projector = MLP(G * config.geo_dim, config.projector_hidden, D)
         else:
-            self.projectors = nn.ModuleList(_MLP(G * config.geo_dim, config.projector_hidden, D) for _ in range(M))
+            self.projectors = nn.ModuleList(MLP(G * config.geo_dim, config.projector_hidden, D) for _ in range(M))
         if config.has_router:
-            self.router = _MLP(D, config.router_hidden, M)
+            self.router = MLP(D, config.router_hidden, M)
         self.out_proj = nn.Linear(D, D, bias=False)
         if config.fusion == "film":
             self.film_scale = nn.Linear(D, D, bias=False)
@@ -209,7 +198,7 @@ class GeoAlignFusion(nn.Module):
         gate_in = q if kind == "gated_2d" else torch.cat([q, f_hat], dim=-1)
         return q + self.out_proj(torch.sigmoid(self.gate(gate_in)) * f_hat)
 
-    def projector_for(self, i: int) -> _MLP:
+    def projector_for(self, i: int) -> MLP:
         """The projector MLP of bank position i: the shared f_phi, or layer i's own with projector="split"."""
         return self.projector if self.config.projector == "shared" else self.projectors[i]
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .model_inputs import split_by_sample
+from .visual_fusion import stream_vggt_layers
+
 
 @dataclass
 class KeptGeometry:
@@ -91,3 +94,17 @@ class InLLMInjection:
         kwargs = dict(kwargs)
         kwargs["hidden_states"] = h
         return args, kwargs
+
+
+def keep_bank_layers(model, q: torch.Tensor, grid_thw: torch.Tensor, samples, visual_mask: torch.Tensor,
+                     backend: str | None) -> None:
+    """In-LLM injection, at prefill: run VGGT once per sample and keep its M bank layers for the decoder hooks of
+    ``model`` (a GeoAlignModel; q [L_total, D] the tower's output, samples its SampleGeometry list)."""
+    fp = model.fusion.weight_like
+    kept = []
+    for _q_b, s, gi in split_by_sample(q, grid_thw, samples, model.group_size):
+        layers: list = [None] * model.fusion.config.num_bank_layers
+        for position, rows in stream_vggt_layers(model, s.images, model.fusion.config.bank_layers, fp.dtype):
+            layers[position] = rows.to(fp.device)
+        kept.append((layers, gi.to(device=fp.device, dtype=torch.int64)))
+    model.injection.keep(KeptGeometry(visual_mask.to(q.device), kept, backend))

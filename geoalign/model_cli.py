@@ -7,11 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import TYPE_CHECKING
 
 from .backends import ALL_BACKENDS
 from .cli_args import (UsageError, check_attn, check_backend, fail, local_path, output_dir, positive_int,
                        resolve_device, use_device)
 from .eval.predictor import DTYPES
+
+if TYPE_CHECKING:
+    import torch
 
 ANSWER_HELP = """Answer one question about a video or a folder of frames with a GeoAlign model (greedy decoding).
 
@@ -133,7 +137,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from .serialization import convert_legacy_directory, is_legacy_directory
+    from .serialization import is_legacy_directory
 
     if not is_legacy_directory(args.old):
         return fail("convert", f"{args.old!r} is not a legacy geoalign directory (it has no geoalign_model.json, "
@@ -145,6 +149,20 @@ def run_convert(args: argparse.Namespace) -> int:
         return fail("convert", e)
     print(f"wrote {args.new}")
     return 0
+
+
+def convert_legacy_directory(old: str | os.PathLike, new: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Rewrite a legacy GeoAlign directory as a transformers checkpoint (with its tokenizer/processor files)."""
+    from .modeling import GeoAlignForConditionalGeneration
+    from .processing import GeoAlignProcessor
+    from .serialization import legacy_parts
+
+    qwen_dir, _vggt, _fusion = legacy_parts(old)
+    model = GeoAlignForConditionalGeneration.from_pretrained(old, dtype=dtype)
+    processor = None
+    if os.path.isfile(os.path.join(qwen_dir, "tokenizer_config.json")):
+        processor = GeoAlignProcessor.from_pretrained(qwen_dir, group_size=model.group_size)
+    model.save_pretrained(new, processor=processor)
 
 
 def move_to(value, device):

@@ -98,3 +98,63 @@ def split_by_sample(q: torch.Tensor, grid_thw: torch.Tensor, samples: list[Sampl
     if off != q.shape[0]:
         raise ValueError(f"Qwen's vision tower produced {q.shape[0]} visual tokens, the grids imply {off}")
     return out
+
+
+def forward_accepts(name: str) -> bool:
+    """Whether the installed Qwen2.5-VL forward takes argument ``name`` (e.g. mm_token_type_ids)."""
+    import inspect
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return name in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
+
+
+def with_geometry_parameters(qwen_forward):
+    """Qwen's forward signature with GeoAlign's keyword-only geometry parameters before its ``**kwargs``."""
+    import inspect
+
+    sig = inspect.signature(qwen_forward)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+            for name in ("vggt_pixel_values", "gather_index", "fusion_backend", "return_routing")]
+    return sig.replace(parameters=params + ours + var_kw)
+
+
+@dataclass
+class CallGeometry:
+    """The geometry inputs of the forward in progress (GeoAlignModel.geometry holds one for one forward)."""
+
+    samples: list[SampleGeometry]
+    backend: str | None
+    kind: str  # "image" or "video": the pixel input Qwen will encode
+    visual_mask: torch.Tensor | None = None  # [B, T] visual-token positions (in-LLM / progressive injection)
+    used: bool = False
+
+
+def call_geometry(config, fusion_config, vggt_pixel_values, gather_index, pixel_values, pixel_values_videos,
+                  backend: str | None, input_ids: torch.Tensor | None) -> CallGeometry:
+    """A forward's geometry, checked against the model (``config``: its GeoAlignModelConfig; ``fusion_config``: its
+    fusion's GeoAlignConfig): one visual input kind, the one G selects; frames for VGGT; input_ids where in-LLM or
+    progressive injection needs the visual-token positions. ValueError otherwise."""
+    if pixel_values is not None and pixel_values_videos is not None:
+        raise ValueError("GeoAlign fuses one visual input kind per model: got both pixel_values and "
+                         "pixel_values_videos")
+    group_size = fusion_config.group_size
+    kind = "image" if pixel_values is not None else "video"
+    want = "image" if group_size == 4 else "video"
+    if kind != want:
+        raise ValueError(f"this GeoAlign model has G={group_size} and fuses {want}s "
+                         f"({'pixel_values' if want == 'image' else 'pixel_values_videos'}), got {kind} input")
+    if vggt_pixel_values is None:
+        raise ValueError("GeoAlign needs the frames for VGGT: pass vggt_pixel_values (see GeoAlignProcessor)")
+    samples = as_samples(vggt_pixel_values, gather_index)
+    mask = None
+    cfg = fusion_config
+    if cfg.injection_layers or cfg.progressive_inject_layers:
+        if input_ids is None:
+            field = "injection_layers" if cfg.injection_layers else "progressive_inject_layers"
+            raise ValueError(f"in-LLM injection (geoalign_config.{field}) needs input_ids to find the "
+                             "visual-token positions")
+        mask = input_ids == (config.image_token_id if kind == "image" else config.video_token_id)
+    return CallGeometry(samples, backend, kind, visual_mask=mask)

@@ -252,7 +252,7 @@ class GeoAlignProcessor:
         else:
             out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(pvs), torch.cat(grids)
             out["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
-        from .modeling import forward_accepts
+        from .model_inputs import forward_accepts
 
         if forward_accepts("mm_token_type_ids"):
             tid = tok.convert_tokens_to_ids(pad)

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from .config import GeoAlignConfig
-from .fusion import _MLP
+from .layers import MLP
+from .model_inputs import split_by_sample
+from .visual_fusion import stream_vggt_layers
 
 
 class ProgressiveLevel(nn.Module):
@@ -36,7 +38,7 @@ class ProgressiveLevel(nn.Module):
         super().__init__()
         D, G = config.hidden_size, config.group_size
         self.layer_norm = nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps)
-        self.projector = _MLP(G * config.geo_dim, config.projector_hidden, D)
+        self.projector = MLP(G * config.geo_dim, config.projector_hidden, D)
         self.gate = nn.Linear(2 * D, 1)
         self.out_proj = nn.Linear(D, D, bias=False)
 
@@ -118,7 +120,7 @@ class ProgressiveInjection:
 
     def install(self, decoder_layers: nn.ModuleList) -> None:
         """(Re)register forward hooks on the decoder layers named by progressive_inject_layers (none: no hooks).
-        The ids are checked against the LLM by modeling.check_fits."""
+        The ids are checked against the LLM by model_config.check_fits."""
         for h in self._hooks:
             h.remove()
         self._hooks, self.kept = [], None
@@ -143,3 +145,30 @@ class ProgressiveInjection:
         mask = kept.visual_mask.to(h.device).unsqueeze(-1).expand_as(h)
         h = h + torch.zeros_like(h).masked_scatter(mask, kept.tokens[j].to(device=h.device, dtype=h.dtype))
         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+
+def fuse_levels(model, q: torch.Tensor, block_outputs: dict[int, torch.Tensor], grid_thw: torch.Tensor, samples,
+                visual_mask: torch.Tensor) -> torch.Tensor:
+    """GAP-MLLM's progressive fusion at prefill, for ``model`` (a GeoAlignModel). q [L_total, D] (the tower's
+    output), block_outputs {b: [seq, C]} (the intermediate ViT blocks, window order) -> the last level's fused tokens
+    [L_total, D]; the intermediate levels' fused tokens [L_total, D] are kept for the decoder hooks. Per sample one
+    VGGT pass streams the J layers; level j is computed when its layer arrives and the layer is dropped then."""
+    fusion, cfg = model.fusion, model.fusion.config
+    fp = fusion.weight_like
+    order = window_index(model.visual, grid_thw)
+    views = [merged_in_token_order(merger, block_outputs[b].to(device=fp.device, dtype=fp.dtype), order)
+             for merger, b in zip(fusion.mergers, cfg.progressive_vit_blocks)]
+    views.append(q.to(device=fp.device, dtype=fp.dtype))
+    stacked = torch.stack(views, dim=1)  # [L_total, J, D]: level j's visual tokens V_j
+    del views
+    fused: list[list[torch.Tensor]] = [[] for _ in fusion.levels]
+    for v_b, s, gi in split_by_sample(stacked, grid_thw, samples, model.group_size):
+        gi = gi.to(device=fp.device, dtype=torch.int64)
+        for j, rows in stream_vggt_layers(model, s.images, cfg.progressive_geo_layers, fp.dtype):
+            level = fusion.levels[j]
+            fused[j].append(level(v_b[:, j], level.geometry(rows.to(fp.device), gi)))
+            del rows
+    out = [torch.cat(parts, dim=0) if len(parts) > 1 else parts[0] for parts in fused]
+    if len(out) > 1:
+        model.progressive_injection.keep(KeptLevels(visual_mask.to(fp.device), out[:-1]))
+    return out[-1]

@@ -21,6 +21,7 @@ to grey, a legend naming the layers); :func:`layer_bars_figure` / :func:`heatmap
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -301,3 +302,23 @@ def plot_heatmaps(samples: list[SampleRouting], frames: list[torch.Tensor], name
     matplotlib.use("Agg")
     fig = heatmaps_figure(samples, frames, names, max_frames=max_frames)
     _save_png(fig, path, dpi=110)
+
+
+@contextlib.contextmanager
+def record_routing(model, keep_tensors: bool = False):
+    """Context that records each sample ``model`` (a GeoAlignModel) fuses (prefill only) into a RoutingRecorder it
+    yields."""
+    if model.fusion.config.injection_layers:
+        raise ValueError("routing recording covers the pre-LLM fusion; this model injects geometry inside the "
+                         f"LLM (injection_layers={list(model.fusion.config.injection_layers)})")
+    if model.fusion.config.is_progressive:
+        raise ValueError("routing recording covers the routed bank fusion; this model uses the progressive "
+                         f"fusion (progressive_geo_layers={list(model.fusion.config.progressive_geo_layers)}), "
+                         "which has no routes")
+    if model.routing_recorder is not None:
+        raise RuntimeError("record_routing() is already active on this model")
+    model.routing_recorder = recorder = RoutingRecorder(keep_tensors=keep_tensors)
+    try:
+        yield recorder
+    finally:
+        model.routing_recorder = None

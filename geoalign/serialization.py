@@ -8,7 +8,7 @@ Legacy model directory (what geoalign wrote before the model became a transforme
 ``geoalign_model.json`` (the manifest), ``qwen/`` (Qwen's own save_pretrained), ``vggt/`` (``model.safetensors``
 with official ``aggregator.*`` names + ``vggt_config.json``) and the fusion files at the top.
 ``GeoAlignForConditionalGeneration.from_pretrained`` still loads it; ``geoalign convert OLD NEW`` (or
-:func:`convert_legacy_directory`) rewrites it as a transformers checkpoint.
+``geoalign.model_cli.convert_legacy_directory``) rewrites it as a transformers checkpoint.
 """
 from __future__ import annotations
 
@@ -91,14 +91,15 @@ def legacy_parts(path: str | os.PathLike) -> tuple[str, str, str]:
             os.path.join(d, manifest.get("vggt", LEGACY_VGGT_SUBDIR)), os.path.join(d, manifest.get("fusion", ".")))
 
 
-def convert_legacy_directory(old: str | os.PathLike, new: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Rewrite a legacy GeoAlign directory as a transformers checkpoint (with its tokenizer/processor files)."""
-    from .modeling import GeoAlignForConditionalGeneration
-    from .processing import GeoAlignProcessor
+def __getattr__(name: str):
+    """Deprecated: ``convert_legacy_directory`` moved to geoalign.model_cli (it needs the model class, which sits
+    above this module); this alias goes in the next release."""
+    if name == "convert_legacy_directory":
+        import warnings
 
-    qwen_dir, _vggt, _fusion = legacy_parts(old)
-    model = GeoAlignForConditionalGeneration.from_pretrained(old, dtype=dtype)
-    processor = None
-    if os.path.isfile(os.path.join(qwen_dir, "tokenizer_config.json")):
-        processor = GeoAlignProcessor.from_pretrained(qwen_dir, group_size=model.group_size)
-    model.save_pretrained(new, processor=processor)
+        from .model_cli import convert_legacy_directory
+
+        warnings.warn("geoalign.serialization.convert_legacy_directory moved to geoalign.model_cli",
+                      DeprecationWarning, stacklevel=2)
+        return convert_legacy_directory
+    raise AttributeError(f"module 'geoalign.serialization' has no attribute {name!r}")

@@ -84,7 +84,7 @@ def build_inputs(tok, samples: list[torch.Tensor], group_size: int = 4, question
     """Model inputs for a batch of samples (each VGGT frames [S, 3, H, W]), without the processor class:
     crop for Qwen, patchify, expand the chat template's placeholders, left-pad."""
     from geoalign.geometry.frames import crop_for_qwen
-    from geoalign.modeling import forward_accepts
+    from geoalign.model_inputs import forward_accepts
 
     texts, pvs, grids = [], [], []
     pad = "<|image_pad|>" if group_size == 4 else "<|video_pad|>"

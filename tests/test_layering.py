@@ -43,3 +43,68 @@ def test_no_test_imports_another_test():
     for path in sorted((ROOT / "tests").glob("*.py")):
         for name in imported_modules(path):
             assert not name.startswith("test_"), f"{path.name} imports {name}; shared code belongs in helpers.py"
+
+
+def _geoalign_import_graph() -> dict[str, set[str]]:
+    """geoalign's modules -> the geoalign modules they import, at module level or inside functions (a deferred
+    import is still a dependency); imports inside a module's ``__getattr__`` (a deprecated alias) do not count."""
+    files = {}
+    for path in (ROOT / "geoalign").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "__getattr__"
+                for n in ast.walk(f)}
+        deps = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    deps.add(target if target in files else base)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_the_package_imports_have_no_circle():
+    """No module of geoalign reaches itself through its imports (issue 30: modeling <-> processing <->
+    serialization and fusion <-> progressive were circles)."""
+    graph = _geoalign_import_graph()
+    assert {"geoalign.modeling", "geoalign.fusion", "geoalign.progressive"} <= set(graph)
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(v):                      # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert circles == [], f"import circles: {circles}"

@@ -363,7 +363,7 @@ class GeoAlignCollator:
             out["second_per_grid_ts"] = torch.tensor([float(s.get("second_per_grid_t", 1.0)) for s in samples])
         use_mm = self.mm_token_type_ids
         if use_mm is None:
-            from ..modeling import forward_accepts
+            from ..model_inputs import forward_accepts
 
             use_mm = self.mm_token_type_ids = forward_accepts("mm_token_type_ids")
         if use_mm and self.image_pad_id is not None:

@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
+from .backends.registry import ALL_BACKENDS
+
+BACKENDS = ("auto",) + ALL_BACKENDS
 FEATURE_USAGES = ("dynamic", "single", "mean", "dense")
 BANK_SELECTIONS = ("latter", "former", "uniform", "explicit")
 PROJECTORS = ("shared", "split")

@@ -108,3 +108,25 @@ def test_the_package_imports_have_no_circle():
         if v not in index:
             visit(v)
     assert circles == [], f"import circles: {circles}"
+
+
+def test_backend_names_have_one_source():
+    """geoalign/backends/registry.py is the only list of backend names: no other module spells out two or more of
+    them in a tuple, list or set literal, and everything that offers a choice reads the registry."""
+    names = {"reference", "torch", "triton", "cuda"}
+    for path in sorted((ROOT / "geoalign").rglob("*.py")):
+        if path.name == "registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                spelled = {e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names}
+                assert len(spelled) < 2, f"{path.relative_to(ROOT)}:{node.lineno} lists backend names {spelled}"
+    from geoalign.backends import ALL_BACKENDS, SPARSE_BACKENDS, backend_class
+    from geoalign.backends.registry import REGISTRY
+    from geoalign.cli import build_parser
+
+    assert ALL_BACKENDS == tuple(REGISTRY) and set(SPARSE_BACKENDS) == {n for n, w in REGISTRY.items() if w}
+    assert backend_class("torch").name == "torch" and backend_class("cuda").name == "cuda"
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert tuple(sub["answer"]._option_string_actions["--backend"].choices) == ALL_BACKENDS
+    assert tuple(sub["eval"]._option_string_actions["--fusion-backend"].choices) == ALL_BACKENDS

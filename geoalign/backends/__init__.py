@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from .registry import ALL_BACKENDS, REGISTRY, SPARSE_BACKENDS, backend_class  # noqa: F401 (the package's names)
+
 if TYPE_CHECKING:
     import torch
 
     from .base import SparseBackend
-
-SPARSE_BACKENDS = ("torch", "triton", "cuda")
-ALL_BACKENDS = ("reference",) + SPARSE_BACKENDS
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,29 +47,20 @@ def resolve_backend_name(name: str | None, default: str, device: torch.device) -
 
 @functools.lru_cache(maxsize=None)
 def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
-    """The (cached) backend object for a sparse backend name; fold_output: see SparseBackend."""
+    """The (cached) backend object for a sparse backend name; fold_output: see SparseBackend. A backend that cannot
+    run here is a RuntimeError saying what it needs."""
     import torch
 
-    if name == "torch":
-        from .torch_sparse import TorchBackend
-
-        return TorchBackend(fold_output=fold_output)
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError(
-                "backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before import); "
-                "use backend='torch' instead"
-            )
-        from .triton_backend import TritonBackend
-
-        return TritonBackend(fold_output=fold_output)
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("backend='cuda' needs a CUDA device; use backend='torch' instead")
-        from .cuda_backend import CudaBackend
-
-        return CudaBackend(fold_output=fold_output)  # raises with the reason if the extension cannot load
-    raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
+    if REGISTRY.get(name) is None:
+        raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before import); "
+                           "use backend='torch' instead")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("backend='cuda' needs a CUDA device; use backend='torch' instead")
+    # (the module is imported only now: the triton backend's needs Triton) the cuda backend raises with the reason
+    # if its extension cannot load
+    return backend_class(name)(fold_output=fold_output)
 
 
 def backend_runs_on(name: str, device: torch.device) -> bool:
@@ -79,8 +69,8 @@ def backend_runs_on(name: str, device: torch.device) -> bool:
     csrc/, cached afterwards: only this name pays for it)."""
     from geoalign_kernels.runtime import INTERPRET
 
-    if name in ("reference", "torch"):
-        return True
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {ALL_BACKENDS}")
     if name == "triton":
         return triton_available() and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
     if name == "cuda":
@@ -89,7 +79,7 @@ def backend_runs_on(name: str, device: torch.device) -> bool:
         from .cuda_extension import cuda_backend_available
 
         return cuda_backend_available()
-    raise ValueError(f"unknown backend {name!r}; expected one of {ALL_BACKENDS}")
+    return True                              # reference and torch run anywhere
 
 
 def available_backends(device: torch.device) -> list[str]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from geoalign_kernels.runtime import acc_dtype
 
 from ..routing import BankRows, Routing, bank_rows, kept_softmax, topk_lower_index
+from .registry import LOADED
 
 
 class Bank:
@@ -100,7 +101,7 @@ class BankFunction(torch.autograd.Function):
         ln_weights, ln_biases, tape = rest[:M], rest[M:2 * M], rest[2 * M:]
         need = ctx.needs_input_grad  # (name, host offsets, h_bar, alpha, tokens, slots, offsets, fc1_w, fc1_b, ln..., tape...)
         need_alpha, need_w1, need_b1, need_ln = need[3], need[7], need[8], any(need[9:9 + 2 * M])
-        d_alpha, d_w1, d_b1, d_ln_w, d_ln_b = SparseBackend.by_name[ctx.backend_name].bank_backward(
+        d_alpha, d_w1, d_b1, d_ln_w, d_ln_b = LOADED[ctx.backend_name].bank_backward(  # loaded by the forward
             rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar,
             need_alpha=need_alpha, need_ln=need_ln, need_w1=need_w1, need_b1=need_b1)
         ln_grads = list(d_ln_w.unbind(0)) + list(d_ln_b.unbind(0)) if need_ln else [None] * (2 * M)
@@ -114,15 +115,10 @@ class SparseBackend:
     fold_output: at inference (no gradient needed) use W_out.W2 folded into one [D, H] matrix (one GEMM instead of
     two; cached per weight version). With a gradient needed the unfolded path runs."""
 
-    name = "base"
-    #: every SparseBackend subclass by its name (the bank's autograd node finds its backward here)
-    by_name: dict = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        SparseBackend.by_name[cls.name] = cls
+    name = "base"   # a subclass's name is its key in geoalign.backends.REGISTRY
 
     def __init__(self, fold_output: bool = False):
+        LOADED.setdefault(self.name, type(self))   # the bank's backward finds the class by name (registry cache)
         self.fold_output = fold_output
         self._fold_key = None
         self._fold = None

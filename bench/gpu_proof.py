@@ -368,7 +368,7 @@ def stage_fusion(st: Stage, out: Path) -> None:
 
 
 def _kernel_profile(st: Stage, shape, frames, peak) -> dict:
-    """Device time per kernel of one triton fwd+bwd (after a warm-up), GEMM1 (_bank_fwd_kernel) singled out."""
+    """Device time per kernel of one triton fwd+bwd (after a warm-up), GEMM1 (_bank_gemm1_kernel) singled out."""
     if st.device.type != "cuda":
         return {"skipped": "kernel timing needs CUDA"}
     from torch.profiler import ProfilerActivity, profile
@@ -391,7 +391,7 @@ def _kernel_profile(st: Stage, shape, frames, peak) -> dict:
         if t and e.count:
             per_kernel[e.key] = {"us": float(t), "count": int(e.count)}
     total = sum(v["us"] for v in per_kernel.values())
-    gemm1 = sum(v["us"] for k, v in per_kernel.items() if "_bank_fwd_kernel" in k)
+    gemm1 = sum(v["us"] for k, v in per_kernel.items() if "_bank_gemm1_kernel" in k)
     L = q.shape[0]
     flops = 2 * L * shape.top_k * shape.group_size * shape.geo_dim * shape.projector_hidden
     top = dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]["us"])[:20])

@@ -86,7 +86,7 @@ def test_triton_fusion_step_makes_no_host_sync(monkeypatch):
     assert fwd["host_syncs"] == 0, fwd["syncs"]
     assert bwd["host_syncs"] == 0, bwd["syncs"]
     # training: each streamed layer is normalised; GEMM1 runs once for every layer, then h_bar from z
-    assert fwd["ops"]["triton::_gather_normalize_kernel"] == M and fwd["ops"]["triton::_bank_fwd_kernel"] == 1
+    assert fwd["ops"]["triton::_gather_normalize_kernel"] == M and fwd["ops"]["triton::_bank_gemm1_kernel"] == 1
     assert fwd["ops"]["triton::_bank_combine_kernel"] == 1 and fwd["ops"]["triton::_bank_rows_kernel"] == 1
     for kernel in ("_bank_dz_kernel", "_bank_weight_grad_kernel", "_bank_backward_finish_kernel"):
         assert bwd["ops"][f"triton::{kernel}"] == 1, kernel
@@ -106,7 +106,7 @@ def test_triton_inference_runs_gemm1_per_layer(monkeypatch):
     with torch.no_grad(), KernelCounter() as c:
         fusion(q, layers, gi, backend="triton")
     M = TINY.num_layers
-    assert c.ops["triton::_bank_fwd_kernel"] == M and "triton::_bank_combine_kernel" not in c.ops, c.ops
+    assert c.ops["triton::_bank_gemm1_kernel"] == M and "triton::_bank_combine_kernel" not in c.ops, c.ops
     assert c.host_syncs == 0, c.syncs
 
 

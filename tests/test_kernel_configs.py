@@ -25,25 +25,25 @@ def clean(monkeypatch, tmp_path):
 def test_static_defaults_by_device_class_and_shape_class(clean):
     assert configs.config_for("gemm", 100, "NVIDIA H200") == configs.CONFIGS["H200"][("gemm", "small")]
     assert configs.config_for("gemm", 4096, "NVIDIA H100 80GB HBM3") == configs.CONFIGS["H100"][("gemm", "large")]
-    assert configs.config_for("bank_fwd", 1023, "NVIDIA A100") == configs.CONFIGS["default"][("bank_fwd", "small")]
+    assert configs.config_for("bank_gemm1", 1023, "NVIDIA A100") == configs.CONFIGS["default"][("bank_gemm1", "small")]
     fp64 = configs.config_for("gemm", 4096, "NVIDIA H200", torch.float64)
     assert fp64["BLOCK_SIZE_K"] <= 32 and fp64["num_stages"] <= 2
 
 
 def test_tuned_table_then_session_take_precedence(clean):
     tuned = {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 2, "num_stages": 5}
-    clean.write_text(json.dumps({"NVIDIA H200": {"bank_dw1|bfloat16|large": {**tuned, "ms": 1.5}}}))
-    assert configs.config_for("bank_dw1", 4096, "NVIDIA H200", torch.bfloat16) == tuned
+    clean.write_text(json.dumps({"NVIDIA H200": {"bank_weight_grad|bfloat16|large": {**tuned, "ms": 1.5}}}))
+    assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.bfloat16) == tuned
     # other dtype, shape class or device: the static default
-    assert configs.config_for("bank_dw1", 4096, "NVIDIA H200", torch.float16) == \
-        configs.CONFIGS["H200"][("bank_dw1", "large")]
-    assert configs.config_for("bank_dw1", 10, "NVIDIA H200", torch.bfloat16) == \
-        configs.CONFIGS["H200"][("bank_dw1", "small")]
-    assert configs.config_for("bank_dw1", 4096, "NVIDIA H100", torch.bfloat16) == \
-        configs.CONFIGS["H100"][("bank_dw1", "large")]
+    assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.float16) == \
+        configs.CONFIGS["H200"][("bank_weight_grad", "large")]
+    assert configs.config_for("bank_weight_grad", 10, "NVIDIA H200", torch.bfloat16) == \
+        configs.CONFIGS["H200"][("bank_weight_grad", "small")]
+    assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H100", torch.bfloat16) == \
+        configs.CONFIGS["H100"][("bank_weight_grad", "large")]
     session = dict(tuned, BLOCK_SIZE_M=256)
-    configs._SESSION["NVIDIA H200"] = {"bank_dw1|bfloat16|large": session}
-    assert configs.config_for("bank_dw1", 4096, "NVIDIA H200", torch.bfloat16)["BLOCK_SIZE_M"] == 256
+    configs._SESSION["NVIDIA H200"] = {"bank_weight_grad|bfloat16|large": session}
+    assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.bfloat16)["BLOCK_SIZE_M"] == 256
 
 
 def test_a_malformed_table_is_a_clear_error(clean):
@@ -101,3 +101,18 @@ def test_every_candidate_is_a_complete_config():
         assert cands and all(set(c) == set(KEYS) for c in cands), op
         assert len({tuple(sorted(c.items())) for c in cands}) == len(cands), f"{op}: repeated candidates"
 
+
+
+def test_a_tuned_table_written_before_the_op_rename_still_applies(tmp_path, monkeypatch):
+    """bank_fwd / bank_dw1 are bank_gemm1 / bank_weight_grad now; a tuned_configs.json with the old keys (and a
+    caller using the old names) keeps working for one release, with a DeprecationWarning."""
+    tuned = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 16, "num_warps": 2, "num_stages": 2}
+    old = tmp_path / "tuned_configs.json"
+    old.write_text(json.dumps({"NVIDIA H200": {"bank_dw1|bfloat16|large": tuned, "bank_fwd|bfloat16|small": tuned}}))
+    monkeypatch.setattr(configs, "TUNED_PATH", old)
+    configs._TABLE_CACHE.clear()
+    with pytest.warns(DeprecationWarning, match="'bank_dw1' is now 'bank_weight_grad'"):
+        assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.bfloat16) == tuned
+    assert configs.config_for("bank_gemm1", 10, "NVIDIA H200", torch.bfloat16) == tuned
+    assert configs.config_for("bank_fwd", 10, "NVIDIA H200", torch.bfloat16) == tuned
+    configs._TABLE_CACHE.clear()

@@ -63,14 +63,14 @@ def test_kernels_compile_for_sm90():
             launch.setdefault((name, dtype), []).append({k.strip(): int(v) for k, v in numbers.items()})
     gemms = [name for name, dtype in launch if dtype == "bf16" and name.startswith("_matmul_kernel")]
     assert len(gemms) == 4, gemms
-    for name in gemms + ["_bank_fwd_kernel[tape]", "_bank_fwd_kernel[layer]", "_bank_weight_grad_kernel"]:
+    for name in gemms + ["_bank_gemm1_kernel[tape]", "_bank_gemm1_kernel[layer]", "_bank_weight_grad_kernel"]:
         for build in launch[(name, "bf16")]:
             assert build["async copies"] > 0, (name, build)
     # no register spills in bf16 in the shared GEMM (output stage, weight gradients, router), training's GEMM1 and
     # the row kernels. (Not asserted: inference's GEMM1 (254-255 registers, triton 3.6 / 3.9 spill 0 / 24 bytes) and
     # the bank's weight gradient (two fp32 accumulators, ~270 bytes spilled in its per-layer epilogue, outside the K
     # loop).)
-    for name in gemms + ["_bank_fwd_kernel[tape]", "_gather_normalize_kernel[tape]", "_gather_normalize_kernel[layer]",
-                         "_bank_combine_kernel", "_bank_dz_kernel", "_route_kernel", "_route_bwd_kernel"]:
+    for name in gemms + ["_bank_gemm1_kernel[tape]", "_gather_normalize_kernel[tape]", "_gather_normalize_kernel[layer]",
+                         "_bank_combine_kernel", "_bank_dz_kernel", "_route_kernel", "_route_backward_kernel"]:
         for build in launch[(name, "bf16")]:
             assert build["registers"] > 0 and build["spill bytes"] == 0, (name, build)  # registers -1: no ptxas

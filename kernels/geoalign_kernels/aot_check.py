@@ -182,7 +182,7 @@ def main():
                        dict(L=L, R=R, M=M, stride_hid_l=R, stride_hid_r=1, stride_w2_m=R, stride_w2_r=1),
                        dict(K=K, K_POW2=K, **types, BLOCK_SIZE_L=routing._block_l(rows),
                             BLOCK_SIZE_M=routing._block_m(M), BLOCK_SIZE_R=max(16, rows["BLOCK_SIZE_K"])), row_warps, 1)
-        compile_kernel(routing._route_bwd_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
+        compile_kernel(routing._route_backward_kernel, dict(d_alpha_ptr="acc", alpha_ptr="acc", topk_idx_ptr="i64",
                                                        d_logits_ptr="param"), dict(L=L, M=M),
                        dict(K=K, K_POW2=K, ACC_DTYPE=acc, BLOCK_SIZE_L=routing._block_l(rows),
                             BLOCK_SIZE_M=routing._block_m(M), PARAM_DTYPE=param),
@@ -201,9 +201,9 @@ def main():
                      stride_affine_kind=M * DG, stride_affine_layer=DG, G=G, D_geo=DG, eps=1e-6),
                 dict(TAPE=tape, PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1,
                 variant="tape" if tape else "layer")
-        blocks, warps, stages = tile("bank_fwd", dtype)
+        blocks, warps, stages = tile("bank_gemm1", dtype)
         for tape in (True, False):  # training: every layer at once, z stored; inference: one layer into h_bar
-            compile_kernel(bank._bank_fwd_kernel, dict(
+            compile_kernel(bank._bank_gemm1_kernel, dict(
                 x_hat_ptr="param", ln_weight_ptr="param", ln_bias_ptr="param", w1_ptr="param", b1_ptr="param",
                 tokens_ptr="i64", slots_ptr="i64", offsets_ptr="i64", alpha_ptr="acc", h_bar_ptr="acc",
                 z_ptr="param"),
@@ -220,7 +220,7 @@ def main():
             d_h_bar_ptr="acc", tokens_ptr="i64", slots_ptr="i64", alpha_ptr="acc", z_ptr="param", dz_ptr="param",
             d_alpha_partial_ptr="acc"), dict(stride_d_h_bar_l=H, stride_alpha_l=K, P=P, H=H, L=L, K=K),
             dict(PARAM_DTYPE=param, ACC_DTYPE=acc, **row_blocks), row_warps, 1)
-        blocks, warps, stages = tile("bank_dw1", dtype)
+        blocks, warps, stages = tile("bank_weight_grad", dtype)
         compile_kernel(bank._bank_weight_grad_kernel, dict(
             dz_ptr="param", x_hat_ptr="param", offsets_ptr="i64", ln_weight_ptr="param", ln_bias_ptr="param",
             w1_ptr="param", dw1_ptr="param", db1_ptr="acc", dgamma_partial_ptr="acc", dbeta_partial_ptr="acc"),

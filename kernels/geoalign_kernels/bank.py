@@ -14,13 +14,13 @@ captured in a CUDA graph.
     _gather_normalize_kernel   one pass over layer j's n_j*G gathered patch rows: two-pass mean / rstd (fp32),
                                x_hat in the parameter dtype written at the pairs' tape rows; copies LN_j's affine
                                into the stacked affine [2, M, D'] that GEMM1 and the backward read
-    _bank_fwd_kernel           (grouped, after the last layer) one launch over every layer's pairs: row tiles walk
+    _bank_gemm1_kernel           (grouped, after the last layer) one launch over every layer's pairs: row tiles walk
                                the layers in order, each tile inside one layer (fused_moe's expert blocks), so the
                                LayerNorm affine in the A-load is one vector per tile; + b1 into z [P, H] (the tape)
     _bank_combine_kernel       h_bar[t] += sum_s alpha[t, s] GELU(z[positions[t*K + s]]): the K slots of a token
                                summed in registers (no atomics, deterministic)
   forward without a gradient (inference): per layer, x_hat into a scratch buffer of min(L, L*K) rows, then
-    _bank_fwd_kernel           (one layer) the same GEMM, its epilogue + alpha * GELU read-add-written into h_bar (a
+    _bank_gemm1_kernel           (one layer) the same GEMM, its epilogue + alpha * GELU read-add-written into h_bar (a
                                layer's pairs have distinct tokens); memory stays at one layer's pairs
   backward, all layers at once (VGGT is frozen: no gradient into a layer, so dx = dz W1 is never formed)
     _bank_dz_kernel            dz = alpha * dh_bar[t] * GELU'(z) for all L*K pairs (2-D grid: pairs x H tiles) and
@@ -156,7 +156,7 @@ def _gather_normalize_kernel(
 
 
 @triton.jit
-def _bank_fwd_kernel(
+def _bank_gemm1_kernel(
         x_hat_ptr,  # normalised rows [rows, G*D'] (parameter dtype), row-major
         ln_weight_ptr, ln_bias_ptr, stride_ln_layer,  # LN_j's affine at ln_*_ptr + j * stride (column c: entry c % D')
         w1_ptr, stride_w1_h, stride_w1_k, b1_ptr,  # GEMM1 weight [H, G*D'] and bias [H]
@@ -290,7 +290,7 @@ def _bank_dz_kernel(
     token = tl.load(tokens_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     slot = tl.load(slots_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     valid = mask_m & (token >= 0) & (token < L) & (slot >= 0) & (slot < K)  # no read or write through bad ids
-    # alpha as a [BLOCK_SIZE_M, 1] column (a 1-D load breaks triton 3.6's fp64 build: see _bank_fwd_kernel)
+    # alpha as a [BLOCK_SIZE_M, 1] column (a 1-D load breaks triton 3.6's fp64 build: see _bank_gemm1_kernel)
     alpha = tl.load(alpha_ptr + (token * stride_alpha_l + slot)[:, None], mask=valid[:, None], other=0.0)
     dh = tl.load(d_h_bar_ptr + token[:, None] * stride_d_h_bar_l + offs_n[None, :], mask=mask & valid[:, None],
                  other=0.0).to(ACC_DTYPE)
@@ -503,13 +503,13 @@ def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
     def gemm1(cfg):
         tiles = triton.cdiv(max_pairs, cfg["BLOCK_SIZE_M"])
         with guarded("bank_layer_forward/gemm1", h_bar=h_bar) as out:
-            _bank_fwd_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
+            _bank_gemm1_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
                 x_hat, ln_weight, ln_bias, 0, fc1_weight, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias,
                 tokens, slots, offsets, layer_pos, layer_pos + 1, alpha, alpha.stride(0), out.h_bar,
                 h_bar.stride(0), x_hat, H, Dg, G, L, K, tiles, TAPE=False, **types, **launch_kwargs(cfg, group=True),
             )
 
-    gemm1(tune("bank_fwd", max_pairs, dev, dtype, gemm1, restore=(h_bar,)))  # h_bar is read-add-written
+    gemm1(tune("bank_gemm1", max_pairs, dev, dtype, gemm1, restore=(h_bar,)))  # h_bar is read-add-written
 
 
 def bank_tape_forward(h_bar: torch.Tensor, alpha: torch.Tensor, affine: torch.Tensor, fc1_weight: torch.Tensor,
@@ -551,13 +551,13 @@ def bank_tape_forward(h_bar: torch.Tensor, alpha: torch.Tensor, affine: torch.Te
     def gemm1(cfg):
         tiles = triton.cdiv(P, cfg["BLOCK_SIZE_M"]) + M  # each layer's last tile may be partial
         with guarded("bank_tape_forward/gemm1", z=z) as out:  # (tokens / slots are not read with TAPE)
-            _bank_fwd_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
+            _bank_gemm1_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
                 x_hat, affine[0], affine[1], affine.stride(1), fc1_weight, fc1_weight.stride(0),
                 fc1_weight.stride(1), fc1_bias, offsets, offsets, offsets, 0, M, alpha, alpha.stride(0), h_bar,
                 h_bar.stride(0), out.z, H, Dg, G, L, K, tiles, TAPE=True, **types, **launch_kwargs(cfg, group=True),
             )
 
-    gemm1(tune("bank_fwd", P, dev, dtype, gemm1))
+    gemm1(tune("bank_gemm1", P, dev, dtype, gemm1))
     rcfg = get_config("rows", L, dev)
     with guarded("bank_tape_forward/combine", h_bar=h_bar) as out:
         _bank_combine_kernel[(triton.cdiv(L, rcfg["BLOCK_SIZE_M"]), triton.cdiv(H, rcfg["BLOCK_SIZE_N"]))](
@@ -627,7 +627,7 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, affine: torch.Tens
             )
         return n_h_tiles, d_w1, db1, dgamma_part, dbeta_part
 
-    n_h_tiles, d_w1, db1_acc, dgamma_part, dbeta_part = weight_grad(tune("bank_dw1", H, dev, dtype, weight_grad))
+    n_h_tiles, d_w1, db1_acc, dgamma_part, dbeta_part = weight_grad(tune("bank_weight_grad", H, dev, dtype, weight_grad))
     d_alpha = alloc((L, K), alpha.dtype, dev)
     d_ln_w, d_ln_b = ((alloc if need_ln else torch.zeros)((M, Dg), dtype=dtype, device=dev) for _ in range(2))
     db1 = alloc((H,), dtype, dev)

@@ -13,8 +13,8 @@ A config is looked up by (device name, op, dtype, shape class); shape class is "
 Under the Triton interpreter (TRITON_INTERPRET=1) every op uses small fixed blocks and no autotune, so CPU tests
 stay fast and deterministic.
 
-ops: "gemm" (the shared GEMM: output stage, router and weight gradients), "bank_fwd" (GEMM1 over the normalised
-rows), "bank_dw1" (the weight-gradient GEMM dz^T x_hat and its epilogue), "rows" (row-wise kernels: gather +
+ops: "gemm" (the shared GEMM: output stage, router and weight gradients), "bank_gemm1" (GEMM1 over the normalised
+rows), "bank_weight_grad" (the weight-gradient GEMM dz^T x_hat and its epilogue), "rows" (row-wise kernels: gather +
 normalise, dz / d alpha, routing; BLOCK_SIZE_M rows per program, BLOCK_SIZE_N the column chunk; not tuned).
 """
 from __future__ import annotations
@@ -45,20 +45,20 @@ _INTERPRETER = _cfg(32, 32, 32, 1, 1)
 _HOPPER = {
     ("gemm", "small"): _cfg(64, 128, 64, 4, 4),
     ("gemm", "large"): _cfg(128, 128, 64, 8, 3),
-    ("bank_fwd", "small"): _cfg(64, 128, 64, 4, 3),
-    ("bank_fwd", "large"): _cfg(128, 128, 64, 8, 3),
-    ("bank_dw1", "small"): _cfg(128, 128, 32, 8, 3),
-    ("bank_dw1", "large"): _cfg(128, 128, 64, 8, 3),
+    ("bank_gemm1", "small"): _cfg(64, 128, 64, 4, 3),
+    ("bank_gemm1", "large"): _cfg(128, 128, 64, 8, 3),
+    ("bank_weight_grad", "small"): _cfg(128, 128, 32, 8, 3),
+    ("bank_weight_grad", "large"): _cfg(128, 128, 64, 8, 3),
     ("rows", "small"): _cfg(16, 256, 64, 4, 1),
     ("rows", "large"): _cfg(32, 256, 64, 8, 1),  # 8 warps: 4 spill in dz / combine (aot_check, sm_90, triton 3.6)
 }
 _DEFAULT = {
     ("gemm", "small"): _cfg(64, 64, 32, 4, 3),
     ("gemm", "large"): _cfg(128, 64, 32, 4, 3),
-    ("bank_fwd", "small"): _cfg(64, 64, 32, 4, 3),
-    ("bank_fwd", "large"): _cfg(128, 64, 32, 4, 3),
-    ("bank_dw1", "small"): _cfg(64, 64, 32, 4, 3),
-    ("bank_dw1", "large"): _cfg(128, 64, 32, 4, 3),
+    ("bank_gemm1", "small"): _cfg(64, 64, 32, 4, 3),
+    ("bank_gemm1", "large"): _cfg(128, 64, 32, 4, 3),
+    ("bank_weight_grad", "small"): _cfg(64, 64, 32, 4, 3),
+    ("bank_weight_grad", "large"): _cfg(128, 64, 32, 4, 3),
     ("rows", "small"): _cfg(16, 128, 32, 4, 1),
     ("rows", "large"): _cfg(16, 128, 32, 4, 1),
 }
@@ -73,10 +73,10 @@ CANDIDATES = {
     "gemm": [_cfg(m, n, k, w, st) for (m, n, k, w, st) in
              ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
               (128, 64, 64, 4, 4), (64, 64, 32, 4, 3), (128, 128, 32, 4, 4))],
-    "bank_fwd": [_cfg(m, n, k, w, st) for (m, n, k, w, st) in
+    "bank_gemm1": [_cfg(m, n, k, w, st) for (m, n, k, w, st) in
                  ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 8, 4),
                   (128, 64, 64, 4, 4), (64, 64, 32, 4, 3))],
-    "bank_dw1": [_cfg(m, n, k, w, st) for (m, n, k, w, st) in
+    "bank_weight_grad": [_cfg(m, n, k, w, st) for (m, n, k, w, st) in
                  ((128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 32, 8, 3),
                   (64, 64, 32, 4, 3), (128, 64, 64, 4, 3))],
 }
@@ -124,14 +124,31 @@ def tuned_table() -> dict:
             raise RuntimeError(f"geoalign_kernels: cannot read the tuned configs {path}: {exc}") from exc
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise RuntimeError(f"geoalign_kernels: {path} must map device names to {{key: config}} objects")
+        table = {name: {_renamed_key(k): v for k, v in entries.items()} for name, entries in table.items()}
         _TABLE_CACHE.clear()
         _TABLE_CACHE[key] = table
     return _TABLE_CACHE[key]
 
 
+#: op names of earlier releases -> today's (kept for one release: a tuned_configs.json written before the rename)
+RENAMED_OPS = {"bank_fwd": "bank_gemm1", "bank_dw1": "bank_weight_grad"}
+
+
+def _renamed_key(key: str) -> str:
+    op, sep, rest = key.partition("|")
+    if op in RENAMED_OPS:
+        import warnings
+
+        warnings.warn(f"tuned config key {key!r}: op {op!r} is now {RENAMED_OPS[op]!r}", DeprecationWarning,
+                      stacklevel=3)
+        return RENAMED_OPS[op] + sep + rest
+    return key
+
+
 def config_for(op: str, rows: int, name: str, dtype: torch.dtype | None = None) -> dict:
     """The config of ``op`` on the CUDA device called ``name``: this process's autotune choice, else the tuned
     table's entry, else the static default of the device class."""
+    op = RENAMED_OPS.get(op, op)
     key = table_key(op, dtype, rows)
     found = _SESSION.get(name, {}).get(key) or tuned_table().get(name, {}).get(key)
     if found is not None:

@@ -83,7 +83,7 @@ def _route_kernel(
 
 
 @triton.jit
-def _route_bwd_kernel(
+def _route_backward_kernel(
         d_alpha_ptr, alpha_ptr, topk_idx_ptr,  # [L, K] each, row-major
         d_logits_ptr,  # output: dS [L, M] (parameter dtype), row-major; zero off the K kept columns
         L, M,  # tokens, bank layers
@@ -167,7 +167,7 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
         cfg = get_config("rows", L, dev, dtype)
         block_l = _block_l(cfg)
         with guarded(op, ds=ds) as out:
-            _route_bwd_kernel[(triton.cdiv(L, block_l),)](
+            _route_backward_kernel[(triton.cdiv(L, block_l),)](
                 d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), out.ds, L, M,
                 K=K, K_POW2=triton.next_power_of_2(K), ACC_DTYPE=tl_dtype(acc_dtype(dtype)),
                 BLOCK_SIZE_L=block_l, BLOCK_SIZE_M=_block_m(M), num_warps=cfg["num_warps"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from geoalign_kernels.runtime import acc_dtype
 
 
 class Routing(NamedTuple):
@@ -129,7 +130,7 @@ def route_fixed(fusion, q: torch.Tensor) -> Routing:
     """
     cfg = fusion.config
     L, M = q.shape[0], cfg.num_bank_layers
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     usage = cfg.feature_usage
     if usage == "single":
         pos = cfg.bank_layers.index(cfg.single_layer)

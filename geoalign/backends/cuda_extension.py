@@ -24,12 +24,12 @@ import threading
 from pathlib import Path
 
 import torch
+from geoalign_kernels.checks import FLOAT_DTYPES
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "routing.cu", "gather_ln.cu")
 #: the largest bank the warp-level routing kernel handles (one logit per lane); larger banks route in torch
 MAX_BANK_LAYERS = 32
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "ext": None, "error": None}

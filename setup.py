@@ -14,7 +14,7 @@ from setuptools import find_packages, setup
 
 # Optional CUDA extension (csrc/): built when a CUDA build of torch and a CUDA toolkit are present at build time
 # (e.g. `TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .`); otherwise skipped, and
-# geoalign.backends.cuda_backend JIT-builds it on first use (or the torch/triton backends are used).
+# geoalign_kernels.cuda.extension JIT-builds it on first use (or the torch/triton backends are used).
 ext_modules, cmdclass = [], {}
 if os.environ.get("GEOALIGN_BUILD_CUDA", "1") != "0":
     try:
@@ -23,7 +23,7 @@ if os.environ.get("GEOALIGN_BUILD_CUDA", "1") != "0":
 
         if torch.version.cuda is not None and CUDA_HOME is not None:
             ext_modules.append(CUDAExtension(
-                name="geoalign._cuda_ops",
+                name="geoalign_kernels._cuda_ops",
                 sources=["csrc/binding.cpp", "csrc/routing.cu", "csrc/gather_ln.cu"],
                 include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
@@ -76,10 +76,12 @@ setup(
         "Intended Audience :: Science/Research",
     ],
     python_requires=">=3.10",
-    packages=find_packages(include=["geoalign", "geoalign.*"]) + ["geoalign_kernels", "geoalign_bench"],
+    packages=find_packages(include=["geoalign", "geoalign.*"]) + ["geoalign_kernels", "geoalign_kernels.cuda",
+                                                                   "geoalign_bench"],
     package_dir={
         "geoalign": "geoalign",
         "geoalign_kernels": "kernels/geoalign_kernels",
+        "geoalign_kernels.cuda": "kernels/geoalign_kernels/cuda",
         "geoalign_bench": "bench",
     },
     install_requires=BASE,

@@ -44,7 +44,7 @@ if command -v nvcc > /dev/null; then
   step cuda_extension env LIBRARY_PATH="$OUT/cudalib${LIBRARY_PATH:+:$LIBRARY_PATH}" TORCH_CUDA_ARCH_LIST=9.0 \
     MAX_JOBS="$(nproc)" TORCH_EXTENSIONS_DIR="$OUT/torch_extensions" "$PY" -c "
 import sys
-from geoalign.backends.cuda_extension import extension_error
+from geoalign_kernels.cuda.extension import extension_error
 err = extension_error()
 print('CUDA extension:', 'built and loaded' if err is None else err)
 sys.exit(0 if err is None else 3)"

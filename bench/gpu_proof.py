@@ -325,7 +325,7 @@ def stage_parity(st: Stage, out: Path) -> None:
 
 def _why_unavailable(backend: str, device) -> str:
     if backend == "cuda":
-        from geoalign.backends.cuda_extension import extension_error
+        from geoalign_kernels.cuda.extension import extension_error
 
         return extension_error() or f"no CUDA device ({device})"
     return "triton is not importable here"

@@ -25,7 +25,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/geoalign_torch_extensio
   echo "===== CUDA extension build (MAX_JOBS=$MAX_JOBS, arch $TORCH_CUDA_ARCH_LIST) $(date -u +%H:%M:%S)"
   GEOALIGN_CUDA_VERBOSE=1 timeout 240 $PY -c "
 import sys
-from geoalign.backends.cuda_extension import extension_error
+from geoalign_kernels.cuda.extension import extension_error
 err = extension_error()
 print('CUDA extension:', 'built and loaded' if err is None else err)
 sys.exit(0 if err is None else 3)"

@@ -76,7 +76,7 @@ def backend_runs_on(name: str, device: torch.device) -> bool:
     if name == "cuda":
         if device.type != "cuda":
             return False
-        from .cuda_extension import cuda_backend_available
+        from geoalign_kernels.cuda.extension import cuda_backend_available
 
         return cuda_backend_available()
     return True                              # reference and torch run anywhere

@@ -1,4 +1,4 @@
-"""The `cuda` backend: hand-written CUDA kernels (csrc/, see cuda_extension.py) for the small, latency-bound parts
+"""The `cuda` backend: hand-written CUDA kernels (csrc/; geoalign_kernels.cuda loads and registers them) for the small, latency-bound parts
 of the routed bank, torch for the GEMMs: the router's linears, GEMM1 and its epilogue (per layer at inference; once
 for every layer in training, as the torch backend does), the output stage (inherited from the base protocol) and
 every backward GEMM.
@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from geoalign_kernels.cuda.extension import MAX_BANK_LAYERS, ext, require_cuda
+from geoalign_kernels.cuda.ops import cuda_bank_rows, cuda_gather_layer_norm, cuda_route
+
 from ..routing import BankRows, Routing
-from .cuda_extension import MAX_BANK_LAYERS, ext, require_cuda
-from .cuda_ops import bank_rows_cuda, cuda_gather_layer_norm, cuda_route
 from .torch_sparse import TorchBackend
+
+
+def bank_rows_cuda(topk_idx: torch.Tensor, num_layers: int) -> BankRows:
+    """geoalign.routing.bank_rows on the GPU: the same BankRows, built by one counting-sort launch with no
+    device->host copy (the routers only emit positions in [0, M); guard mode checks that)."""
+    tokens, slots, _counts, offsets = cuda_bank_rows(topk_idx, num_layers)
+    return BankRows(tokens=tokens, slots=slots, offsets=offsets)
 
 
 # ------------------------------------------------------------------------------------------------- the backend

@@ -12,27 +12,15 @@ One module, three backends (``reference``, ``torch``, ``triton``) behind one int
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from .backends import get_sparse_backend, resolve_backend_name
-from .backends.reference import ReferenceStream, reference_route
+from .backends import get_backend, resolve_backend_name
 from .config import GeoAlignConfig
 from .layers import MLP
-from .routing import Routing, route_fixed
-
-logger = logging.getLogger(__name__)
-_NOTICED: set = set()
-
-
-def _notice_once(key, message: str) -> None:
-    if key not in _NOTICED:
-        _NOTICED.add(key)
-        logger.info(message)
-
+from .routing import Routing
 
 def _describe(t) -> str:
     if not isinstance(t, torch.Tensor):
@@ -49,37 +37,12 @@ class FusionStream:
                  fold_output: bool = False):
         fusion.check_query(q)
         fusion.check_gather_index(gather_index, q)
-        self.fusion, self.q, self.gather_index = fusion, q, gather_index
-        self.backend_name = backend
-        M = fusion.config.num_bank_layers
-        self._added = [False] * M
+        self.fusion, self.q = fusion, q
+        self._added = [False] * fusion.config.num_bank_layers
         self._finished = False
         # one device->host copy, checked against each layer's row count (skipped with check_inputs off)
         self._max_row = int(gather_index.max()) if fusion.check_inputs else None
-        if backend == "reference":
-            if fold_output:
-                raise ValueError("fold_output is a fast-path option (torch, triton); the reference backend computes "
-                                 "eqs. 1-8 literally")
-            self._reference = ReferenceStream(fusion, q, gather_index)
-            return
-        cfg = fusion.config
-        if fold_output and not cfg.is_paper_default_path:
-            raise ValueError(f"fold_output folds W_out.W2 and needs projector='shared' and fusion='add', got "
-                             f"projector={cfg.projector!r}, fusion={cfg.fusion!r}")
-        self._backend = get_sparse_backend(backend, bool(fold_output))
-        # Top-K routes from the backend's router; single/mean/dense are the same bank op with fixed routes (exact)
-        self.routing = self._backend.route(fusion, q) if cfg.feature_usage == "dynamic" else route_fixed(fusion, q)
-        self._rows = self._backend.bank_rows(self.routing.topk_idx, M)
-        self._bank = self._f_hat = None
-        if cfg.projector == "shared":
-            self._bank = self._backend.open_bank(fusion, self.routing.alpha, gather_index, self._rows, range(M),
-                                                 fusion.projector.fc1)
-        else:  # split: W2 differs per layer, so each layer's W2 output accumulates into F_hat [L, D] (fp32/fp64)
-            self._f_hat = torch.zeros(q.shape[0], cfg.hidden_size, dtype=self.routing.alpha.dtype, device=q.device)
-        if backend != "torch" and not cfg.is_paper_default_path:
-            _notice_once((backend, cfg.projector, cfg.fusion),
-                         f"geoalign: backend {backend!r} runs the bank for projector={cfg.projector!r}, "
-                         f"fusion={cfg.fusion!r}; the output stage (W2 / eq. 8 variant, L rows) runs in torch")
+        self._stream = get_backend(backend, bool(fold_output)).open_stream(fusion, q, gather_index)
 
     def add(self, i: int, layer: torch.Tensor) -> None:
         """Consume bank layer i: ``layer`` [N, D'] holds the raw VGGT patch rows that gather_index points into."""
@@ -92,15 +55,7 @@ class FusionStream:
             raise ValueError(f"bank layer {i} was already added to this stream")
         self.fusion.check_layer(i, layer, self.q, self._max_row)
         self._added[i] = True
-        if self.backend_name == "reference":
-            self._reference.add(i, layer)
-            return
-        if self._bank is not None:
-            self._backend.add_layer(self._bank, i, layer)
-        else:
-            tokens, slots = self._rows.layer(i)
-            self._f_hat = self._backend.accumulate_split(self.fusion, self._f_hat, self.routing.alpha, i, layer,
-                                                         tokens, slots, self.gather_index)
+        self._stream.add(i, layer)
 
     def finish(self) -> tuple[torch.Tensor, Routing]:
         """Q_hat [L, D] and the Routing. Every bank layer must have been added."""
@@ -111,12 +66,7 @@ class FusionStream:
             raise ValueError(f"expected {len(self._added)} bank layers, got {len(self._added) - len(missing)}; "
                              f"missing bank positions {missing}")
         self._finished = True
-        if self.backend_name == "reference":
-            return self._reference.finish()
-        h_bar = self._backend.close_bank(self._bank) if self._bank is not None else None
-        q_hat = self._backend.finish(self.fusion, self.q, h_bar, self._f_hat)
-        self._bank = self._f_hat = None
-        return q_hat, self.routing
+        return self._stream.finish()
 
 
 class GeoAlignFusion(nn.Module):
@@ -231,13 +181,7 @@ class GeoAlignFusion(nn.Module):
         """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""
         self._refuse_progressive("route")
         self.check_query(q)
-        name = resolve_backend_name(backend, self.config.backend, q.device)
-        if name == "reference":
-            topk_idx, alpha = reference_route(self, q)
-            return Routing(topk_idx, alpha.gather(1, topk_idx))
-        if self.config.feature_usage != "dynamic":
-            return route_fixed(self, q)
-        return get_sparse_backend(name).route(self, q)
+        return get_backend(resolve_backend_name(backend, self.config.backend, q.device)).routes(self, q)
 
     # ----------------------------------------------------------------------------------------------- checks
     def check_query(self, q) -> None:

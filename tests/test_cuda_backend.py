@@ -129,10 +129,10 @@ def test_output_stage_notice_once(emulated, monkeypatch, caplog):
     builds on CPU with the emulated kernels; the backend cache is cleared around it."""
     import logging
 
-    import geoalign.fusion as fusion_module
+    import geoalign.backends.base as base_module
     from geoalign.backends import get_sparse_backend
 
-    monkeypatch.setattr(fusion_module, "_NOTICED", set())
+    monkeypatch.setattr(base_module, "_NOTICED", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     get_sparse_backend.cache_clear()
     caplog.set_level(logging.INFO, logger="geoalign.fusion")

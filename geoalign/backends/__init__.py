@@ -46,13 +46,13 @@ def resolve_backend_name(name: str | None, default: str, device: torch.device) -
 
 
 @functools.lru_cache(maxsize=None)
-def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
-    """The (cached) backend object for a sparse backend name; fold_output: see SparseBackend. A backend that cannot
-    run here is a RuntimeError saying what it needs."""
+def get_backend(name: str, fold_output: bool = False):
+    """The (cached) backend object for a backend name (routes / open_stream; fold_output: see SparseBackend). A
+    backend that cannot run here is a RuntimeError saying what it needs."""
     import torch
 
-    if REGISTRY.get(name) is None:
-        raise ValueError(f"{name!r} is not a sparse backend; expected one of {SPARSE_BACKENDS}")
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {ALL_BACKENDS}")
     if name == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 set before import); "
                            "use backend='torch' instead")
@@ -61,6 +61,9 @@ def get_sparse_backend(name: str, fold_output: bool = False) -> SparseBackend:
     # (the module is imported only now: the triton backend's needs Triton) the cuda backend raises with the reason
     # if its extension cannot load
     return backend_class(name)(fold_output=fold_output)
+
+
+get_sparse_backend = get_backend          # the name before the reference became a backend object too
 
 
 def backend_runs_on(name: str, device: torch.device) -> bool:

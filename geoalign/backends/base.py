@@ -21,6 +21,7 @@ Variants (paper Table 4) need no backend code: single / mean / dense use fixed r
 """
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -28,8 +29,10 @@ import torch.nn.functional as F
 
 from geoalign_kernels.runtime import acc_dtype
 
-from ..routing import BankRows, Routing, bank_rows, kept_softmax, topk_lower_index
+from ..routing import BankRows, Routing, bank_rows, kept_softmax, route_fixed, topk_lower_index
 from .registry import LOADED
+
+logger = logging.getLogger("geoalign.fusion")
 
 
 class Bank:
@@ -122,6 +125,25 @@ class SparseBackend:
         self.fold_output = fold_output
         self._fold_key = None
         self._fold = None
+
+    # ------------------------------------------------------------------ the stream
+    def open_stream(self, fusion, q: torch.Tensor, gather_index: torch.Tensor) -> "SparseStream":
+        """One fused forward: routes now (the router reads only Q), then ``add(i, layer)`` per bank layer and
+        ``finish()`` (the shape every backend's stream has; geoalign.fusion.FusionStream drives it)."""
+        cfg = fusion.config
+        if self.fold_output and not cfg.is_paper_default_path:
+            raise ValueError(f"fold_output folds W_out.W2 and needs projector='shared' and fusion='add', got "
+                             f"projector={cfg.projector!r}, fusion={cfg.fusion!r}")
+        if self.name != "torch" and not cfg.is_paper_default_path:
+            _notice_once((self.name, cfg.projector, cfg.fusion),
+                         f"geoalign: backend {self.name!r} runs the bank for projector={cfg.projector!r}, "
+                         f"fusion={cfg.fusion!r}; the output stage (W2 / eq. 8 variant, L rows) runs in torch")
+        return SparseStream(self, fusion, q, gather_index)
+
+    def routes(self, fusion, q: torch.Tensor) -> Routing:
+        """The routes of q: the backend's router (feature_usage "dynamic"), else the fixed routes of the Table 4
+        variants single / mean / dense (geoalign.routing.route_fixed; the same bank op, exact)."""
+        return self.route(fusion, q) if fusion.config.feature_usage == "dynamic" else route_fixed(fusion, q)
 
     # ------------------------------------------------------------------ routing
     def route(self, fusion, q: torch.Tensor) -> Routing:
@@ -248,3 +270,44 @@ class SparseBackend:
             self._fold = self.fold(*params)
             self._fold_key = tuple((weakref.ref(t), t._version) for t in params)
         return self._fold
+
+
+class SparseStream:
+    """One fused forward on a sparse backend (SparseBackend.open_stream): the routes and the pairs grouped by bank
+    layer at construction; ``add(i, layer)`` adds bank layer i's routed pairs as the layer arrives; ``finish()``
+    closes the bank (its one autograd node) and runs the output stage. No layer is referenced after ``add``."""
+
+    def __init__(self, backend: SparseBackend, fusion, q: torch.Tensor, gather_index: torch.Tensor):
+        cfg, M = fusion.config, fusion.config.num_bank_layers
+        self.backend, self.fusion, self.q, self.gather_index = backend, fusion, q, gather_index
+        self.routing = backend.routes(fusion, q)
+        self.rows = backend.bank_rows(self.routing.topk_idx, M)
+        self.bank = self.f_hat = None
+        if cfg.projector == "shared":
+            self.bank = backend.open_bank(fusion, self.routing.alpha, gather_index, self.rows, range(M),
+                                          fusion.projector.fc1)
+        else:  # split: W2 differs per layer, so each layer's W2 output accumulates into F_hat [L, D] (fp32/fp64)
+            self.f_hat = torch.zeros(q.shape[0], cfg.hidden_size, dtype=self.routing.alpha.dtype, device=q.device)
+
+    def add(self, i: int, layer: torch.Tensor) -> None:
+        if self.bank is not None:
+            self.backend.add_layer(self.bank, i, layer)
+        else:
+            tokens, slots = self.rows.layer(i)
+            self.f_hat = self.backend.accumulate_split(self.fusion, self.f_hat, self.routing.alpha, i, layer,
+                                                       tokens, slots, self.gather_index)
+
+    def finish(self) -> tuple[torch.Tensor, Routing]:
+        h_bar = self.backend.close_bank(self.bank) if self.bank is not None else None
+        q_hat = self.backend.finish(self.fusion, self.q, h_bar, self.f_hat)
+        self.bank = self.f_hat = None
+        return q_hat, self.routing
+
+
+_NOTICED: set = set()
+
+
+def _notice_once(key, message: str) -> None:
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        logger.info(message)

@@ -70,3 +70,22 @@ class ReferenceStream:
         layers = [self.layers[i] for i in range(len(self.layers))]
         self.layers = {}
         return reference_fusion(self.fusion, self.q, layers, self.gather_index)
+
+
+class ReferenceBackend:
+    """The reference as a backend: the same routes / open_stream shape as a SparseBackend, computing eqs. 1-8
+    literally (ReferenceStream keeps every layer until finish)."""
+
+    name = "reference"
+
+    def __init__(self, fold_output: bool = False):
+        if fold_output:
+            raise ValueError("fold_output is a fast-path option (torch, triton); the reference backend computes "
+                             "eqs. 1-8 literally")
+
+    def routes(self, fusion, q: torch.Tensor) -> Routing:
+        topk_idx, alpha = reference_route(fusion, q)
+        return Routing(topk_idx, alpha.gather(1, topk_idx))
+
+    def open_stream(self, fusion, q: torch.Tensor, gather_index: torch.Tensor) -> ReferenceStream:
+        return ReferenceStream(fusion, q, gather_index)

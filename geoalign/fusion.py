@@ -83,10 +83,17 @@ class GeoAlignFusion(nn.Module):
     fusion="film"                       + film_scale [D, D] (no bias); out_proj is W_shift
     fusion="gated_2d"/"gated_2d3d"      + gate [D or 1, D] / [D or 1, 2D] with bias (width 1: gate_granularity="token")
 
-    With GAP-MLLM's progressive fusion (``config.is_progressive``) the module holds only that fusion's parameters,
-    ``levels.{j}.*`` and ``mergers.{j}.*`` (geoalign.progressive), and no routed bank: the model
-    (geoalign.modeling.GeoAlignModel) runs the levels; ``forward`` / ``begin`` / ``route`` refuse.
+    A config with GAP-MLLM's progressive fusion (``config.is_progressive``) builds the other fusion module instead:
+    ``GeoAlignFusion(config)`` then returns a :class:`geoalign.progressive.ProgressiveFusion` (its own class, with
+    only that fusion's parameters, ``levels.{j}.*`` and ``mergers.{j}.*``, and no routed bank).
     """
+
+    def __new__(cls, config: GeoAlignConfig | None = None):
+        if cls is GeoAlignFusion and config is not None and config.is_progressive:
+            from .progressive import ProgressiveFusion
+
+            return ProgressiveFusion(config)      # not a GeoAlignFusion, so this __init__ does not run on it
+        return super().__new__(cls)
 
     def __init__(self, config: GeoAlignConfig | None = None):
         super().__init__()
@@ -95,12 +102,6 @@ class GeoAlignFusion(nn.Module):
         #: switch off for CUDA graphs and torch.compile (shapes, dtypes and devices are always checked, and the
         #: kernels never read or write through an out-of-range row: they give NaN rows instead)
         self.check_inputs = True
-        if config.is_progressive:
-            from .progressive import ProgressiveLevel, level_merger
-
-            self.levels = nn.ModuleList(ProgressiveLevel(config) for _ in range(config.num_progressive_levels))
-            self.mergers = nn.ModuleList(level_merger(config) for _ in range(config.num_progressive_levels - 1))
-            return
         M, G = config.num_bank_layers, config.group_size
         D = config.hidden_size
         self.layer_norms = nn.ModuleList(nn.LayerNorm(config.geo_dim, eps=config.layer_norm_eps) for _ in range(M))
@@ -119,14 +120,8 @@ class GeoAlignFusion(nn.Module):
 
     @property
     def weight_like(self) -> torch.Tensor:
-        """A parameter with the fusion's dtype and device (out_proj's; the last level's with the progressive fusion)."""
-        return self.levels[-1].out_proj.weight if self.config.is_progressive else self.out_proj.weight
-
-    def _refuse_progressive(self, what: str) -> None:
-        if self.config.is_progressive:
-            raise ValueError(f"GeoAlignFusion.{what}: this fusion is GAP-MLLM's progressive fusion "
-                             f"(progressive_geo_layers={list(self.config.progressive_geo_layers)}), which has no "
-                             "routed bank; the model runs its levels (GeoAlignForConditionalGeneration.forward)")
+        """A parameter with the fusion's dtype and device (out_proj's)."""
+        return self.out_proj.weight
 
     def router_hidden(self, q: torch.Tensor) -> torch.Tensor:
         """The router's hidden layer GELU(V1 q + c1) [L, R] (its fc2 gives the logits: ``self.router(q)``)."""
@@ -172,14 +167,12 @@ class GeoAlignFusion(nn.Module):
     def begin(self, q: torch.Tensor, gather_index: torch.Tensor, backend: str | None = None,
               fold_output: bool = False) -> FusionStream:
         """Start a streaming forward: routes Q now; feed layers with ``add(i, layer)``, then ``finish()``."""
-        self._refuse_progressive("begin")
         name = resolve_backend_name(backend, self.config.backend, q.device if isinstance(q, torch.Tensor)
                                     else torch.device("cpu"))
         return FusionStream(self, q, gather_index, name, fold_output)
 
     def route(self, q: torch.Tensor, backend: str | None = None) -> Routing:
         """(topk_idx [L, K] int64, alpha [L, K]) for queries q [L, D]. Ties go to the lower bank index."""
-        self._refuse_progressive("route")
         self.check_query(q)
         return get_backend(resolve_backend_name(backend, self.config.backend, q.device)).routes(self, q)
 

@@ -49,7 +49,8 @@ class GeoAlignModel(Qwen2_5_VLModel):
 
     config_class = GeoAlignModelConfig
     config: GeoAlignModelConfig
-    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "VGGTAggregator", "GeoAlignFusion"]
+    _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "VGGTAggregator", "GeoAlignFusion",
+                         "ProgressiveFusion"]
 
     def __init__(self, config: GeoAlignModelConfig):
         super().__init__(config)
@@ -224,9 +225,8 @@ class GeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self.model.without_fusion()
 
     def record_routing(self, keep_tensors: bool = False):
-        """Context yielding a :class:`~geoalign.routing_analysis.RoutingRecorder`: every sample fused inside it (a
-        forward, or a generate's prefill) appends its routing summary, plus topk_idx / alpha / the token layout with
-        ``keep_tensors``. See geoalign/routing_analysis.py."""
+        """Context yielding a RoutingRecorder (geoalign/routing_analysis.py): every sample fused inside it (a forward,
+        or a generate's prefill) appends its routing summary, plus topk_idx / alpha / token layout (keep_tensors)."""
         return self.model.record_routing(keep_tensors)
 
     def fuse_visual_tokens(self, q, grid_thw, samples, gather_index=None, backend=None) -> torch.Tensor:

@@ -64,6 +64,40 @@ def level_merger(config: GeoAlignConfig) -> nn.Module:
                                  spatial_merge_size=2)
 
 
+class ProgressiveFusion(nn.Module):
+    """GAP-MLLM's progressive fusion module (``GeoAlignFusion(config)`` builds it for a progressive config): the J
+    levels (``levels.{j}``) and the J-1 level mergers (``mergers.{j}``); the model runs them (:func:`fuse_levels`).
+    It has no routed bank: ``forward`` / ``begin`` / ``route`` raise, naming the fusion."""
+
+    def __init__(self, config: GeoAlignConfig):
+        super().__init__()
+        if not config.is_progressive:
+            raise ValueError("ProgressiveFusion needs a config with progressive_geo_layers set")
+        self.config = config
+        self.check_inputs = True           # GeoAlignFusion's attribute, kept for a uniform interface
+        self.levels = nn.ModuleList(ProgressiveLevel(config) for _ in range(config.num_progressive_levels))
+        self.mergers = nn.ModuleList(level_merger(config) for _ in range(config.num_progressive_levels - 1))
+
+    @property
+    def weight_like(self) -> torch.Tensor:
+        """A parameter with the fusion's dtype and device (the last level's out_proj)."""
+        return self.levels[-1].out_proj.weight
+
+    def _no_bank(self, what: str):
+        raise ValueError(f"GeoAlignFusion.{what}: this fusion is GAP-MLLM's progressive fusion "
+                         f"(progressive_geo_layers={list(self.config.progressive_geo_layers)}), which has no "
+                         "routed bank; the model runs its levels (GeoAlignForConditionalGeneration.forward)")
+
+    def forward(self, *args, **kwargs):
+        self._no_bank("forward")
+
+    def begin(self, *args, **kwargs):
+        self._no_bank("begin")
+
+    def route(self, *args, **kwargs):
+        self._no_bank("route")
+
+
 @contextlib.contextmanager
 def capture_block_outputs(blocks: nn.ModuleList, block_ids: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Context yielding a dict filled, while the vision tower runs inside it, with block b's output hidden states

@@ -411,3 +411,19 @@ def test_eval_save_routing_refuses_a_model_without_routing():
     with pytest.raises(ValueError, match="progressive fusion, which has no such routing"):
         GeoAlignPredictor(m, None, device="cpu", save_routing=True)
     GeoAlignPredictor(m, None, device="cpu")                     # without the flag it is a normal predictor
+
+
+def test_the_progressive_fusion_is_its_own_module_chosen_by_config():
+    """GeoAlignFusion(config) builds a ProgressiveFusion for a progressive config (its own class: levels and mergers,
+    no routed bank) and a GeoAlignFusion otherwise; the parameter names are the checkpoint contract either way."""
+    from geoalign.fusion import GeoAlignFusion
+    from geoalign.progressive import ProgressiveFusion
+
+    fusion = GeoAlignFusion(_config())
+    assert type(fusion) is ProgressiveFusion and not isinstance(fusion, GeoAlignFusion)
+    names = {n.split(".")[0] for n, _ in fusion.named_parameters()}
+    assert names == {"levels", "mergers"}
+    routed = GeoAlignFusion(tiny_fusion_config(4))
+    assert type(routed) is GeoAlignFusion and not hasattr(routed, "levels")
+    with pytest.raises(ValueError, match="needs a config with progressive_geo_layers"):
+        ProgressiveFusion(tiny_fusion_config(4))

@@ -127,7 +127,8 @@ def test_backend_names_have_one_source():
     from geoalign.backends.registry import REGISTRY
     from geoalign.cli import build_parser
 
-    assert ALL_BACKENDS == tuple(REGISTRY) and set(SPARSE_BACKENDS) == {n for n, w in REGISTRY.items() if w}
+    assert ALL_BACKENDS == tuple(REGISTRY)
+    assert set(SPARSE_BACKENDS) == {n for n, (_module, _cls, sparse) in REGISTRY.items() if sparse}
     assert backend_class("torch").name == "torch" and backend_class("cuda").name == "cuda"
     sub = build_parser()._subparsers._group_actions[0].choices
     assert tuple(sub["answer"]._option_string_actions["--backend"].choices) == ALL_BACKENDS

@@ -88,3 +88,16 @@ def backend_runs_on(name: str, device: torch.device) -> bool:
 def available_backends(device: torch.device) -> list[str]:
     """The backends that can run on ``device`` here (:func:`backend_runs_on`), in ALL_BACKENDS order."""
     return [name for name in ALL_BACKENDS if backend_runs_on(name, device)]
+
+
+def __getattr__(name: str):
+    """SparseBackend and TorchBackend were importable from here before the registry (one release more)."""
+    if name == "SparseBackend":
+        from .base import SparseBackend
+
+        return SparseBackend
+    if name == "TorchBackend":
+        from .torch_sparse import TorchBackend
+
+        return TorchBackend
+    raise AttributeError(f"module 'geoalign.backends' has no attribute {name!r}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .alignment import (MERGE_SIZE, PATCH_SIZE, build_gather_index, num_visual_tokens, qwen_grid_for_vggt,
                         qwen_grid_thw)
-from .sampling import sample_frame_indices
+from .sampling import FRAME_SAMPLING, sample_frame_indices  # noqa: F401 (FRAME_SAMPLING: old home, one release)
 
 logger = logging.getLogger("geoalign.geometry")
 

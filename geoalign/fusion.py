@@ -37,7 +37,7 @@ class FusionStream:
                  fold_output: bool = False):
         fusion.check_query(q)
         fusion.check_gather_index(gather_index, q)
-        self.fusion, self.q = fusion, q
+        self.fusion, self.q, self.backend_name = fusion, q, backend
         self._added = [False] * fusion.config.num_bank_layers
         self._finished = False
         # one device->host copy, checked against each layer's row count (skipped with check_inputs off)

@@ -20,9 +20,9 @@ os.environ.setdefault("GEOALIGN_GUARD", "1")
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """The cuda backend's compiled kernels replaced by their torch emulation (helpers.EmulatedExt); returns it."""
+    """The cuda backend's compiled kernels replaced by their torch emulation (cuda_helpers.EmulatedExt); returns it."""
     from geoalign.backends import cuda_extension
-    from helpers import EmulatedExt
+    from cuda_helpers import EmulatedExt
 
     ext = EmulatedExt()
     monkeypatch.setattr(cuda_extension, "EXT_OVERRIDE", ext)
@@ -45,3 +45,21 @@ def train_data(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("synth"))
     return make_colour_dataset(root, 8, frame_counts=(1, 2), height=8), root
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every buffer a Triton kernel must fully write is allocated NaN-filled (ints -7; geoalign_kernels.utils.POISON),
+    so a row or column a kernel forgets to write fails the comparison (tests/test_triton_*.py use it)."""
+    import geoalign_kernels.utils as kutils
+
+    monkeypatch.setattr(kutils, "POISON", True)
+    yield
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny model's offline tokenizer (geoalign.tiny.make_tokenizer), one per test module."""
+    from geoalign.tiny import make_tokenizer
+
+    return make_tokenizer()

@@ -26,7 +26,8 @@ from geoalign.backends import available_backends
 from geoalign_kernels.guard import GuardError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import EmulatedExt, Shape, make_fusion, make_inputs  # noqa: E402
+from cuda_helpers import EmulatedExt  # noqa: E402
+from helpers import Shape, make_fusion, make_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(L=5, M=3, K=2, G=4)  # D=24, D'=20, H=36, N=40 rows per layer

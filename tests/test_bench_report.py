@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import boxes_overlap
+from figure_helpers import boxes_overlap
 
 
 def _rows(frames=(1, 2, 3)):

@@ -12,7 +12,7 @@ import pytest
 
 from geoalign.eval import cli, runner
 
-from helpers import lines, make_vsibench
+from eval_helpers import lines, make_vsibench
 
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
 pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not found")

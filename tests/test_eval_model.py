@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from geoalign.tiny import make_tokenizer, tiny_model  # noqa: E402
-from helpers import lines, make_scanqa, make_sqa3d, make_vsibench  # noqa: E402
+from eval_helpers import lines, make_scanqa, make_sqa3d, make_vsibench  # noqa: E402
 
 from geoalign.eval import cli, runner, tasks  # noqa: E402
 from geoalign.eval.predictor import GeoAlignPredictor, Predictor, Sample, load_predictor  # noqa: E402

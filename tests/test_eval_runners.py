@@ -13,7 +13,8 @@ from geoalign.eval import cli, media, runner, scanqa, sqa3d, tasks, vsibench
 from geoalign.eval.fake import FakePredictor
 from geoalign.eval.predictor import Predictor, load_predictor
 
-from helpers import VSI_DOCS, RecordingPredictor, frame_means, lines, make_scanqa, make_sqa3d, make_vsibench
+from eval_helpers import VSI_DOCS, RecordingPredictor, lines, make_scanqa, make_sqa3d, make_vsibench
+from media_helpers import frame_means
 
 FAKE = "geoalign.eval.fake:FakePredictor"
 
@@ -72,7 +73,7 @@ def test_frame_sampling_reaches_frame_loading(vsi_dir, scanqa_dir):
 
 def test_cli_frame_sampling_reaches_the_predictor_and_the_meta(scanqa_dir, tmp_path, capsys):
     out = str(tmp_path / "p.jsonl")
-    args = ["eval", "scanqa", "--data", scanqa_dir, "--predictor", "helpers:RecordingPredictor", "--model", "x",
+    args = ["eval", "scanqa", "--data", scanqa_dir, "--predictor", "eval_helpers:RecordingPredictor", "--model", "x",
             "--out", out, "--no-progress", "--no-score", "--num-frames", "5"]
     RecordingPredictor.seen.clear()
     assert cli.main(args + ["--frame-sampling", "linspace-floor"]) == 0
@@ -655,7 +656,7 @@ def test_scanqa_end_to_end(scanqa_dir, tmp_path, capsys):
 
 def test_cli_sqa3d_vg_llm_style(sqa3d_dir, tmp_path, capsys):
     out = str(tmp_path / "sqa.jsonl")
-    args = ["eval", "sqa3d", "--data", sqa3d_dir, "--predictor", "helpers:RecordingPredictor", "--model", "oracle",
+    args = ["eval", "sqa3d", "--data", sqa3d_dir, "--predictor", "eval_helpers:RecordingPredictor", "--model", "oracle",
             "--out", out, "--no-progress", "--sqa3d-style", "vg-llm"]
     RecordingPredictor.seen.clear()
     assert cli.main(args) == 0

@@ -3,7 +3,7 @@ point (and, in the slow test, at random times) and resumed with --resume latest 
 uninterrupted run -- per-step losses, trained weights, optimizer state; `geoalign eval` killed mid-run and rerun
 writes every answer exactly once, byte-equal to an uninterrupted run.
 
-Each run is a fresh `python -m geoalign.cli` process on the tiny model (helpers.write_train_setup): 4 steps, a
+Each run is a fresh `python -m geoalign.cli` process on the tiny model (train_helpers.write_train_setup): 4 steps, a
 checkpoint after every step.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file
 
 from geoalign.atomic_files import read_jsonl
-from helpers import make_vsibench, write_train_setup
+from eval_helpers import make_vsibench
+from train_helpers import write_train_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -264,7 +265,8 @@ cp "$MNT/p.jsonl" "$LOG/p.jsonl"
 
 
 def many_questions(folder: Path, n: int) -> str:
-    """A VSI-Bench folder (helpers.make_vsibench) whose test.jsonl repeats its questions under new ids, n in all."""
+    """A VSI-Bench folder (eval_helpers.make_vsibench) whose test.jsonl repeats its questions under new ids, n in
+    all."""
     data = make_vsibench(folder)
     rows = [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
     (folder / "test.jsonl").write_text("".join(json.dumps({**rows[i % len(rows)], "id": i}) + "\n" for i in range(n)))

@@ -11,7 +11,7 @@ Tolerances: |fast - ref| <= tol * max|ref| + atol per tensor, or, for fp32 examp
 the reference computed in fp64 than 4x the fp32 reference itself is (a gradient that cancels large terms, e.g. the
 router's when K = M and every bank entry is alike, is rounding noise of the terms' size in any fp32 implementation). tol is helpers.TOL for torch (fp64 1e-12, fp32
 5e-5); the Triton kernels accumulate in a different order in their own GEMM loops, so fp64 uses 1e-10
-(tests/test_triton_kernels.py's bound) and fp32 the same 5e-5. atol (fp64 1e-13, fp32 1e-6) covers tensors that
+(helpers.TRITON_TOL's bound) and fp32 the same 5e-5. atol (fp64 1e-13, fp32 1e-6) covers tensors that
 are exactly zero in exact arithmetic but rounding noise in one backend; every other tensor here has magnitude
 >= 1e-2, where atol is below a hundredth of the relative bound. D' starts at 2: with D' = 1 LayerNorm's output is its
 bias exactly and x_hat = (x - mean) * rstd is rounding noise amplified by rstd = 1/sqrt(eps) ~ 316, so dgamma is
@@ -31,31 +31,11 @@ from hypothesis import strategies as st  # noqa: E402
 
 from geoalign.backends.reference import reference_logits  # noqa: E402
 
-from helpers import (TOL, TRITON_TOL, Shape, build_fuzz_case, fast_backends, reference_in_fp64,  # noqa: E402
-                     run_backend)
+from helpers import (TOL, TRITON_TOL, Shape, assert_close, build_fuzz_case, fast_backends,  # noqa: E402
+                     reference_in_fp64, run_backend)
 
 FUZZ_TRITON_TOL = {torch.float64: TRITON_TOL[torch.float64], torch.float32: TOL[torch.float32]}  # random shapes
 ATOL = {torch.float64: 1e-13, torch.float32: 1e-6}
-
-
-def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, tol: float, atol: float,
-                 exact: torch.Tensor | None = None) -> None:
-    """|got - want| <= tol * max|want| + atol; with ``exact`` (the reference in fp64) also accepted: got is no further
-    from exact than 4x the low-precision reference ``want`` is (a gradient that is a cancellation of large terms
-    carries rounding noise of the terms' size in *every* fp32 implementation, the reference included)."""
-    got, want = got.double(), want.double()
-    bound = tol * want.abs().max().item() + atol
-    diff = (got - want).abs().max().item()
-    if diff <= bound:
-        return
-    if exact is not None:
-        exact = exact.double()
-        own = (got - exact).abs().max().item()
-        ref_own = (want - exact).abs().max().item()
-        if own <= 4.0 * ref_own + atol:
-            return
-        what += f" (vs fp64: {own:.3g}, the fp32 reference's own error {ref_own:.3g})"
-    raise AssertionError(f"{what}: max |diff| {diff:.3g} > {bound:.3g} (max |ref| {want.abs().max().item():.3g})")
 
 
 @st.composite
@@ -101,13 +81,16 @@ def check(case, backend, tol):
     label = f"{backend} {case}"
     atol = ATOL[case["dtype"]]
     assert torch.equal(fast[1].topk_idx, ref[1].topk_idx), f"{label}: Top-K ids"
-    assert_close(f"{label}: alpha", fast[1].alpha, ref[1].alpha, tol, atol, None if exact is None else exact[1].alpha)
+    assert_close(fast[1].alpha, ref[1].alpha, tol, f"{label}: alpha", atol=atol,
+                 exact=None if exact is None else exact[1].alpha)
     assert torch.isfinite(fast[0]).all(), f"{label}: non-finite output"
-    assert_close(f"{label}: q_hat", fast[0], ref[0], tol, atol, None if exact is None else exact[0])
-    assert_close(f"{label}: dq", fast[2], ref[2], tol, atol, None if exact is None else exact[2])
+    assert_close(fast[0], ref[0], tol, f"{label}: q_hat", atol=atol,
+                 exact=None if exact is None else exact[0])
+    assert_close(fast[2], ref[2], tol, f"{label}: dq", atol=atol, exact=None if exact is None else exact[2])
     for name, grad in fast[3].items():
         assert grad is not None, f"{label}: no gradient for {name}"
-        assert_close(f"{label}: d{name}", grad, ref[3][name], tol, atol, None if exact is None else exact[3][name])
+        assert_close(grad, ref[3][name], tol, f"{label}: d{name}", atol=atol,
+                     exact=None if exact is None else exact[3][name])
 
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,

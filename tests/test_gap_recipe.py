@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from helpers import write_base_checkpoints  # noqa: E402
+from train_helpers import write_base_checkpoints  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE = dict(precision="no", distributed="ddp", global_batch_size=2, per_device_batch_size=1, num_workers=0,

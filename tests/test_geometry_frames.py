@@ -21,22 +21,13 @@ from geoalign.geometry import (
 
 av = pytest.importorskip("av")
 
+from media_helpers import write_video  # noqa: E402
 
-def write_video(path, n, h=48, w=64, codec="ffv1", pix_fmt="bgr0"):
-    """Frame i is a flat gray image of value 10*i (lossless with ffv1, so values read back exactly)."""
-    c = av.open(str(path), "w")
-    s = c.add_stream(codec, rate=10)
-    s.width, s.height, s.pix_fmt = w, h, pix_fmt
-    if n == 0:
-        c.start_encoding()
-    for i in range(n):
-        arr = np.full((h, w, 3), (10 * i) % 256, np.uint8)
-        for p in s.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return str(path)
+
+#: media_helpers.write_video's arguments here: 48x64 frames, frame i a flat grey of value 10*i; MP4 (mpeg4 / yuv420p) as
+#: written, LOSSLESS (ffv1 / bgr0, in .mkv) so values read back exactly
+MP4 = dict(size=48, width=64, step=10)
+LOSSLESS = dict(MP4, codec="ffv1", pix_fmt="bgr0")
 
 
 def test_vggt_sizes():
@@ -86,12 +77,12 @@ def test_sample_indices_floor_is_vg_llms_truncation():
 
 
 def test_load_video_uniform(tmp_path):
-    path = write_video(tmp_path / "v.mkv", 13)
+    path = write_video(tmp_path / "v.mkv", 13, **LOSSLESS)
     frames, idx, fps = load_video_frames(path, 5)
     assert idx == [0, 3, 6, 9, 12] and fps == pytest.approx(5 / 13 * 10)     # 5 of 13 frames at 10 fps
     assert [int(f[0, 0, 0]) for f in frames] == [0, 30, 60, 90, 120]
     assert frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
-    mp4 = write_video(tmp_path / "v.mp4", 9, codec="mpeg4", pix_fmt="yuv420p")
+    mp4 = write_video(tmp_path / "v.mp4", 9, **MP4)
     frames, idx, fps = load_video_frames(mp4, 3)
     assert idx == [0, 4, 8] and fps == pytest.approx(3 / 9 * 10) and abs(float(frames[2].mean()) - 80) < 4
     frames, idx, _ = load_video_frames(path, 6, "linspace-floor")            # [0, 2.4, 4.8, 7.2, 9.6, 12]
@@ -100,7 +91,7 @@ def test_load_video_uniform(tmp_path):
 
 
 def test_prepare_video_end_to_end(tmp_path):
-    path = write_video(tmp_path / "v.mkv", 7, h=48, w=64)
+    path = write_video(tmp_path / "v.mkv", 7, **LOSSLESS)
     a = prepare_frames(path, num_frames=4, group_size=8)
     # 48x64 -> width 518, height round(48*518/64/14)*14 = 392
     assert a.vggt_images.shape == (4, 3, 392, 518) and a.vggt_images.dtype == torch.float32
@@ -185,16 +176,16 @@ def test_bad_videos(tmp_path):
     corrupt.write_bytes(b"this is not a video" * 50)
     with pytest.raises(ValueError, match="unreadable or corrupt"):
         load_video_frames(corrupt)
-    good = write_video(tmp_path / "good.mp4", 9, codec="mpeg4", pix_fmt="yuv420p")
+    good = write_video(tmp_path / "good.mp4", 9, **MP4)
     data = open(good, "rb").read()
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(data[: len(data) // 3])          # mp4 index (moov) is at the end: unreadable
     with pytest.raises(ValueError, match="unreadable or corrupt"):
         load_video_frames(truncated)
-    empty = write_video(tmp_path / "empty.mkv", 0)
+    empty = write_video(tmp_path / "empty.mkv", 0, **LOSSLESS)
     with pytest.raises(ValueError, match="empty"):
         load_video_frames(empty)
-    empty_mp4 = write_video(tmp_path / "empty.mp4", 0, codec="mpeg4", pix_fmt="yuv420p")
+    empty_mp4 = write_video(tmp_path / "empty.mp4", 0, **MP4)
     with pytest.raises(ValueError, match="no video stream|empty"):
         prepare_frames(empty_mp4)
     zero = tmp_path / "zero.mp4"

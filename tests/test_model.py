@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from helpers import assert_greedy_by_full_forwards
+from generation_helpers import assert_greedy_by_full_forwards
 
 pytest.importorskip("transformers")
 

@@ -7,8 +7,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from geoalign.tiny import make_tokenizer  # noqa: E402
-
 from geoalign.processing import GeoAlignProcessor, qwen_patchify  # noqa: E402
 
 
@@ -35,11 +33,6 @@ def test_patchify_video_layout_and_odd_frames():
     # token (t=0, r=0, c=1), sub-patch (dy=1, dx=0) holds frame 0 and frame 1 pixels at rows 14..28, cols 28..42
     row = pv[1 * 4 + 2].view(3, 2, 14, 14)
     assert torch.equal(row[:, 0], x[0, :, 14:28, 28:42]) and torch.equal(row[:, 1], x[1, :, 14:28, 28:42])
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def test_processor_images_batch_with_labels(tok):
@@ -127,7 +120,7 @@ def test_video_timing_matches_qwen_processor(tok, tmp_path):
     from geoalign.geometry.sampling import sample_frame_indices
     from geoalign.tiny import tiny_model
     from geoalign.training.data import GeoAlignCollator, GeoAlignSFTDataset
-    from helpers import write_video
+    from media_helpers import write_video
 
     video = str(tmp_path / "clip.mp4")
     write_video(video, n=12, size=56)                                                  # 12 frames at 10 fps

@@ -25,9 +25,10 @@ import torch
 
 
 from geoalign.backends.torch_sparse import pair_grads
-from helpers import (BANK_GRADS, NEEDS, TOL, Shape, assert_parity, backend_params, bank_backward_fp64,
-                     call_bank_backward, fast_backends, make_fusion, make_inputs, rel_err, run_backend,
-                     run_cuda_backend, taped_bank)
+from bank_backward_helpers import BANK_GRADS, NEEDS, bank_backward_fp64, call_bank_backward, taped_bank
+from cuda_helpers import run_cuda_backend
+from helpers import (TOL, Shape, assert_parity, backend_params, fast_backends, make_fusion, make_inputs, rel_err,
+                     run_backend)
 
 BACKENDS = fast_backends() + ["cuda-emulated"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_greedy_by_full_forwards
+from generation_helpers import assert_greedy_by_full_forwards
 
 pytest.importorskip("transformers")
 

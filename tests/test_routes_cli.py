@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from geoalign.routing import Routing  # noqa: E402
 from geoalign.routing_analysis import summarize  # noqa: E402
-from helpers import boxes_overlap  # noqa: E402
+from figure_helpers import boxes_overlap  # noqa: E402
 
 
 def test_summaries_by_hand():
@@ -81,7 +81,7 @@ def saved(tmp_path_factory):
 
     from geoalign.processing import GeoAlignProcessor
     from geoalign.tiny import tiny_model
-    from helpers import write_video
+    from media_helpers import write_video
 
     root = tmp_path_factory.mktemp("routes")
     m, tok = tiny_model(4, seed=0)

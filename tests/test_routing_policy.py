@@ -168,7 +168,7 @@ def test_switched_off_layers_parity_forward_and_gradients(emulated, backend):
     grad_out = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ref = run_backend(fusion, "reference", q, layers, gather_index, grad_out)
     if backend == "cuda-emulated":
-        from helpers import run_cuda_backend
+        from cuda_helpers import run_cuda_backend
 
         fast = run_cuda_backend(fusion, q, layers, gather_index, grad_out)
     else:
@@ -284,7 +284,7 @@ def test_router_gradients_in_fp32_next_to_tied_layers_as_close_to_fp64_as_the_re
     grad_out = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(case["seed"] + 2))
     ref = run_backend(fusion, "reference", q, layers, gi, grad_out)
     if backend == "cuda-emulated":
-        from helpers import run_cuda_backend
+        from cuda_helpers import run_cuda_backend
 
         fast = run_cuda_backend(copy.deepcopy(fusion), q, layers, gi, grad_out)
     else:

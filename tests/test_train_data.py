@@ -9,18 +9,11 @@ import os
 import pytest
 import torch
 
-from geoalign.tiny import make_tokenizer  # noqa: E402
-
 from geoalign.processing import GeoAlignProcessor  # noqa: E402
 from geoalign.training.data import (GeoAlignCollator, GeoAlignSFTDataset, MissingMediaError,  # noqa: E402
                                     RecordError, load_records, parse_record,
                                     tokenize_conversation)
 from geoalign.training.synthetic import make_colour_dataset  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

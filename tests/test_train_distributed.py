@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from geoalign.atomic_files import read_jsonl  # noqa: E402
-from helpers import hostile_torch_file, reseal_checkpoint, write_train_setup  # noqa: E402
+from hostile_file_helpers import hostile_torch_file, reseal_checkpoint  # noqa: E402
+from train_helpers import write_train_setup  # noqa: E402
 
 pytest.importorskip("accelerate")
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from geoalign.training import checkpoint as ckpt  # noqa: E402
 
-from helpers import tiny_trainer, train_config  # noqa: E402
+from train_helpers import tiny_trainer, train_config  # noqa: E402
 
 
 def test_loss_decreases(train_data, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("accelerate")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from helpers import tiny_trainer, train_config  # noqa: E402
+from train_helpers import tiny_trainer, train_config  # noqa: E402
 
 
 def test_param_groups_and_schedule(train_data, tmp_path):

@@ -1,8 +1,8 @@
 """geoalign/training/safe_loading.py and the checkpoint manifest (training/checkpoint.py): a checkpoint directory from
 someone else runs no code on resume, and a damaged one is named before anything is restored.
 
-Every hostile file here holds helpers.CodeOnLoad, whose unpickling with arbitrary globals creates a marker file;
-test_the_payload_is_live shows that it does, so "no marker" below means the loader refused it.
+Every hostile file here holds hostile_file_helpers.CodeOnLoad, whose unpickling with arbitrary globals creates a
+marker file; test_the_payload_is_live shows that it does, so "no marker" below means the loader refused it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from geoalign.training import checkpoint as ckpt
 from geoalign.training.safe_loading import UnsafeCheckpointError, safe_dcp_load
 
-from helpers import CodeOnLoad, hostile_torch_file, reseal_checkpoint, tiny_trainer, train_config
+from hostile_file_helpers import CodeOnLoad, hostile_torch_file, reseal_checkpoint
+from train_helpers import tiny_trainer, train_config
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,123 @@
+"""The Triton backend end to end (geoalign.backends.triton_backend: every kernel of geoalign_kernels in one fusion
+forward + backward) against the torch sparse backend and the dense reference.
+
+Runs under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), so shapes are tiny
+(D' <= 40, H <= 48, D <= 40, L <= 40) but chosen to cross the interpreter's 32-wide blocks and exercise masking.
+Error metric: max|triton - torch| / max|torch| per tensor (helpers.assert_close: a relative error w.r.t. the
+tensor's scale, so gradients of very different magnitudes share one tolerance); tolerances: helpers.TRITON_TOL,
+argued there.
+Routing indices must match exactly (the kernel rounds logits to the parameter dtype as nn.Linear does).
+Every buffer a kernel must fully write is allocated NaN-filled (ints -7) here (geoalign_kernels.utils.POISON, the
+`poison_outputs` fixture in tests/conftest.py), so a row or column a kernel forgets to write fails the comparison.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("poison_outputs")]
+
+from helpers import TRITON_TOL, assert_close  # noqa: E402
+from triton_helpers import DTYPES, fusion_case, run_fusion  # noqa: E402
+from geoalign_kernels import configs  # noqa: E402
+
+
+def check_fusion_parity(fusion, q, layers, gather_index, dtype, zero_grads=()):
+    """zero_grads: parameter names whose gradient is mathematically 0 here (both sides are rounding noise: checked
+    against an absolute bound relative to the scale of dq)."""
+    ref = run_fusion(fusion, q, layers, gather_index, "torch")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert out[1].topk_idx.dtype == torch.int64
+    assert torch.equal(out[1].topk_idx, ref[1].topk_idx)
+    assert out[1].alpha.dtype == ref[1].alpha.dtype
+    assert_close(out[1].alpha, ref[1].alpha, TRITON_TOL[dtype], "alpha")
+    assert_close(out[0], ref[0], TRITON_TOL[dtype], "q_hat")
+    assert_close(out[2], ref[2], TRITON_TOL[dtype], "dq")
+    scale = ref[2].abs().max().item()
+    for name in ref[3]:
+        if name in zero_grads:
+            for grads in (out[3], ref[3]):
+                assert grads[name].abs().max().item() <= TRITON_TOL[dtype] * scale, name
+        else:
+            assert_close(out[3][name], ref[3][name], TRITON_TOL[dtype], f"grad {name}")
+    return ref, out
+
+
+SHAPES = {
+    # odd L and D' crossing the 32-wide blocks, H=48 crosses too
+    "odd": dict(L=37, D=40, Dg=37, H=48, M=4, K=2, G=4),
+    # L=1, K=1, G=8 (video path)
+    "L1_K1_G8": dict(L=1, D=24, Dg=20, H=40, M=3, K=1, G=8),
+    # K = M: every token uses every layer; 39 pairs per layer cross the 32-row pair block
+    "K_eq_M": dict(L=39, D=24, Dg=33, H=24, M=2, K=2, G=4),
+    # a single bank layer
+    "M1": dict(L=5, D=16, Dg=16, H=16, M=1, K=1, G=4),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fusion_parity(shape, dtype):
+    fusion, q, layers, gather_index = fusion_case(dtype, **SHAPES[shape], seed=list(SHAPES).index(shape))
+    check_fusion_parity(fusion, q, layers, gather_index, dtype)
+
+
+def test_fusion_parity_fp64_matches_reference():
+    """fp64 against the dense reference (the oracle), forward and every gradient."""
+    dtype = torch.float64
+    fusion, q, layers, gather_index = fusion_case(dtype, L=11, D=24, Dg=19, H=24, M=3, K=2, G=4, seed=3)
+    ref = run_fusion(fusion, q, layers, gather_index, "reference")
+    out = run_fusion(fusion, q, layers, gather_index, "triton")
+    assert torch.equal(out[1].topk_idx, ref[1].topk_idx)
+    assert_close(out[1].alpha, ref[1].alpha, TRITON_TOL[dtype], "alpha")
+    assert_close(out[0], ref[0], TRITON_TOL[dtype], "q_hat")
+    assert_close(out[2], ref[2], TRITON_TOL[dtype], "dq")
+    for name in ref[3]:
+        assert_close(out[3][name], ref[3][name], TRITON_TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fusion_forced_ties_and_empty_layers(dtype):
+    """All router logits equal: lower index wins, so layers >= K get no routed pairs (their LN grads are zero)."""
+    fusion, q, layers, gather_index = fusion_case(dtype, L=12, D=24, Dg=20, H=24, M=4, K=2, G=4, seed=5)
+    with torch.no_grad():
+        fusion.router.fc2.weight.copy_(fusion.router.fc2.weight[:1].expand_as(fusion.router.fc2.weight))
+        fusion.router.fc2.bias.fill_(0.25)
+    # identical router rows: d_hid = (sum_m dS_m) * V2[0] = 0, so router.fc1's gradient is exactly 0
+    ref, out = check_fusion_parity(fusion, q, layers, gather_index, dtype,
+                                   zero_grads=("router.fc1.weight", "router.fc1.bias"))
+    assert torch.equal(out[1].topk_idx, torch.arange(2).expand(12, 2))
+    for i in (2, 3):
+        assert torch.count_nonzero(out[3][f"layer_norms.{i}.weight"]) == 0
+        assert torch.count_nonzero(out[3][f"layer_norms.{i}.bias"]) == 0
+
+
+def test_fusion_parity_bf16_interpreter():
+    """bf16 parameters and layers (on CPU the kernels upcast bf16 dot operands to fp32; see utils.dot_dtype)."""
+    dtype = torch.bfloat16
+    fusion, q, layers, gather_index = fusion_case(dtype, L=21, D=24, Dg=20, H=40, M=3, K=2, G=4, seed=7)
+    check_fusion_parity(fusion, q, layers, gather_index, dtype)
+
+
+def test_small_blocks_cross_pair_boundary():
+    """Force 16-wide blocks everywhere (pairs, H, D', router rows) at the 'odd' shape."""
+    configs.OVERRIDE.update(BLOCK_SIZE_M=16, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16)
+    try:
+        fusion, q, layers, gather_index = fusion_case(torch.float32, **SHAPES["odd"], seed=11)
+        check_fusion_parity(fusion, q, layers, gather_index, torch.float32)
+    finally:
+        configs.OVERRIDE.clear()
+
+
+def test_streaming_any_order_no_grad():
+    """Streaming under no_grad (nothing saved), layers added in reverse order: same Q_hat as the torch backend."""
+    dtype = torch.float32
+    fusion, q, layers, gather_index = fusion_case(dtype, L=21, D=24, Dg=20, H=40, M=3, K=2, G=4, seed=7)
+    with torch.no_grad():
+        expected = fusion(q, layers, gather_index, backend="torch")
+        stream = fusion.begin(q, gather_index, backend="triton")
+        for i in reversed(range(3)):
+            stream.add(i, layers[i])
+        q_hat, _ = stream.finish()
+    assert_close(q_hat, expected, TRITON_TOL[dtype], "q_hat")

@@ -1,8 +1,7 @@
 """The GEMM kernel (geoalign_kernels.gemm: split-K matmul with a row-sum output, and the split-K rule) against torch.
 
-Runs under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
-Every buffer a kernel must fully write is allocated NaN-filled (ints -7) here (geoalign_kernels.utils.POISON, the
-`poison_outputs` fixture in tests/conftest.py), so a row or column a kernel forgets to write fails the comparison.
+Conventions shared by every tests/test_triton_*.py (interpreter shapes, error metric, tolerances, poisoned outputs):
+tests/triton_helpers.py.
 """
 from __future__ import annotations
 

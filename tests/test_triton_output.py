@@ -1,13 +1,8 @@
 """The output stage (geoalign_kernels.output: Q_hat = q + W_out (W2 h_bar + b2), and its W_out.W2-folded inference
 form) against torch, called alone and through the Triton backend.
 
-Runs under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), so shapes are tiny
-(D' <= 40, H <= 48, D <= 40, L <= 40) but chosen to cross the interpreter's 32-wide blocks and exercise masking.
-Error metric: max|triton - torch| / max|torch| per tensor (helpers.assert_close: a relative error w.r.t. the
-tensor's scale, so gradients of very different magnitudes share one tolerance); tolerances: helpers.TRITON_TOL,
-argued there.
-Every buffer a kernel must fully write is allocated NaN-filled (ints -7) here (geoalign_kernels.utils.POISON, the
-`poison_outputs` fixture in tests/conftest.py), so a row or column a kernel forgets to write fails the comparison.
+Conventions shared by every tests/test_triton_*.py (interpreter shapes, error metric, tolerances, poisoned outputs):
+tests/triton_helpers.py.
 """
 from __future__ import annotations
 

@@ -1,5 +1,16 @@
 """Builders for the Triton kernel tests (tests/test_triton_*.py): a fusion with its inputs at the interpreter's
-tiny shapes, and one forward + backward of it through a backend. Tolerances: helpers.TRITON_TOL."""
+tiny shapes, and one forward + backward of it through a backend.
+
+Conventions of those tests:
+- They run under the Triton interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA), so shapes
+  are tiny (D' <= 40, H <= 48, D <= 40, L <= 40) but chosen to cross the interpreter's 32-wide blocks and exercise
+  masking.
+- Error metric: max|triton - torch| / max|torch| per tensor (helpers.assert_close: a relative error w.r.t. the
+  tensor's scale, so gradients of very different magnitudes share one tolerance); tolerances: helpers.TRITON_TOL,
+  argued there.
+- Every buffer a kernel must fully write is allocated NaN-filled (ints -7) (geoalign_kernels.utils.POISON, the
+  `poison_outputs` fixture in tests/conftest.py), so a row or column a kernel forgets to write fails the comparison.
+"""
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,10 @@
 // Thin torch binding of the geoalign CUDA launchers (csrc/geoalign_cuda.h). It needs torch's C++ headers but no
-// CUDA header: the caller (geoalign/backends/cuda_backend.py) allocates every output, sets the device, and passes
-// the current CUDA stream as an integer. The torch.library custom ops (autograd, torch.compile fake impls) are
-// defined in Python on top of these functions.
+// CUDA header: the caller (kernels/geoalign_kernels/cuda/ops.py) allocates every output, sets the device, and
+// passes the current CUDA stream as an integer. The torch.library custom ops (autograd, torch.compile fake impls)
+// are defined in Python on top of these functions, in that module.
 //
-// Built by torch.utils.cpp_extension (JIT, geoalign.backends.cuda_backend.load_extension) or by setup.py's optional
-// CUDAExtension "geoalign._cuda_ops", together with csrc/*.cu.
+// Built by setup.py's optional CUDAExtension "geoalign_kernels._cuda_ops", or JIT by torch.utils.cpp_extension
+// (geoalign_kernels.cuda.extension.load_extension), together with csrc/*.cu.
 #include <torch/extension.h>
 
 #include <cstdint>

@@ -1,6 +1,7 @@
 """GeoAlignFusion: Top-K routed fusion of M geometry layers into the MLLM's visual tokens (paper eqs. 1-8).
 
-One module, three backends (``reference``, ``torch``, ``triton``) behind one interface:
+One module, four backends (``reference``, ``torch``, ``triton``, ``cuda``; the one list is
+``geoalign.backends.registry.REGISTRY``) behind one interface:
 
     fusion = GeoAlignFusion(GeoAlignConfig())
     q_hat = fusion(q, layers, gather_index)                   # layers: a sequence or an iterator of M tensors

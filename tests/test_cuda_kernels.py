@@ -1,7 +1,7 @@
 """The csrc/ CUDA kernels on a GPU, against torch and the reference backend (paper eqs. 1-8).
 
 GPU-only: skipped cleanly where there is no CUDA device or the extension cannot be built/loaded
-(geoalign.backends.cuda_backend.extension_error() says why). Run with `pytest -m gpu tests/test_cuda_kernels.py`.
+(geoalign_kernels.cuda.extension.extension_error() says why). Run with `pytest -m gpu tests/test_cuda_kernels.py`.
 Edge cases: L=1, exact ties, K=M, M not a power of two, M=32, M=1, -inf logits, unaligned and odd-width rows (the
 scalar fallback), int32 gather_index, every input/parameter dtype pair, pairs spanning several row-list blocks.
 """

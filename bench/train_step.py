@@ -44,29 +44,19 @@ def _status(field: str) -> int:
     return -1
 
 
-def _fuse_all_layers(self, q, images, gather_index, backend):
-    """GeoAlignForConditionalGeneration._fuse_sample, but VGGT returns (and keeps) all of its layers first."""
-    cfg = self.fusion.config
-    q = q.to(self.fusion.out_proj.weight.dtype)
-    vp = next(self.vggt.parameters())
-    layers = self.vggt(images[None].to(device=vp.device, dtype=vp.dtype))      # all `depth` layers, kept
-    ps = self.vggt.patch_start_idx
-    bank = [layers[i][:, :, ps:].reshape(-1, layers[i].shape[-1]).to(q.dtype) for i in cfg.bank_layers]
-    self.vggt_calls += 1
-    out = self.fusion(q, bank, gather_index.to(device=q.device, dtype=torch_int64()), backend=backend)
-    del layers, bank
-    return out
-
-
-def torch_int64():
-    import torch
-
-    return torch.int64
+def _all_layers_first(model, images, layer_ids, dtype):
+    """geoalign.visual_fusion.stream_vggt_layers, but VGGT returns (and keeps) all of its layers before the first
+    bank layer reaches the fusion: the dense baseline's memory."""
+    vp = next(model.vggt.parameters())
+    layers = model.vggt(images[None].to(device=vp.device, dtype=vp.dtype))      # all `depth` layers, kept
+    ps = model.vggt.patch_start_idx
+    model.vggt_calls += 1
+    for position, layer_id in enumerate(layer_ids):
+        yield position, layers[layer_id][:, :, ps:].reshape(-1, layers[layer_id].shape[-1]).to(dtype)
+    del layers
 
 
 def run_child(args) -> dict:
-    import types
-
     import torch
 
     torch.set_num_threads(args.threads)
@@ -90,7 +80,12 @@ def run_child(args) -> dict:
                           group_size=4, projector_hidden=args.projector_hidden, router_hidden=64, backend=backend)
     model = GeoAlignForConditionalGeneration.from_config(tiny_qwen_config(tok), vcfg, fcfg)
     if layers_mode == "all":
-        model._fuse_sample = types.MethodType(_fuse_all_layers, model)
+        from geoalign import visual_fusion
+
+        if not callable(getattr(visual_fusion, "stream_vggt_layers", None)):
+            raise RuntimeError("geoalign.visual_fusion.stream_vggt_layers is gone: the all-layers baseline would "
+                               "silently measure the streaming path")
+        visual_fusion.stream_vggt_layers = _all_layers_first
     width = 518
     src_h = max(1, round(args.height * 148 / width))        # source frames 148 px wide -> VGGT height args.height
     data = make_colour_dataset(args.workdir, 1, kinds=("video",), frame_counts=(args.frames,),

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model_inputs import split_by_sample
+from .model_inputs import frame_groups, split_by_sample
+from .offload import weights_loaded
 from .visual_fusion import stream_vggt_layers
 
 
@@ -33,6 +34,12 @@ class KeptGeometry:
     @property
     def num_tokens(self) -> int:
         return sum(int(gi.shape[0]) for _, gi in self.samples)
+
+    def expand(self, times: int) -> None:
+        """Each sample repeated ``times`` times in place (generate's beam / returned-sequence expansion); the copies
+        share their kept layers."""
+        self.samples = [s for s in self.samples for _ in range(times)]
+        self.visual_mask = self.visual_mask.repeat_interleave(times, dim=0)
 
 
 class InLLMInjection:
@@ -83,10 +90,11 @@ class InLLMInjection:
         q = h[mask]  # [L_total, D], row-major over (sample, position) = the vision tower's order
         dtype = fusion.out_proj.weight.dtype
         out, off = [], 0
-        for layers, gi in kept.samples:
-            L = int(gi.shape[0])
-            out.append(fusion(q[off:off + L].to(dtype), layers, gi, backend=kept.backend))
-            off += L
+        with weights_loaded(fusion):  # offloaded by a device_map: the fusion's weights are loaded for the call
+            for layers, gi in kept.samples:
+                L = int(gi.shape[0])
+                out.append(fusion(q[off:off + L].to(dtype), layers, gi, backend=kept.backend))
+                off += L
         q_hat = torch.cat(out, dim=0) if len(out) > 1 else out[0]
         h = h.masked_scatter(mask.unsqueeze(-1).expand_as(h), q_hat.to(h.dtype))
         if from_args:
@@ -98,13 +106,17 @@ class InLLMInjection:
 
 def keep_bank_layers(model, q: torch.Tensor, grid_thw: torch.Tensor, samples, visual_mask: torch.Tensor,
                      backend: str | None) -> None:
-    """In-LLM injection, at prefill: run VGGT once per sample and keep its M bank layers for the decoder hooks of
-    ``model`` (a GeoAlignModel; q [L_total, D] the tower's output, samples its SampleGeometry list)."""
+    """In-LLM injection, at prefill: run VGGT once per distinct frames tensor and keep its M bank layers for the
+    decoder hooks of ``model`` (a GeoAlignModel; q [L_total, D] the tower's output, samples its SampleGeometry
+    list; samples sharing their frames, as generate's beam copies do, share the kept layers)."""
     fp = model.fusion.weight_like
-    kept = []
-    for _q_b, s, gi in split_by_sample(q, grid_thw, samples, model.group_size):
+    parts = split_by_sample(q, grid_thw, samples, model.group_size)
+    kept: list = [None] * len(parts)
+    for members in frame_groups([s for _, s, _ in parts]):
         layers: list = [None] * model.fusion.config.num_bank_layers
-        for position, rows in stream_vggt_layers(model, s.images, model.fusion.config.bank_layers, fp.dtype):
+        for position, rows in stream_vggt_layers(model, parts[members[0]][1].images,
+                                                 model.fusion.config.bank_layers, fp.dtype):
             layers[position] = rows.to(fp.device)
-        kept.append((layers, gi.to(device=fp.device, dtype=torch.int64)))
+        for b in members:
+            kept[b] = (layers, parts[b][2].to(device=fp.device, dtype=torch.int64))
     model.injection.keep(KeptGeometry(visual_mask.to(q.device), kept, backend))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic_files import staged_directory
 from .config import GeoAlignConfig
 from .fusion import GeoAlignFusion
 from .geometry.aggregator import VGGTAggregator
@@ -24,9 +25,15 @@ logger = logging.getLogger("geoalign.modeling")
 
 
 def mark_self_initialised(module: nn.Module) -> nn.Module:
-    """Mark a module tree as initialised by its own constructor, so transformers' weight init leaves it alone."""
+    """Mark a module tree as initialised by its own constructor, so transformers' weight init leaves it alone. A
+    module with non-persistent buffers stays unmarked (its parameters are marked instead): after a meta-device build
+    transformers materialises those buffers empty, and the model's ``_init_weights`` must fill them."""
     for m in module.modules():
-        m._is_hf_initialized = True
+        if m._non_persistent_buffers_set:
+            for p in m.parameters(recurse=False):
+                p._is_hf_initialized = True
+        else:
+            m._is_hf_initialized = True
     return module
 
 
@@ -172,11 +179,88 @@ def device_as_map(kwargs: dict) -> dict:
 
 def finish_loading(model, info: dict, path, geoalign) -> None:
     """After transformers loaded a saved model: its GeoAlign weights were all there (unless a fusion directory
-    ``geoalign`` replaces them), VGGT's non-persistent buffers are rebuilt, the fusion directory is loaded."""
+    ``geoalign`` replaces them), the fusion directory is loaded."""
     missing = [k for k in info.get("missing_keys", ()) if k.startswith(("model.fusion.", "model.vggt."))]
     if missing and geoalign is None:
         raise ValueError(f"{os.fspath(path)!r} lacks GeoAlign weights {sorted(missing)[:4]} (of {len(missing)}): "
                          "a model saved without its fusion / VGGT encoder would run with random ones")
-    model.model.vggt.reset_buffers()  # its non-persistent buffers are not in the checkpoint
     if geoalign is not None:
         model.load_fusion(geoalign)
+
+
+class GeoAlignLoadingMixin:
+    """The construction and file methods of GeoAlignForConditionalGeneration (first in its bases, so ``super()`` here
+    is Qwen2.5-VL's / transformers' own)."""
+
+    @classmethod
+    def from_parts(cls, qwen_config, vggt_config: VGGTAggregatorConfig | None = None,
+                   geoalign_config: GeoAlignConfig | None = None, *, dtype: torch.dtype | None = None,
+                   attn_implementation: str | None = None, freeze_vision: bool = True):
+        """A randomly initialised model from Qwen2.5-VL's config and the VGGT and fusion configs (tests, ablations)."""
+        config = GeoAlignModelConfig.from_parts(qwen_config, vggt_config, geoalign_config,
+                                                freeze_vision_tower=freeze_vision)
+        kw = {"attn_implementation": attn_implementation, "dtype": dtype}
+        return cls._from_config(config, **{k: v for k, v in kw.items() if v is not None})
+
+    @classmethod
+    def from_config(cls, config, vggt_config: VGGTAggregatorConfig | None = None,
+                    geoalign_config: GeoAlignConfig | None = None, **kwargs):
+        """A randomly initialised model: from a GeoAlignModelConfig, or as :meth:`from_parts` from Qwen's config and
+        the VGGT and fusion configs."""
+        if isinstance(config, GeoAlignModelConfig) and vggt_config is None and geoalign_config is None:
+            kw = {k: kwargs[k] for k in ("dtype", "attn_implementation") if kwargs.get(k) is not None}
+            return cls._from_config(config, **kw)
+        return cls.from_parts(config, vggt_config, geoalign_config, **kwargs)
+
+    @classmethod
+    def from_qwen_and_vggt(cls, qwen: str | os.PathLike, vggt: str | os.PathLike,
+                           fusion: str | os.PathLike | None = None,
+                           *, vggt_config: VGGTAggregatorConfig | None = None,
+                           geoalign_config: GeoAlignConfig | dict | None = None, dtype: torch.dtype | None = None,
+                           device: torch.device | str | None = None, attn_implementation: str | None = None,
+                           freeze_vision: bool = True):
+        """Build from the base models (local files only): a Qwen2.5-VL directory, a VGGT checkpoint (file or
+        directory; ``vggt_config.json`` beside it, else VGGT-1B) and a fusion directory written by
+        :meth:`save_fusion` (else a fresh fusion from ``geoalign_config``: a GeoAlignConfig, or a dict of overrides of
+        the paper's settings such as ``{"fusion": "gated_2d3d"}``; default: the paper's settings)."""
+        return build_from_qwen_and_vggt(cls, qwen, vggt, fusion, vggt_config=vggt_config,
+                                        geoalign_config=geoalign_config, dtype=dtype, device=device,
+                                        attn_implementation=attn_implementation, freeze_vision=freeze_vision)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, qwen=None, vggt=None, geoalign=None,
+                        **kwargs):
+        """transformers' ``from_pretrained`` for a checkpoint written by :meth:`save_pretrained`.
+
+        Also accepted: a legacy geoalign directory (``geoalign_model.json``; convert it once with
+        ``geoalign convert OLD NEW``), and the base-model form ``from_pretrained(qwen=DIR, vggt=PATH,
+        geoalign=FUSION_DIR)``, which is :meth:`from_qwen_and_vggt`."""
+        path = pretrained_model_name_or_path
+        if path is None and qwen is None and vggt is None and kwargs.get("config") is not None:
+            path = "the given state_dict"  # transformers' from_pretrained(None, config=..., state_dict=...)
+            want_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(None, *args, output_loading_info=True, **device_as_map(kwargs))
+            finish_loading(model, info, path, geoalign)
+            return (model, info) if want_info else model
+        if path is None or (qwen is not None and vggt is not None):
+            if qwen is None or vggt is None:
+                raise ValueError("from_pretrained needs a saved GeoAlign directory, or both qwen= and vggt= paths")
+            return cls.from_qwen_and_vggt(qwen, vggt, geoalign, **base_checkpoint_kwargs(kwargs))
+        legacy = legacy_sources(path, qwen, vggt, geoalign)
+        if legacy is not None:
+            return cls.from_qwen_and_vggt(*legacy, **base_checkpoint_kwargs(kwargs))
+        check_model_directory(path, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **device_as_map(kwargs))
+        finish_loading(model, info, path, geoalign)
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, processor=None, **kwargs):
+        """transformers' ``save_pretrained``, written atomically (a staged directory renamed into place); with
+        ``processor`` (a GeoAlignProcessor) its tokenizer and image processor go into the same directory."""
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)  # writes nothing on other ranks
+        with staged_directory(save_directory, "config.json") as stage:
+            super().save_pretrained(stage, *args, **kwargs)
+            if processor is not None:
+                processor.save_pretrained(stage)

@@ -64,6 +64,15 @@ def as_samples(vggt_pixel_values, gather_index) -> list[SampleGeometry]:
     return [SampleGeometry(im, gi) for im, gi in zip(images, gis)]
 
 
+def frame_groups(samples: list[SampleGeometry]) -> list[list[int]]:
+    """The sample positions grouped by their VGGT frames (the same tensor object: generate's beam copies), in
+    first-appearance order: VGGT runs once per group and feeds every member."""
+    groups: dict[int, list[int]] = {}
+    for b, s in enumerate(samples):
+        groups.setdefault(id(s.images), []).append(b)
+    return list(groups.values())
+
+
 def split_by_sample(q: torch.Tensor, grid_thw: torch.Tensor, samples: list[SampleGeometry], G: int):
     """[(Q_b [L_b, D], sample b, gather_index_b [L_b, G])] for the batch's visual tokens Q (sample-major);
     raises ValueError when Qwen's grids / token counts do not match the VGGT frames."""
@@ -109,15 +118,16 @@ def forward_accepts(name: str) -> bool:
     return name in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters
 
 
-def with_geometry_parameters(qwen_forward):
-    """Qwen's forward signature with GeoAlign's keyword-only geometry parameters before its ``**kwargs``."""
+def with_geometry_parameters(qwen_forward, return_routing: bool = True):
+    """Qwen's forward signature with GeoAlign's keyword-only geometry parameters (and ``return_routing``, the
+    wrapper's) before its ``**kwargs``."""
     import inspect
 
     sig = inspect.signature(qwen_forward)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     var_kw = [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
-    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
-            for name in ("vggt_pixel_values", "gather_index", "fusion_backend", "return_routing")]
+    names = ("vggt_pixel_values", "gather_index", "fusion_backend") + (("return_routing",) if return_routing else ())
+    ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in names]
     return sig.replace(parameters=params + ours + var_kw)
 
 
@@ -130,6 +140,14 @@ class CallGeometry:
     kind: str  # "image" or "video": the pixel input Qwen will encode
     visual_mask: torch.Tensor | None = None  # [B, T] visual-token positions (in-LLM / progressive injection)
     used: bool = False
+
+    def expand(self, times: int) -> None:
+        """Each sample repeated ``times`` times in place, as generate expands its batch for beams / returned
+        sequences (sample b becomes rows b*times .. b*times+times-1). The copies share their SampleGeometry, so
+        VGGT still runs once per sample (see frame_groups)."""
+        self.samples = [s for s in self.samples for _ in range(times)]
+        if self.visual_mask is not None:
+            self.visual_mask = self.visual_mask.repeat_interleave(times, dim=0)
 
 
 def call_geometry(config, fusion_config, vggt_pixel_values, gather_index, pixel_values, pixel_values_videos,

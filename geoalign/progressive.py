@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import GeoAlignConfig
 from .layers import MLP
-from .model_inputs import split_by_sample
+from .model_inputs import frame_groups, split_by_sample
 from .visual_fusion import stream_vggt_layers
 
 
@@ -139,6 +139,12 @@ class KeptLevels:
     visual_mask: torch.Tensor
     tokens: list[torch.Tensor]
 
+    def expand(self, times: int) -> None:
+        """Each sample repeated ``times`` times in place (generate's beam / returned-sequence expansion)."""
+        per_sample = self.visual_mask.sum(dim=1).tolist()
+        self.tokens = [torch.cat([chunk for chunk in t.split(per_sample) for _ in range(times)]) for t in self.tokens]
+        self.visual_mask = self.visual_mask.repeat_interleave(times, dim=0)
+
 
 class ProgressiveInjection:
     """The decoder-layer forward hooks that add the intermediate levels' fused tokens (DeepStack), and the tokens
@@ -195,14 +201,16 @@ def fuse_levels(model, q: torch.Tensor, block_outputs: dict[int, torch.Tensor], 
     views.append(q.to(device=fp.device, dtype=fp.dtype))
     stacked = torch.stack(views, dim=1)  # [L_total, J, D]: level j's visual tokens V_j
     del views
-    fused: list[list[torch.Tensor]] = [[] for _ in fusion.levels]
-    for v_b, s, gi in split_by_sample(stacked, grid_thw, samples, model.group_size):
-        gi = gi.to(device=fp.device, dtype=torch.int64)
-        for j, rows in stream_vggt_layers(model, s.images, cfg.progressive_geo_layers, fp.dtype):
-            level = fusion.levels[j]
-            fused[j].append(level(v_b[:, j], level.geometry(rows.to(fp.device), gi)))
+    parts = split_by_sample(stacked, grid_thw, samples, model.group_size)
+    fused: list[list] = [[None] * len(parts) for _ in fusion.levels]  # [level][sample]
+    for members in frame_groups([s for _, s, _ in parts]):  # one VGGT pass per distinct frames tensor
+        for j, rows in stream_vggt_layers(model, parts[members[0]][1].images, cfg.progressive_geo_layers, fp.dtype):
+            level, rows = fusion.levels[j], rows.to(fp.device)
+            for b in members:
+                v_b, gi = parts[b][0], parts[b][2].to(device=fp.device, dtype=torch.int64)
+                fused[j][b] = level(v_b[:, j], level.geometry(rows, gi))
             del rows
-    out = [torch.cat(parts, dim=0) if len(parts) > 1 else parts[0] for parts in fused]
+    out = [torch.cat(level_parts, dim=0) if len(level_parts) > 1 else level_parts[0] for level_parts in fused]
     if len(out) > 1:
         model.progressive_injection.keep(KeptLevels(visual_mask.to(fp.device), out[:-1]))
     return out[-1]

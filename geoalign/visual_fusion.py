@@ -9,23 +9,29 @@ from typing import Iterator
 
 import torch
 
-from .model_inputs import SampleGeometry, as_samples, split_by_sample
+from .model_inputs import SampleGeometry, as_samples, frame_groups, split_by_sample
 
 
 def fuse_visual_tokens(model, q: torch.Tensor, grid_thw: torch.Tensor, samples, gather_index=None,
                        backend: str | None = None) -> torch.Tensor:
     """Q [L_total, D] (the vision tower's merged output for the whole batch, sample-major) -> Q_hat, for ``model``
-    (a GeoAlignModel). ``samples``: per-sample VGGT frames (as ``vggt_pixel_values``). One VGGT pass and one fusion
-    stream per sample. Raises ValueError when Qwen's grids / token counts do not match the VGGT frames. Not for the
-    progressive fusion (it also needs the tower's intermediate blocks: use forward)."""
+    (a GeoAlignModel). ``samples``: per-sample VGGT frames (as ``vggt_pixel_values``). One fusion stream per sample
+    and one VGGT pass per distinct frames tensor (generate's beam copies share theirs). Raises ValueError when Qwen's
+    grids / token counts do not match the VGGT frames. Not for the progressive fusion (it also needs the tower's
+    intermediate blocks: use forward)."""
     if model.fusion.config.is_progressive:
         raise ValueError("fuse_visual_tokens runs the routed bank fusion; this model uses the progressive "
                          "fusion, which also needs the vision tower's intermediate blocks: call the model's "
                          "forward")
     if not (isinstance(samples, list) and samples and isinstance(samples[0], SampleGeometry)):
         samples = as_samples(samples, gather_index)
-    out = [fuse_sample(model, q_b, s.images, gi, backend)
-           for q_b, s, gi in split_by_sample(q, grid_thw, samples, model.group_size)]
+    parts = split_by_sample(q, grid_thw, samples, model.group_size)
+    out: list = [None] * len(parts)
+    for members in frame_groups([s for _, s, _ in parts]):
+        fused = fuse_with_frames(model, [parts[b][0] for b in members], parts[members[0]][1].images,
+                                 [parts[b][2] for b in members], backend)
+        for b, q_hat in zip(members, fused):
+            out[b] = q_hat
     return torch.cat(out, dim=0) if len(out) > 1 else out[0]
 
 
@@ -41,17 +47,24 @@ def stream_vggt_layers(model, images: torch.Tensor, layer_ids,
         yield position[layer_id], tokens.reshape(-1, tokens.shape[-1])
 
 
-def fuse_sample(model, q: torch.Tensor, images: torch.Tensor, gather_index: torch.Tensor,
-                backend: str | None) -> torch.Tensor:
-    """Route first, then stream this sample's bank layers from VGGT into the fusion."""
+def fuse_with_frames(model, queries: list[torch.Tensor], images: torch.Tensor, gather_indices: list[torch.Tensor],
+                     backend: str | None) -> list[torch.Tensor]:
+    """Q_hat for each of ``queries`` (Q_b [L_b, D]) whose sample has the frames ``images``: route each first, then
+    stream one VGGT pass over the frames into every stream."""
     fp = model.fusion.weight_like
-    q = q.to(device=fp.device, dtype=fp.dtype)
-    stream = model.fusion.begin(q, gather_index.to(device=fp.device, dtype=torch.int64), backend=backend)
-    # the router read only Q: the routes are known before the first bank layer arrives
+    streams = [model.fusion.begin(q.to(device=fp.device, dtype=fp.dtype),
+                                  gi.to(device=fp.device, dtype=torch.int64), backend=backend)
+               for q, gi in zip(queries, gather_indices)]
+    # the routers read only Q: the routes are known before the first bank layer arrives
     for position, rows in stream_vggt_layers(model, images, model.fusion.config.bank_layers, fp.dtype):
-        stream.add(position, rows.to(fp.device))
+        rows = rows.to(fp.device)
+        for stream in streams:
+            stream.add(position, rows)
         del rows
-    q_hat, routing = stream.finish()
-    if model.routing_recorder is not None:
-        model.routing_recorder.add(routing, gather_index, images, model.fusion.config.bank_layers)
-    return q_hat
+    out = []
+    for stream, gi in zip(streams, gather_indices):
+        q_hat, routing = stream.finish()
+        if model.routing_recorder is not None:
+            model.routing_recorder.add(routing, gi, images, model.fusion.config.bank_layers)
+        out.append(q_hat)
+    return out

@@ -95,6 +95,13 @@ class VGGTAggregator(nn.Module):
             self.eval()
 
     # ------------------------------------------------------------------ helpers
+    def init_non_persistent_buffers(self) -> None:
+        """Fill the normalisation buffers in place, wherever they live (transformers materialises them empty after a
+        meta-device build, then calls its ``_init_weights``, which calls this)."""
+        with torch.no_grad():
+            self._resnet_mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+            self._resnet_std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
     def reset_buffers(self) -> None:
         """(Re)create the non-persistent normalisation buffers on the parameters' device (after a meta build)."""
         dev = self.camera_token.device

@@ -1,0 +1,34 @@
+"""Offloaded parts (a ``device_map`` sending ``model.vggt`` or ``model.fusion`` to "cpu" or "disk"): accelerate's hook
+gives such a module its weights only inside its own ``forward`` (loaded before, given back after). GeoAlign drives VGGT
+and the fusion through other methods (VGGT's layer stream; the fusion stream's begin / add / finish), so it fires their
+hooks around the whole fusion of a batch, as transformers' ``force_accelerate_hooks`` does around a forward."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def weights_loaded(*modules: nn.Module) -> Iterator[None]:
+    """Inside: every submodule of ``modules`` that accelerate hooked (it hooks each module that holds parameters)
+    has its weights on its execution device; given back on exit (also on an exception). Modules without a hook are
+    untouched. Inside, the submodules' own forwards keep the weights (their hooks' ``offload`` is off until exit);
+    nested for the same module, the inner block is a no-op."""
+    hooked = [(sub, sub._hf_hook) for module in modules for sub in module.modules()
+              if getattr(sub, "_hf_hook", None) is not None]
+    done = []
+    try:
+        for module, hook in hooked:
+            hook.pre_forward(module)
+            offload = getattr(hook, "offload", None)  # AlignDevicesHook's; other hooks have none
+            done.append((module, hook, offload))
+            if offload is not None:
+                hook.offload = False  # a submodule's own forward inside must not give its weights back early
+        yield
+    finally:
+        for module, hook, offload in reversed(done):
+            if offload is not None:
+                hook.offload = offload
+            hook.post_forward(module, ())

@@ -57,7 +57,8 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6", "nvidia-ml-py>=12.535"],        # attn flash_attention_2; the driver version in bench
 }
 EXTRAS["dev"] = sorted({*EXTRAS["plots"], *EXTRAS["triton"], *EXTRAS["eval"], *EXTRAS["train"], *EXTRAS["deepspeed"],
-                        "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"})
+                        "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100",
+                        "parameterized>=0.9"})  # transformers' own model tests (tests/hf_conformance)
 
 setup(
     name="geoalign",

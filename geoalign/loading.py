@@ -26,13 +26,11 @@ logger = logging.getLogger("geoalign.modeling")
 
 def mark_self_initialised(module: nn.Module) -> nn.Module:
     """Mark a module tree as initialised by its own constructor, so transformers' weight init leaves it alone. A
-    module with non-persistent buffers stays unmarked (its parameters are marked instead): after a meta-device build
-    transformers materialises those buffers empty, and the model's ``_init_weights`` must fill them."""
+    module with non-persistent buffers stays unmarked: after a meta-device build transformers materialises those
+    buffers empty, and the model's ``_init_weights`` must fill them (it leaves such a module's parameters alone; a
+    flag on a parameter would also hide it from the missing keys of a checkpoint that lacks it)."""
     for m in module.modules():
-        if m._non_persistent_buffers_set:
-            for p in m.parameters(recurse=False):
-                p._is_hf_initialized = True
-        else:
+        if not m._non_persistent_buffers_set:
             m._is_hf_initialized = True
     return module
 
@@ -180,7 +178,8 @@ def device_as_map(kwargs: dict) -> dict:
 def finish_loading(model, info: dict, path, geoalign) -> None:
     """After transformers loaded a saved model: its GeoAlign weights were all there (unless a fusion directory
     ``geoalign`` replaces them), the fusion directory is loaded."""
-    missing = [k for k in info.get("missing_keys", ()) if k.startswith(("model.fusion.", "model.vggt."))]
+    missing = [k for k in info.get("missing_keys", ())
+               if k.startswith(("model.fusion.", "model.vggt.", "fusion.", "vggt."))]  # full model / base model
     if missing and geoalign is None:
         raise ValueError(f"{os.fspath(path)!r} lacks GeoAlign weights {sorted(missing)[:4]} (of {len(missing)}): "
                          "a model saved without its fusion / VGGT encoder would run with random ones")

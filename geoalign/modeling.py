@@ -31,7 +31,7 @@ from .config import GeoAlignConfig
 from .fusion import GeoAlignFusion
 from .geometry.aggregator import VGGTAggregator
 from .injection import InLLMInjection, keep_bank_layers
-from .loading import GeoAlignLoadingMixin, mark_self_initialised
+from .loading import GeoAlignLoadingMixin, finish_loading, mark_self_initialised
 from .model_config import GeoAlignModelConfig, check_fits, default_fusion_config
 from .model_inputs import CallGeometry, call_geometry, forward_accepts, with_geometry_parameters  # noqa: F401
 from .offload import weights_loaded
@@ -83,6 +83,15 @@ class GeoAlignModel(Qwen2_5_VLModel):
         self.config.geoalign_config = fusion.config.to_dict()
         self.injection.install(self.language_model.layers, self.config.text_config.hidden_size)
         self.progressive_injection.install(self.language_model.layers)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``; like the full model's, it refuses a checkpoint without the fusion or
+        VGGT weights (they would be left uninitialised)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        finish_loading(model, info, pretrained_model_name_or_path or "the given state_dict", None)
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Qwen's init, plus VGGT's non-persistent buffers (absent from checkpoints; after any meta-device build

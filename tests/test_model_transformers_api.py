@@ -140,6 +140,22 @@ def test_from_pretrained_with_a_config_and_a_state_dict(model4):
         GeoAlignForConditionalGeneration.from_pretrained(None, config=m.config, state_dict=partial)
 
 
+@pytest.mark.parametrize("cls", [GeoAlignModel, GeoAlignForConditionalGeneration])
+def test_a_checkpoint_without_geoalign_weights_is_refused(model4, saved, tmp_path, cls):
+    """Both classes refuse a checkpoint lacking the fusion / VGGT weights, naming them (before, the base class
+    loaded it with those weights left uninitialised)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(saved, tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.fusion.")},
+              tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks GeoAlign weights \['(model\.)?fusion\."):
+        cls.from_pretrained(tmp_path / "m")
+
+
 # ------------------------------------------------------------------------------------------------------- offloading
 @pytest.mark.parametrize("where", [{"model.vggt": "disk"}, {"model.fusion": "disk"},
                                    {"model.vggt": "disk", "model.fusion": "disk"}])

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from geoalign.backends import ALL_BACKENDS
+from geoalign.backends import SPARSE_BACKENDS
 from geoalign.cli_args import (ArgumentParser, UsageError, fail, has_module, output_dir, positive_float,
                                positive_int, resolve_device, use_device)
 
@@ -22,7 +22,7 @@ from .shapes import MODES, SHAPES, shape_dict
 DTYPES = ("bfloat16", "float16", "float32", "float64")
 CASES = ("fusion", "encoder", "train")
 DEFAULT_CASES = ("fusion", "encoder")  # `train` spawns a process per variant: ask for it with --case train
-BACKENDS = ("reference", "compiled-reference") + ALL_BACKENDS[1:]
+BACKENDS = ("reference", "compiled-reference") + SPARSE_BACKENDS
 
 
 def default_backends(device) -> list[str]:

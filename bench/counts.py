@@ -27,6 +27,8 @@ from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from geoalign.backends import ALL_BACKENDS
+
 from .fusion_case import make_case
 from .shapes import SHAPES, FusionShape
 from .report import environment, write_json
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backends", nargs="+", default=["reference", "torch", "triton"])
+    p.add_argument("--backends", nargs="+", choices=ALL_BACKENDS,
+                   default=[b for b in ALL_BACKENDS if b != "cuda"])  # the cuda backend's kernels need a GPU
     p.add_argument("--out", default=None, help="write the counts as JSON here")
     args = p.parse_args(argv)
     shape, dtype, device = SHAPES[args.shape], getattr(torch, args.dtype), torch.device(args.device)

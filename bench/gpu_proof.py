@@ -292,12 +292,12 @@ def _parity_case(name, cfg, frames_or_L, st: Stage, backends) -> dict:
 
 def stage_parity(st: Stage, out: Path) -> None:
     from geoalign import GeoAlignConfig
-    from geoalign.backends import available_backends
+    from geoalign.backends import SPARSE_BACKENDS, available_backends
 
     have = available_backends(st.device)
-    backends = [b for b in ("torch", "triton", "cuda") if b in have]
+    backends = [b for b in SPARSE_BACKENDS if b in have]
     st.record(backends=backends, tolerance=PARITY_TOL, topk_agreement_min=TOPK_AGREEMENT,
-              unavailable={b: _why_unavailable(b, st.device) for b in ("triton", "cuda") if b not in have})
+              unavailable={b: _why_unavailable(b, st.device) for b in SPARSE_BACKENDS if b not in have})
     if st.dry_run:
         small = GeoAlignConfig(hidden_size=40, geo_dim=37, bank_layers=(3, 5, 8), top_k=2, group_size=4,
                                projector_hidden=48, router_hidden=24)
@@ -310,7 +310,7 @@ def stage_parity(st: Stage, out: Path) -> None:
     st.record(cases=cases)
     cases["small_odd"] = _parity_case("small_odd", small, 37 if st.dry_run else 301, st, backends)
     parity = {}
-    for b in ("triton", "cuda", "torch"):
+    for b in SPARSE_BACKENDS:
         if b not in backends:
             parity[b] = {"passed": None, "skipped": st.data["unavailable"].get(b, "not available")}
             continue
@@ -324,15 +324,17 @@ def stage_parity(st: Stage, out: Path) -> None:
 
 
 def _why_unavailable(backend: str, device) -> str:
+    from geoalign.backends import REGISTRY
+
     if backend == "cuda":
         from geoalign_kernels.cuda.extension import extension_error
 
         return extension_error() or f"no CUDA device ({device})"
-    return "triton is not importable here"
+    return REGISTRY[backend].needs or f"{backend} is not available here"
 
 
 def stage_fusion(st: Stage, out: Path) -> None:
-    from geoalign.backends import available_backends
+    from geoalign.backends import ALL_BACKENDS, available_backends
 
     from .fusion_case import add_ratios, run_fusion_case
     from .shapes import shape_dict
@@ -341,7 +343,7 @@ def stage_fusion(st: Stage, out: Path) -> None:
     shape = DRY_SHAPE if st.dry_run else SHAPES["paper"]
     frames = 1 if st.dry_run else 32
     have = available_backends(st.device)
-    order = ["reference", "torch", "triton", "cuda"] + (["compiled-reference"] if st.device.type == "cuda" else [])
+    order = list(ALL_BACKENDS) + (["compiled-reference"] if st.device.type == "cuda" else [])
     backends = [b for b in order if b in have or b == "compiled-reference"]
     modes = ("fwdbwd", "infer") if st.dry_run else ("fwd", "bwd", "fwdbwd", "infer")
     budget = 0.01 if st.dry_run else 0.4
@@ -549,7 +551,7 @@ def _ceiling(out: Path, key: str):
 
 
 def _environment() -> dict:
-    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+    env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,  # not backend names
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     for mod in ("triton", "transformers", "accelerate"):
         try:

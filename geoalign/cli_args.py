@@ -136,12 +136,10 @@ def check_backend(name: str | None, device) -> None:
     the named backend is probed (the cuda backend's probe may build its extension)."""
     if name is None:
         return
-    from .backends import backend_runs_on
+    from .backends import REGISTRY, backend_runs_on
 
     if not backend_runs_on(name, device):
-        hint = {"triton": "Triton runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow; for tests)",
-                "cuda": "the cuda backend needs a CUDA device and its extension"}[name]
-        raise UsageError(f"fusion backend {name!r} cannot run on {device} here; {hint}")
+        raise UsageError(f"fusion backend {name!r} cannot run on {device} here; {REGISTRY[name].needs}")
 
 
 def use_device(device) -> None:

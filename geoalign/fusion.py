@@ -38,12 +38,17 @@ class FusionStream:
                  fold_output: bool = False):
         fusion.check_query(q)
         fusion.check_gather_index(gather_index, q)
-        self.fusion, self.q, self.backend_name = fusion, q, backend
+        self.fusion, self.q, self.gather_index, self.backend_name = fusion, q, gather_index, backend
         self._added = [False] * fusion.config.num_bank_layers
         self._finished = False
         # one device->host copy, checked against each layer's row count (skipped with check_inputs off)
         self._max_row = int(gather_index.max()) if fusion.check_inputs else None
         self._stream = get_backend(backend, bool(fold_output)).open_stream(fusion, q, gather_index)
+
+    @property
+    def routing(self) -> Routing:
+        """The routes (Top-K ids [L, K], weights [L, K]): known when the stream opens, before any layer is added."""
+        return self._stream.routing
 
     def add(self, i: int, layer: torch.Tensor) -> None:
         """Consume bank layer i: ``layer`` [N, D'] holds the raw VGGT patch rows that gather_index points into."""

@@ -22,3 +22,21 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str],
         return sorted(set(vars(importlib.import_module(package))) | set(exports))
 
     return __getattr__, __dir__
+
+
+def deprecated_aliases(module: str, aliases: dict[str, str]) -> Callable[[str], object]:
+    """``__getattr__`` for ``module`` whose old public names moved: ``aliases`` maps an old name to its new home,
+    ``"package.module:name"``. Reading an old name warns (DeprecationWarning, naming the new home) and returns the
+    object there. Kept for one release after a rename."""
+
+    def __getattr__(name: str):
+        home = aliases.get(name)
+        if home is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        import warnings
+
+        target, _, attr = home.partition(":")
+        warnings.warn(f"{module}.{name} is deprecated; use {target}.{attr}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(target), attr)
+
+    return __getattr__

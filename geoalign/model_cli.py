@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from .backends import ALL_BACKENDS
 from .cli_args import (UsageError, check_attn, check_backend, fail, local_path, output_dir, positive_int,
                        resolve_device, use_device)
 from .eval.predictor import DTYPES
+from .lazy_exports import deprecated_aliases
 
 if TYPE_CHECKING:
     import torch
@@ -176,3 +178,26 @@ def move_to(value, device):
     if isinstance(value, dict):
         return {k: move_to(v, device) for k, v in value.items()}
     return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Deprecated (one release): ``python -m geoalign.model_cli answer ...`` is ``geoalign answer ...``."""
+    import warnings
+
+    from .cli_args import ArgumentParser
+
+    warnings.warn("geoalign.model_cli.main is deprecated; use the geoalign command (geoalign.cli.main)",
+                  DeprecationWarning, stacklevel=2)
+    parser = ArgumentParser(prog="geoalign")
+    add_answer_parser(parser.add_subparsers(dest="command", required=True))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return int(args.func(args) or 0)
+
+
+__getattr__ = deprecated_aliases(__name__, {"FUSION_BACKENDS": "geoalign.backends.registry:ALL_BACKENDS"})
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,10 +32,12 @@ from .fusion import GeoAlignFusion
 from .geometry.aggregator import VGGTAggregator
 from .injection import InLLMInjection, keep_bank_layers
 from .loading import GeoAlignLoadingMixin, finish_loading, mark_self_initialised
-from .model_config import GeoAlignModelConfig, check_fits, default_fusion_config
-from .model_inputs import CallGeometry, call_geometry, forward_accepts, with_geometry_parameters  # noqa: F401
+from .lazy_exports import deprecated_aliases
+from .model_config import GeoAlignModelConfig, default_fusion_config
+from .model_config import check_fits as _check_fits
+from .model_inputs import CallGeometry, call_geometry, with_geometry_parameters
 from .offload import weights_loaded
-from .progressive import ProgressiveInjection, capture_block_outputs, fuse_levels
+from .progressive import ProgressiveFusion, ProgressiveInjection, capture_block_outputs, fuse_levels
 from .processing import GeoAlignProcessor
 from .serialization import load_fusion, save_fusion
 from .visual_fusion import fuse_visual_tokens
@@ -56,7 +58,7 @@ class GeoAlignModel(Qwen2_5_VLModel):
         super().__init__(config)
         fusion_config = config.fusion
         vggt = VGGTAggregator(config.vggt)
-        check_fits(fusion_config, config, vggt)
+        _check_fits(fusion_config, config, vggt)
         self.vggt = mark_self_initialised(vggt.requires_grad_(False))
         self.fusion = mark_self_initialised(GeoAlignFusion(fusion_config))
         if config.freeze_vision_tower:
@@ -75,9 +77,9 @@ class GeoAlignModel(Qwen2_5_VLModel):
     def group_size(self) -> int:
         return self.fusion.config.group_size
 
-    def set_fusion(self, fusion: GeoAlignFusion) -> None:
+    def set_fusion(self, fusion: GeoAlignFusion | ProgressiveFusion) -> None:
         """Replace the fusion (same D and D'; a bank VGGT has); the config follows."""
-        check_fits(fusion.config, self.config, self.vggt)
+        _check_fits(fusion.config, self.config, self.vggt)
         p = self.fusion.weight_like
         self.fusion = mark_self_initialised(fusion.to(device=p.device, dtype=p.dtype))
         self.config.geoalign_config = fusion.config.to_dict()
@@ -331,5 +333,7 @@ AutoModel.register(GeoAlignModelConfig, GeoAlignModel, exist_ok=True)
 AutoModelForImageTextToText.register(GeoAlignModelConfig, GeoAlignForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(GeoAlignModelConfig, GeoAlignProcessor, exist_ok=True)
 
+__getattr__ = deprecated_aliases(__name__, {"check_fits": "geoalign.model_config:check_fits",
+                                            "forward_accepts": "geoalign.model_inputs:forward_accepts"})
 __all__ = ["GeoAlignForConditionalGeneration", "GeoAlignModel", "GeoAlignModelConfig", "default_fusion_config",
            "save_fusion", "load_fusion"]

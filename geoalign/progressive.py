@@ -12,8 +12,10 @@ final output. The last level's V is the tower's own output Q; its fused tokens r
 intermediate level's fused tokens are added to the visual hidden states after decoder layer
 ``progressive_inject_layers[j]`` (a forward hook; prefill only: cached decoding steps have no visual tokens).
 
-Parameter names (inside GeoAlignFusion): ``levels.{j}.{layer_norm, projector.fc1, projector.fc2, gate, out_proj}``
-and ``mergers.{j}.{ln_q, mlp.0, mlp.2}`` (J-1 mergers, one per intermediate level).
+Parameter names (inside :class:`ProgressiveFusion`, the module ``GeoAlignFusion(config)`` builds for a progressive
+config; it is its own class, not a GeoAlignFusion subclass, so ``isinstance(fusion, GeoAlignFusion)`` is False for it):
+``levels.{j}.{layer_norm, projector.fc1, projector.fc2, gate, out_proj}`` and ``mergers.{j}.{ln_q, mlp.0, mlp.2}``
+(J-1 mergers, one per intermediate level).
 """
 from __future__ import annotations
 

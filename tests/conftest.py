@@ -21,7 +21,7 @@ os.environ.setdefault("GEOALIGN_GUARD", "1")
 @pytest.fixture
 def emulated(monkeypatch):
     """The cuda backend's compiled kernels replaced by their torch emulation (cuda_helpers.EmulatedExt); returns it."""
-    from geoalign.backends import cuda_extension
+    from geoalign_kernels.cuda import extension as cuda_extension
     from cuda_helpers import EmulatedExt
 
     ext = EmulatedExt()

@@ -149,7 +149,7 @@ def output_bad_w_out(_tmp):
 
 def cuda_op(kind):
     def call(_tmp):
-        from geoalign.backends import cuda_extension, cuda_ops
+        from geoalign_kernels.cuda import extension as cuda_extension, ops as cuda_ops
 
         old = cuda_extension.EXT_OVERRIDE
         cuda_extension.EXT_OVERRIDE = EmulatedExt()

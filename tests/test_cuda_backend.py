@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geoalign.backends import cuda_extension, cuda_ops
-from geoalign.backends.cuda_backend import CudaBackend
+from geoalign_kernels.cuda import extension as cuda_extension, ops as cuda_ops
+from geoalign.backends.cuda_backend import CudaBackend, bank_rows_cuda
 from geoalign.routing import bank_rows
 
 from helpers import (SHAPES, TOL, EmulatedExt, Shape, assert_compiled_matches_eager, assert_parity, force_ties, make_fusion, make_inputs,
@@ -115,7 +115,7 @@ def test_cpu_tensors_rejected_by_real_extension_path(monkeypatch):
 
 def test_bank_rows_emulated_matches(emulated):
     topk = torch.tensor([[2, 0], [0, 1], [2, 1], [1, 2]])
-    got = cuda_ops.bank_rows_cuda(topk, 4)
+    got = bank_rows_cuda(topk, 4)
     want = bank_rows(topk, 4)
     assert torch.equal(got.offsets, want.offsets)
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.slots, want.slots)
@@ -130,11 +130,11 @@ def test_output_stage_notice_once(emulated, monkeypatch, caplog):
     import logging
 
     import geoalign.backends.base as base_module
-    from geoalign.backends import get_sparse_backend
+    from geoalign.backends import get_backend
 
     monkeypatch.setattr(base_module, "_NOTICED", set())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    get_sparse_backend.cache_clear()
+    get_backend.cache_clear()
     caplog.set_level(logging.INFO, logger="geoalign.fusion")
     shape = Shape(L=5, M=3, K=2, G=4)
 
@@ -159,4 +159,4 @@ def test_output_stage_notice_once(emulated, monkeypatch, caplog):
         assert notices("cuda", fusion="film") == notice("shared", "film")
         assert notices("cuda") == []
     finally:
-        get_sparse_backend.cache_clear()
+        get_backend.cache_clear()

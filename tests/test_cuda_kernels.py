@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoalign.backends import cuda_extension, cuda_ops
+from geoalign_kernels.cuda import extension as cuda_extension, ops as cuda_ops
 from geoalign_kernels import guard
 from geoalign_kernels.runtime import acc_dtype
 from geoalign.routing import bank_rows, topk_lower_index

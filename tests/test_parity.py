@@ -44,6 +44,23 @@ def test_layers_as_iterator(backend):
     assert_parity(fast, ref, TOL[torch.float64], f"{backend}/iterator")
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params(fast_backends()))
+def test_stream_routes_are_known_before_the_first_layer(backend):
+    """FusionStream.routing (and gather_index) are readable as soon as the stream opens, and are the routes the
+    finished stream returns."""
+    shape = Shape(L=11, M=4, K=2, G=4)
+    fusion = make_fusion(shape, torch.float64)
+    q, layers, gather_index = make_inputs(shape, torch.float64)
+    stream = fusion.begin(q, gather_index, backend=backend)
+    early = stream.routing
+    assert stream.gather_index is gather_index
+    for i, layer in enumerate(layers):
+        stream.add(i, layer)
+    _, routing = stream.finish()
+    assert torch.equal(early.topk_idx, routing.topk_idx)
+    torch.testing.assert_close(early.alpha, routing.alpha, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", backend_params(fast_backends()))
 def test_consumed_layers_are_released(backend):
     """Neither the stream nor the autograd graph keeps a layer once it has been consumed."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from ..lazy_exports import deprecated_aliases
 from .registry import ALL_BACKENDS, REGISTRY, SPARSE_BACKENDS, backend_class  # noqa: F401 (the package's names)
 
 if TYPE_CHECKING:
@@ -63,7 +64,16 @@ def get_backend(name: str, fold_output: bool = False):
     return backend_class(name)(fold_output=fold_output)
 
 
-get_sparse_backend = get_backend          # the name before the reference became a backend object too
+def get_sparse_backend(name: str, fold_output: bool = False):
+    """Deprecated (one release): :func:`get_backend`, for the sparse backends only, as before the reference became a
+    backend object too."""
+    import warnings
+
+    warnings.warn("geoalign.backends.get_sparse_backend is deprecated; use get_backend", DeprecationWarning,
+                  stacklevel=2)
+    if name not in SPARSE_BACKENDS:
+        raise ValueError(f"unknown sparse backend {name!r}; expected one of {SPARSE_BACKENDS}")
+    return get_backend(name, fold_output)
 
 
 def backend_runs_on(name: str, device: torch.device) -> bool:
@@ -90,14 +100,5 @@ def available_backends(device: torch.device) -> list[str]:
     return [name for name in ALL_BACKENDS if backend_runs_on(name, device)]
 
 
-def __getattr__(name: str):
-    """SparseBackend and TorchBackend were importable from here before the registry (one release more)."""
-    if name == "SparseBackend":
-        from .base import SparseBackend
-
-        return SparseBackend
-    if name == "TorchBackend":
-        from .torch_sparse import TorchBackend
-
-        return TorchBackend
-    raise AttributeError(f"module 'geoalign.backends' has no attribute {name!r}")
+__getattr__ = deprecated_aliases(__name__, {"SparseBackend": "geoalign.backends.base:SparseBackend",
+                                            "TorchBackend": "geoalign.backends.torch_sparse:TorchBackend"})

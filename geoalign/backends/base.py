@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from geoalign_kernels.runtime import acc_dtype
 
 from ..routing import BankRows, Routing, bank_rows, kept_softmax, route_fixed, topk_lower_index
-from .registry import LOADED
+from .registry import LOADED, REGISTRY, backend_class
 
 logger = logging.getLogger("geoalign.fusion")
 
@@ -121,7 +121,12 @@ class SparseBackend:
     name = "base"   # a subclass's name is its key in geoalign.backends.REGISTRY
 
     def __init__(self, fold_output: bool = False):
-        LOADED.setdefault(self.name, type(self))   # the bank's backward finds the class by name (registry cache)
+        # the bank's backward finds the class by name: a registered name always means the registry's class (a
+        # subclass keeping the name cannot take it over); another name (a test's own backend) means this class
+        if self.name in REGISTRY:
+            backend_class(self.name)
+        else:
+            LOADED.setdefault(self.name, type(self))
         self.fold_output = fold_output
         self._fold_key = None
         self._fold = None

@@ -62,6 +62,14 @@ class ReferenceStream:
     def __init__(self, fusion, q, gather_index):
         self.fusion, self.q, self.gather_index = fusion, q, gather_index
         self.layers: dict[int, torch.Tensor] = {}
+        self._routing: Routing | None = None
+
+    @property
+    def routing(self) -> Routing:
+        """The routes, computed on first read (finish() computes them again, inside eqs. 1-8)."""
+        if self._routing is None:
+            self._routing = ReferenceBackend().routes(self.fusion, self.q)
+        return self._routing
 
     def add(self, i: int, layer: torch.Tensor) -> None:
         self.layers[i] = layer

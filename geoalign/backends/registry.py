@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
-#: the one list of backends: name -> (submodule, class, sparse): every backend has routes(fusion, q) and
-#: open_stream(fusion, q, gather_index); the sparse ones are SparseBackends (exact sparse streaming), the reference
-#: computes eqs. 1-8 literally. The command line's choices, get_backend, the availability checks and the bank's
+
+class BackendEntry(NamedTuple):
+    module: str    # submodule of geoalign.backends
+    cls: str       # its backend class
+    sparse: bool   # a SparseBackend (exact sparse streaming); the reference computes eqs. 1-8 literally
+    needs: str     # what it needs to run, for error messages ("" where it runs anywhere)
+
+
+#: the one list of backends: every backend has routes(fusion, q) and open_stream(fusion, q, gather_index). The
+#: command line's choices, get_backend, the availability checks and their messages, the benchmarks and the bank's
 #: autograd node (which finds its backward by name) all read this.
-REGISTRY: dict[str, tuple[str, str, bool]] = {
-    "reference": ("reference", "ReferenceBackend", False),
-    "torch": ("torch_sparse", "TorchBackend", True),
-    "triton": ("triton_backend", "TritonBackend", True),
-    "cuda": ("cuda_backend", "CudaBackend", True),
+REGISTRY: dict[str, BackendEntry] = {
+    "reference": BackendEntry("reference", "ReferenceBackend", False, ""),
+    "torch": BackendEntry("torch_sparse", "TorchBackend", True, ""),
+    "triton": BackendEntry("triton_backend", "TritonBackend", True,
+                           "Triton runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow; for tests)"),
+    "cuda": BackendEntry("cuda_backend", "CudaBackend", True, "the cuda backend needs a CUDA device and its extension"),
 }
 ALL_BACKENDS = tuple(REGISTRY)
-SPARSE_BACKENDS = tuple(name for name, (_module, _cls, sparse) in REGISTRY.items() if sparse)
+SPARSE_BACKENDS = tuple(name for name, entry in REGISTRY.items() if entry.sparse)
 
 #: the classes backend_class has loaded, by name (a plain dict: the bank's backward reads it under torch.compile)
 LOADED: dict[str, type] = {}
@@ -25,6 +34,6 @@ def backend_class(name: str) -> type:
     if name not in LOADED:
         if name not in REGISTRY:
             raise ValueError(f"unknown backend {name!r}; expected one of {ALL_BACKENDS}")
-        module, cls, _sparse = REGISTRY[name]
-        LOADED[name] = getattr(importlib.import_module(f".{module}", __package__), cls)
+        entry = REGISTRY[name]
+        LOADED[name] = getattr(importlib.import_module(f".{entry.module}", __package__), entry.cls)
     return LOADED[name]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from ..backends import ALL_BACKENDS
+from ..lazy_exports import deprecated_aliases
 from .media import MediaRef, load_frames
 
 
@@ -191,3 +192,6 @@ def load_predictor_from_spec(spec: str, model_dir: str | None = None, **kwargs: 
     if not isinstance(pred, Predictor):
         raise TypeError(f"{spec} returned {type(pred).__name__}, which has no predict(samples) method")
     return pred
+
+
+__getattr__ = deprecated_aliases(__name__, {"FUSION_BACKENDS": "geoalign.backends.registry:ALL_BACKENDS"})

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..lazy_exports import deprecated_aliases
 from .alignment import (MERGE_SIZE, PATCH_SIZE, build_gather_index, num_visual_tokens, qwen_grid_for_vggt,
                         qwen_grid_thw)
-from .sampling import FRAME_SAMPLING, sample_frame_indices  # noqa: F401 (FRAME_SAMPLING: old home, one release)
+from .sampling import sample_frame_indices  # noqa: F401 (its old home)
 
 logger = logging.getLogger("geoalign.geometry")
 
@@ -364,3 +365,6 @@ def prepare_frames(source: FrameSource, num_frames: int | None = 32, group_size:
         gather_index=gi, grid_thw=qwen_grid_thw(s, qgrid, group_size),
         num_tokens=num_visual_tokens(s, qgrid, group_size), frame_indices=indices, sampled_fps=sampled_fps,
     )
+
+
+__getattr__ = deprecated_aliases(__name__, {"FRAME_SAMPLING": "geoalign.geometry.sampling:FRAME_SAMPLING"})

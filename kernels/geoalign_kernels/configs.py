@@ -134,6 +134,16 @@ def tuned_table() -> dict:
 RENAMED_OPS = {"bank_fwd": "bank_gemm1", "bank_dw1": "bank_weight_grad"}
 
 
+def current_op_name(op: str) -> str:
+    """Today's name of op ``op``; an earlier release's name warns (DeprecationWarning) and is mapped."""
+    if op in RENAMED_OPS:
+        import warnings
+
+        warnings.warn(f"kernel op {op!r} is now {RENAMED_OPS[op]!r}", DeprecationWarning, stacklevel=3)
+        return RENAMED_OPS[op]
+    return op
+
+
 def _renamed_key(key: str) -> str:
     op, sep, rest = key.partition("|")
     if op in RENAMED_OPS:
@@ -148,7 +158,7 @@ def _renamed_key(key: str) -> str:
 def config_for(op: str, rows: int, name: str, dtype: torch.dtype | None = None) -> dict:
     """The config of ``op`` on the CUDA device called ``name``: this process's autotune choice, else the tuned
     table's entry, else the static default of the device class."""
-    op = RENAMED_OPS.get(op, op)
+    op = current_op_name(op)
     key = table_key(op, dtype, rows)
     found = _SESSION.get(name, {}).get(key) or tuned_table().get(name, {}).get(key)
     if found is not None:
@@ -202,6 +212,7 @@ def tune(op: str, rows: int, device: torch.device, dtype: torch.dtype | None, la
     """The config to launch ``op`` with: with GEOALIGN_AUTOTUNE=1 on a CUDA device, the fastest candidate for this
     (device, op, dtype, shape class), timed on the first call (``launch(cfg)`` runs the kernel; ``restore`` as in
     :func:`choose`) and kept for the process; otherwise :func:`get_config`."""
+    op = current_op_name(op)
     if not AUTOTUNE or INTERPRET or device.type != "cuda" or op not in CANDIDATES:
         return get_config(op, rows, device, dtype)
     name, key = device_name(device.index or 0), table_key(op, dtype, rows)

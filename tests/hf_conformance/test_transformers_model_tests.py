@@ -34,7 +34,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel  # 
 ModelTesterMixin = HF.module("test_modeling_common").ModelTesterMixin
 GenerationTesterMixin = HF.module("generation.test_utils").GenerationTesterMixin
 
-#: upstream Qwen2.5-VL's skips (tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py), with its reasons
+#: upstream Qwen2.5-VL's skips (transformers/tests/models/qwen2_5_vl/test_modeling_qwen2_5_vl.py), with its reasons
 UPSTREAM_SKIPS = {
     "test_feed_forward_chunking": "Feedforward chunking is not yet supported",
     "test_cpu_offload": "CPU offload is not yet supported",

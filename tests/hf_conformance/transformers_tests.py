@@ -6,8 +6,8 @@ Where they come from, first found wins:
    (complete: every mixin runs);
 2. the source distribution of the installed version, fetched once into the cache
    (``pip download --no-binary :all: --no-deps transformers==<version>``; ``$GEOALIGN_CACHE`` or
-   ``~/.cache/geoalign``). transformers' sdist ships ``tests/test_modeling_common.py`` and
-   ``tests/test_configuration_common.py`` but not the modules they import (``generation/test_utils.py``,
+   ``~/.cache/geoalign``). transformers' sdist ships ``transformers/tests/test_modeling_common.py`` and
+   ``transformers/tests/test_configuration_common.py`` but not the modules they import (``generation/test_utils.py``,
    ``exporters/test_export.py``, ``utils/test_configuration_utils.py``; checked for 5.17 and 5.25): those are
    replaced in the cached copy by empty stand-ins (``STAND_INS``), so ModelTesterMixin runs and the generation,
    export and config-argument mixins do not (``missing`` says which).

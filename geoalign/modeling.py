@@ -79,6 +79,11 @@ class GeoAlignModel(Qwen2_5_VLModel):
 
     def set_fusion(self, fusion: GeoAlignFusion | ProgressiveFusion) -> None:
         """Replace the fusion (same D and D'; a bank VGGT has); the config follows."""
+        if any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in self.fusion.modules()):
+            raise ValueError("the fusion is offloaded by a device_map ('cpu' / 'disk'): a new one cannot take its "
+                             "place (its weights would stay on the meta device); load the fusion without "
+                             "offloading it, e.g. from_pretrained(DIR, geoalign=FUSION_DIR) with the fusion on a "
+                             "device, or save the model with the new fusion and offload that")
         _check_fits(fusion.config, self.config, self.vggt)
         p = self.fusion.weight_like
         self.fusion = mark_self_initialised(fusion.to(device=p.device, dtype=p.dtype))
@@ -120,6 +125,9 @@ class GeoAlignModel(Qwen2_5_VLModel):
         ``input_ids`` [B, T] is needed for in-LLM / progressive injection (it marks the visual-token positions).
         Inside an active context (generate's, around each of its forwards) it shares that context's geometry."""
         if self._pending is not None:
+            if vggt_pixel_values is not None:
+                raise ValueError("the geometry is given twice: as vggt_pixel_values and by the active geometry "
+                                 "context (generate's, or model.geometry(...))")
             yield
             return
         self.injection.kept = None  # geometry kept from the previous forward is released here

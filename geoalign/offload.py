@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 
 
@@ -15,9 +16,17 @@ def weights_loaded(*modules: nn.Module) -> Iterator[None]:
     """Inside: every submodule of ``modules`` that accelerate hooked (it hooks each module that holds parameters)
     has its weights on its execution device; given back on exit (also on an exception). Modules without a hook are
     untouched. Inside, the submodules' own forwards keep the weights (their hooks' ``offload`` is off until exit);
-    nested for the same module, the inner block is a no-op."""
+    nested for the same module, the inner block is a no-op. With autograd on, an offloaded module with trainable
+    parameters is a RuntimeError (accelerate would drop their gradients with the weights)."""
     hooked = [(sub, sub._hf_hook) for module in modules for sub in module.modules()
               if getattr(sub, "_hf_hook", None) is not None]
+    if torch.is_grad_enabled():
+        trained = [sub for sub, hook in hooked if getattr(hook, "offload", False)
+                   and any(p.requires_grad for p in sub.parameters(recurse=False))]
+        if trained:
+            raise RuntimeError(f"{type(trained[0]).__name__} is offloaded (device_map 'cpu' / 'disk') and has "
+                               "trainable parameters: their gradients would be dropped with the weights after the "
+                               "call. Place it on a device to train it, or run under torch.no_grad()")
     done = []
     try:
         for module, hook in hooked:

@@ -27,11 +27,18 @@ def fuse_visual_tokens(model, q: torch.Tensor, grid_thw: torch.Tensor, samples, 
         samples = as_samples(samples, gather_index)
     parts = split_by_sample(q, grid_thw, samples, model.group_size)
     out: list = [None] * len(parts)
+    routings: list = [None] * len(parts)
     for members in frame_groups([s for _, s, _ in parts]):
         fused = fuse_with_frames(model, [parts[b][0] for b in members], parts[members[0]][1].images,
                                  [parts[b][2] for b in members], backend)
-        for b, q_hat in zip(members, fused):
-            out[b] = q_hat
+        for b, (q_hat, routing) in zip(members, fused):
+            out[b], routings[b] = q_hat, routing
+    if model.routing_recorder is not None:  # in sample order, each sample once (generate's copies share theirs)
+        seen: set[int] = set()
+        for (_, s, gi), routing in zip(parts, routings):
+            if id(s) not in seen:
+                seen.add(id(s))
+                model.routing_recorder.add(routing, gi, s.images, model.fusion.config.bank_layers)
     return torch.cat(out, dim=0) if len(out) > 1 else out[0]
 
 
@@ -48,9 +55,9 @@ def stream_vggt_layers(model, images: torch.Tensor, layer_ids,
 
 
 def fuse_with_frames(model, queries: list[torch.Tensor], images: torch.Tensor, gather_indices: list[torch.Tensor],
-                     backend: str | None) -> list[torch.Tensor]:
-    """Q_hat for each of ``queries`` (Q_b [L_b, D]) whose sample has the frames ``images``: route each first, then
-    stream one VGGT pass over the frames into every stream."""
+                     backend: str | None) -> list[tuple[torch.Tensor, object]]:
+    """(Q_hat, Routing) for each of ``queries`` (Q_b [L_b, D]) whose sample has the frames ``images``: route each
+    first, then stream one VGGT pass over the frames into every stream."""
     fp = model.fusion.weight_like
     streams = [model.fusion.begin(q.to(device=fp.device, dtype=fp.dtype),
                                   gi.to(device=fp.device, dtype=torch.int64), backend=backend)
@@ -61,10 +68,4 @@ def fuse_with_frames(model, queries: list[torch.Tensor], images: torch.Tensor, g
         for stream in streams:
             stream.add(position, rows)
         del rows
-    out = []
-    for stream, gi in zip(streams, gather_indices):
-        q_hat, routing = stream.finish()
-        if model.routing_recorder is not None:
-            model.routing_recorder.add(routing, gi, images, model.fusion.config.bank_layers)
-        out.append(q_hat)
-    return out
+    return [stream.finish() for stream in streams]

@@ -266,3 +266,41 @@ def test_auto_model_builds_the_base_model(model4, saved):
     base = AutoModel.from_pretrained(saved)
     assert type(base) is GeoAlignModel
     _assert_vggt_buffers(base)
+
+
+# ------------------------------------------------------------------------------ what the review of issue 34 found
+def test_routing_is_recorded_in_sample_order_and_once_per_sample(model4):
+    """A batch reusing one frames tensor ([f, g, f]) records three samples in batch order; beam copies (the same
+    sample) are recorded once, whichever side of the expansion transformers encodes the pixels on."""
+    m, tok = model4
+    f, g = random_frames(2, 56, 56, seed=8), random_frames(3, 56, 56, seed=9)
+    with torch.no_grad():
+        out = m(**build_inputs(tok, [f, g, f], 4), return_routing=True)
+    assert [r.num_frames for r in out.routing] == [2, 3, 2]
+    with m.record_routing() as recorder:
+        m.generate(**_two(tok), max_new_tokens=2, num_beams=3, do_sample=False)
+    assert [r.num_frames for r in recorder.samples] == [2, 3]
+
+
+def test_explicit_geometry_inside_an_active_context_is_an_error(model4):
+    m, tok = model4
+    inputs = _two(tok)
+    with torch.no_grad(), m.geometry(inputs["vggt_pixel_values"], pixel_values=inputs["pixel_values"]):
+        with pytest.raises(ValueError, match="given twice"):
+            m(**inputs)
+
+
+def test_an_offloaded_fusion_cannot_be_replaced_or_trained(model4, saved, tmp_path):
+    m, tok = model4
+    device_map = {"model.visual": "cpu", "model.language_model": "cpu", "lm_head": "cpu", "model.vggt": "cpu",
+                  "model.fusion": "disk"}
+    back = GeoAlignForConditionalGeneration.from_pretrained(saved, device_map=device_map,
+                                                            offload_folder=str(tmp_path / "offload"))
+    m.save_fusion(tmp_path / "fusion")
+    with pytest.raises(ValueError, match="fusion is offloaded by a device_map"):
+        back.load_fusion(tmp_path / "fusion")
+    inputs = _two(tok)
+    back.fusion.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="is offloaded .* trainable parameters"):
+        back(**inputs)  # autograd on: the fusion's gradients would be dropped with its weights
+    torch.testing.assert_close(_logits(back, inputs), _logits(m, inputs), rtol=0, atol=0)  # no_grad: fine

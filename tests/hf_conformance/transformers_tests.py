@@ -15,7 +15,9 @@ Neither available (offline, no checkout): the tests are skipped with the reason.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -51,18 +53,20 @@ def cache_dir() -> Path:
 
 
 def _fetch_sdist_tests(version: str, into: Path) -> str | None:
-    """transformers' sdist tests/ folder into ``into`` (once); None on success, else why not."""
+    """transformers' sdist tests/ folder into ``into`` (once; extracted beside it and renamed into place, so a
+    concurrent or interrupted run never sees a half-written folder); None on success, else why not."""
     if (into / "test_modeling_common.py").is_file():
         return None
-    with tempfile.TemporaryDirectory() as tmp:
+    into.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as download, tempfile.TemporaryDirectory(dir=into.parent) as tmp:
+        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
         try:
             run = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                                  "--retries", "1", "--timeout", "15",
-                                  "--no-build-isolation", f"transformers=={version}", "-d", tmp],
-                                 capture_output=True, text=True, timeout=120)
+                                  "--retries", "1", "--timeout", "15", *isolation, f"transformers=={version}",
+                                  "-d", download], capture_output=True, text=True, timeout=180)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"pip download of transformers=={version}'s sdist failed: {e}"
-        archives = list(Path(tmp).glob("transformers-*.tar.gz"))
+        archives = list(Path(download).glob("transformers-*.tar.gz"))
         if run.returncode != 0 or not archives:
             return (f"pip download of transformers=={version}'s sdist failed (offline?): "
                     f"{(run.stderr or run.stdout).strip().splitlines()[-1:]}")
@@ -78,17 +82,21 @@ def _fetch_sdist_tests(version: str, into: Path) -> str | None:
                     shutil.copyfileobj(src, dst)
         if not all((staged / n).is_file() for n in NEEDED):
             return f"transformers=={version}'s sdist has no tests/{NEEDED[0]}"
-        into.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(into, ignore_errors=True)
-        shutil.move(str(staged), str(into))
+        try:
+            os.rename(staged, into)
+        except OSError:  # another run put it there first: keep that one
+            if not (into / "test_modeling_common.py").is_file():
+                raise
     return None
 
 
-def _assemble(tests_dir: Path, package_root: Path, package: str) -> list[str]:
-    """Copy ``tests_dir`` as the importable package ``package`` under ``package_root``, with __init__ files and
-    the stand-ins for missing support modules; returns the stood-in module paths."""
-    target = package_root / package
-    shutil.rmtree(target, ignore_errors=True)
+def _assemble(tests_dir: Path, package: str) -> tuple[Path, list[str]]:
+    """A private copy of ``tests_dir`` as the importable package ``package`` (in a temporary folder of this process,
+    removed at exit: no run shares it), with __init__ files and the stand-ins for missing support modules; returns
+    (the folder to put on sys.path, the stood-in module paths)."""
+    root = Path(tempfile.mkdtemp(prefix="geoalign-hf-tests-"))
+    atexit.register(shutil.rmtree, root, True)
+    target = root / package
     shutil.copytree(tests_dir, target, ignore=shutil.ignore_patterns("__pycache__", "models", "fixtures"))
     missing = []
     for rel, text in STAND_INS.items():
@@ -101,7 +109,7 @@ def _assemble(tests_dir: Path, package_root: Path, package: str) -> list[str]:
         init = folder / "__init__.py"
         if not init.exists():
             init.write_text("")
-    return missing
+    return root, missing
 
 
 def load() -> TransformersTests | str:
@@ -120,8 +128,6 @@ def load() -> TransformersTests | str:
         why = _fetch_sdist_tests(version, tests_dir)
         if why is not None:
             return why
-    package_root = cache_dir() / "hf-test-packages"
-    missing = _assemble(tests_dir, package_root, package)
-    if str(package_root) not in sys.path:
-        sys.path.insert(0, str(package_root))
+    package_root, missing = _assemble(tests_dir, package)
+    sys.path.insert(0, str(package_root))
     return TransformersTests(package, source, missing)

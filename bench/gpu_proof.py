@@ -4,9 +4,16 @@ run that fits a 15-minute device lease.
     bash bench/gpu_proof.sh OUT                 # on the GPU machine: install (--no-deps), build csrc/, run this
     python -m bench.gpu_proof OUT [--dry-run] [--stages NAME ...] [--total-s SECONDS]
 
-Stages, in this order, each in a child process of its own under its own time budget, so that a CUDA fault, an
-out-of-memory or a hang in one stage cannot take the others down. A stage that fails or runs out of time records
-its error next to what it had finished, and the run goes on:
+Before the stages, bench/gpu_proof.sh builds csrc/ and, side by side, precompiles every Triton variant the parity,
+fusion, tune and training stages launch into one TRITON_CACHE_DIR that every stage shares (bench/proof_plan.py;
+the time plan, measured on a CPU, is printed by the dry run, which fails when it does not fit).
+
+Stages, in order of value, each in a child process of its own under its own time budget (bench/proof_plan.py
+STAGE_BUDGETS), so that a CUDA fault, an out-of-memory or a hang in one stage cannot take the others down. A stage
+that fails or runs out of time records its error next to what it had finished, and the run goes on. Stage children
+die with the run: their process groups are killed when it exits, times out or gets SIGTERM, and each child gets
+SIGKILL if its parent dies (PR_SET_PDEATHSIG). Each stage records how many Triton kernels it still had to build
+("triton_builds": new entries in the shared cache).
 
   ceilings  a bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s)
   parity    bf16 triton and cuda (and torch, as the yardstick) against reference computed in fp32 on the same
@@ -16,18 +23,21 @@ its error next to what it had finished, and the run goes on:
             the per-tensor comparison is made against the fp32 reference run on the backend's own routes, and the
             Top-K agreement with the unforced fp32 reference is reported (and required >= 98%) on its own
   fusion    the fusion table at paper scale in bf16 (L = 8064, M = 12, K = 2, G = 4, D = D' = 2048, H = 4096):
-            fwd, bwd, fwdbwd, infer for reference, torch, triton, cuda and compiled-reference (the `geoalign bench`
-            row format), then the device time of every kernel of one triton fwd+bwd (torch.profiler): GEMM1's own
-            time and % of the measured peak, and where the rest goes
+            fwd, bwd, fwdbwd, infer for reference, torch, triton and cuda (the `geoalign bench` row format), then
+            the device time of every kernel of one triton fwd+bwd (torch.profiler): GEMM1's own time and % of the
+            measured peak, and where the rest goes
+  tune      GEOALIGN_AUTOTUNE's search for the triton GEMMs at paper scale, one key per call site
+            (geoalign_kernels.configs): the triton fwd+bwd time with the default tiles and with the tuned ones; the
+            table (tuned_configs.json, to be committed beside configs.py) is rewritten after every key
   encoder   a VGGT-1B-sized aggregator (random weights) + fusion at 32 frames: streaming the bank layers vs
             keeping VGGT's layer list, time and peak memory
   training  one GeoAlignTrainer run (2 optimizer steps) of the tiny model on CUDA in bf16, single process; then
             generate() on CUDA with sdpa, and with flash-attention 2 if it imports
-  pytest    python -m pytest -m gpu: tests/test_triton_kernels.py first (bf16 parity, int64 offsets, the CUDA-graph
-            capture of a fusion step under sync-debug "error"), then the rest; each result streamed to the log
-  tune      (with the time that is left) GEOALIGN_AUTOTUNE's search for the triton GEMMs at paper scale
-            (geoalign_kernels.configs): the triton fwd+bwd time with the default tiles and with the tuned ones, and
-            the choices as tuned_configs.json (to be committed beside configs.py)
+  compiled  the fusion table's rows for compiled-reference (torch.compile of the reference: its compile time is the
+            least predictable part of the run)
+  pytest    (with the time that is left) python -m pytest -m gpu: tests/test_triton_kernels.py first (bf16 parity,
+            int64 offsets, the CUDA-graph capture of a fusion step under sync-debug "error"), then the rest; each
+            result streamed to the log
 
 --dry-run runs the same stages on the CPU at tiny shapes with the backends available there (Triton under the
 interpreter; the fusion table in two modes, fwdbwd and infer; pytest only collects the gpu tests);
@@ -56,9 +66,11 @@ from .shapes import SHAPES, FusionShape
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: (stage, nominal seconds on the GPU); the dry run gives each stage the same budget (the test's CPU is slow)
-STAGES = [("ceilings", 20), ("parity", 110), ("fusion", 130), ("encoder", 45), ("training", 45), ("pytest", 75),
-          ("tune", 0)]
+from .proof_plan import STAGE_BUDGETS
+
+#: (stage, nominal seconds on the GPU; 0: what is left), in order of value; the dry run gives each stage the same
+#: budget (the test's CPU is slow)
+STAGES = list(STAGE_BUDGETS)
 STAGE_NAMES = [s for s, _ in STAGES]
 #: seconds kept back for every later stage when the run is short of time
 MIN_STAGE_S = 20
@@ -92,13 +104,25 @@ def main(argv=None) -> int:
     if args.child:
         return run_child(args.child, args.out, args.part, args.dry_run)
 
+    from .proof_plan import format_plan, load_measurement, plan
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.total_s
-    report = {"issue": 14, "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "environment": _environment(), "stages": {}}
+    time_plan = plan(load_measurement())
+    print(format_plan(time_plan), flush=True)
+    report = {"issues": [14, 31], "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "environment": _environment(), "plan": time_plan, "stages": {}}
+    if (out / "precompile.json").exists():  # bench/gpu_proof.sh's precompile pool (bench/proof_plan.py)
+        report["precompile"] = json.loads((out / "precompile.json").read_text())
     log = out / "gpu_proof.log"
     _write_report(out, report)
+    if not time_plan["fits"]:
+        print(f"[gpu_proof] the time plan does not fit: {time_plan['spare_s']:.0f} s spare of {time_plan['limit_s']} "
+              "s, 60 needed (bench/proof_plan.py)", flush=True)
+        if args.dry_run:
+            return 2
+    _install_reaper()
     wanted = [s for s in STAGES if s[0] in args.stages]
     for i, (name, nominal) in enumerate(wanted):
         left = deadline - time.monotonic()
@@ -117,6 +141,59 @@ def main(argv=None) -> int:
     return 0
 
 
+#: the stage children running now (their process groups are killed when the run ends, however it ends)
+_CHILDREN: set = set()
+
+
+def _kill_children() -> None:
+    for proc in list(_CHILDREN):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _CHILDREN.discard(proc)
+
+
+def _install_reaper() -> None:
+    """Stage children die with the run: at exit, and on SIGTERM / SIGINT / SIGHUP (a caller's timeout)."""
+    import atexit
+
+    atexit.register(_kill_children)
+
+    def on_signal(signum, frame):
+        _kill_children()
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of a stage child: SIGKILL when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def _triton_cache_counts() -> tuple[int, int]:
+    """(kernels, C launchers) in the Triton cache this run shares (TRITON_CACHE_DIR, else Triton's default): an entry
+    holding a .cubin is a kernel build, one holding __triton_launcher a launcher build (triton 3.6 builds one per
+    kernel signature on its first launch)."""
+    path = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    kernels = launchers = 0
+    try:
+        for entry in path.iterdir():
+            names = [p.name for p in entry.iterdir()] if entry.is_dir() else []
+            kernels += any(n.endswith(".cubin") for n in names)
+            launchers += any(n.startswith("__triton_launcher") for n in names)
+    except OSError:
+        pass
+    return kernels, launchers
+
+
 def run_stage(name: str, budget: float, out: Path, log: Path, dry_run: bool) -> dict:
     """Run one stage in a child process (its own session, killed as a group on timeout). Returns what the child
     recorded, with status ok / failed / timeout, seconds and the error."""
@@ -132,22 +209,32 @@ def run_stage(name: str, budget: float, out: Path, log: Path, dry_run: bool) -> 
     else:
         env.pop("GEOALIGN_GUARD", None)
     t0 = time.monotonic()
+    cached = _triton_cache_counts()
     with open(log, "a") as f:
         f.write(f"\n===== stage {name} (budget {budget:.0f} s) {time.strftime('%H:%M:%S')}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        _CHILDREN.add(proc)
         try:
             rc = proc.wait(timeout=budget)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             rc, status = None, "timeout"
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the stage's own children too (pytest, a compile pool)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            _CHILDREN.discard(proc)
     result = json.loads(part.read_text()) if part.exists() else {}
     part.unlink(missing_ok=True)
     if status == "ok" and result.get("error"):
         status = "failed"
-    result.update(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=round(budget, 1))
+    kernels, launchers = _triton_cache_counts()
+    result.update(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=round(budget, 1),
+                  triton_builds=kernels - cached[0], launcher_builds=launchers - cached[1])
     if status == "timeout":
         result["error"] = f"ran out of its {budget:.0f} s budget; what it finished is kept"
     elif status == "failed" and not result.get("error"):
@@ -290,20 +377,25 @@ def _parity_case(name, cfg, frames_or_L, st: Stage, backends) -> dict:
     return result
 
 
-def stage_parity(st: Stage, out: Path) -> None:
+def parity_small_config(dry_run: bool):
+    """The parity stage's small odd-width fusion config."""
     from geoalign import GeoAlignConfig
+
+    if dry_run:
+        return GeoAlignConfig(hidden_size=40, geo_dim=37, bank_layers=(3, 5, 8), top_k=2, group_size=4,
+                              projector_hidden=48, router_hidden=24)
+    return GeoAlignConfig(hidden_size=200, geo_dim=136, bank_layers=(3, 5, 8, 9, 12, 17), top_k=2, group_size=4,
+                          projector_hidden=264, router_hidden=72)
+
+
+def stage_parity(st: Stage, out: Path) -> None:
     from geoalign.backends import SPARSE_BACKENDS, available_backends
 
     have = available_backends(st.device)
     backends = [b for b in SPARSE_BACKENDS if b in have]
     st.record(backends=backends, tolerance=PARITY_TOL, topk_agreement_min=TOPK_AGREEMENT,
               unavailable={b: _why_unavailable(b, st.device) for b in SPARSE_BACKENDS if b not in have})
-    if st.dry_run:
-        small = GeoAlignConfig(hidden_size=40, geo_dim=37, bank_layers=(3, 5, 8), top_k=2, group_size=4,
-                               projector_hidden=48, router_hidden=24)
-    else:
-        small = GeoAlignConfig(hidden_size=200, geo_dim=136, bank_layers=(3, 5, 8, 9, 12, 17), top_k=2,
-                               group_size=4, projector_hidden=264, router_hidden=72)
+    small = parity_small_config(st.dry_run)
     big = "dry_1_frame" if st.dry_run else "paper_32_frames"
     shape = DRY_SHAPE if st.dry_run else SHAPES["paper"]
     cases = {big: _parity_case(big, shape.config(), (1 if st.dry_run else 32,), st, backends)}  # the one that counts
@@ -343,16 +435,13 @@ def stage_fusion(st: Stage, out: Path) -> None:
     shape = DRY_SHAPE if st.dry_run else SHAPES["paper"]
     frames = 1 if st.dry_run else 32
     have = available_backends(st.device)
-    order = list(ALL_BACKENDS) + (["compiled-reference"] if st.device.type == "cuda" else [])
-    backends = [b for b in order if b in have or b == "compiled-reference"]
+    backends = [b for b in ALL_BACKENDS if b in have]
     modes = ("fwdbwd", "infer") if st.dry_run else ("fwd", "bwd", "fwdbwd", "infer")
     budget = 0.01 if st.dry_run else 0.4
     rows: list = []
     st.record(shape=shape_dict(shape), frames=frames, backends=backends, peak_tflops=peak, rows=rows)
     errors = {}
     for backend in backends:  # one backend at a time, so a timeout keeps the rows already measured
-        if backend == "compiled-reference":  # last: its compile time is the least predictable part
-            st.record(kernels=_kernel_profile(st, shape, frames, peak))
         st.log(f"fusion {backend}")
         try:
             rows += run_fusion_case(shape, frames, [backend], st.dtype, st.device, budget, modes=modes,
@@ -362,11 +451,31 @@ def stage_fusion(st: Stage, out: Path) -> None:
             errors[backend] = f"{type(exc).__name__}: {exc}"[:1000]
         add_ratios(rows)
         st.record(rows=rows, backend_errors=errors)
-    if "kernels" not in st.data:
-        st.record(kernels=_kernel_profile(st, shape, frames, peak))
+    st.record(kernels=_kernel_profile(st, shape, frames, peak))
     fb = {r["backend"]: r for r in rows if r["mode"] == "fwdbwd" and "median_ms" in r}
     st.record(summary="fwdbwd vs reference: " + ", ".join(
         f"{b} {r.get('speedup_vs_reference', float('nan')):.2f}x" for b, r in fb.items() if b != "reference"))
+
+
+def stage_compiled(st: Stage, out: Path) -> None:
+    """compiled-reference's rows of the fusion table, with ratios against the fusion stage's reference rows."""
+    from .fusion_case import add_ratios, run_fusion_case
+
+    if st.device.type != "cuda":
+        st.record(skipped="torch.compile of the reference is timed on CUDA only", summary="skipped (no CUDA)")
+        return
+    peak = _ceiling(out, "matmul_tflops")
+    shape = SHAPES["paper"]
+    try:
+        fusion_rows = json.loads((out / "gpu_proof.json").read_text())["stages"]["fusion"]["rows"]
+    except (OSError, KeyError, ValueError):
+        fusion_rows = []
+    reference = [r for r in fusion_rows if r.get("backend") == "reference"]
+    rows = run_fusion_case(shape, 32, ["compiled-reference"], st.dtype, st.device, 0.4,
+                           modes=("fwd", "bwd", "fwdbwd", "infer"), peak_tflops=peak)
+    add_ratios(reference + rows)
+    st.record(rows=rows, summary=", ".join(f"{r['mode']} {r.get('speedup_vs_reference', float('nan')):.2f}x"
+                                           for r in rows if "median_ms" in r))
 
 
 def _kernel_profile(st: Stage, shape, frames, peak) -> dict:
@@ -490,10 +599,10 @@ def stage_tune(st: Stage, out: Path) -> None:
     default = time_fn(step, st.device, budget_s=0.5, min_reps=5)
     st.record(default_ms=default["median_ms"])
     configs.AUTOTUNE = True
+    configs.TUNE_OUT = str(out / "tuned_configs.json")  # rewritten after every key: a timeout keeps what was timed
     step()  # the first call of each key times its candidates
     tuned = time_fn(step, st.device, budget_s=0.5, min_reps=5)
     choices = configs.tuned_configs()
-    configs.write_tuned(out / "tuned_configs.json")
     st.record(tuned_ms=tuned["median_ms"], speedup=default["median_ms"] / tuned["median_ms"], choices=choices,
               summary=f"triton fwdbwd {default['median_ms']:.2f} ms default -> {tuned['median_ms']:.2f} ms tuned")
 
@@ -509,7 +618,8 @@ def stage_pytest(st: Stage, out: Path) -> None:
     summaries, worst = [], 0
     for cmd in runs:
         st.log(" ".join(cmd))
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_die_with_parent)  # (dies with this stage child, however it dies)
         last = ""
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -531,7 +641,7 @@ def stage_pytest(st: Stage, out: Path) -> None:
 
 
 STAGE_FNS = {"ceilings": stage_ceilings, "parity": stage_parity, "fusion": stage_fusion, "encoder": stage_encoder,
-             "training": stage_training, "tune": stage_tune, "pytest": stage_pytest}
+             "training": stage_training, "tune": stage_tune, "compiled": stage_compiled, "pytest": stage_pytest}
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -584,7 +694,9 @@ def _plots(out: Path, report: dict) -> None:
 
     title = f"{report['environment']['device']} | gpu_proof"
     for stage in ("fusion", "encoder"):
-        rows = report["stages"].get(stage, {}).get("rows") or []
+        rows = list(report["stages"].get(stage, {}).get("rows") or [])
+        if stage == "fusion":
+            rows += report["stages"].get("compiled", {}).get("rows") or []
         if rows:
             write_plots(str(out / f"{stage}.png"), rows, f"{stage} | {title}")
 

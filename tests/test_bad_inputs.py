@@ -97,11 +97,11 @@ def bank_layer_forward_with(**change):
                     ln_bias=torch.zeros(Dg), fc1_weight=torch.randn(H, G * Dg), fc1_bias=torch.zeros(H),
                     layer=torch.randn(N, Dg), tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64),
                     offsets=torch.tensor([0, L]), layer_pos=0, gather_index=torch.randint(0, N, (L, G)), eps=1e-5,
-                    x_hat=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
+                    x_hat=torch.zeros(0, G * Dg), x=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
         args.update({k: v() if callable(v) else v for k, v in change.items()})
         n = args["tokens"].shape[0]
         if n != L and "offsets" not in change:
-            args["offsets"], args["x_hat"] = torch.tensor([0, n]), torch.zeros(min(L, n), G * Dg)
+            args["offsets"], args["x"] = torch.tensor([0, n]), torch.zeros(min(L, n), G * Dg)
         bank_layer_forward(**args)
     return call
 
@@ -118,10 +118,10 @@ def bank_tape_forward_with(**change):
     def call(_tmp):
         from geoalign_kernels.bank import bank_tape_forward
 
-        L, K, G, Dg, H, M = 6, 2, 4, 8, 16, 3
-        args = dict(h_bar=torch.zeros(L, H), alpha=torch.rand(L, K), affine=torch.randn(2, M, Dg),
-                    fc1_weight=torch.randn(H, G * Dg), fc1_bias=torch.zeros(H), offsets=torch.tensor([0, 4, 8, 12]),
-                    positions=torch.arange(L * K), x_hat=torch.zeros(L * K, G * Dg), z=torch.zeros(L * K, H))
+        L, K, G, Dg, H = 6, 2, 4, 8, 16
+        args = dict(h_bar=torch.zeros(L, H), alpha=torch.rand(L, K), fc1_weight=torch.randn(H, G * Dg),
+                    fc1_bias=torch.zeros(H), positions=torch.arange(L * K), x=torch.zeros(L * K, G * Dg),
+                    z=torch.zeros(L * K, H))
         args.update({k: v() for k, v in change.items()})
         bank_tape_forward(**args)
     return call
@@ -399,9 +399,9 @@ CASES: dict[str, Case] = {
     "launch-gather-range": Case("kernels", "bank_layer_forward: a gather row past the layer (guard mode)",
                                 bank_layer_forward_with(gather_index=lambda: torch.full((6, 4), 30)), GuardError,
                                 "bank_layer_forward: gather_index must lie in [0, 30) (rows of the layer)", True),
-    "launch-x-hat": Case("kernels", "bank_layer_forward: x_hat buffer too small",
-                         bank_layer_forward_with(x_hat=lambda: torch.zeros(5, 32)), ValueError,
-                         "bank_layer_forward: x_hat must have shape [6, 32], got [5, 32]", True),
+    "launch-x": Case("kernels", "bank_layer_forward: GEMM1 operand buffer x too small",
+                     bank_layer_forward_with(x=lambda: torch.zeros(5, 32)), ValueError,
+                     "bank_layer_forward: x must have shape [6, 32], got [5, 32]", True),
     "launch-layer-pos": Case("kernels", "bank_layer_forward: a bank layer past the offsets",
                              bank_layer_forward_with(layer_pos=1), ValueError,
                              "bank_layer_forward: layer_pos must be in [0, 0], got 1", True),
@@ -413,9 +413,9 @@ CASES: dict[str, Case] = {
     "launch-tape-positions": Case("kernels", "bank_tape_forward: positions not [L*K]",
                                   bank_tape_forward_with(positions=lambda: torch.arange(11)), ValueError,
                                   "bank_tape_forward: positions must have shape [12], got [11]", True),
-    "launch-tape-affine": Case("kernels", "bank_tape_forward: affine width not D'",
-                               bank_tape_forward_with(affine=lambda: torch.randn(2, 3, 5)), ValueError,
-                               "bank_tape_forward: fc1_weight's width 32 is not a multiple of D'=5", True),
+    "launch-tape-x": Case("kernels", "bank_tape_forward: x not [L*K, G*D']",
+                          bank_tape_forward_with(x=lambda: torch.zeros(12, 31)), ValueError,
+                          "bank_tape_forward: x must have shape [12, 32], got [12, 31]", True),
     "launch-k": Case("kernels", "route_forward: K > M", route_forward_k(4), ValueError,
                      "route_forward: k must be in [1, 3], got 4", True),
     "launch-matmul": Case("kernels", "matmul: inner dimensions differ", matmul_mismatch, ValueError,

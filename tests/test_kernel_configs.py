@@ -28,12 +28,56 @@ def test_static_defaults_by_device_class_and_shape_class(clean):
     assert configs.config_for("bank_gemm1", 1023, "NVIDIA A100") == configs.CONFIGS["default"][("bank_gemm1", "small")]
     fp64 = configs.config_for("gemm", 4096, "NVIDIA H200", torch.float64)
     assert fp64["BLOCK_SIZE_K"] <= 32 and fp64["num_stages"] <= 2
+    # a site takes its own Hopper default where it has one, else its family's
+    assert configs.config_for("router_d_hid", 8064, "NVIDIA H100 80GB HBM3", n=512, k=12) == \
+        configs.SITE_CONFIGS["H100"][("router_d_hid", "large")]
+    assert configs.config_for("out_proj", 8064, "NVIDIA H200", n=2048, k=2048) == \
+        configs.CONFIGS["H200"][("gemm", "large")]
+    assert configs.config_for("gemm1_train", 16128, "NVIDIA H200") == configs.CONFIGS["H200"][("bank_gemm1", "large")]
+
+
+def test_every_site_has_its_own_key_with_m_bucketed_and_n_k_exact():
+    assert configs.table_key("fc2", torch.bfloat16, 8064, 2048, 4096) == "fc2|bfloat16|M8192|N2048|K4096"
+    assert configs.table_key("fc2", torch.bfloat16, 8192, 2048, 4096) == "fc2|bfloat16|M8192|N2048|K4096"
+    assert configs.table_key("fc2", torch.bfloat16, 8193, 2048, 4096) == "fc2|bfloat16|M16384|N2048|K4096"
+    assert configs.table_key("rows", None, 3) == "rows|any|M16"
+    # a weight gradient's K runs over the tokens: bucketed, so one tuned key serves 30 and 32 frames alike
+    for tokens in (8064, 7560):
+        assert configs.table_key("d_fc2_weight", torch.bfloat16, 2048, 4096, tokens) == \
+            "d_fc2_weight|bfloat16|M2048|N4096|K8192"
+    assert configs.TOKEN_K_SITES <= set(configs.SITES)
+    keys = {configs.table_key(site, torch.bfloat16, 8064, 2048, 2048) for site in configs.SITES}
+    assert len(keys) == len(configs.SITES)
+    for site, family in configs.SITES.items():
+        assert family in ("gemm", "bank_gemm1", "bank_weight_grad", "rows"), site
+    with pytest.raises(ValueError, match="unknown GEMM site 'fc3'"):
+        configs.config_for("fc3", 10, "NVIDIA H200")
+    with pytest.raises(ValueError, match="unknown GEMM site 'fc3'"):
+        configs.get_config("fc3", 10, torch.device("cpu"))
+
+
+def test_every_call_site_names_a_known_site():
+    """Each matmul(...) / tune(...) in the kernel package passes a site of configs.SITES (a typo would be a
+    ValueError only at run time, on the path that takes it)."""
+    import re
+    from pathlib import Path
+
+    kernels = Path(configs.__file__).parent
+    found = set()
+    for path in kernels.glob("*.py"):
+        text = path.read_text()
+        found |= set(re.findall(r'site="([a-z0-9_]+)"', text))
+        found |= set(re.findall(r'tune\("([a-z0-9_]+)"', text))
+    assert found, "no call site found: the pattern is stale"
+    assert found <= set(configs.SITES), found - set(configs.SITES)
+    assert {"fc2", "out_proj", "d_h_bar", "router_d_hid", "router_d_w2"} <= found
 
 
 def test_tuned_table_then_session_take_precedence(clean):
     tuned = {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 2, "num_stages": 5}
-    clean.write_text(json.dumps({"NVIDIA H200": {"bank_weight_grad|bfloat16|large": {**tuned, "ms": 1.5}}}))
+    clean.write_text(json.dumps({"NVIDIA H200": {"bank_weight_grad|bfloat16|M4096": {**tuned, "ms": 1.5}}}))
     assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.bfloat16) == tuned
+    assert configs.config_for("bank_weight_grad", 3000, "NVIDIA H200", torch.bfloat16) == tuned  # same M bucket
     # other dtype, shape class or device: the static default
     assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.float16) == \
         configs.CONFIGS["H200"][("bank_weight_grad", "large")]
@@ -42,7 +86,7 @@ def test_tuned_table_then_session_take_precedence(clean):
     assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H100", torch.bfloat16) == \
         configs.CONFIGS["H100"][("bank_weight_grad", "large")]
     session = dict(tuned, BLOCK_SIZE_M=256)
-    configs._SESSION["NVIDIA H200"] = {"bank_weight_grad|bfloat16|large": session}
+    configs._SESSION["NVIDIA H200"] = {"bank_weight_grad|bfloat16|M4096": session}
     assert configs.config_for("bank_weight_grad", 4096, "NVIDIA H200", torch.bfloat16)["BLOCK_SIZE_M"] == 256
 
 
@@ -79,8 +123,8 @@ def test_choose_takes_the_fastest_skips_failures_and_restores_buffers():
 
 
 def test_write_tuned_merges_into_the_table(clean):
-    clean.write_text(json.dumps({"NVIDIA H100": {"gemm|bfloat16|large": dict(zip(KEYS, (1, 2, 3, 4, 5)))}}))
-    configs._SESSION["NVIDIA H200"] = {"gemm|bfloat16|small": {**dict(zip(KEYS, (64, 128, 64, 4, 4))), "ms": 0.1}}
+    clean.write_text(json.dumps({"NVIDIA H100": {"gemm|bfloat16|M16": dict(zip(KEYS, (1, 2, 3, 4, 5)))}}))
+    configs._SESSION["NVIDIA H200"] = {"gemm|bfloat16|M16": {**dict(zip(KEYS, (64, 128, 64, 4, 4))), "ms": 0.1}}
     table = configs.write_tuned(clean)
     assert set(table) == {"NVIDIA H100", "NVIDIA H200"}
     assert json.loads(clean.read_text()) == table
@@ -132,3 +176,22 @@ def test_a_tuned_table_written_before_the_op_rename_still_applies(tmp_path, monk
     with pytest.warns(DeprecationWarning, match="kernel op 'bank_dw1' is now 'bank_weight_grad'"):
         configs.tune("bank_dw1", 4096, torch.device("cuda", 0), torch.bfloat16, launch=lambda cfg: None)
     assert timed, "the old name skipped autotuning"
+
+
+def test_tune_writes_its_table_after_every_key(clean, monkeypatch, tmp_path):
+    """TUNE_OUT: the table on disk holds every key timed so far, so a run cut off mid-tune keeps them."""
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    monkeypatch.setattr(configs, "device_name", lambda index: "NVIDIA H200")
+    out = tmp_path / "tuned_out.json"
+    monkeypatch.setattr(configs, "TUNE_OUT", str(out))
+    monkeypatch.setattr(configs, "choose", lambda candidates, launch, restore=(), bench=None: (
+        candidates[-1], [(c, float(i + 1)) for i, c in enumerate(candidates)]))
+    cuda = torch.device("cuda", 0)
+    configs.tune("fc2", 8064, cuda, torch.bfloat16, launch=lambda cfg: None, n=2048, k=4096)
+    first = json.loads(out.read_text())["NVIDIA H200"]
+    assert list(first) == ["fc2|bfloat16|M8192|N2048|K4096"]
+    configs.tune("router_d_hid", 8064, cuda, torch.bfloat16, launch=lambda cfg: None, n=512, k=12)
+    table = json.loads(out.read_text())["NVIDIA H200"]
+    assert set(table) == {"fc2|bfloat16|M8192|N2048|K4096", "router_d_hid|bfloat16|M8192|N512|K12"}
+    assert table["fc2|bfloat16|M8192|N2048|K4096"]["BLOCK_SIZE_M"] == configs.CANDIDATES["gemm"][-1]["BLOCK_SIZE_M"]

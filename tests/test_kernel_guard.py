@@ -85,7 +85,7 @@ def bank_args(L=6, K=2, G=4, Dg=8, H=16, N=30, seed=0):
                 ln_bias=r(Dg), fc1_weight=r(H, G * Dg) / 4, fc1_bias=r(H), layer=r(N, Dg),
                 tokens=torch.arange(L), slots=torch.zeros(L, dtype=torch.int64), offsets=torch.tensor([0, L]),
                 layer_pos=0, gather_index=torch.randint(0, N, (L, G), generator=gen), eps=1e-5,
-                x_hat=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
+                x_hat=torch.zeros(0, G * Dg), x=torch.zeros(L, G * Dg), affine=torch.zeros(2, 0, Dg), tape=False)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -103,17 +103,17 @@ def test_out_of_range_ids_are_caught_in_guard_mode(guard_on, field, value, messa
 
 
 def test_out_of_range_ids_are_caught_in_guard_mode_with_a_tape(guard_on):
-    """The training path: x_hat at the pairs' tape rows and the stacked affine, then GEMM1 over every pair."""
+    """The training path: x_hat and x at the pairs' tape rows and the stacked affine, then GEMM1 over every pair."""
     from geoalign_kernels.bank import bank_tape_forward
 
     args = bank_args()
-    args.update(affine=torch.zeros(2, 1, 8), tape=True, tokens=torch.tensor([0, 1, 2, 3, 4, 6]))
+    args.update(x_hat=torch.zeros(6, 32), affine=torch.zeros(2, 1, 8), tape=True,
+                tokens=torch.tensor([0, 1, 2, 3, 4, 6]))
     with pytest.raises(GuardError, match=r"tokens must lie in \[0, 6\)"):
         bank_layer_forward(**args)
     with pytest.raises(GuardError, match=r"positions must lie in \[0, 6\) \(tape rows\), got values in \[0, 6\]"):
-        bank_tape_forward(torch.zeros(6, 16), torch.rand(6, 1), torch.ones(2, 1, 8), torch.randn(16, 32),
-                          torch.zeros(16), torch.tensor([0, 6]), torch.tensor([0, 1, 2, 3, 4, 6]), torch.zeros(6, 32),
-                          torch.zeros(6, 16))
+        bank_tape_forward(torch.zeros(6, 16), torch.rand(6, 1), torch.randn(16, 32), torch.zeros(16),
+                          torch.tensor([0, 1, 2, 3, 4, 6]), torch.zeros(6, 32), torch.zeros(6, 16))
 
 
 def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
@@ -128,7 +128,7 @@ def test_kernels_bound_out_of_range_ids_themselves(guard_on, monkeypatch):
     bad["tokens"] = torch.tensor([0, 1, 2, 3, 4, 9])  # pair 5: token 9 of 6
     bad["slots"] = torch.tensor([0, 0, 0, 5, 0, 0])  # pair 3: slot 5 of 2
     bad["gather_index"][2, 1] = 10**6  # pair 2: a row far past the layer's 30
-    bank_layer_forward(**bad)  # the canaries around h_bar and x_hat must hold
+    bank_layer_forward(**bad)  # the canaries around h_bar and x must hold
     h_bad = bad["h_bar"]
     assert torch.equal(h_bad[[0, 1, 4]], h_good[[0, 1, 4]])
     assert h_bad[2].isnan().all()

@@ -45,10 +45,9 @@ CALL_EVERY_OP = textwrap.dedent('''
         "geoalign::triton_bank_rows": lambda: bank.bank_rows_op(torch.zeros(L, 1, dtype=torch.long), 1),
         "geoalign::triton_bank_layer_forward": lambda: bank.bank_layer_forward_op(
             torch.zeros(L, H), alpha, lw, lb, w1, b1, layer, tokens, slots, offsets, 0, gi, 1e-5,
-            torch.empty(L, G * Dg), torch.empty(2, 1, Dg), True),
+            torch.empty(L, G * Dg), torch.empty(L, G * Dg), torch.empty(2, 1, Dg), True),
         "geoalign::triton_bank_tape_forward": lambda: bank.bank_tape_forward_op(
-            torch.zeros(L, H), alpha[:, :1], affine, w1, b1, offsets, torch.arange(L), r(L, G * Dg),
-            torch.empty(L, H)),
+            torch.zeros(L, H), alpha[:, :1], w1, b1, torch.arange(L), r(L, G * Dg), torch.empty(L, H)),
         "geoalign::triton_bank_backward": lambda: bank.bank_backward_op(
             r(L, H), alpha, affine, w1, tokens, slots, offsets, r(L, G * Dg), r(L, H), True, True),
         "geoalign::triton_route": lambda: routing.route_op(r(L, R), r(M, R), r(M), K),

@@ -95,7 +95,8 @@ def test_closing_a_bank_with_a_missing_layer_is_refused():
 
 
 def test_bank_inference_uses_a_scratch_buffer():
-    """Without a gradient nothing is taped: x_hat goes to one min(L, L*K)-row scratch buffer reused by each layer."""
+    """Without a gradient nothing is taped: GEMM1's operand x goes to one min(L, L*K)-row scratch buffer reused by
+    each layer."""
     case = _bank_case(torch.float32, 4, L=19, Dg=21, H=40, M=3, seed=5)
     exp_h, _ = _run_bank(TorchBackend(), case, grad=False)
     got_h, _ = _run_bank(TritonBackend(), case, grad=False)
@@ -105,7 +106,7 @@ def test_bank_inference_uses_a_scratch_buffer():
         bank = Bank(case["h0"].clone(), case["alpha"], case["gather_index"], case["rows"], case["ln_ws"],
                     case["ln_bs"], case["w1"], case["b1"], 1e-5)
         TritonBackend().prepare_bank(bank)
-    assert not bank.save and bank.tape == [] and bank.scratch[0].shape == (19, 4 * 21)
+    assert not bank.save and bank.tape == [] and bank.scratch.shape == (19, 4 * 21)
 
 
 def test_bank_noncontiguous_and_mixed_dtype():
@@ -127,13 +128,17 @@ def test_bank_noncontiguous_and_mixed_dtype():
         assert_close(a, e, TRITON_TOL[dtype], name)
 
 
-def test_bank_layers_without_pairs():
-    """Every pair on layer 0: layers 1 and 2 leave h_bar alone and get exactly zero LayerNorm grads."""
+@pytest.mark.parametrize("grad", [True, False])
+def test_bank_layers_without_pairs(grad):
+    """Every pair on layer 0: layers 1 and 2 leave h_bar alone and get exactly zero LayerNorm grads (and at
+    inference their GEMM1 tiles all exit)."""
     case = _bank_case(torch.float32, 4, L=9, Dg=16, H=16, M=3, K=1, seed=4)
     case["rows"] = bank_rows(torch.zeros(9, 1, dtype=torch.int64), 3)
-    exp_h, exp_g = _run_bank(TorchBackend(), case)
-    got_h, got_g = _run_bank(TritonBackend(), case)
+    exp_h, exp_g = _run_bank(TorchBackend(), case, grad=grad)
+    got_h, got_g = _run_bank(TritonBackend(), case, grad=grad)
     assert_close(got_h, exp_h, TRITON_TOL[torch.float32], "h_bar")
+    if not grad:
+        return
     names = _grad_names(3)
     for name, a, e in zip(names, got_g, exp_g):
         assert_close(a, e, TRITON_TOL[torch.float32], name)
@@ -215,37 +220,182 @@ def test_split_bank_with_an_empty_layer_is_exact_poisoned():
     assert torch.count_nonzero(out[3]["projectors.0.fc1.weight"]) == 0
 
 
-@pytest.mark.parametrize("block_m", [16, 32])
-def test_bank_tape_forward_against_torch(block_m):
-    """GEMM1 once over every layer's taped pairs (row tiles walking the layers, one of them without pairs, tiles
-    crossing no layer boundary) gives z and h_bar += sum_s alpha GELU(z) as torch computes them; z starts NaN, so a
-    tape row the grouped launch misses fails."""
-    from geoalign_kernels.bank import bank_rows_op, bank_tape_forward_op
+@pytest.mark.parametrize("block_m,Dg,H,even_k,even_n", [(16, 13, 40, False, False), (32, 16, 48, True, True),
+                                                      (16, 13, 48, False, True), (32, 16, 40, True, False)])
+def test_bank_tape_forward_against_torch(block_m, Dg, H, even_k, even_n):
+    """GEMM1 once over every taped pair: a plain GEMM z = x W1^T + b1 on the operand x that the normalise pass wrote
+    (the affine already applied), then h_bar += sum_s alpha GELU(z), as torch computes them. Every combination of
+    the K (G*D') and N (H) extents being whole tiles (EVEN_K / EVEN_N: those loads unmasked) or not, and P = 58
+    rows not a multiple of the row tile; z starts NaN, so a row or column the launch misses fails."""
+    from geoalign_kernels.bank import _even, bank_rows_op, bank_tape_forward_op
 
-    gen = torch.Generator().manual_seed(block_m)
-    L, K, M, G, Dg, H = 29, 2, 5, 4, 13, 40
+    gen = torch.Generator().manual_seed(block_m + Dg + H)
+    L, K, M, G = 29, 2, 5, 4
     logits = torch.randn(L, M, generator=gen)
     logits[:, 2] = -10.0  # layer 2 gets no pair
-    rows = bank_rows(topk_lower_index(logits, K), M)
     positions = bank_rows_op(topk_lower_index(logits, K), M)[3]
     P = L * K
-    x_hat = torch.randn(P, G * Dg, generator=gen)
-    affine = torch.randn(2, M, Dg, generator=gen) * 0.3 + torch.tensor([1.0, 0.0])[:, None, None]
+    x = torch.randn(P, G * Dg, generator=gen)
     w1, b1 = torch.randn(H, G * Dg, generator=gen) / 8, torch.randn(H, generator=gen)
     alpha = torch.softmax(torch.randn(L, K, generator=gen), -1)
     h0 = torch.randn(L, H, generator=gen)
-    layer_of_pair = torch.repeat_interleave(torch.arange(M), rows.offsets.diff())
-    x = (x_hat.view(P, G, Dg) * affine[0, layer_of_pair][:, None] + affine[1, layer_of_pair][:, None]).view(P, -1)
     z_exp = x @ w1.t() + b1
     h_exp = h0 + (alpha[:, :, None] * F.gelu(z_exp[positions].view(L, K, H))).sum(1)
     z, h = kutils.alloc((P, H), torch.float32, "cpu"), h0.clone()
     configs.OVERRIDE.update(BLOCK_SIZE_M=block_m, BLOCK_SIZE_N=16, BLOCK_SIZE_K=16)
     try:
-        bank_tape_forward_op(h, alpha, affine, w1, b1, rows.offsets, positions, x_hat, z)
+        assert _even(configs.get_config("bank_gemm1", P, z.device), G * Dg, H) == dict(EVEN_K=even_k, EVEN_N=even_n)
+        bank_tape_forward_op(h, alpha, w1, b1, positions, x, z)
     finally:
         configs.OVERRIDE.clear()
     assert_close(z, z_exp, TRITON_TOL[torch.float32], "z")
     assert_close(h, h_exp, TRITON_TOL[torch.float32], "h_bar")
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+@pytest.mark.parametrize("grad", [True, False])
+def test_bank_layers_at_tile_boundaries(block_m, grad):
+    """Layers of 32, 33, 31, 0 and 1 pairs (K = 1, L = 97): with 16- and 32-row tiles a layer ends exactly on a tile
+    boundary, one row past it and one row short of it, one is empty and one is a single row. Training's GEMM1 runs
+    over all 97 rows at once; inference's runs per layer with a grid sized for 97 rows (the tiles past n_j exit).
+    Forward and every gradient against the torch backend, on odd widths (D' = 11, H = 20)."""
+    sizes = [32, 33, 31, 0, 1]
+    L, M = sum(sizes), len(sizes)
+    case = _bank_case(torch.float32, 2, L=L, Dg=11, H=20, M=M, K=1, seed=block_m)
+    layer_of_token = torch.repeat_interleave(torch.arange(M), torch.tensor(sizes))
+    layer_of_token = layer_of_token[torch.randperm(L, generator=torch.Generator().manual_seed(5))]
+    case["rows"] = bank_rows(layer_of_token[:, None], M)
+    assert case["rows"].offsets.diff().tolist() == sizes
+    exp_h, exp_g = _run_bank(TorchBackend(), case, grad=grad)
+    configs.OVERRIDE.update(BLOCK_SIZE_M=block_m)
+    try:
+        got_h, got_g = _run_bank(TritonBackend(), case, grad=grad)
+    finally:
+        configs.OVERRIDE.clear()
+    assert_close(got_h, exp_h, TRITON_TOL[torch.float32], "h_bar")
+    for name, a, e in zip(_grad_names(M), got_g or [], exp_g or []):
+        assert_close(a, e, TRITON_TOL[torch.float32], name)
+
+
+def _round_as_the_kernel(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``t`` rounded to ``dtype`` as a kernel's .to(dtype) rounds it: to nearest even, except the Triton
+    interpreter's fp32 -> bf16, which truncates (on a GPU it rounds to nearest even)."""
+    if dtype == torch.bfloat16 and kutils.INTERPRET:
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low 16 bits zero
+    return t.to(dtype)
+
+
+def _normalize_reference(case, j, dtype, eps):
+    """x_hat [n_j*G, D'] of layer j as the torch backend computes it."""
+    rows = case["rows"]
+    lo, hi = rows.offsets[j].item(), rows.offsets[j + 1].item()
+    x_hat = TorchBackend().normalized_rows(case["layers"][j], case["gather_index"], rows.tokens[lo:hi], eps, dtype)
+    return x_hat.reshape(-1, x_hat.shape[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tape", [True, False])
+@pytest.mark.parametrize("path,programs", [("registers", 2), ("registers", 1), ("registers", 64), ("chunked", 2)])
+def test_normalize_pass_writes_x_hat_and_x(monkeypatch, dtype, tape, path, programs):
+    """The normalise pass alone, layer by layer into NaN-poisoned buffers: x_hat (training only) matches the torch
+    backend's normalised rows, and x = gamma x_hat + beta equals, bit for bit, the fp32 value of the kernel's own
+    x_hat rounded once to the parameter dtype (the rounding GEMM1's A-load applied before issue 31). Training writes the layer's tape
+    rows only (the other layers' stay NaN, the stacked affine gets the layer's); inference writes rows 0..n_j*G-1 of
+    the scratch. Rows held in registers (one read per row) and streamed in chunks (D' = 37 over 32-column chunks, as
+    for rows wider than _MAX_ROW_BLOCK); the grid-stride loop with one program, two (several row blocks each) and more
+    programs than row blocks."""
+    import geoalign_kernels.bank as kbank
+
+    monkeypatch.setattr(kbank, "_CPU_ROW_PROGRAMS", programs)
+    if path == "chunked":
+        monkeypatch.setattr(kbank, "_MAX_ROW_BLOCK", 32)
+    eps = 1e-5
+    case = _bank_case(dtype, 4, L=23, Dg=37, H=16, M=3, seed=11)
+    rows, (L, G), Dg = case["rows"], case["gather_index"].shape, 37
+    P, width = rows.tokens.numel(), G * Dg
+    assert kbank._normalize_blocks(Dg, configs.get_config("rows", L * G, torch.device("cpu")))["ROW_IN_REGISTERS"] \
+        == (path == "registers")
+    x_hat = kutils.alloc((P, width), dtype, "cpu") if tape else torch.empty(0, width, dtype=dtype)
+    affine = kutils.alloc((2, 3, Dg), dtype, "cpu") if tape else torch.empty(2, 0, Dg, dtype=dtype)
+    for j in (1, 0, 2):
+        x = kutils.alloc((P if tape else min(L, P), width), dtype, "cpu")
+        h = case["h0"].clone()
+        kbank.bank_layer_forward(h, case["alpha"].detach(), case["ln_ws"][j].detach(), case["ln_bs"][j].detach(),
+                                 case["w1"].detach(), case["b1"].detach(), case["layers"][j], rows.tokens, rows.slots,
+                                 rows.offsets, j, case["gather_index"], eps, x_hat, x, affine, tape)
+        lo, hi = rows.offsets[j].item(), rows.offsets[j + 1].item()
+        exp_x_hat = _normalize_reference(case, j, dtype, eps)
+        got_x = (x[lo:hi] if tape else x[:hi - lo]).reshape(-1, Dg)
+        rest = torch.cat([x[:lo], x[hi:]]) if tape else x[hi - lo:]
+        assert rest.isnan().all(), "rows outside the layer's were written"
+        if tape:
+            got_x_hat = x_hat[lo:hi].reshape(-1, Dg)
+            assert_close(got_x_hat, exp_x_hat, TRITON_TOL[dtype], f"x_hat layer {j}")
+            assert torch.equal(affine[0, j], case["ln_ws"][j].detach())
+            assert torch.equal(affine[1, j], case["ln_bs"][j].detach())
+            assert torch.equal(h, case["h0"]), "training leaves h_bar to bank_tape_forward"
+        else:
+            got_x_hat = exp_x_hat  # (not written without a tape: x from the reference's x_hat, to a tolerance)
+        w, b = case["ln_ws"][j].detach().float(), case["ln_bs"][j].detach().float()
+        exp_x = _round_as_the_kernel(got_x_hat.float() * w + b, dtype)
+        if tape:
+            assert torch.equal(got_x, exp_x), f"x layer {j}: not gamma x_hat + beta rounded once"
+        else:
+            assert_close(got_x, exp_x, TRITON_TOL[dtype], f"x layer {j}")
+
+
+def test_normalize_blocks_and_programs():
+    """The normalise pass's blocks: whole rows in registers up to _MAX_ROW_BLOCK columns (D' = 2048 at paper scale:
+    2 rows of 2048 per step), chunked beyond; its grid: at most one program per row block, at least one (it stacks
+    the affine even for an empty layer), a bounded number off a GPU."""
+    import geoalign_kernels.bank as kbank
+
+    cfg = dict(BLOCK_SIZE_M=32, BLOCK_SIZE_N=256)
+    assert kbank._normalize_blocks(2048, cfg) == dict(ROW_IN_REGISTERS=True, BLOCK_SIZE_M=2, BLOCK_SIZE_N=2048)
+    assert kbank._normalize_blocks(37, cfg) == dict(ROW_IN_REGISTERS=True, BLOCK_SIZE_M=32, BLOCK_SIZE_N=64)
+    assert kbank._normalize_blocks(kbank._MAX_ROW_BLOCK + 1, cfg) == dict(ROW_IN_REGISTERS=False, BLOCK_SIZE_M=32,
+                                                                          BLOCK_SIZE_N=256)
+    cpu = torch.device("cpu")
+    assert kbank._row_programs(cpu, 4, 0) == 1
+    assert kbank._row_programs(cpu, 4, 1) == 1
+    assert kbank._row_programs(cpu, 4, 10**6) == kbank._CPU_ROW_PROGRAMS
+
+
+def test_layer_positions_are_not_specialised():
+    """layer_pos (the bank layer a launch normalises / multiplies) is a do_not_specialize argument of the normalise
+    pass and GEMM1: layers 0, 1, 16 and 5 give one specialisation (Triton would otherwise make 1 a constant and mark
+    multiples of 16), so a bank compiles each kernel once, not three times. Checked with Triton's own launch binder
+    for an sm_90 target, outside the interpreter (which keeps no specialisation)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from geoalign_kernels import bank
+
+backend = make_backend(GPUTarget("cuda", 90, 32))
+for fn in (bank._gather_normalize_kernel, bank._bank_gemm1_kernel):
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    pos = fn.arg_names.index("layer_pos")
+    seen = set()
+    for layer_pos in (0, 1, 16, 5):
+        args = [torch.empty(16) if name.endswith("_ptr") else (layer_pos if name == "layer_pos" else 7)
+                for name in fn.arg_names]
+        kwargs = {name: args[i] for i, name in enumerate(fn.arg_names) if fn.params[i].is_constexpr}
+        args = [a for i, a in enumerate(args) if not fn.params[i].is_constexpr]
+        specialization = binder(*args, **kwargs)[1]
+        seen.add(str(specialization[pos]))
+    assert len(seen) == 1, (fn.__name__, seen)
+    print(fn.__name__, seen)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("{") == 2, proc.stdout
 
 
 @pytest.mark.parametrize("need_ln,need_w1", [(False, True), (True, False), (False, False)])

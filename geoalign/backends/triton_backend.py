@@ -9,7 +9,9 @@ and the GEMM sees all L*K rows at once. Without a gradient (inference) each laye
 h_bar, so memory stays at one layer's pairs.
 
 Tape: [x_hat [L*K, G*D'], z [L*K, H], affine [2, M, D']] in the parameter dtype, rows in pair order
-(geoalign_kernels.bank)."""
+(geoalign_kernels.bank). Forward-only (``bank.scratch``): GEMM1's operand x = gamma_j x_hat + beta_j [L*K, G*D']
+written by each layer's normalise pass and freed once GEMM1 has run in complete_bank (a transient the size of the
+x_hat tape, not saved for backward); without a gradient, x for one layer [min(L, L*K), G*D']."""
 from __future__ import annotations
 
 import torch
@@ -42,32 +44,39 @@ class TritonBackend(SparseBackend):
         return BankRows(tokens, slots, offsets, positions=positions)
 
     def prepare_bank(self, bank) -> None:
-        """The tape (x_hat, z for every pair and the stacked LayerNorm affine) when backward will run, else a
-        scratch x_hat for one layer."""
+        """With a gradient: the tape (x_hat, z for every pair and the stacked LayerNorm affine) and GEMM1's operand x
+        for every pair (forward only); without: x for one layer (scratch, reused by each layer)."""
         P, L = bank.rows.tokens.numel(), bank.h_bar.shape[0]
         w1 = bank.fc1_weight
         Dg = bank.ln_weights[0].shape[0]
         if bank.save:
             bank.tape = [alloc((P, w1.shape[1]), w1.dtype, w1.device), alloc((P, w1.shape[0]), w1.dtype, w1.device),
                          alloc((2, bank.num_layers, Dg), w1.dtype, w1.device)]
+            bank.scratch = alloc((P, w1.shape[1]), w1.dtype, w1.device)
         else:
-            bank.scratch = (alloc((min(L, P), w1.shape[1]), w1.dtype, w1.device), w1.new_empty((2, 0, Dg)))
+            bank.scratch = alloc((min(L, P), w1.shape[1]), w1.dtype, w1.device)
 
     def bank_layer(self, bank, j, layer) -> None:
-        x_hat, affine = (bank.tape[0], bank.tape[2]) if bank.save else bank.scratch
+        if bank.save:
+            x_hat, affine = bank.tape[0], bank.tape[2]
+        else:  # (x_hat and the stacked affine are not used without a tape)
+            x_hat = bank.scratch.new_empty((0, bank.scratch.shape[1]))
+            affine = bank.scratch.new_empty((2, 0, bank.ln_weights[j].shape[0]))
         rows = bank.rows
         bank_layer_forward_op(bank.h_bar, bank.alpha, bank.ln_weights[j], bank.ln_biases[j], bank.fc1_weight,
                               bank.fc1_bias, layer, rows.tokens, rows.slots, rows.offsets, j, bank.gather_index,
-                              bank.eps, x_hat, affine, bank.save)
+                              bank.eps, x_hat, bank.scratch, affine, bank.save)
 
     def complete_bank(self, bank) -> None:
-        """With a tape: GEMM1 for every layer's pairs in one launch, then h_bar += sum_s alpha GELU(z)."""
+        """With a tape: GEMM1 for every layer's pairs in one launch (from x, then freed), then h_bar += sum_s alpha
+        GELU(z)."""
         if not bank.save:
             return
-        x_hat, z, affine = bank.tape
+        _x_hat, z, _affine = bank.tape
+        x, bank.scratch = bank.scratch, None  # GEMM1's operand: not saved for backward
         rows = bank.rows  # (the split projector's one-layer banks build their rows without positions)
-        bank_tape_forward_op(bank.h_bar, bank.alpha, affine, bank.fc1_weight, bank.fc1_bias, rows.offsets,
-                             rows.pair_positions(bank.alpha.shape[1]), x_hat, z)
+        bank_tape_forward_op(bank.h_bar, bank.alpha, bank.fc1_weight, bank.fc1_bias,
+                             rows.pair_positions(bank.alpha.shape[1]), x, z)
 
     @classmethod
     def bank_backward(cls, rows, alpha, ln_weights, ln_biases, fc1_weight, tape, d_h_bar, need_alpha, need_ln,

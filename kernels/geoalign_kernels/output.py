@@ -37,8 +37,9 @@ def output_forward(q, h_bar, fc2_weight, fc2_bias, out_weight):
     """q [L, D], h_bar [L, H] fp32/fp64, fc2_weight [D, H], fc2_bias [D], out_weight [D, D] -> (q_hat, f_hat) [L, D]."""
     _check_output_args("output_forward", q, h_bar, fc2_weight, fc2_bias, out_weight)
     dtype = q.dtype
-    f_hat = matmul(h_bar, fc2_weight.t(), bias=fc2_bias.contiguous(), out_dtype=dtype, op_dtype=dtype)
-    q_hat = matmul(f_hat, out_weight.t(), residual=q, out_dtype=dtype, op_dtype=dtype)
+    f_hat = matmul(h_bar, fc2_weight.t(), bias=fc2_bias.contiguous(), out_dtype=dtype, op_dtype=dtype,
+                   site="fc2")
+    q_hat = matmul(f_hat, out_weight.t(), residual=q, out_dtype=dtype, op_dtype=dtype, site="out_proj")
     return q_hat, f_hat
 
 
@@ -50,11 +51,13 @@ def output_backward(d_q_hat, d_f_hat, h_bar, f_hat, fc2_weight, out_weight):
     if d_f_hat is not None:
         check_tensor(op, "d_f_hat", d_f_hat, shape=tuple(f_hat.shape), dtype=f_hat.dtype, device=f_hat.device)
     dtype = fc2_weight.dtype
-    d_f = matmul(d_q_hat, out_weight, residual=d_f_hat, out_dtype=dtype, op_dtype=dtype)  # [L, D]
-    d_out_weight = matmul(d_q_hat.t(), f_hat, out_dtype=dtype, op_dtype=dtype)
+    d_f = matmul(d_q_hat, out_weight, residual=d_f_hat, out_dtype=dtype, op_dtype=dtype,
+                 site="d_f")  # [L, D]
+    d_out_weight = matmul(d_q_hat.t(), f_hat, out_dtype=dtype, op_dtype=dtype, site="d_out_weight")
     d_fc2_bias = alloc((f_hat.shape[1],), dtype, f_hat.device)
-    d_fc2_weight = matmul(d_f.t(), h_bar, out_dtype=dtype, op_dtype=dtype, row_sum=d_fc2_bias)  # db2 = sum_l dF
-    d_h_bar = matmul(d_f, fc2_weight, out_dtype=acc_dtype(dtype), op_dtype=dtype)
+    d_fc2_weight = matmul(d_f.t(), h_bar, out_dtype=dtype, op_dtype=dtype, row_sum=d_fc2_bias,
+                          site="d_fc2_weight")  # db2 = sum_l dF
+    d_h_bar = matmul(d_f, fc2_weight, out_dtype=acc_dtype(dtype), op_dtype=dtype, site="d_h_bar")
     return d_h_bar, d_fc2_weight, d_fc2_bias, d_out_weight
 
 
@@ -65,8 +68,9 @@ def fold_output_weights(fc2_weight, fc2_bias, out_weight):
     D, dtype, dev = fc2_weight.shape[0], fc2_weight.dtype, fc2_weight.device
     check_tensor(op, "b2", fc2_bias, shape=(D,), dtype=dtype, device=dev)
     check_tensor(op, "W_out", out_weight, shape=(D, D), dtype=dtype, device=dev)
-    w_fold = matmul(out_weight, fc2_weight, out_dtype=dtype, op_dtype=dtype)
-    b_fold = matmul(out_weight, fc2_bias.reshape(-1, 1), out_dtype=dtype, op_dtype=dtype).reshape(-1)
+    w_fold = matmul(out_weight, fc2_weight, out_dtype=dtype, op_dtype=dtype, site="fold_weights")
+    b_fold = matmul(out_weight, fc2_bias.reshape(-1, 1), out_dtype=dtype, op_dtype=dtype,
+                    site="fold_weights").reshape(-1)
     return w_fold, b_fold
 
 
@@ -118,7 +122,8 @@ output_op.register_autograd(_output_autograd, setup_context=_output_setup_contex
 def output_folded_op(q: torch.Tensor, h_bar: torch.Tensor, w_fold: torch.Tensor, b_fold: torch.Tensor) -> torch.Tensor:
     """q_hat = q + h_bar W_fold^T + b_fold [L, D]; inference only (no autograd formula)."""
     _check_output_args("output_folded", q, h_bar, w_fold, b_fold)
-    return matmul(h_bar, w_fold.t(), bias=b_fold.contiguous(), residual=q, out_dtype=q.dtype, op_dtype=q.dtype)
+    return matmul(h_bar, w_fold.t(), bias=b_fold.contiguous(), residual=q, out_dtype=q.dtype, op_dtype=q.dtype,
+                  site="folded_output")
 
 
 @output_folded_op.register_fake

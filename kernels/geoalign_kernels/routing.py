@@ -85,7 +85,7 @@ def _route_kernel(
 @triton.jit
 def _route_backward_kernel(
         d_alpha_ptr, alpha_ptr, topk_idx_ptr,  # [L, K] each, row-major
-        d_logits_ptr,  # output: dS [L, M] (parameter dtype), row-major; zero off the K kept columns
+        d_logits_ptr, stride_d_logits_l,  # output: dS [L, M] (parameter dtype), unit column stride; zero off the K kept
         L, M,  # tokens, bank layers
         K: tl.constexpr, K_POW2: tl.constexpr, ACC_DTYPE: tl.constexpr,
         BLOCK_SIZE_L: tl.constexpr, BLOCK_SIZE_M: tl.constexpr):
@@ -108,7 +108,7 @@ def _route_backward_kernel(
         d_k = alpha_k * tl.sum(alpha * (d_alpha_k[:, None] - d_alpha), axis=1)
         id_k = tl.sum(tl.where(offs_slot[None, :] == k, ids, 0), axis=1)
         d_logits = tl.where(offs_m[None, :] == id_k[:, None], d_k[:, None], d_logits)
-    d_logits_ptrs = d_logits_ptr + offs_l[:, None] * M + offs_m[None, :]
+    d_logits_ptrs = d_logits_ptr + offs_l[:, None] * stride_d_logits_l + offs_m[None, :]
     tl.store(d_logits_ptrs, d_logits.to(d_logits_ptr.dtype.element_ty), mask=mask_l[:, None] & (offs_m[None, :] < M))
 
 
@@ -146,7 +146,7 @@ def route_forward(hid: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, k: int)
         _route_kernel[(triton.cdiv(L, block_l),)](
             hid, w2, b2, out.idx, out.alpha, L, R, M, hid.stride(0), hid.stride(1), w2.stride(0), w2.stride(1),
             K=k, K_POW2=triton.next_power_of_2(k), PARAM_DTYPE=tl_dtype(dtype), DOT_DTYPE=dot_dtype(dtype),
-            ACC_DTYPE=tl_dtype(acc_dtype(dtype)), DOT_PRECISION=dot_precision(dtype), BLOCK_SIZE_L=block_l,
+            ACC_DTYPE=tl_dtype(acc_dtype(dtype)), DOT_PRECISION=dot_precision(dtype, dev), BLOCK_SIZE_L=block_l,
             BLOCK_SIZE_M=_block_m(M), BLOCK_SIZE_R=max(16, cfg["BLOCK_SIZE_K"]), num_warps=cfg["num_warps"],
         )
     return idx, alpha
@@ -162,19 +162,22 @@ def route_backward(d_alpha: torch.Tensor, alpha: torch.Tensor, topk_idx: torch.T
     check_int(op, "K", K, 1, M)
     check_tensor(op, "d_alpha", d_alpha, shape=(L, K), dtype=FLOAT_DTYPES, device=dev)
     check_tensor(op, "topk_idx", topk_idx, shape=(L, K), dtype=INDEX_DTYPES, device=dev)
-    ds = alloc((L, M), dtype, dev)
+    # dS with its rows padded to 16 bytes: both router GEMMs can then read it by TMA (as dS and as dS^T)
+    per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    ds = alloc((L, triton.cdiv(M, per_16_bytes) * per_16_bytes), dtype, dev)[:, :M]
     if L > 0:
         cfg = get_config("rows", L, dev, dtype)
         block_l = _block_l(cfg)
         with guarded(op, ds=ds) as out:
             _route_backward_kernel[(triton.cdiv(L, block_l),)](
-                d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), out.ds, L, M,
+                d_alpha.contiguous(), alpha.contiguous(), topk_idx.contiguous(), out.ds, ds.stride(0), L, M,
                 K=K, K_POW2=triton.next_power_of_2(K), ACC_DTYPE=tl_dtype(acc_dtype(dtype)),
                 BLOCK_SIZE_L=block_l, BLOCK_SIZE_M=_block_m(M), num_warps=cfg["num_warps"],
             )
-    d_hid = matmul(ds, w2)  # [L, M] @ [M, R]
+    d_hid = matmul(ds, w2, site="router_d_hid")  # [L, M] @ [M, R]
     d_b2 = alloc((M,), dtype, dev)
-    d_w2 = matmul(ds.t(), hid, row_sum=d_b2)  # [M, L] @ [L, R]; d_b2 = sum_l dS as its A-row sums
+    # [M, L] @ [L, R]; d_b2 = sum_l dS as its A-row sums
+    d_w2 = matmul(ds.t(), hid, row_sum=d_b2, site="router_d_w2")
     return d_hid, d_w2, d_b2
 
 

@@ -1,10 +1,13 @@
 """Shared helpers: dtype mapping, exact-GELU device functions, output allocation (with a poisoning test hook)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
+from . import runtime
 from .runtime import INTERPRET
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
@@ -33,10 +36,29 @@ def dot_dtype(dtype: torch.dtype):
     return _TL[dtype]
 
 
-def dot_precision(dtype: torch.dtype):
-    """tl.dot input_precision: "ieee" for fp32/fp64 operands (tl.dot would use TF32 for fp32 on a GPU, unlike torch's
-    default matmul), None (the default) for 16-bit operands."""
-    return "ieee" if dot_dtype(dtype) in (tl.float32, tl.float64) else None
+#: whether the one-time warning about fp32 launches on the exact "ieee" path has been given in this process
+_IEEE_WARNED = False
+
+
+def dot_precision(dtype: torch.dtype, device=None):
+    """tl.dot input_precision for parameters of ``dtype`` launched on ``device``: None (the default) for 16-bit
+    operands; "ieee" for fp64, and for fp32 unless runtime.TF32 is on (env GEOALIGN_TF32=1): tl.dot's own default
+    would be TF32 for fp32 on a GPU, unlike torch's default matmul. With TF32 on, fp32 on a GPU gets "tf32"; the
+    interpreter keeps "ieee" (it has no TF32). The first fp32 launch on the "ieee" path on a CUDA device warns once
+    per process (UserWarning naming GEOALIGN_TF32): that path is several times slower than the tensor cores."""
+    global _IEEE_WARNED
+    operands = dot_dtype(dtype)
+    if operands not in (tl.float32, tl.float64):
+        return None
+    if operands == tl.float32 and dtype == torch.float32 and not INTERPRET:
+        if runtime.TF32:
+            return "tf32"
+        if not _IEEE_WARNED and device is not None and torch.device(device).type == "cuda":
+            _IEEE_WARNED = True
+            warnings.warn("geoalign_kernels: fp32 parameters run tl.dot on the exact 'ieee' path (fp32 FMAs, not "
+                          "the tensor cores); set GEOALIGN_TF32=1 (or geoalign_kernels.runtime.TF32 = True) to "
+                          "allow TF32, as torch.backends.cuda.matmul.allow_tf32 does for torch", stacklevel=3)
+    return "ieee"
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:

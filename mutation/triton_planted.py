@@ -120,6 +120,19 @@ PLANTED = {
                                     "every H tile of the dz kernel writes its d_alpha partial to the same place"),
     "route-kernel-k-mask": ("routing.py", "    kept = offs_slot[None, :] < K\n", "    kept = offs_slot[None, :] <= K\n",
                             "router kernel keeps one slot past K (a store past topk_idx/alpha rows)"),
+    # the TMA paths (issue 31; their tests force GEOALIGN_TMA=1)
+    "gemm-tma-transpose-dropped": ("gemm.py", "            a = a_ptr.load([off_k, off_m]).T\n",
+                                   "            a = tl.trans(a_ptr.load([off_m, off_k]))\n",
+                                   "the shared GEMM reads a column-major A's descriptor as if it held A itself"),
+    "gemm-tma-k-not-advanced": ("gemm.py", "        off_k += BLOCK_SIZE_K\n", "        off_k += 0\n",
+                                "the shared GEMM's TMA boxes never move along K (every step reads the first one)"),
+    "weight-grad-tma-tail-skipped": ("bank.py", "        for p0 in range(p_start, hi, BLOCK_SIZE_K):",
+                                     "        for p0 in range(hi, hi, BLOCK_SIZE_K):",
+                                     "the weight gradient drops each layer's last partial step of pairs (the TMA path "
+                                     "leaves it to masked loads; without TMA the whole layer)"),
+    "gemm1-tma-w1-not-transposed": ("bank.py", "            w = w1_ptr.load([off_n, off_k]).T\n",
+                                    "            w = tl.trans(w1_ptr.load([off_k, off_n]))\n",
+                                    "GEMM1's TMA path reads W1's box at swapped coordinates"),
 }
 
 

@@ -310,20 +310,11 @@ def _random_fusion(cfg, dtype, device, seed):
 
 def _parity_case(name, cfg, frames_or_L, st: Stage, backends) -> dict:
     """Every backend in the run's dtype against reference in fp32 on the same (rounded) values."""
-    from geoalign.geometry import build_gather_index
-
-    from .shapes import VGGT_GRID
-
     dev, dtype = st.device, st.dtype
     fusion = _random_fusion(cfg, dtype, dev, seed=7)
     ref_fusion = copy.deepcopy(fusion).float()
     gen = torch.Generator().manual_seed(8)
-    if isinstance(frames_or_L, tuple):  # (frames,): the real VGGT/Qwen alignment
-        gather_index = build_gather_index(frames_or_L[0], VGGT_GRID).to(dev)
-        N = frames_or_L[0] * VGGT_GRID[0] * VGGT_GRID[1]
-    else:
-        N = frames_or_L * cfg.group_size + 11
-        gather_index = torch.randint(0, N, (frames_or_L, cfg.group_size), generator=gen).to(dev)
+    gather_index, N = parity_gather_index(cfg, frames_or_L, dev, gen)
     L = gather_index.shape[0]
     q = (torch.randn(L, cfg.hidden_size, generator=gen)).to(dev, dtype)
     layers = [(torch.randn(N, cfg.geo_dim, generator=gen) * 1.5 + 0.7).to(dev, dtype)
@@ -375,6 +366,19 @@ def _parity_case(name, cfg, frames_or_L, st: Stage, backends) -> dict:
         passed = all(e is not None and e == e and e < PARITY_TOL for e in errs.values()) and agree >= TOPK_AGREEMENT
         result[backend] = {"passed": passed, "max_rel_err": worst, "topk_agreement": agree, "rel_err": errs}
     return result
+
+
+def parity_gather_index(cfg, frames_or_L, device, gen):
+    """(gather_index [L, G], N rows per layer) of a parity case: (frames,) = the real VGGT/Qwen alignment of that
+    many frames; an int L = L tokens gathering random rows of L*G + 11."""
+    from geoalign.geometry import build_gather_index
+
+    from .shapes import VGGT_GRID
+
+    if isinstance(frames_or_L, tuple):
+        return build_gather_index(frames_or_L[0], VGGT_GRID).to(device), frames_or_L[0] * VGGT_GRID[0] * VGGT_GRID[1]
+    N = frames_or_L * cfg.group_size + 11
+    return torch.randint(0, N, (frames_or_L, cfg.group_size), generator=gen).to(device), N
 
 
 def parity_small_config(dry_run: bool):

@@ -46,17 +46,9 @@ def _fusion_inputs(cfg, frames_or_L, dtype, device):
     random rows; q, layers and grad uninitialised (recording runs no kernel, so their values are never read)."""
     import torch
 
-    from geoalign.geometry import build_gather_index
+    from .gpu_proof import parity_gather_index
 
-    from .shapes import VGGT_GRID
-
-    gen = torch.Generator().manual_seed(8)
-    if isinstance(frames_or_L, tuple):
-        gather_index = build_gather_index(frames_or_L[0], VGGT_GRID).to(device)
-        N = frames_or_L[0] * VGGT_GRID[0] * VGGT_GRID[1]
-    else:
-        N = frames_or_L * cfg.group_size + 11
-        gather_index = torch.randint(0, N, (frames_or_L, cfg.group_size), generator=gen).to(device)
+    gather_index, N = parity_gather_index(cfg, frames_or_L, device, torch.Generator().manual_seed(8))
     L = gather_index.shape[0]
     def make(*shape):
         return torch.empty(*shape, device=device, dtype=dtype)
@@ -208,7 +200,7 @@ def format_plan(p: dict) -> str:
              f"variants precompiled, {p['precompile_s']:.0f} s in the pool):"]
     lines += [f"  {name:<28} {seconds:6.0f} s" for name, seconds in p["phases"]]
     lines.append(f"  {'total':<28} {p['total_s']:6.0f} s   spare {p['spare_s']:.0f} s (needed {SPARE_S}): "
-                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}; pytest -m gpu gets the spare, less {SPARE_S} s kept")
+                 f"{'fits' if p['fits'] else 'DOES NOT FIT'}; pytest -m gpu runs last, in what is left")
     return "\n".join(lines)
 
 
@@ -239,6 +231,11 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("proof_plan: recording needs Triton's JIT; run without TRITON_INTERPRET=1")
     if args.cmd == "precompile":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("proof_plan precompile: no CUDA device here (it records on the GPU); on a CPU, "
+                             "`python -m bench.proof_plan measure` records as an H100 would")
         res = precompile(args.out_json, args.workers)
         print(f"precompile: {res['variants']} variants ({res['stages']}), recorded in {res['record_s']} s, built in "
               f"{res['compile_s']} s on {res['workers']} workers; {len(res['errors'])} failed; stages not recorded: "

@@ -29,6 +29,9 @@ def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="pretrain: numbered markers per sample (default 4)")
     p.add_argument("--grounding-per-sample", type=positive_int, default=2,
                    help="finetune: grounding queries per sample (default 2)")
+    p.add_argument("--box-source", choices=["annotated", "clip_visible"], default=None,
+                   help="finetune: boxes from ScanNet's annotated mesh (the benchmarks' boxes) or of the clip's "
+                        "visible depth pixels (default: annotated where the scene has the mesh annotation files)")
     p.add_argument("--frames", type=positive_int, default=4, help="frames per sample (default 4)")
     p.add_argument("--samples-per-scene", type=positive_int, default=8, help="samples per scene (default 8)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
@@ -62,7 +65,8 @@ def run_gap_data(args: argparse.Namespace) -> int:
 
         def make(scene, media, out_dir):
             return make_finetune_records(scene, media, out_dir, samples=args.samples_per_scene, frames=args.frames,
-                                         grounding_per_sample=args.grounding_per_sample, seed=args.seed)
+                                         grounding_per_sample=args.grounding_per_sample, seed=args.seed,
+                                         box_source=args.box_source)
 
     try:
         scenes = scene_dirs(args.scenes)

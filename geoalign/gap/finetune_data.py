@@ -2,10 +2,17 @@
 RGB-D scenes with instance masks.
 
 A clip's objects are the instances visible in its frames, except the room's shell (wall / floor / ceiling, as
-ScanNet's detection benchmark leaves them out). Each object's box is the axis-aligned box, in the first frame's
-camera coordinates, of its back-projected valid-depth pixels over the clip (our choice: the paper says only "3D
-video object detection"; boxes of what the clip shows, from the same depth and poses as the pre-training task, need
-no mesh annotation). Answers use geoalign.eval.boxes3d's text form (``label: [x, y, z, dx, dy, dz]``), which
+ScanNet's detection benchmark leaves them out). Each object's box, in the first frame's camera coordinates, comes
+from ``box_source``:
+
+* ``"annotated"`` (the default when the scene folder holds ScanNet's mesh annotations, see annotations.py): the
+  benchmarks' box of the instance (objectId = instance id - 1) from the annotated mesh after the axis alignment,
+  moved into the first camera as VG-LLM does; the text holds the axis-aligned extent of its 8 moved corners
+  (``aabb_size``), the record's metadata also the oriented box (``rotation``).
+* ``"clip_visible"`` (the default otherwise): the axis-aligned box of the object's back-projected valid-depth
+  pixels over the clip (what the clip shows; no mesh annotation needed).
+
+Answers use geoalign.eval.boxes3d's text form (``label: [x, y, z, dx, dy, dz]``), which
 ``geoalign score`` parses back.
 
 Detection records: "Detect ..." -> every object, one per line. Grounding records: "Where is the <label> marked
@@ -21,20 +28,38 @@ import zlib
 import numpy as np
 
 from ..eval.boxes3d import Box3D, format_boxes
+from .annotations import SceneAnnotations, boxes_to_camera, has_annotations, load_scannet_annotations
 from .pretrain_data import depth_to_colour_pixel, draw_markers
 from .scenes import PosedScene, backproject, to_first_camera
 
 SHELL = ("wall", "floor", "ceiling")
+BOX_SOURCES = ("annotated", "clip_visible")
 DETECT_QUESTION = ("Detect every object in these frames. For each, give its category and its 3D box "
                    "[x, y, z, dx, dy, dz] (centre and size in metres, in the camera coordinates of the first frame).")
 GROUND_QUESTION = ("Where is the {label} marked {n}? Give its 3D box [x, y, z, dx, dy, dz] (centre and size in "
                    "metres, in the camera coordinates of the first frame).")
 
 
-def clip_objects(scene: PosedScene, frames: list[int], min_pixels: int = 20) -> list[dict]:
+def resolve_box_source(scene: PosedScene, box_source: str | None) -> str:
+    """``box_source`` checked; None -> "annotated" when the scene folder has the annotation files, else
+    "clip_visible"."""
+    if box_source is None:
+        return "annotated" if has_annotations(scene.root, scene.name) else "clip_visible"
+    if box_source not in BOX_SOURCES:
+        raise ValueError(f"box_source must be one of {BOX_SOURCES}, got {box_source!r}")
+    return box_source
+
+
+def clip_objects(scene: PosedScene, frames: list[int], min_pixels: int = 20, box_source: str | None = None,
+                 annotations: SceneAnnotations | None = None) -> list[dict]:
     """Objects visible in ``frames`` (scene frame indices; the first is the anchor): per instance with at least
     ``min_pixels`` valid-depth pixels, {"instance", "label", "box": Box3D, "first": (frame position, u, v) of the
-    pixel nearest its 2D centroid in the first frame showing it}, sorted by instance id."""
+    pixel nearest its 2D centroid in the first frame showing it}, sorted by instance id. ``box_source``: see the
+    module docstring (``annotations``: the scene's, if already loaded); "annotated" objects also carry
+    "object_id" and "rotation" (float64 [3, 3], the oriented box's axes in the first camera)."""
+    box_source = resolve_box_source(scene, box_source)
+    if box_source == "annotated" and annotations is None:
+        annotations = load_scannet_annotations(scene.root, scene.name)
     points: dict[int, list[np.ndarray]] = {}
     label_of: dict[int, int] = {}
     first: dict[int, tuple[int, float, float]] = {}
@@ -56,30 +81,48 @@ def clip_objects(scene: PosedScene, frames: list[int], min_pixels: int = 20) -> 
         p = np.concatenate(points[n])
         if len(p) < min_pixels:
             continue
-        lo, hi = p.min(0), p.max(0)
-        size = np.maximum(hi - lo, 0.01)       # a flat patch still gets an extent the 2-decimal text can hold
-        out.append({"instance": n, "label": scene.label_name(label_of[n]),
-                    "box": Box3D(scene.label_name(label_of[n]), tuple(((lo + hi) / 2).tolist()), tuple(size.tolist())),
-                    "first": first[n]})
+        label = scene.label_name(label_of[n])
+        obj = {"instance": n, "label": label, "first": first[n]}
+        if box_source == "annotated":
+            try:
+                row = annotations.index(n - 1)                   # instance-filt ids are objectId + 1
+            except KeyError as e:
+                raise ValueError(f"scene {scene.root!r}: instance {n} is visible but {e.args[0]}") from None
+            cam = boxes_to_camera(annotations.center[row:row + 1], annotations.size[row:row + 1],
+                                  annotations.axis_alignment, scene.pose[frames[0]])
+            centre, size = cam.center[0], np.maximum(cam.aabb_size[0], 0.01)
+            obj.update(object_id=int(annotations.object_ids[row]), rotation=cam.rotation)
+        else:
+            lo, hi = p.min(0), p.max(0)
+            centre, size = (lo + hi) / 2, np.maximum(hi - lo, 0.01)   # a flat patch still gets a 2-decimal extent
+        obj["box"] = Box3D(label, tuple(centre.tolist()), tuple(size.tolist()))
+        out.append(obj)
     return out
 
 
-def _box_json(b: Box3D) -> dict:
-    return {"label": b.label, "center": [round(c, 4) for c in b.center], "size": [round(s, 4) for s in b.size]}
+def _box_json(obj: dict) -> dict:
+    b = obj["box"]
+    out = {"label": b.label, "center": [round(c, 4) for c in b.center], "size": [round(s, 4) for s in b.size]}
+    if "object_id" in obj:
+        out["object_id"] = obj["object_id"]
+        out["rotation"] = np.round(obj["rotation"], 6).tolist()
+    return out
 
 
 def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *, samples: int = 1, frames: int = 4,
-                          grounding_per_sample: int = 1, seed: int = 0) -> list[dict]:
+                          grounding_per_sample: int = 1, seed: int = 0, box_source: str | None = None) -> list[dict]:
     """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` grounding records
     (each record's frames in its own folder under ``media_dir``; ``images`` is that folder, relative to
-    ``media_root``). ``metadata.objects`` / ``metadata.target`` keep
-    the boxes as numbers for scoring."""
+    ``media_root``). ``metadata.objects`` / ``metadata.target`` keep the boxes as numbers for scoring;
+    ``metadata.box_source`` says where they come from (``box_source``: see the module docstring)."""
     from PIL import Image
 
     from ..atomic_files import write_bytes
 
     if len(scene) < frames:
         raise ValueError(f"scene {scene.root!r} has {len(scene)} frames, fewer than frames={frames}")
+    box_source = resolve_box_source(scene, box_source)
+    annotations = load_scannet_annotations(scene.root, scene.name) if box_source == "annotated" else None
     rng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 1])
     records = []
 
@@ -97,18 +140,18 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
         window = int(rng.integers(frames, len(scene) + 1))
         start = int(rng.integers(0, len(scene) - window + 1))
         chosen = [start + int(round(x)) for x in np.linspace(0, window - 1, frames)]
-        objects = clip_objects(scene, chosen)
+        objects = clip_objects(scene, chosen, box_source=box_source, annotations=annotations)
         if not objects:
             continue
         colours = [scene.color(i) for i in chosen]
         base = f"{scene.name}_{seed}_{s}"
         images = save_folder(colours, base)
-        meta = {"scene": scene.name, "frame_ids": [scene.frame_ids[i] for i in chosen]}
+        meta = {"scene": scene.name, "frame_ids": [scene.frame_ids[i] for i in chosen], "box_source": box_source}
         records.append({"id": f"{scene.name}/{seed}/{s}/det", "images": images,
                         "conversations": [{"from": "human", "value": "<image>\n" + DETECT_QUESTION},
                                           {"from": "gpt", "value": format_boxes([o["box"] for o in objects])}],
                         "metadata": {**meta, "task": "gap_detection",
-                                     "objects": [_box_json(o["box"]) for o in objects]}})
+                                     "objects": [_box_json(o) for o in objects]}})
         order = rng.permutation(len(objects))[:grounding_per_sample]
         for q, j in enumerate(order):
             obj = objects[int(j)]
@@ -119,6 +162,6 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
                             "conversations": [{"from": "human",
                                                "value": "<image>\n" + GROUND_QUESTION.format(label=obj["label"], n=1)},
                                               {"from": "gpt", "value": format_boxes([obj["box"]])}],
-                            "metadata": {**meta, "task": "gap_grounding", "target": _box_json(obj["box"]),
+                            "metadata": {**meta, "task": "gap_grounding", "target": _box_json(obj),
                                          "marker": {"frame": k, "u": round(float(u), 3), "v": round(float(v), 3)}}})
     return records

@@ -160,3 +160,57 @@ def write_scannet_layout(scene: SyntheticScene, root: str | os.PathLike) -> str:
         write_bytes(os.path.join(root, "label-filt", f"{i}.png"), _png(scene.labels[i].astype(np.uint16)))
         write_bytes(os.path.join(root, "instance-filt", f"{i}.png"), _png(scene.instances[i].astype(np.uint16)))
     return root
+
+
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """[8, 3]: corner j has x from hi when bit 2 of j is set, y bit 1, z bit 0."""
+    return np.array([[(lo, hi)[(j >> 2) & 1][0], (lo, hi)[(j >> 1) & 1][1], (lo, hi)[j & 1][2]] for j in range(8)])
+
+
+# the 12 triangles of a box over _box_corners' numbering
+_BOX_FACES = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1], [2, 3, 7], [2, 7, 6],
+                       [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+DEFAULT_ALIGNMENT = np.array([[0.0, -1.0, 0.0, 2.5], [1.0, 0.0, 0.0, 2.5], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def ply_bytes(verts: np.ndarray, faces: np.ndarray) -> bytes:
+    """A binary little-endian PLY as ScanNet's ``_vh_clean_2.ply``: vertices [N, 3] as float x, y, z + uchar
+    red, green, blue, alpha; triangles [M, 3] as ``list uchar int vertex_indices``."""
+    v = np.zeros(len(verts), np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                                       ("blue", "u1"), ("alpha", "u1")]))
+    v["x"], v["y"], v["z"], v["alpha"] = verts[:, 0], verts[:, 1], verts[:, 2], 255
+    f = np.zeros(len(faces), np.dtype([("n", "u1"), ("i", "<i4", (3,))]))
+    f["n"], f["i"] = 3, faces
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(v)}\nproperty float x\nproperty float y\n"
+              "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nproperty uchar alpha\n"
+              f"element face {len(f)}\nproperty list uchar int vertex_indices\nend_header\n")
+    return header.encode("ascii") + v.tobytes() + f.tobytes()
+
+
+def write_mesh_annotations(scene: SyntheticScene, root: str | os.PathLike,
+                           axis_alignment: np.ndarray = DEFAULT_ALIGNMENT) -> dict[str, str]:
+    """Write ScanNet's per-scene annotation files for ``scene`` into ``root`` (see annotations.py): a mesh of the
+    room's shell and boxes (the world frame is the mesh's unaligned frame, which the poses use), one segment per
+    face pair, one segGroup per instance (objectId = instance id - 1, as ScanNet's instance-filt images) and
+    ``axis_alignment`` [4, 4] (default: a quarter turn about z and a shift, so the boxes stay exact)."""
+    from ..atomic_files import write_bytes, write_text
+    from .annotations import annotation_paths
+
+    paths = annotation_paths(root)
+    shell = [(1, ROOM[0], ROOM[1]), (2, ROOM[0], np.array([*ROOM[1][:2], 0.0])),
+             (3, np.array([*ROOM[0][:2], ROOM[1][2]]), ROOM[1])]
+    parts = [(lab, lab, lo, hi) for lab, lo, hi in shell] + [(lab, 10 + k, lo, hi)
+                                                              for k, (lab, lo, hi) in enumerate(scene.boxes)]
+    verts, faces, seg, groups = [], [], [], []
+    for n, (lab, inst, lo, hi) in enumerate(parts):
+        verts.append(_box_corners(lo, hi))
+        faces.append(_BOX_FACES + 8 * n)
+        seg += [100 * inst + (j & 1) for j in range(8)]           # two segments per part
+        groups.append({"id": inst - 1, "objectId": inst - 1, "label": LABELS[lab],
+                       "segments": [100 * inst, 100 * inst + 1]})
+    write_bytes(paths["mesh"], ply_bytes(np.concatenate(verts), np.concatenate(faces)))
+    name = os.path.basename(paths["meta"])[:-4]
+    write_text(paths["segs"], json.dumps({"sceneId": name, "segIndices": seg}))
+    write_text(paths["aggregation"], json.dumps({"sceneId": name, "segGroups": groups}))
+    write_text(paths["meta"], "axisAlignment = " + " ".join(f"{x:.12g}" for x in np.ravel(axis_alignment)) + "\n")
+    return paths

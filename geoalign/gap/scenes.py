@@ -11,7 +11,7 @@
 
 Frame ids are the numeric file stems; color, depth and pose must hold the same ids. A pose with a non-finite entry
 (ScanNet marks lost tracking with -inf) makes the scene invalid: a ValueError names the file. (The scene-level
-aggregation / segmentation files are not read: the per-frame label images carry the same labels.)
+mesh, aggregation and segmentation files, for the benchmarks' instance boxes, are read by annotations.py.)
 """
 from __future__ import annotations
 

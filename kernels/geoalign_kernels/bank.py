@@ -673,7 +673,8 @@ def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
     def gemm1(cfg):
         tiles = triton.cdiv(max_pairs, cfg["BLOCK_SIZE_M"])  # the largest possible layer; tiles past n_j exit
         with guarded("bank_layer_forward/gemm1", h_bar=h_bar) as out:
-            x_arg, w1_arg, use_tma = _gemm1_operands(x, fc1_weight, cfg, dev)
+            x_arg, w1_arg, use_tma = _tma_operands(x, (cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_K"]), fc1_weight,
+                                                   (cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]), dev)
             _bank_gemm1_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
                 x_arg, w1_arg, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias, tokens, slots, offsets,
                 layer_pos, alpha, alpha.stride(0), out.h_bar, h_bar.stride(0), x, max_pairs, H, width, L, K, tiles,
@@ -684,28 +685,18 @@ def bank_layer_forward(h_bar: torch.Tensor, alpha: torch.Tensor, ln_weight: torc
     gemm1(tune("gemm1_infer", max_pairs, dev, dtype, gemm1, restore=(h_bar,), n=H, k=G * Dg))
 
 
-def _gemm1_operands(x: torch.Tensor, fc1_weight: torch.Tensor, cfg: dict, dev: torch.device):
-    """(x argument, W1 argument, USE_TMA) of a GEMM1 launch: TMA descriptors of x [rows, G*D'] (box [BLOCK_SIZE_M,
-    BLOCK_SIZE_K]) and W1 [H, G*D'] (box [BLOCK_SIZE_N, BLOCK_SIZE_K]) where TMA is on (configs.tma_enabled) and
-    both rows are contiguous and 16-byte aligned; else the tensors themselves (pointer loads)."""
-    if tma_enabled(dev, fc1_weight.dtype):
-        x_mode, x_desc = tma_operand(x, cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_K"])
-        w_mode, w_desc = tma_operand(fc1_weight, cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"])
-        if x_mode == 1 and w_mode == 1:
-            return x_desc, w_desc, True
-    return x, fc1_weight, False
-
-
-def _weight_grad_operands(dz: torch.Tensor, x_hat: torch.Tensor, cfg: dict, dev: torch.device):
-    """(dz argument, x_hat argument, USE_TMA) of the weight-gradient launch: TMA descriptors of dz [P, H] (box
-    [BLOCK_SIZE_K, BLOCK_SIZE_M]) and x_hat [P, G*D'] (box [BLOCK_SIZE_K, BLOCK_SIZE_N]) where TMA is on and both
-    are row-contiguous and 16-byte aligned; else the tensors themselves."""
-    if tma_enabled(dev, dz.dtype):
-        dz_mode, dz_desc = tma_operand(dz, cfg["BLOCK_SIZE_K"], cfg["BLOCK_SIZE_M"])
-        x_mode, x_desc = tma_operand(x_hat, cfg["BLOCK_SIZE_K"], cfg["BLOCK_SIZE_N"])
-        if dz_mode == 1 and x_mode == 1:
-            return dz_desc, x_desc, True
-    return dz, x_hat, False
+def _tma_operands(a: torch.Tensor, a_box: tuple, b: torch.Tensor, b_box: tuple, dev: torch.device):
+    """(a argument, b argument, USE_TMA) of a bank GEMM launch: TMA descriptors of the row-major a and b with boxes
+    a_box / b_box where TMA is on (configs.tma_enabled) and both rows are contiguous and 16-byte aligned; else the
+    tensors themselves (pointer loads). GEMM1: x [rows, G*D'] (BLOCK_SIZE_M x BLOCK_SIZE_K) and W1 [H, G*D']
+    (BLOCK_SIZE_N x BLOCK_SIZE_K); the weight gradient: dz [P, H] (BLOCK_SIZE_K x BLOCK_SIZE_M) and x_hat
+    [P, G*D'] (BLOCK_SIZE_K x BLOCK_SIZE_N)."""
+    if tma_enabled(dev, b.dtype):
+        a_mode, a_desc = tma_operand(a, *a_box)
+        b_mode, b_desc = tma_operand(b, *b_box)
+        if a_mode == 1 and b_mode == 1:
+            return a_desc, b_desc, True
+    return a, b, False
 
 
 def _even(cfg: dict, width: int, H: int) -> dict:
@@ -745,7 +736,8 @@ def bank_tape_forward(h_bar: torch.Tensor, alpha: torch.Tensor, fc1_weight: torc
     def gemm1(cfg):
         tiles = triton.cdiv(P, cfg["BLOCK_SIZE_M"])
         with guarded("bank_tape_forward/gemm1", z=z) as out:  # (tokens / slots / offsets / alpha not read: TAPE)
-            x_arg, w1_arg, use_tma = _gemm1_operands(x, fc1_weight, cfg, dev)
+            x_arg, w1_arg, use_tma = _tma_operands(x, (cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_K"]), fc1_weight,
+                                                   (cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]), dev)
             _bank_gemm1_kernel[(tiles * triton.cdiv(H, cfg["BLOCK_SIZE_N"]),)](
                 x_arg, w1_arg, fc1_weight.stride(0), fc1_weight.stride(1), fc1_bias, positions, positions,
                 positions, 0, alpha, alpha.stride(0), h_bar, h_bar.stride(0), out.z, P, H, width, L, K, tiles,
@@ -815,7 +807,8 @@ def bank_backward(d_h_bar: torch.Tensor, alpha: torch.Tensor, affine: torch.Tens
         grid = (n_h_tiles, triton.cdiv(width, cfg["BLOCK_SIZE_N"]))
         with guarded("bank_backward/weight_grad", d_w1=d_w1, db1=db1, dgamma_part=dgamma_part,
                      dbeta_part=dbeta_part) as out:
-            dz_arg, x_hat_arg, tma = _weight_grad_operands(dz, x_hat, cfg, dev)
+            dz_arg, x_hat_arg, tma = _tma_operands(dz, (cfg["BLOCK_SIZE_K"], cfg["BLOCK_SIZE_M"]), x_hat,
+                                                   (cfg["BLOCK_SIZE_K"], cfg["BLOCK_SIZE_N"]), dev)
             _bank_weight_grad_kernel[grid](
                 dz, x_hat, dz_arg, x_hat_arg, offsets, M, affine[0], affine[1], affine.stride(1), fc1_weight,
                 fc1_weight.stride(0),

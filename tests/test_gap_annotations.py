@@ -145,7 +145,7 @@ def test_finetune_boxes_follow_the_annotations(annotated_room, tmp_path):
 
 def test_without_files_the_clip_visible_boxes_stay(tmp_path):
     room = make_box_room(seed=5, num_frames=3, height=40, width=56, num_boxes=2)
-    scene = load_scannet_scene(write_scannet_layout(room, tmp_path / "scene0005_00"))
+    scene = load_scannet_scene(write_scannet_layout(room, tmp_path / "scene0005_00", annotations=False))
     objects = clip_objects(scene, [0, 1, 2])
     assert objects and all("object_id" not in o for o in objects)
     with pytest.raises(FileNotFoundError, match=r"scene0005_00_vh_clean_2\.ply"):

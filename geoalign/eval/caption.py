@@ -63,7 +63,9 @@ def simple_tokenize(text: str) -> str:
     return " ".join(t for t in toks if t and t not in _PTB_PUNCT)
 
 
-def _tokenize(groups: Mapping, use_java: bool) -> dict:
+def tokenize(groups: Mapping, use_java: bool) -> dict:
+    """id -> list of captions, tokenized: pycocoevalcap's PTBTokenizer (Java; lower-cased, punctuation dropped) when
+    ``use_java``, else :func:`simple_tokenize`. Returns id -> list of space-joined token strings."""
     if use_java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
         with contextlib.redirect_stdout(io.StringIO()):
@@ -72,12 +74,18 @@ def _tokenize(groups: Mapping, use_java: bool) -> dict:
     return {k: [simple_tokenize(c) for c in caps] for k, caps in groups.items()}
 
 
+_tokenize = tokenize  # the former private name
+
+
 def caption_scores(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str],
-                   use_java: bool | None = None, meteor: bool = True) -> dict:
+                   use_java: bool | None = None, meteor: bool = True, tokenized: bool = False) -> dict:
     """Corpus-level BLEU-1..4, ROUGE-L, CIDEr (and METEOR) in 0-100.
 
     ``refs``: id -> reference answers, ``preds``: id -> prediction (same ids).
     ``use_java=None`` means auto-detect.  METEOR is computed only with Java and ``meteor``.
+    ``tokenized``: the texts are already space-separated tokens (e.g. from :func:`tokenize`, then edited by the
+    caller) and are scored as they are; ``result["tokenizer"]`` then still names the ``use_java`` tokenizer, which
+    the caller is expected to have used.
     """
     _require_pycocoevalcap()
     from pycocoevalcap.bleu.bleu import Bleu
@@ -91,8 +99,12 @@ def caption_scores(refs: Mapping[str, Sequence[str]], preds: Mapping[str, str],
     if use_java is None:
         use_java = java_available()
     keys = list(refs)
-    gts = _tokenize({k: [r.replace("\n", " ").strip() for r in refs[k]] for k in keys}, use_java)
-    res = _tokenize({k: [preds[k]] for k in keys}, use_java)
+    if tokenized:
+        gts = {k: list(refs[k]) for k in keys}
+        res = {k: [preds[k]] for k in keys}
+    else:
+        gts = tokenize({k: [r.replace("\n", " ").strip() for r in refs[k]] for k in keys}, use_java)
+        res = tokenize({k: [preds[k]] for k in keys}, use_java)
     out: dict = {"tokenizer": "ptb (java)" if use_java else "simple (python; Java not found)"}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internals
         bleu, _ = Bleu(4).compute_score(gts, res)

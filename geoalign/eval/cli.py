@@ -15,7 +15,7 @@ from ..backends import ALL_BACKENDS
 from ..cli_args import (ArgumentParser, UsageError, check_attn, check_backend, fail, has_module, local_path,
                         not_found, output_file, positive_int, resolve_device, use_device)
 from ..geometry.sampling import FRAME_SAMPLING
-from . import sqa3d, vsibench
+from . import gap, sqa3d, vsibench
 from .predictor import DTYPES
 from .tasks import DEFAULT_SPLIT, TASKS
 
@@ -74,7 +74,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-java", action="store_true", help="ScanQA: do not use Java (no METEOR, Python tokenizer)")
+    p.add_argument("--no-java", action="store_true",
+                   help="ScanQA, GAP dense captioning: do not use Java (no METEOR, Python tokenizer)")
     p.add_argument("--vsibench-parsing", choices=vsibench.PARSINGS, default=vsibench.DEFAULT_PARSING,
                    help="VSI-Bench answer parsing, named by the code it follows: official (default; "
                         "thinking-in-space's task code = lmms-eval <= 0.7.2: the raw answer's first space-separated "
@@ -85,11 +86,16 @@ def _add_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sqa3d-style", choices=sqa3d.STYLES, default="default",
                    help="SQA3D: prompt (eval) and answer parsing: default, or vg-llm (VG-LLM's prompt, first line "
                         "of the answer, 16 new tokens)")
+    p.add_argument("--scan2cap-style", choices=gap.CAPTION_STYLES, default=gap.DEFAULT_CAPTION_STYLE,
+                   help="GAP dense captioning (Scan2Cap m@kIoU): scan2cap (default; Scan2Cap's lib/eval_helper.py: "
+                        "caption kept when the proposal's IoU > k, else 'sos eos', PTB tokens in sos ... eos, corpus "
+                        "metrics over all objects) or leo (LEO / Video-3D LLM: IoU >= k, lower-case text with '.' "
+                        "and ',' split off, no PTB)")
 
 
 def _scoring_options(args) -> dict:
     return {"use_java": False if args.no_java else None, "vsibench_parsing": args.vsibench_parsing,
-            "sqa3d_style": args.sqa3d_style}
+            "sqa3d_style": args.sqa3d_style, "scan2cap_style": args.scan2cap_style}
 
 
 def add_score_parser(subparsers) -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@ the predictions file alone:
 * vsibench: ``id, task, prediction, question_type, ground_truth, dataset, scene_name, options``
 * scanqa:   ``id, task, prediction, answers, scene_id, question``
 * sqa3d:    ``id, task, prediction, answers, question_type, scene_id, question``
-* gap:      ``id, task, prediction, gap_task, objects | target, answers, scene`` (GAP-MLLM detection / grounding)
+* gap:      ``id, task, prediction, gap_task, answers, scene`` and ``objects`` (detection) | ``target`` (+ ``query``,
+  ``unique``; grounding) | ``box, prompt_box, references, object_id`` (dense captioning) (GAP-MLLM)
 """
 from __future__ import annotations
 
@@ -117,9 +118,10 @@ def make_record(sample: Sample, prediction: str) -> dict:
 
 
 def score_records(task: str, records: list[dict], use_java: bool | None = None,
-                  vsibench_parsing: str = vsibench.DEFAULT_PARSING, sqa3d_style: str = "default") -> dict:
+                  vsibench_parsing: str = vsibench.DEFAULT_PARSING, sqa3d_style: str = "default",
+                  scan2cap_style: str = gap.DEFAULT_CAPTION_STYLE) -> dict:
     """Metrics of ``task`` from prediction records (options: see ``vsibench.score`` / ``scanqa.score`` /
-    ``sqa3d.score``)."""
+    ``sqa3d.score`` / ``gap.score``)."""
     if task == "vsibench":
         return vsibench.score(records, parsing=vsibench_parsing)
     if task == "scanqa":
@@ -127,7 +129,7 @@ def score_records(task: str, records: list[dict], use_java: bool | None = None,
     if task == "sqa3d":
         return sqa3d.score(records, style=sqa3d_style)
     if task == "gap":
-        return gap.score(records)
+        return gap.score(records, use_java=use_java, scan2cap_style=scan2cap_style)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 

@@ -7,4 +7,6 @@ visual-prompted pre-training task, and procedural scenes whose geometry is known
     procedural.py    boxes in a room, ray-cast to exact depth, poses, labels and instance masks (numpy only)
     pretrain_data.py numbered visual prompts drawn on frames; targets = label + 3D point in the first frame's camera
                      coordinates; LLaVA-style records for the trainer (``geoalign gap-data``)
+    finetune_data.py detection, grounding (marker / language) and dense-captioning records (``--task finetune``)
+    language.py      ScanRefer-format descriptions: the reader, and geometry-checked ones for procedural scenes
 """

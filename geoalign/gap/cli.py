@@ -2,11 +2,15 @@
 
     geoalign gap-data --scenes scans/ --out data/gap_pretrain.json [--prompts-per-sample 4 --frames 4
                       --samples-per-scene 8 --seed 0]                            # stage 1: the pre-training task
-    geoalign gap-data --task finetune --scenes scans/ --out data/gap_finetune.json [--grounding-per-sample 2]
-                                                                               # stage 2: detection + grounding
+    geoalign gap-data --task finetune --scenes scans/ --out data/gap_finetune.json [--grounding-per-sample 2
+                      --captions-per-sample 2 --scanrefer ScanRefer_filtered_train.json]
+                                        # stage 2: detection, grounding (marker + language), dense captioning
 
 Every sub-directory of --scenes holding color/ is a scene. Marked frames go to <out stem>_media/ beside
 --out; image paths in the records are relative to the directory of --out (the trainer's media_root).
+Finetune: a scene's descriptions come from --scanrefer (ScanRefer's JSON; entries of that scene_id = folder name),
+else from the scene's own scanrefer.json (written for procedural scenes); without either, the scene gets detection
+and marker grounding records only.
 """
 from __future__ import annotations
 
@@ -32,6 +36,14 @@ def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--box-source", choices=["annotated", "clip_visible"], default=None,
                    help="finetune: boxes from ScanNet's annotated mesh (the benchmarks' boxes) or of the clip's "
                         "visible depth pixels (default: annotated where the scene has the mesh annotation files)")
+    p.add_argument("--captions-per-sample", type=non_negative_int, default=None,
+                   help="finetune: dense-captioning records per sample (default: --grounding-per-sample)")
+    p.add_argument("--captions-once-per-object", action="store_true",
+                   help="finetune: at most one dense-captioning record per object and scene (an evaluation set: "
+                        "Scan2Cap scores each object once, as Video-3D LLM's validation records)")
+    p.add_argument("--scanrefer", type=local_path, default=None,
+                   help="finetune: ScanRefer-format JSON of descriptions (default: each scene's scanrefer.json, if "
+                        "any)")
     p.add_argument("--frames", type=positive_int, default=4, help="frames per sample (default 4)")
     p.add_argument("--samples-per-scene", type=positive_int, default=8, help="samples per scene (default 8)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
@@ -62,11 +74,23 @@ def run_gap_data(args: argparse.Namespace) -> int:
                                          prompts=args.prompts_per_sample, seed=args.seed)
     else:
         from .finetune_data import make_finetune_records
+        from .language import read_scanrefer
+        from .procedural import SCANREFER_NAME
+
+        try:
+            shared = read_scanrefer(args.scanrefer) if args.scanrefer else None
+        except (FileNotFoundError, ValueError) as e:
+            return fail("gap-data", e)
 
         def make(scene, media, out_dir):
+            own = os.path.join(scene.root, SCANREFER_NAME)
+            descriptions = shared if shared is not None else read_scanrefer(own) if os.path.isfile(own) else None
+            source = args.scanrefer if shared is not None else own
             return make_finetune_records(scene, media, out_dir, samples=args.samples_per_scene, frames=args.frames,
                                          grounding_per_sample=args.grounding_per_sample, seed=args.seed,
-                                         box_source=args.box_source)
+                                         box_source=args.box_source, descriptions=descriptions,
+                                         captions_per_sample=args.captions_per_sample, descriptions_source=source,
+                                         captions_once_per_object=args.captions_once_per_object)
 
     try:
         scenes = scene_dirs(args.scenes)

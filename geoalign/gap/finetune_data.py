@@ -15,9 +15,14 @@ from ``box_source``:
 Answers use geoalign.eval.boxes3d's text form (``label: [x, y, z, dx, dy, dz]``), which
 ``geoalign score`` parses back.
 
-Detection records: "Detect ..." -> every object, one per line. Grounding records: "Where is the <label> marked
-<n>?" with the object's centre pixel marked on its first frame -> that object's box (ScanRefer-style queries name
-the object by a marker instead of a description: our choice, the procedural scenes have no language).
+Detection records: "Detect ..." -> every object, one per line. Grounding records, ``metadata.query``:
+"marker" ("Where is the <label> marked <n>?" with the object's centre pixel marked on its first frame -> that
+object's box) and, given ScanRefer-format descriptions (language.py), "language" (the description -> the
+described object's box; ``metadata.unique``: ScanRefer's unique / multiple split). Dense-captioning records
+(``gap_dense_caption``, Scan2Cap): the prompt gives the object by its box as text (Video-3D LLM's recipe,
+``scripts/3d/preprocessing/process_scan2cap.py``: "Given an object located at <coord>, describe the object in
+detail.", the ground-truth box in training), the answer is one of its descriptions, ``metadata.references`` all of
+them. Language and caption records use only annotated boxes and the objects the clip shows.
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ DETECT_QUESTION = ("Detect every object in these frames. For each, give its cate
                    "[x, y, z, dx, dy, dz] (centre and size in metres, in the camera coordinates of the first frame).")
 GROUND_QUESTION = ("Where is the {label} marked {n}? Give its 3D box [x, y, z, dx, dy, dz] (centre and size in "
                    "metres, in the camera coordinates of the first frame).")
+LANGUAGE_QUESTION = ("Find the object this describes: \"{description}\" Give its 3D box [x, y, z, dx, dy, dz] "
+                     "(centre and size in metres, in the camera coordinates of the first frame).")
+CAPTION_QUESTION = ("Given an object located at {box} (its 3D box [x, y, z, dx, dy, dz]: centre and size in metres, "
+                    "in the camera coordinates of the first frame), describe the object in detail.")
 
 
 def resolve_box_source(scene: PosedScene, box_source: str | None) -> str:
@@ -109,12 +118,26 @@ def _box_json(obj: dict) -> dict:
     return out
 
 
+def _box_text(obj: dict) -> str:
+    return format_boxes([obj["box"]]).split(": ", 1)[1]
+
+
 def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *, samples: int = 1, frames: int = 4,
-                          grounding_per_sample: int = 1, seed: int = 0, box_source: str | None = None) -> list[dict]:
-    """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` grounding records
-    (each record's frames in its own folder under ``media_dir``; ``images`` is that folder, relative to
+                          grounding_per_sample: int = 1, seed: int = 0, box_source: str | None = None,
+                          descriptions: list[dict] | None = None, captions_per_sample: int | None = None,
+                          descriptions_source: str = "descriptions", captions_once_per_object: bool = False
+                          ) -> list[dict]:
+    """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` marker grounding
+    records (each record's frames in its own folder under ``media_dir``; ``images`` is that folder, relative to
     ``media_root``). ``metadata.objects`` / ``metadata.target`` keep the boxes as numbers for scoring;
-    ``metadata.box_source`` says where they come from (``box_source``: see the module docstring)."""
+    ``metadata.box_source`` says where they come from (``box_source``: see the module docstring).
+
+    ``descriptions`` (ScanRefer-format entries, language.read_scanrefer; those of other scenes are ignored) adds,
+    per sample, up to ``grounding_per_sample`` language grounding records (distinct descriptions of objects the
+    clip shows) and up to ``captions_per_sample`` (default ``grounding_per_sample``) dense-captioning records
+    (distinct objects); both need annotated boxes. ``descriptions_source`` (their file) names them in errors.
+    ``captions_once_per_object``: each object gets at most one caption record in the scene (the first clip that
+    shows it), as Video-3D LLM's Scan2Cap validation set (one record per object; Scan2Cap scores each object once)."""
     from PIL import Image
 
     from ..atomic_files import write_bytes
@@ -124,6 +147,25 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
     box_source = resolve_box_source(scene, box_source)
     annotations = load_scannet_annotations(scene.root, scene.name) if box_source == "annotated" else None
     rng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 1])
+    described: dict[int, list[dict]] = {}
+    lrng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 2])   # language: its own stream
+    if descriptions is not None:
+        from .language import by_object, unique_flags
+
+        if box_source != "annotated":
+            raise ValueError(f"scene {scene.root!r}: language grounding and dense captioning records need the "
+                             "annotated boxes (box_source 'annotated' and ScanNet's mesh annotation files)")
+        described = by_object(descriptions, scene.name)
+        for oid in described:
+            try:
+                annotations.index(oid)
+            except KeyError as e:
+                raise ValueError(f"{descriptions_source!r}: the description of object_id {oid} (ann_id "
+                                 f"{described[oid][0]['ann_id']}) names an object that {e.args[0][0].lower()}"
+                                 f"{e.args[0][1:]}") from None
+        unique_of = dict(zip(annotations.object_ids.tolist(), unique_flags(annotations.labels)))
+    captions_per_sample = grounding_per_sample if captions_per_sample is None else captions_per_sample
+    captioned: set[int] = set()
     records = []
 
     def save_folder(imgs: list[np.ndarray], name: str) -> str:
@@ -162,6 +204,32 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
                             "conversations": [{"from": "human",
                                                "value": "<image>\n" + GROUND_QUESTION.format(label=obj["label"], n=1)},
                                               {"from": "gpt", "value": format_boxes([obj["box"]])}],
-                            "metadata": {**meta, "task": "gap_grounding", "target": _box_json(obj),
+                            "metadata": {**meta, "task": "gap_grounding", "query": "marker", "target": _box_json(obj),
                                          "marker": {"frame": k, "u": round(float(u), 3), "v": round(float(v), 3)}}})
+        told = [o for o in objects if o.get("object_id") in described]
+        pairs = [(o, e) for o in told for e in described[o["object_id"]]]
+        for q, j in enumerate(lrng.permutation(len(pairs))[:grounding_per_sample]):
+            obj, e = pairs[int(j)]
+            records.append({"id": f"{scene.name}/{seed}/{s}/lang{q}", "images": images,
+                            "conversations": [{"from": "human", "value": "<image>\n" + LANGUAGE_QUESTION.format(
+                                description=e["description"])},
+                                              {"from": "gpt", "value": format_boxes([obj["box"]])}],
+                            "metadata": {**meta, "task": "gap_grounding", "query": "language",
+                                         "unique": bool(unique_of[obj["object_id"]]), "target": _box_json(obj),
+                                         "object_id": obj["object_id"], "ann_id": e["ann_id"],
+                                         "description": e["description"]}})
+        fresh = [o for o in told if not (captions_once_per_object and o["object_id"] in captioned)]
+        for q, j in enumerate(lrng.permutation(len(fresh))[:captions_per_sample]):
+            obj = fresh[int(j)]
+            captioned.add(obj["object_id"])
+            refs = described[obj["object_id"]]
+            box = _box_json(obj)
+            answer = refs[int(lrng.integers(len(refs)))]
+            records.append({"id": f"{scene.name}/{seed}/{s}/cap{q}", "images": images,
+                            "conversations": [{"from": "human", "value": "<image>\n" + CAPTION_QUESTION.format(
+                                box=_box_text(obj))}, {"from": "gpt", "value": answer["description"]}],
+                            "metadata": {**meta, "task": "gap_dense_caption", "box": box["center"] + box["size"],
+                                         "prompt_box": box["center"] + box["size"], "label": obj["label"],
+                                         "references": [e["description"] for e in refs],
+                                         "object_id": obj["object_id"], "ann_id": answer["ann_id"]}})
     return records

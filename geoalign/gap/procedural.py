@@ -91,8 +91,10 @@ def _cast(pose: np.ndarray, K: np.ndarray, u: np.ndarray, v: np.ndarray, boxes):
 
 
 def make_box_room(seed: int = 0, num_frames: int = 6, height: int = 96, width: int = 128, num_boxes: int = 4,
-                  holes: int = 3) -> SyntheticScene:
-    """A random room of ``num_boxes`` labelled boxes, seen from ``num_frames`` cameras circling its centre."""
+                  holes: int = 3, stacked: int = 0) -> SyntheticScene:
+    """A random room of ``num_boxes`` labelled boxes on the floor, seen from ``num_frames`` cameras circling its
+    centre; ``stacked`` more small boxes each stand on top of floor box k (k = 0, 1, ...; drawn from their own
+    random stream, so ``stacked=0`` gives the same room as before)."""
     rng = np.random.default_rng(seed)
     boxes = []
     for k in range(num_boxes):
@@ -100,6 +102,13 @@ def make_box_room(seed: int = 0, num_frames: int = 6, height: int = 96, width: i
         size = rng.uniform([0.4, 0.4, 0.4], [1.0, 1.0, 1.1])
         centre = np.array([*rng.uniform(-1.4, 1.4, 2), size[2] / 2])
         boxes.append((lab, centre - size / 2, centre + size / 2))
+    srng = np.random.default_rng([seed, 7])
+    for k in range(stacked):
+        _, lo, hi = boxes[k % num_boxes]
+        size = srng.uniform([0.15, 0.15, 0.15], [0.3, 0.3, 0.35])
+        xy = srng.uniform(lo[:2] + size[:2] / 2, np.maximum(hi[:2] - size[:2] / 2, lo[:2] + size[:2] / 2))
+        boxes.append((int(srng.choice(list(OBJECTS))), np.array([*(xy - size[:2] / 2), hi[2]]),
+                      np.array([*(xy + size[:2] / 2), hi[2] + size[2]])))
     K = np.array([[0.8 * width, 0, (width - 1) / 2], [0, 0.8 * width, (height - 1) / 2], [0, 0, 1.0]])
     start = rng.uniform(0, 2 * np.pi)
     poses = []
@@ -137,8 +146,16 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_scannet_layout(scene: SyntheticScene, root: str | os.PathLike) -> str:
-    """Write ``scene`` in ScanNet's exported layout (see scenes.py); depth in millimetres as uint16 png."""
+SCANREFER_NAME = "scanrefer.json"
+
+
+def write_scannet_layout(scene: SyntheticScene, root: str | os.PathLike, annotations: bool = True,
+                         language: bool = True) -> str:
+    """Write ``scene`` in ScanNet's exported layout (see scenes.py); depth in millimetres as uint16 png. With
+    ``annotations`` (default) also ScanNet's mesh annotation files (:func:`write_mesh_annotations`), so the scene
+    has the benchmarks' annotated boxes; with ``language`` (default; needs ``annotations``) also
+    ``<root>/scanrefer.json``, ScanRefer-format descriptions of its objects computed from the exact geometry
+    (language.describe_scene; scene_id = the folder's name, object_id = the aggregation's objectId)."""
     from PIL import Image
 
     from ..atomic_files import write_bytes, write_text
@@ -159,6 +176,14 @@ def write_scannet_layout(scene: SyntheticScene, root: str | os.PathLike) -> str:
                    "\n".join(" ".join(f"{x:.12f}" for x in row) for row in scene.pose[i]) + "\n")
         write_bytes(os.path.join(root, "label-filt", f"{i}.png"), _png(scene.labels[i].astype(np.uint16)))
         write_bytes(os.path.join(root, "instance-filt", f"{i}.png"), _png(scene.instances[i].astype(np.uint16)))
+    if annotations:
+        write_mesh_annotations(scene, root)
+        if language:
+            from .language import describe_scene
+
+            name = os.path.basename(os.path.normpath(root))
+            write_text(os.path.join(root, SCANREFER_NAME),
+                       json.dumps(describe_scene(scene.boxes, scene.pose[0], name, LABELS), indent=1))
     return root
 
 

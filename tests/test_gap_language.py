@@ -10,7 +10,7 @@ import pytest
 from geoalign.eval.boxes3d import parse_boxes
 from geoalign.gap.annotations import boxes_to_camera, load_scannet_annotations
 from geoalign.gap.finetune_data import make_finetune_records
-from geoalign.gap.language import describe_scene, matching_objects, read_scanrefer, unique_flags
+from geoalign.gap.language import describe_scene, matching_objects, read_scanrefer, scanrefer_unique
 from geoalign.gap.procedural import LABELS, SyntheticScene, make_box_room, write_scannet_layout
 from geoalign.gap.scenes import load_scannet_scene
 
@@ -81,7 +81,39 @@ def test_hand_made_scene_expressions_and_flags():
     assert "this is a medium red chair. it is to the right of the box as seen from the first view." in by[10]
     assert "this is a small teal box." in by[12] and "this is a small teal box. it is on the table." in by[12]
     assert "this is a large green table." in by[11]
-    assert unique_flags([LABELS[b[0]] for b in boxes]) == [False, False, True, True]
+    unique = scanrefer_unique(entries)  # the two chairs share a class; the table and the box are alone in theirs
+    assert [unique[("hand", oid)] for oid in (9, 10, 11, 12)] == [False, False, True, True]
+
+
+def test_unique_multiple_follows_scanrefer_with_its_label_map(tmp_path):
+    """ScanRefer's lookup: the classes of the objects a scene's entries mention (not every annotated object), the
+    first entry's name per object with "_" as " ", mapped through scannetv2-labels.combined.tsv's nyu40class to its
+    18 classes (others: "others", so "refridgerator" and an unknown name both are)."""
+    from geoalign.gap.language import read_scannet_label_map
+
+    tsv = tmp_path / "scannetv2-labels.combined.tsv"
+    tsv.write_text("id\traw_category\tcategory\tcount\tnyu40id\teigen13id\tnyuClass\tnyu40class\n"
+                   "1\toffice chair\tchair\t5\t5\t1\tchair\tchair\n"
+                   "2\tchair\tchair\t9\t5\t1\tchair\tchair\n"
+                   "3\tkitchen cabinet\tcabinet\t3\t3\t1\tcabinet\tcabinet\n"
+                   "4\tmini fridge\tmini fridge\t2\t24\t1\trefridgerator\trefridgerator\n"
+                   "5\tlamp\tlamp\t2\t35\t1\tlamp\tlamp\n")
+    label_map = read_scannet_label_map(str(tsv))
+    assert label_map == {"office chair": "chair", "chair": "chair", "kitchen cabinet": "cabinet",
+                         "mini fridge": "others", "lamp": "others"}
+    entries = [dict(scene_id="s0", object_id=o, object_name=n, ann_id=a, description="d")
+               for o, n, a in ((1, "office_chair", 0), (1, "office_chair", 1), (2, "chair", 0),
+                               (3, "kitchen_cabinet", 0), (4, "mini_fridge", 0), (5, "lamp", 0))]
+    entries.append(dict(scene_id="s1", object_id=1, object_name="chair", ann_id=0, description="d"))
+    got = scanrefer_unique(entries, label_map)
+    assert got == {("s0", 1): False, ("s0", 2): False, ("s0", 3): True, ("s0", 4): False, ("s0", 5): False,
+                   ("s1", 1): True}
+    # without the map, names are classes: "office chair" and "chair" differ
+    assert scanrefer_unique(entries)[("s0", 1)] is True
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match=r"bad.tsv'.*raw_category and nyu40class"):
+        read_scannet_label_map(str(bad))
 
 
 @pytest.fixture(scope="module")

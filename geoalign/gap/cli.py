@@ -41,6 +41,9 @@ def add_gap_data_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--captions-once-per-object", action="store_true",
                    help="finetune: at most one dense-captioning record per object and scene (an evaluation set: "
                         "Scan2Cap scores each object once, as Video-3D LLM's validation records)")
+    p.add_argument("--label-map", type=local_path, default=None,
+                   help="finetune: ScanNet's scannetv2-labels.combined.tsv, so that ScanRefer's unique / multiple "
+                        "split uses its 18 classes, as ScanRefer does (default: the object names themselves)")
     p.add_argument("--scanrefer", type=local_path, default=None,
                    help="finetune: ScanRefer-format JSON of descriptions (default: each scene's scanrefer.json, if "
                         "any)")
@@ -74,11 +77,12 @@ def run_gap_data(args: argparse.Namespace) -> int:
                                          prompts=args.prompts_per_sample, seed=args.seed)
     else:
         from .finetune_data import make_finetune_records
-        from .language import read_scanrefer
+        from .language import read_scanrefer, read_scannet_label_map
         from .procedural import SCANREFER_NAME
 
         try:
             shared = read_scanrefer(args.scanrefer) if args.scanrefer else None
+            label_map = read_scannet_label_map(args.label_map) if args.label_map else None
         except (FileNotFoundError, ValueError) as e:
             return fail("gap-data", e)
 
@@ -90,7 +94,8 @@ def run_gap_data(args: argparse.Namespace) -> int:
                                          grounding_per_sample=args.grounding_per_sample, seed=args.seed,
                                          box_source=args.box_source, descriptions=descriptions,
                                          captions_per_sample=args.captions_per_sample, descriptions_source=source,
-                                         captions_once_per_object=args.captions_once_per_object)
+                                         captions_once_per_object=args.captions_once_per_object,
+                                         label_map=label_map)
 
     try:
         scenes = scene_dirs(args.scenes)

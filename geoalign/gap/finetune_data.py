@@ -125,8 +125,8 @@ def _box_text(obj: dict) -> str:
 def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *, samples: int = 1, frames: int = 4,
                           grounding_per_sample: int = 1, seed: int = 0, box_source: str | None = None,
                           descriptions: list[dict] | None = None, captions_per_sample: int | None = None,
-                          descriptions_source: str = "descriptions", captions_once_per_object: bool = False
-                          ) -> list[dict]:
+                          descriptions_source: str = "descriptions", captions_once_per_object: bool = False,
+                          label_map: dict[str, str] | None = None) -> list[dict]:
     """Per sample: one detection record over ``frames`` frames and up to ``grounding_per_sample`` marker grounding
     records (each record's frames in its own folder under ``media_dir``; ``images`` is that folder, relative to
     ``media_root``). ``metadata.objects`` / ``metadata.target`` keep the boxes as numbers for scoring;
@@ -136,6 +136,8 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
     per sample, up to ``grounding_per_sample`` language grounding records (distinct descriptions of objects the
     clip shows) and up to ``captions_per_sample`` (default ``grounding_per_sample``) dense-captioning records
     (distinct objects); both need annotated boxes. ``descriptions_source`` (their file) names them in errors.
+    ``metadata.unique`` follows ScanRefer's lookup over the scene's entries (language.scanrefer_unique; ``label_map``
+    maps raw ScanNet names to ScanRefer's classes, language.read_scannet_label_map).
     ``captions_once_per_object``: each object gets at most one caption record in the scene (the first clip that
     shows it), as Video-3D LLM's Scan2Cap validation set (one record per object; Scan2Cap scores each object once)."""
     from PIL import Image
@@ -150,7 +152,7 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
     described: dict[int, list[dict]] = {}
     lrng = np.random.default_rng([seed, zlib.crc32(scene.name.encode()), 2])   # language: its own stream
     if descriptions is not None:
-        from .language import by_object, unique_flags
+        from .language import by_object, scanrefer_unique
 
         if box_source != "annotated":
             raise ValueError(f"scene {scene.root!r}: language grounding and dense captioning records need the "
@@ -163,7 +165,8 @@ def make_finetune_records(scene: PosedScene, media_dir: str, media_root: str, *,
                 raise ValueError(f"{descriptions_source!r}: the description of object_id {oid} (ann_id "
                                  f"{described[oid][0]['ann_id']}) names an object that {e.args[0][0].lower()}"
                                  f"{e.args[0][1:]}") from None
-        unique_of = dict(zip(annotations.object_ids.tolist(), unique_flags(annotations.labels)))
+        unique_of = {oid: u for (sid, oid), u in scanrefer_unique(descriptions, label_map).items()
+                     if sid == scene.name}
     captions_per_sample = grounding_per_sample if captions_per_sample is None else captions_per_sample
     captioned: set[int] = set()
     records = []

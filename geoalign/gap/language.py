@@ -89,9 +89,46 @@ def by_object(entries: list[dict], scene_id: str) -> dict[int, list[dict]]:
     return {k: sorted(v, key=lambda e: e["ann_id"]) for k, v in out.items()}
 
 
-def unique_flags(labels: list[str]) -> list[bool]:
-    """ScanRefer's "unique": the label occurs once among the scene's objects."""
-    return [labels.count(x) == 1 for x in labels]
+#: ScanRefer's 18 classes (its ScannetDatasetConfig.type2class, in order); every other class is "others"
+SCANREFER_CLASSES = ("cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture", "counter",
+                     "desk", "curtain", "refrigerator", "shower curtain", "toilet", "sink", "bathtub", "others")
+
+
+def read_scannet_label_map(path: str) -> dict[str, str]:
+    """{raw category: ScanRefer class} from ScanNet's ``scannetv2-labels.combined.tsv``, as ScanRefer's
+    ``_get_raw2label`` (lib/dataset.py, daveredrum/ScanRefer) builds it: a raw category whose ``nyu40class`` is one of
+    :data:`SCANREFER_CLASSES` maps to it, any other to "others" (so NYU40's "refridgerator" is "others" there too).
+    Columns are found by their header names; a file without them is a ValueError naming it."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    header = rows[0] if rows else []
+    if "raw_category" not in header or "nyu40class" not in header:
+        raise ValueError(f"{path!r}: expected ScanNet's scannetv2-labels.combined.tsv with the columns raw_category "
+                         f"and nyu40class; its header is {header[:8]}")
+    raw, nyu40 = header.index("raw_category"), header.index("nyu40class")
+    classes = set(SCANREFER_CLASSES)
+    return {r[raw]: (r[nyu40] if r[nyu40] in classes else "others") for r in rows[1:] if len(r) > max(raw, nyu40)}
+
+
+def scanrefer_unique(entries: list[dict], label_map: dict[str, str] | None = None) -> dict[tuple[str, int], bool]:
+    """ScanRefer's unique / multiple lookup (``_get_unique_multiple_lookup``, lib/dataset.py): per scene, the class
+    of every object its entries mention (the first entry's ``object_name`` with "_" read as " ", mapped by
+    ``label_map``, :func:`read_scannet_label_map`; a name it lacks is "others"); an object is unique when its class
+    occurs once among them. Without a label map the name itself is the class (procedural scenes name classes).
+    Returns {(scene_id, object_id): unique}."""
+    named: dict[str, dict[int, str]] = {}
+    for e in entries:
+        objects = named.setdefault(e["scene_id"], {})
+        if e["object_id"] not in objects:
+            name = " ".join(e["object_name"].split("_"))
+            objects[e["object_id"]] = name if label_map is None else label_map.get(name, "others")
+    out = {}
+    for scene_id, objects in named.items():
+        classes = list(objects.values())
+        out.update({(scene_id, oid): classes.count(c) == 1 for oid, c in objects.items()})
+    return out
 
 
 # ------------------------------------------------------------------------------------ procedural descriptions

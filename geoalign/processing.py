@@ -10,6 +10,7 @@ G = 8 (Qwen's video path, temporal patch 2): one ``<|video_pad|>`` block for the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -112,6 +113,26 @@ def _saved_group_size(directory: str) -> int | None:
     return fusion.get("group_size")
 
 
+@dataclass
+class EncodedFrames:
+    """One sample's encoder inputs (GeoAlignProcessor.encode_frames).
+
+    pixel_values       float32 [L*4, 3*2*14*14]: Qwen's patches (G=4: the images'; G=8: the video's)
+    grid_thw           int64 [S, 3] (G=4, one row per frame) or [1, 3] (G=8)
+    vggt_pixel_values  float32 [S, 3, H, W] in [0, 1]: VGGT's frames
+    gather_index       int64 [L, G]: each visual token's VGGT patch rows
+    second_per_grid    seconds per temporal patch (G=8's rope; 1.0 without a frame rate)
+    num_items          the prompt's placeholders: S images (G=4) or 1 video (G=8)
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+    vggt_pixel_values: torch.Tensor
+    gather_index: torch.Tensor
+    second_per_grid: float
+    num_items: int
+
+
 class GeoAlignProcessor:
     """Turns frames + a question into the inputs of :class:`geoalign.GeoAlignForConditionalGeneration`.
 
@@ -205,6 +226,18 @@ class GeoAlignProcessor:
             return out["pixel_values"], out["image_grid_thw"].to(torch.int64)
         return qwen_patchify(qwen_images, self.group_size, self.image_mean, self.image_std)
 
+    def encode_frames(self, source, num_frames: int | None = None) -> "EncodedFrames":
+        """One sample's frames -> what both encoders take (the text aside): the one place frames become pixels, for
+        this processor's ``__call__`` and for the vLLM processor (geoalign.vllm)."""
+        from .geometry.alignment import check_grid_thw
+
+        af = self.prepare(source, num_frames)
+        pv, grid = self._pixels(af.qwen_images)
+        check_grid_thw(grid, af.num_frames, af.qwen_grid, self.group_size)  # Qwen's tokens == VGGT-aligned tokens
+        return EncodedFrames(pixel_values=pv, grid_thw=grid, vggt_pixel_values=af.vggt_images,
+                             gather_index=af.gather_index, second_per_grid=second_per_grid(af.sampled_fps),
+                             num_items=af.num_frames if self.group_size == 4 else 1)
+
     def prompt(self, num_items: int, question: str) -> str:
         """The chat-templated prompt with one (unexpanded) placeholder per image, or one for the video."""
         kind = "image" if self.group_size == 4 else "video"
@@ -213,8 +246,6 @@ class GeoAlignProcessor:
                                                   add_generation_prompt=True, chat_template=self.chat_template)
 
     def __call__(self, source, question, answer=None, *, num_frames: int | None = None) -> dict[str, Any]:
-        from .geometry.alignment import check_grid_thw
-
         batched = isinstance(question, (list, tuple))
         sources = list(source) if batched else [source]
         questions = list(question) if batched else [question]
@@ -225,20 +256,18 @@ class GeoAlignProcessor:
         pad = IMAGE_PAD if G == 4 else VIDEO_PAD
         texts, prompts_len, pvs, grids, vggt, gis, seconds = [], [], [], [], [], [], []
         for src, q, a in zip(sources, questions, answers):
-            af = self.prepare(src, num_frames)
-            pv, grid = self._pixels(af.qwen_images)
-            check_grid_thw(grid, af.num_frames, af.qwen_grid, G)     # Qwen's tokens == VGGT-aligned tokens
-            counts = [int(g.prod()) // (MERGE * MERGE) for g in grid]
-            text = _expand_placeholders(self.prompt(af.num_frames if G == 4 else 1, q), pad, counts)
+            enc = self.encode_frames(src, num_frames)
+            counts = [int(g.prod()) // (MERGE * MERGE) for g in enc.grid_thw]
+            text = _expand_placeholders(self.prompt(enc.num_items, q), pad, counts)
             prompts_len.append(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
             if a is not None:
                 text = text + a + "<|im_end|>"
             texts.append(text)
-            pvs.append(pv)
-            grids.append(grid)
-            vggt.append(af.vggt_images)
-            gis.append(af.gather_index)
-            seconds.append(second_per_grid(af.sampled_fps))
+            pvs.append(enc.pixel_values)
+            grids.append(enc.grid_thw)
+            vggt.append(enc.vggt_pixel_values)
+            gis.append(enc.gather_index)
+            seconds.append(enc.second_per_grid)
         tok = self.tokenizer
         old_side = tok.padding_side
         tok.padding_side = "left"

@@ -31,15 +31,22 @@ def make_tokenizer():
     return fast
 
 
-def tiny_qwen_config(tokenizer=None, attn_implementation: str = "sdpa"):
+def tiny_qwen_config(tokenizer=None, attn_implementation: str = "sdpa", text_head_dim: int = 16):
+    """A 2-layer Qwen2.5-VL config. ``text_head_dim``: 16 (4 heads) by default; vLLM's CPU attention needs >= 32
+    (32: 2 heads, 1 KV head)."""
     from transformers import Qwen2_5_VLConfig
 
+    if text_head_dim not in (16, 32, 64):
+        raise ValueError(f"text_head_dim must be 16, 32 or 64 (hidden size {TEXT_HIDDEN}), got {text_head_dim}")
+    heads = TEXT_HIDDEN // text_head_dim
+    half = text_head_dim // 2                      # mrope sections (t, h, w) split the rotary half: 8 -> [2, 3, 3]
+    mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     tokenizer = tokenizer or make_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = (len(tokenizer) + 15) // 16 * 16
     text = dict(vocab_size=vocab, hidden_size=TEXT_HIDDEN, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 tie_word_embeddings=False)
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_HIDDEN,
@@ -61,13 +68,14 @@ def tiny_fusion_config(group_size: int = 4, backend: str = "torch") -> GeoAlignC
                           group_size=group_size, projector_hidden=32, router_hidden=16, backend=backend)
 
 
-def tiny_model(group_size: int = 4, seed: int = 0, backend: str = "torch", attn_implementation: str = "sdpa"):
+def tiny_model(group_size: int = 4, seed: int = 0, backend: str = "torch", attn_implementation: str = "sdpa",
+               text_head_dim: int = 16):
     from geoalign.modeling import GeoAlignForConditionalGeneration
 
     torch.manual_seed(seed)
     tok = make_tokenizer()
     model = GeoAlignForConditionalGeneration.from_parts(
-        tiny_qwen_config(tok), tiny_vggt_config(), tiny_fusion_config(group_size, backend),
+        tiny_qwen_config(tok, text_head_dim=text_head_dim), tiny_vggt_config(), tiny_fusion_config(group_size, backend),
         attn_implementation=attn_implementation)
     # Random fusion init gives a zero-mean W_out; scale it up so the fusion visibly changes the tokens.
     return model, tok

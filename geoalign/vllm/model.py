@@ -16,6 +16,7 @@ import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from ..backends.registry import ALL_BACKENDS
 from ..fusion import GeoAlignFusion
 from ..geometry.aggregator import VGGTAggregator
 from ..model_config import GeoAlignModelConfig
@@ -49,6 +50,11 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         self.vggt = VGGTAggregator(config.vggt).requires_grad_(False)
         self.fusion = GeoAlignFusion(fusion_config).requires_grad_(False)
         self.vggt_calls = 0                    # VGGT passes so far (as the transformers model counts them)
+        #: the fusion backend (None: the config's, "auto" = triton on CUDA, torch else); geoalign eval --engine
+        #: vllm --fusion-backend sets it for vLLM's workers through the environment
+        self.fusion_backend = os.environ.get("GEOALIGN_VLLM_FUSION_BACKEND") or None
+        if self.fusion_backend is not None and self.fusion_backend not in ALL_BACKENDS:
+            raise ValueError(f"GEOALIGN_VLLM_FUSION_BACKEND={self.fusion_backend!r}: expected one of {ALL_BACKENDS}")
         self._kept: OrderedDict[tuple[int, int], list[torch.Tensor]] = OrderedDict()
         self._kept_bytes = 0
 
@@ -102,7 +108,7 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return []
 
     def _fuse(self, q: torch.Tensor, vggt_frames: torch.Tensor, gather_index: torch.Tensor) -> torch.Tensor:
-        (q_hat, _), = fuse_with_frames(self, [q], vggt_frames, [gather_index], None)
+        (q_hat, _), = fuse_with_frames(self, [q], vggt_frames, [gather_index], self.fusion_backend)
         return q_hat.to(q.dtype)
 
     def _embed_videos(self, kwargs) -> tuple[torch.Tensor, ...]:

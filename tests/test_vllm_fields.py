@@ -2,6 +2,7 @@
 processor with no vLLM installed (the engine itself: tests/test_vllm.py, in vLLM's own environment)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import uuid
@@ -88,3 +89,29 @@ def test_a_float_frame_is_refused_by_name(tokenizer):
     with pytest.raises(ValueError, match=r"a frame must be a PIL image or a uint8 array \[H, W, 3\], got a float32 "
                                          r"array of shape \(56, 84, 3\)"):
         image_fields(proc, bad, uuid.uuid4())
+
+
+PROGRESSIVE = dict(fusion="gated_2d3d", gate_granularity="token", progressive_vit_blocks=(0, 1),
+                   progressive_geo_layers=(1, 2, 3), progressive_inject_layers=(0, 1), progressive_vit_hidden=32)
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(injection_layers=(1,)), "injects the geometry inside the LLM (injection_layers (1,))"),
+    (PROGRESSIVE, "this is a GAP-MLLM model (progressive fusion"),
+], ids=["in-LLM-injection", "GAP-MLLM"])
+def test_fusions_vllm_cannot_run_are_refused_before_vllm_starts(tmp_path, options, why, monkeypatch):
+    """geoalign eval --engine vllm on such a directory: a ValueError naming the reason, before vLLM is imported
+    (vLLM's worker would fail on the same check, deep in its start-up); the paper's fusion passes the check."""
+    import geoalign.vllm.engine as engine
+    from geoalign.config import GeoAlignConfig
+    from geoalign.model_config import GeoAlignModelConfig
+    from geoalign.tiny import tiny_fusion_config, tiny_qwen_config, tiny_vggt_config
+    from geoalign.vllm import unsupported_on_vllm
+
+    assert unsupported_on_vllm(tiny_fusion_config()) is None
+    fusion = GeoAlignConfig(**{**tiny_fusion_config().to_dict(), **options})
+    assert why in unsupported_on_vllm(fusion)
+    GeoAlignModelConfig.from_parts(tiny_qwen_config(), tiny_vggt_config(), fusion).save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "vllm", None)               # importing vLLM would raise ImportError
+    with pytest.raises(ValueError, match=re.escape(why)):
+        engine.load_vllm_predictor(str(tmp_path))

@@ -234,6 +234,8 @@ def _check_eval_arguments(args, proc) -> None:
     if not args.model and not args.predictor:
         raise UsageError("give --model DIR (or --predictor module:factory)")
     if args.predictor:
+        if args.engine != "transformers":
+            raise UsageError("--predictor replaces the engine: give --predictor or --engine vllm, not both")
         return                      # --model and --device mean whatever the predictor's factory makes of them
     if not os.path.exists(args.model):
         raise UsageError(f"--model: {not_found(args.model)}")

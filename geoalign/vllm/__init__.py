@@ -17,6 +17,20 @@ ARCHITECTURE = "GeoAlignForConditionalGeneration"
 MODEL_CLASS = "geoalign.vllm.model:VLLMGeoAlignForConditionalGeneration"
 
 
+def unsupported_on_vllm(fusion_config) -> str | None:
+    """Why a fusion cannot run on vLLM (None: it can): only the routed pre-LLM fusion (the paper's) runs there; in-LLM
+    injection and GAP-MLLM's progressive fusion hook transformers' decoder layers and vision blocks."""
+    if fusion_config.injection_layers:
+        return (f"this model injects the geometry inside the LLM (injection_layers "
+                f"{tuple(fusion_config.injection_layers)}), which needs hooks in vLLM's decoder layers; only the "
+                "pre-LLM fusion (the paper's) runs on vLLM: use the transformers engine for it")
+    if fusion_config.is_progressive:
+        return ("this is a GAP-MLLM model (progressive fusion of the vision tower's intermediate blocks and in-LLM "
+                "levels); only the routed pre-LLM fusion (GeoAlign's) runs on vLLM: use the transformers engine "
+                "for it")
+    return None
+
+
 def register() -> None:
     """vLLM's plugin hook: GeoAlign's config with transformers' AutoConfig, its model class with vLLM's registry."""
     from transformers import AutoConfig

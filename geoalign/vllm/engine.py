@@ -72,10 +72,15 @@ def load_vllm_predictor(model_dir: str, *, dtype: str | None = "auto", max_batch
                         vllm_kwargs: dict | None = None, **_: Any) -> VLLMPredictor:
     """A :class:`VLLMPredictor` for a GeoAlign directory (local files only). ``num_frames`` bounds the images per
     prompt (G = 4); ``vllm_kwargs`` go to ``vllm.LLM`` (e.g. max_model_len, gpu_memory_utilization)."""
-    from vllm import LLM
-
     from ..eval.predictor import resolve_device_dtype
+    from ..model_config import GeoAlignModelConfig
     from ..processing import GeoAlignProcessor
+    from . import unsupported_on_vllm
+
+    why = unsupported_on_vllm(GeoAlignModelConfig.from_pretrained(model_dir).fusion)
+    if why is not None:                          # said before vLLM starts its engine (and its worker fails on it)
+        raise ValueError(f"{model_dir}: {why}")
+    from vllm import LLM
 
     _, torch_dtype = resolve_device_dtype(None, dtype)    # as the transformers engine: auto = bf16 on CUDA, else fp32
     processor = GeoAlignProcessor.from_pretrained(model_dir)
@@ -83,6 +88,9 @@ def load_vllm_predictor(model_dir: str, *, dtype: str | None = "auto", max_batch
         os.environ["GEOALIGN_VLLM_FUSION_BACKEND"] = fusion_backend   # read by the model in vLLM's workers
     limits = {"image": num_frames, "video": 0} if processor.group_size == 4 else {"image": 0, "video": 1}
     kwargs = {"dtype": str(torch_dtype).removeprefix("torch."), "tensor_parallel_size": tensor_parallel_size,
-              "limit_mm_per_prompt": limits, "seed": 0, **(vllm_kwargs or {})}
+              "limit_mm_per_prompt": limits, "seed": 0}
+    if processor.group_size == 4:       # every G = 4 prompt has its own cache keys: a processor cache only fills up
+        kwargs["mm_processor_cache_gb"] = 0
+    kwargs.update(vllm_kwargs or {})
     llm = LLM(model=os.path.abspath(model_dir), **kwargs)
     return VLLMPredictor(llm, processor, max_batch_size=max_batch_size)

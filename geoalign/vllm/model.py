@@ -21,11 +21,12 @@ from ..fusion import GeoAlignFusion
 from ..geometry.aggregator import VGGTAggregator
 from ..model_config import GeoAlignModelConfig
 from ..visual_fusion import fuse_with_frames
+from . import unsupported_on_vllm
 from .processing import GeoAlignDummyInputsBuilder, GeoAlignMultiModalProcessor, GeoAlignProcessingInfo
 
-#: bytes of fused frames kept for prompts' later image items (G = 4); the oldest prompt's go first past this
-#: (GEOALIGN_VLLM_KEPT_BYTES overrides it)
-KEPT_BYTES = int(os.environ.get("GEOALIGN_VLLM_KEPT_BYTES", 2 << 30))
+#: bytes of fused frames kept, in host memory, for prompts' later image items (G = 4); the least recently used
+#: prompt's go first past this (GEOALIGN_VLLM_KEPT_BYTES overrides it)
+KEPT_BYTES = int(os.environ.get("GEOALIGN_VLLM_KEPT_BYTES", 4 << 30))
 
 
 @MULTIMODAL_REGISTRY.register_processor(GeoAlignMultiModalProcessor, info=GeoAlignProcessingInfo,
@@ -33,20 +34,26 @@ KEPT_BYTES = int(os.environ.get("GEOALIGN_VLLM_KEPT_BYTES", 2 << 30))
 class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL + ``vggt`` + ``fusion`` for a ``GeoAlignForConditionalGeneration`` directory."""
 
+    #: GeoAlignProcessor normalises the pixels itself (frames.py's crop, Qwen's mean / std): vLLM must not do it
+    #: again on the device from preprocessor_config.json (vLLM 0.32 would, for its Qwen2.5-VL)
+    supports_mm_device_do_normalize = False
+
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config: GeoAlignModelConfig = vllm_config.model_config.hf_config
         fusion_config = config.fusion
-        if fusion_config.injection_layers:
-            raise NotImplementedError(
-                f"vLLM: this model injects the geometry inside the LLM (injection_layers "
-                f"{tuple(fusion_config.injection_layers)}), which needs hooks in vLLM's decoder layers; only the "
-                "pre-LLM fusion (the paper's) runs on vLLM. Use the transformers engine for it.")
-        if fusion_config.is_progressive:
-            raise NotImplementedError(
-                "vLLM: this is a GAP-MLLM model (progressive fusion of the vision tower's intermediate blocks and "
-                "in-LLM levels); only the routed pre-LLM fusion (GeoAlign's) runs on vLLM. Use the transformers "
-                "engine for it.")
+        why = unsupported_on_vllm(fusion_config)
+        if why is not None:
+            raise NotImplementedError(f"vLLM: {why}")
+        if vllm_config.compilation_config.cudagraph_mm_encoder:
+            raise NotImplementedError("vLLM: cudagraph_mm_encoder replays Qwen's vision tower alone, without "
+                                      "GeoAlign's fusion: leave it off for a GeoAlign model")
+        if self.is_multimodal_pruning_enabled:
+            raise NotImplementedError("vLLM: video_pruning_rate (EVS) drops visual tokens after the tower; GeoAlign's "
+                                      "fusion and gather_index need all of them: leave it off for a GeoAlign model")
+        if type(self.visual.input_norm).__name__ != "IdentityInputNorm":
+            raise RuntimeError(f"internal: vLLM would normalise GeoAlign's already normalised pixels again "
+                               f"({type(self.visual.input_norm).__name__})")
         self.vggt = VGGTAggregator(config.vggt).requires_grad_(False)
         self.fusion = GeoAlignFusion(fusion_config).requires_grad_(False)
         self.vggt_calls = 0                    # VGGT passes so far (as the transformers model counts them)
@@ -133,24 +140,27 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 q = self.visual(pixels[i], grid_thw=grid.tolist())
                 q_hat = self._fuse(q, frames[i], gather[i])
                 sizes = (grid.prod(-1) // (self.visual.spatial_merge_size ** 2)).tolist()
-                per_frame = list(q_hat.split(sizes))
-                out.append(per_frame[0])
+                per_frame = q_hat.split(sizes)
+                out.append(per_frame[0].clone())       # a view would keep the whole sample alive in vLLM's cache
                 if num_frames > 1:
-                    self._keep(key, per_frame)
+                    self._keep(key, [f.to("cpu", copy=True) for f in per_frame])
                 continue
             kept = self._kept.get(key)
             if kept is None:
                 raise RuntimeError(
                     f"vLLM asked for image {position} of a GeoAlign prompt whose fused frames are gone: a G = 4 "
-                    f"prompt's images are fused together when its first image is encoded, and kept for the others "
-                    f"up to GEOALIGN_VLLM_KEPT_BYTES ({KEPT_BYTES} bytes, oldest prompt dropped first); a preempted "
-                    "request whose first image vLLM still caches can meet this. Raise the limit, or lower "
-                    "max_num_seqs")
+                    f"prompt's images are fused together when its first image is encoded and kept (host memory) for "
+                    f"the others up to GEOALIGN_VLLM_KEPT_BYTES ({KEPT_BYTES} bytes, least recently used prompt "
+                    "dropped first). A request preempted and resumed past its first image (prefix cache) after its "
+                    "frames were dropped meets this: raise GEOALIGN_VLLM_KEPT_BYTES, or lower max_num_seqs")
             self._kept.move_to_end(key)
-            out.append(kept[position])
+            out.append(kept[position].to(self.fusion.weight_like.device))
         return tuple(out)
 
     def _keep(self, key: tuple[int, int], per_frame: list[torch.Tensor]) -> None:
+        old = self._kept.pop(key, None)                 # item 0 encoded again (a resumed request)
+        if old is not None:
+            self._kept_bytes -= sum(t.nbytes for t in old)
         self._kept[key] = per_frame
         self._kept_bytes += sum(t.nbytes for t in per_frame)
         while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:

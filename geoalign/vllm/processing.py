@@ -29,14 +29,15 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageSize
 
-from ..geometry.alignment import MERGE_SIZE
+from ..geometry.alignment import MERGE_SIZE, PATCH_SIZE
+from ..geometry.frames import VGGT_SIZE
 from ..model_config import GeoAlignModelConfig
 from ..processing import GeoAlignProcessor
 from .fields import IMAGE_FIELDS, image_fields, video_fields
 
 #: the largest side VGGT's frames get (geoalign.geometry.frames.resize_for_vggt): 518 px -> 37 patches, of which Qwen
 #: sees the even crop, 36 -> 18 x 18 merged tokens per frame
-_MAX_MERGED_SIDE = 518 // 14 // MERGE_SIZE
+_MAX_MERGED_SIDE = VGGT_SIZE // PATCH_SIZE // MERGE_SIZE
 _MAX_TOKENS_PER_FRAME = _MAX_MERGED_SIDE * _MAX_MERGED_SIDE
 #: frames per video in vLLM's memory profiling and its default for a video URL (the paper's 32 frames)
 DEFAULT_NUM_FRAMES = 32
@@ -87,7 +88,7 @@ class GeoAlignProcessingInfo(Qwen2_5_VLProcessingInfo):
         return {"video": (frames + 1) // 2 * _MAX_TOKENS_PER_FRAME}
 
     def get_image_size_with_most_features(self, max_pixels: int | None = None):
-        return ImageSize(width=518, height=518)
+        return ImageSize(width=VGGT_SIZE, height=VGGT_SIZE)
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         return DEFAULT_NUM_FRAMES
@@ -113,18 +114,37 @@ class GeoAlignMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     """Frames -> GeoAlign's fields (module docstring), by GeoAlignProcessor.encode_frames."""
 
     # ------------------------------------------------------------------ one key per prompt (G = 4)
+    # vLLM 0.32 processes a prompt through _cached_apply_hf_processor (-> _apply_hf_processor when uncached), which
+    # computes the hashes and calls the HF processor inside it, on one thread: the key lives exactly that long.
+    # Both hooks are private; setup.py bounds vllm below 0.33 and a call outside them is an error, not a reused key.
     def _apply_hf_processor(self, inputs, timing_ctx):
-        _request.key = uuid.uuid4()
-        return super()._apply_hf_processor(inputs, timing_ctx)
+        return self._with_key(super()._apply_hf_processor, inputs, timing_ctx)
 
     def _cached_apply_hf_processor(self, inputs, timing_ctx):
+        return self._with_key(super()._cached_apply_hf_processor, inputs, timing_ctx)
+
+    @staticmethod
+    def _with_key(apply, inputs, timing_ctx):
+        if getattr(_request, "key", None) is not None:         # the cached path falls through to the uncached one
+            return apply(inputs, timing_ctx)
         _request.key = uuid.uuid4()
-        return super()._cached_apply_hf_processor(inputs, timing_ctx)
+        try:
+            return apply(inputs, timing_ctx)
+        finally:
+            _request.key = None
+
+    @staticmethod
+    def _key() -> uuid.UUID:
+        key = getattr(_request, "key", None)
+        if key is None:
+            raise RuntimeError("internal: GeoAlign's vLLM processor ran outside vLLM's apply path (this vLLM "
+                               "version calls its processing hooks differently; geoalign.vllm supports 0.32)")
+        return key
 
     def _get_mm_hashes(self, inputs):
         hashes = super()._get_mm_hashes(inputs)
         if self.info.group_size == 4 and hashes.get("image"):
-            key = _request.key.hex
+            key = self._key().hex
             hashes = dict(hashes)
             hashes["image"] = [f"geoalign-{key}-{k}" for k in range(len(hashes["image"]))]
         return hashes
@@ -138,8 +158,7 @@ class GeoAlignMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
             raise ValueError(f"this GeoAlign model has G = {G}: it takes a prompt's frames as "
                              + ("images (one per frame), not a video" if G == 4 else "one video, not images"))
         if G == 4:
-            key = getattr(_request, "key", None) or uuid.uuid4()
-            return BatchFeature(image_fields(proc, list(images), key))
+            return BatchFeature(image_fields(proc, list(images), self._key()))
         metadata = hf_data.get("video_metadata") or [None] * len(videos)
         return BatchFeature(video_fields(proc, list(videos), list(metadata)))
 
@@ -148,9 +167,8 @@ class GeoAlignMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         # the grids (and G = 8's seconds per grid) stay on the CPU: vLLM recomputes M-RoPE positions from them
         # alone when a request resumes with its tokens partly computed (prefix cache, preemption)
         if self.info.group_size == 4:
-            return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=name in ("image_grid_thw",
-                                                                                      "geoalign_item"))
-                    for name in IMAGE_FIELDS}
+            on_cpu = ("image_grid_thw", "geoalign_item", "geoalign_grid_thw")     # read by .tolist()
+            return {name: MultiModalFieldConfig.batched("image", keep_on_cpu=name in on_cpu) for name in IMAGE_FIELDS}
         sizes = hf_inputs.get("video_grid_thw", torch.empty((0, 3), dtype=torch.int64)).prod(-1)
         return {"pixel_values_videos": MultiModalFieldConfig.flat_from_sizes("video", sizes),
                 "video_grid_thw": MultiModalFieldConfig.batched("video", keep_on_cpu=True),

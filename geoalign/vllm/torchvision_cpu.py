@@ -22,7 +22,9 @@ from __future__ import annotations
 import sys
 
 PTH_NAME = "geoalign_torchvision_cpu.pth"
-PTH_LINE = "import geoalign.vllm._torchvision_hook as _g; _g.install_hook()\n"
+#: the .pth line (site runs lines that start with "import"); it does nothing once geoalign is uninstalled
+PTH_LINE = ("import importlib.util as _u; _u.find_spec('geoalign') and "
+            "__import__('geoalign.vllm._torchvision_hook', fromlist=['install_hook']).install_hook()\n")
 
 
 def _site_packages() -> str:
@@ -44,8 +46,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     pth = os.path.join(_site_packages(), PTH_NAME)
     if a.install:
-        with open(pth, "w") as f:
-            f.write(PTH_LINE)
+        from ..atomic_files import write_text
+
+        write_text(pth, PTH_LINE)
         print(f"wrote {pth}")
     elif a.uninstall:
         if os.path.exists(pth):

@@ -229,6 +229,18 @@ def append_jsonl(path: str | os.PathLike, records: list) -> None:
         raise
 
 
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """The JSON document at ``path``; FileNotFoundError ("{what} not found: path") or ValueError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
 def read_jsonl(path: str | os.PathLike, line_numbers: bool = False) -> list:
     """The records of a JSONL file (with ``line_numbers``: (1-based line, record) pairs). A cut last line (an
     interrupted append) is dropped; a corrupt line before the end is a ValueError naming the file and line."""

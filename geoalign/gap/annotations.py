@@ -24,12 +24,12 @@ hold; it contains the oriented box and is larger unless the rotation permutes ax
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..atomic_files import read_json
 from .scenes import transform
 
 # PLY scalar types (both spellings of the PLY spec) -> little-endian numpy dtypes
@@ -130,13 +130,7 @@ def read_axis_alignment(path: str) -> np.ndarray:
 
 
 def _load_json(path: str, key: str) -> list:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing {path!r}")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    d = read_json(path, "ScanNet annotation file")
     if not isinstance(d, dict) or not isinstance(d.get(key), list):
         raise ValueError(f"{path!r}: expected a JSON object with a {key!r} list")
     return d[key]

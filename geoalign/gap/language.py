@@ -20,10 +20,11 @@ unique in the scene, so naming it by class is unambiguous.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from ..atomic_files import read_json
 
 SCANREFER_FIELDS = ("scene_id", "object_id", "object_name", "ann_id", "description")
 COLOUR_NAMES = {4: "red", 5: "green", 6: "blue", 7: "yellow", 8: "purple", 9: "teal"}
@@ -50,13 +51,7 @@ def read_scanrefer(path: str | os.PathLike) -> list[dict]:
     the entry: not a list, an entry not an object, a missing field, an empty string, a non-integer id, and an
     (scene_id, object_id, ann_id) given twice."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ScanRefer file not found: {path!r}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    data = read_json(path, "ScanRefer file")
     if not isinstance(data, list):
         raise ValueError(f"{path!r}: expected a JSON list of ScanRefer entries, got {type(data).__name__}")
     out, seen = [], {}

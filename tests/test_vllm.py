@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,6 +161,18 @@ def test_vllm_greedy_output_equals_transformers(model_dirs, G, dtype):
         plain = hf_reference(model_dirs[G], dtype, frames_list, fusion=False)
         gap = max(abs(lp - float(ref[0][t])) for (_, lps), (_, ref) in zip(got, plain) for t, lp in lps.items())
         assert gap > 100 * TOL[dtype], f"without the fusion transformers differs by only {gap:.1e}"
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(video_pruning_rate=0.5), "video_pruning_rate (EVS) drops visual tokens after the tower"),
+    (dict(compilation_config={"cudagraph_mm_encoder": True}), "cudagraph_mm_encoder replays Qwen's vision tower"),
+], ids=["video-pruning", "encoder-cudagraph"])
+def test_vllm_options_that_would_bypass_the_fusion_are_refused(model_dirs, option, message, monkeypatch):
+    """Options under which vLLM would skip or cut the fusion's input stop the model from loading, naming the option
+    (the engine runs in this process, so the model's own exception reaches the caller)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        make_llm(model_dirs[8], "float32", **option)
 
 
 def test_images_of_one_prompt_encoded_across_steps(model_dirs):

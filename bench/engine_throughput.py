@@ -23,21 +23,12 @@ import time
 
 
 def write_rooms(root: str, rooms: int) -> int:
-    """A VSI-Bench folder of ``rooms`` procedural rooms; returns the number of questions."""
-    from geoalign.atomic_files import write_text
-    from geoalign.demo import HEIGHT, NUM_FRAMES, WIDTH, vsibench_questions
+    """A VSI-Bench folder of ``rooms`` procedural rooms (geoalign.demo's); returns the number of questions."""
+    from geoalign.demo import HEIGHT, NUM_FRAMES, WIDTH, write_vsibench
     from geoalign.gap.procedural import make_box_room
-    from geoalign.training.synthetic import write_video
 
-    os.makedirs(os.path.join(root, "arkitscenes"), exist_ok=True)
-    rows = []
-    for k in range(rooms):
-        room = make_box_room(seed=k, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, num_boxes=4)
-        write_video(os.path.join(root, "arkitscenes", f"room{k}.mp4"), list(room.color))
-        for r in vsibench_questions(room):
-            rows.append({**r, "id": len(rows), "scene_name": f"room{k}"})
-    write_text(os.path.join(root, "test.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    return len(rows)
+    return write_vsibench([make_box_room(seed=k, num_frames=NUM_FRAMES, height=HEIGHT, width=WIDTH, num_boxes=4)
+                           for k in range(rooms)], root)
 
 
 def write_model(path: str, group_size: int) -> None:

@@ -71,7 +71,7 @@ def write_demo(out: str | os.PathLike, seed: int = 0) -> dict[str, str]:
     write_video(paths["video"], frames)
     write_image_folder(paths["frames"], frames)
     write_scannet_layout(room, os.path.join(paths["scenes"], "room0"))
-    write_vsibench(room, frames, paths["vsibench"])
+    write_vsibench([room], paths["vsibench"])
     write_tiny_model(paths["model"], seed=seed)
     return paths
 
@@ -111,11 +111,16 @@ def vsibench_questions(room) -> list[dict]:
              "options": None, "ground_truth": gt} for i, (qt, q, gt) in enumerate(rows)]
 
 
-def write_vsibench(room, frames, root: str) -> None:
+def write_vsibench(rooms, root: str) -> int:
+    """A VSI-Bench folder of procedural ``rooms``: room k's video ``arkitscenes/room{k}.mp4`` and its questions
+    (:func:`vsibench_questions`, scene ``room{k}``, ids counting across rooms) in test.jsonl; returns their number."""
     from .atomic_files import write_text
     from .training.synthetic import write_video
 
     os.makedirs(os.path.join(root, "arkitscenes"), exist_ok=True)
-    write_video(os.path.join(root, "arkitscenes", "room0.mp4"), frames)
-    write_text(os.path.join(root, "test.jsonl"),
-               "".join(json.dumps(r) + "\n" for r in vsibench_questions(room)))
+    rows = []
+    for k, room in enumerate(rooms):
+        write_video(os.path.join(root, "arkitscenes", f"room{k}.mp4"), list(room.color))
+        rows += [{**r, "id": len(rows) + i, "scene_name": f"room{k}"} for i, r in enumerate(vsibench_questions(room))]
+    write_text(os.path.join(root, "test.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)

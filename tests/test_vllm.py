@@ -75,20 +75,12 @@ def hf_reference(model_dir: str, dtype: str, frames_list: list, *, fusion: bool 
     for frames in frames_list:
         source = SampledFrames(frames, 1.0) if proc.group_size == 8 else frames
         inputs = proc(source, QUESTION)
-        with torch.inference_mode(), (model.without_fusion() if not fusion else _nothing()):
+        with torch.inference_mode(), (model.without_fusion() if not fusion else contextlib.nullcontext()):
             gen = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_scores=True,
                                  return_dict_in_generate=True)
         tokens = gen.sequences[0, inputs["input_ids"].shape[1]:].tolist()
         out.append((tokens, [torch.log_softmax(step[0].float(), -1) for step in gen.scores]))
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def vllm_requests(model_dir: str, frames_list: list) -> list[dict]:

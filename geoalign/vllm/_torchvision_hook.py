@@ -18,8 +18,7 @@ def define_missing_ops() -> bool:
 
     if torchvision.extension._has_ops():
         return False
-    missing = {n: s for n, s in _SCHEMAS.items() if not torch._C._dispatch_has_kernel(f"torchvision::{n}")
-               and not _op_exists(f"torchvision::{n}")}
+    missing = {n: s for n, s in _SCHEMAS.items() if not _op_exists(f"torchvision::{n}")}
     if not missing:
         return False
     lib = torch.library.Library("torchvision", "FRAGMENT")

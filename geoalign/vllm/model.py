@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..backends.registry import ALL_BACKENDS
@@ -22,15 +22,16 @@ from ..geometry.aggregator import VGGTAggregator
 from ..model_config import GeoAlignModelConfig
 from ..visual_fusion import fuse_with_frames
 from . import unsupported_on_vllm
-from .processing import GeoAlignDummyInputsBuilder, GeoAlignMultiModalProcessor, GeoAlignProcessingInfo
+from .processing import GeoAlignMultiModalProcessor, GeoAlignProcessingInfo
 
 #: bytes of fused frames kept, in host memory, for prompts' later image items (G = 4); the least recently used
 #: prompt's go first past this (GEOALIGN_VLLM_KEPT_BYTES overrides it)
 KEPT_BYTES = int(os.environ.get("GEOALIGN_VLLM_KEPT_BYTES", 4 << 30))
 
 
+# profiling inputs: Qwen's dummy images / videos, sized by GeoAlignProcessingInfo (VGGT's largest frame, 32 frames)
 @MULTIMODAL_REGISTRY.register_processor(GeoAlignMultiModalProcessor, info=GeoAlignProcessingInfo,
-                                        dummy_inputs=GeoAlignDummyInputsBuilder)
+                                        dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL + ``vggt`` + ``fusion`` for a ``GeoAlignForConditionalGeneration`` directory."""
 
@@ -94,8 +95,8 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 loaded.add(prefix[6:] + local)
 
         loaded |= super().load_weights(qwen_weights())
-        missing = [prefix[6:] + n for prefix, params in own_params.items()
-                   for n, p in (dict(own[prefix].named_parameters())).items() if prefix[6:] + n not in loaded]
+        missing = [prefix[6:] + n for prefix, module in own.items()
+                   for n, _ in module.named_parameters() if prefix[6:] + n not in loaded]
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} GeoAlign weights, e.g. {missing[:3]} (a "
                              "GeoAlignForConditionalGeneration directory holds model.vggt.* and model.fusion.*)")
@@ -143,7 +144,7 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
                 per_frame = q_hat.split(sizes)
                 out.append(per_frame[0].clone())       # a view would keep the whole sample alive in vLLM's cache
                 if num_frames > 1:
-                    self._keep(key, [f.to("cpu", copy=True) for f in per_frame])
+                    self._keep(key, [None] + [f.to("cpu", copy=True) for f in per_frame[1:]])  # 0 is served
                 continue
             kept = self._kept.get(key)
             if kept is None:
@@ -157,15 +158,19 @@ class VLLMGeoAlignForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             out.append(kept[position].to(self.fusion.weight_like.device))
         return tuple(out)
 
-    def _keep(self, key: tuple[int, int], per_frame: list[torch.Tensor]) -> None:
+    def _keep(self, key: tuple[int, int], per_frame: list[torch.Tensor | None]) -> None:
         old = self._kept.pop(key, None)                 # item 0 encoded again (a resumed request)
         if old is not None:
-            self._kept_bytes -= sum(t.nbytes for t in old)
+            self._kept_bytes -= _nbytes(old)
         self._kept[key] = per_frame
-        self._kept_bytes += sum(t.nbytes for t in per_frame)
+        self._kept_bytes += _nbytes(per_frame)
         while self._kept_bytes > KEPT_BYTES and len(self._kept) > 1:
             _, dropped = self._kept.popitem(last=False)
-            self._kept_bytes -= sum(t.nbytes for t in dropped)
+            self._kept_bytes -= _nbytes(dropped)
+
+
+def _nbytes(frames: list[torch.Tensor | None]) -> int:
+    return sum(t.nbytes for t in frames if t is not None)
 
 
 def _per_item(value) -> list[torch.Tensor]:

@@ -24,8 +24,7 @@ from collections.abc import Mapping
 
 import torch
 from transformers import BatchFeature
-from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder, Qwen2_5_VLMultiModalProcessor,
-                                                   Qwen2_5_VLProcessingInfo)
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor, Qwen2_5_VLProcessingInfo
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageSize
 
@@ -82,10 +81,9 @@ class GeoAlignProcessingInfo(Qwen2_5_VLProcessingInfo):
         return {"image": None, "video": 0} if self.group_size == 4 else {"image": 0, "video": 1}
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        frames = DEFAULT_NUM_FRAMES
         if self.group_size == 4:
             return {"image": _MAX_TOKENS_PER_FRAME}
-        return {"video": (frames + 1) // 2 * _MAX_TOKENS_PER_FRAME}
+        return {"video": (DEFAULT_NUM_FRAMES + 1) // 2 * _MAX_TOKENS_PER_FRAME}
 
     def get_image_size_with_most_features(self, max_pixels: int | None = None):
         return ImageSize(width=VGGT_SIZE, height=VGGT_SIZE)
@@ -101,10 +99,6 @@ def _default_video_processor():
         return Qwen2VLVideoProcessor()
     except (ImportError, OSError, RuntimeError):   # the video processor needs torchvision; ours does not
         return None
-
-
-class GeoAlignDummyInputsBuilder(Qwen2_5_VLDummyInputsBuilder):
-    """vLLM's profiling inputs: G = 4, images of VGGT's largest size; G = 8, a 32-frame video."""
 
 
 _request = threading.local()
